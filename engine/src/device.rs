@@ -1,0 +1,76 @@
+//! Runtime choice of compute device. CUDA and Metal exist only when the binary was built with the matching
+//! cargo feature; asking for one that is not built in is a clear error, not a silent CPU fallback.
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    Cuda,
+    Metal,
+}
+
+impl DeviceChoice {
+    pub const ALL: [DeviceChoice; 3] = [DeviceChoice::Cpu, DeviceChoice::Cuda, DeviceChoice::Metal];
+
+    pub fn is_built(self) -> bool {
+        match self {
+            DeviceChoice::Cpu => true,
+            DeviceChoice::Cuda => cfg!(feature = "cuda"),
+            DeviceChoice::Metal => cfg!(feature = "metal"),
+        }
+    }
+
+    pub fn open(self) -> Result<Device> {
+        if !self.is_built() {
+            bail!("this build of Loupe has no {self} support: rebuild with `--features {self}`");
+        }
+        Ok(match self {
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Cuda => Device::new_cuda(0)?,
+            DeviceChoice::Metal => Device::new_metal(0)?,
+        })
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+            DeviceChoice::Metal => "metal",
+        })
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda),
+            "metal" => Ok(DeviceChoice::Metal),
+            other => bail!("unknown device `{other}` (expected cpu, cuda or metal)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unbuilt_device_is_a_clear_error() {
+        assert!(DeviceChoice::Cpu.open().is_ok());
+        if !cfg!(feature = "cuda") {
+            let message = DeviceChoice::Cuda.open().unwrap_err().to_string();
+            assert!(message.contains("--features cuda"), "{message}");
+        }
+        assert!("tpu".parse::<DeviceChoice>().is_err());
+    }
+}
