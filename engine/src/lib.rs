@@ -4,3 +4,6 @@
 pub mod atomic_file;
 pub mod backbone;
 pub mod device;
+pub mod dataset;
+pub mod rng;
+pub mod metrics;

@@ -1,0 +1,10 @@
+//! Where images come from: a folder of normal images, an MVTec AD benchmark folder, or anomalib's "Folder"
+//! shape; decoding them (in parallel) into fixed-size model inputs; and the synthetic generator the tests and the
+//! demo use. A file that cannot be used is skipped and reported with its reason; it never aborts a run.
+
+pub mod decode;
+pub mod layout;
+pub mod synthetic;
+
+pub use decode::{decode_all, DecodedImage, SkippedFile};
+pub use layout::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label};
