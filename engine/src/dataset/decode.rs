@@ -69,6 +69,7 @@ pub fn open_image(path: &Path) -> Result<DynamicImage, String> {
             format!("refused: larger than {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} or {MAX_DECODE_BYTES} bytes decoded (possible decompression bomb)")
         }
         image::ImageError::Decoding(d) => format!("corrupt or truncated image ({d})"),
+        image::ImageError::IoError(e) => format!("corrupt or truncated image ({e})"),
         image::ImageError::Unsupported(u) => format!("unsupported image ({u})"),
         other => format!("cannot decode ({other})"),
     })
