@@ -1,1 +1,51 @@
-fn main() {}
+//! `loupe`: the command line of the Loupe anomaly-detection studio.
+//!
+//! Exit codes: 0 success, 1 the work failed (message on stderr), 2 the command line was wrong.
+
+mod commands;
+mod overlay;
+mod progress_bar;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "loupe", version, about = "Unsupervised visual anomaly detection for industrial images")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model on a folder of normal images (an MVTec folder trains on train/good).
+    Fit(commands::fit::FitArgs),
+    /// Score a labelled test set and print image/pixel AUROC, AUPRO, F1-max, FAR/MAR.
+    Eval(commands::eval::EvalArgs),
+    /// Score images or folders; write heatmaps overlaid on the images.
+    Infer(commands::infer::InferArgs),
+    /// Get or convert the ImageNet backbone weights.
+    Weights(commands::weights::WeightsArgs),
+    /// Generate the synthetic demo set, train PatchCore on it and print its metrics.
+    Demo(commands::demo::DemoArgs),
+    /// List the methods, grouped by family.
+    Methods,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fit(args) => commands::fit::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Infer(args) => commands::infer::run(args),
+        Command::Weights(args) => commands::weights::run(args),
+        Command::Demo(args) => commands::demo::run(args),
+        Command::Methods => commands::list_methods(),
+    };
+    if let Err(error) = result {
+        eprintln!("error: {error:#}");
+        std::process::exit(1);
+    }
+}

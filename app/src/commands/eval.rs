@@ -1,0 +1,91 @@
+//! `loupe eval --model <model.safetensors> --data <dir> [--json]`
+
+use super::EngineArgs;
+use crate::progress_bar::TerminalProgress;
+use anyhow::{bail, Result};
+use loupe_engine::dataset::{scan_folder_layout, scan_mvtec, Benchmark};
+use loupe_engine::evaluate::{evaluate, EvalReport};
+use loupe_engine::model_file;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An MVTec AD category folder (its test/ and ground_truth/ are used).
+    #[arg(long, conflicts_with_all = ["normal", "abnormal"])]
+    pub data: Option<PathBuf>,
+    /// anomalib Folder shape: folder of normal images (one in five is used for testing).
+    #[arg(long, requires = "abnormal")]
+    pub normal: Option<PathBuf>,
+    /// anomalib Folder shape: folder of defective images.
+    #[arg(long, requires = "normal")]
+    pub abnormal: Option<PathBuf>,
+    /// anomalib Folder shape: folder of masks named like their images.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Images per scoring call; throughput is reported at this batch size.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+fn benchmark(args: &EvalArgs) -> Result<Benchmark> {
+    match (&args.data, &args.normal, &args.abnormal) {
+        (Some(dir), _, _) => scan_mvtec(dir),
+        (None, Some(normal), Some(abnormal)) => scan_folder_layout(normal, abnormal, args.mask.as_deref(), 0.2),
+        _ => bail!("give --data <mvtec folder>, or --normal and --abnormal"),
+    }
+}
+
+fn print_human(report: &EvalReport) {
+    let optional = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.4}"));
+    println!("method          {}", report.method);
+    println!("test images     {} ({} skipped)", report.test_images, report.skipped.len());
+    println!("image AUROC     {:.4}", report.image_auroc);
+    println!("pixel AUROC     {}", optional(report.pixel_auroc));
+    println!("AUPRO@0.3       {}", optional(report.aupro));
+    println!("F1-max          {:.4} at threshold {:.4}", report.f1_max, report.f1_threshold);
+    println!("threshold       {:.4}: FAR {:.2} %, MAR {:.2} %", report.threshold, report.far * 100.0, report.mar * 100.0);
+    let c = &report.confusion;
+    println!(
+        "confusion       defects flagged {} / passed {}; good flagged {} / passed {}",
+        c.true_positive, c.false_negative, c.false_positive, c.true_negative
+    );
+    println!("throughput      {:.1} images/s at batch {}", report.test_images_per_s, report.batch_size);
+    println!("{:<14} {:>6} {:>11} {:>11} {:>9} {:>9}", "defect type", "images", "image AUROC", "pixel AUROC", "AUPRO", "detected");
+    for (name, t) in &report.per_defect_type {
+        println!(
+            "{:<14} {:>6} {:>11} {:>11} {:>9} {:>8.1}%",
+            name,
+            t.images,
+            optional(t.image_auroc),
+            optional(t.pixel_auroc),
+            optional(t.aupro),
+            t.detected * 100.0
+        );
+    }
+    for skipped in &report.skipped {
+        eprintln!("skipped {skipped}");
+    }
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let benchmark = benchmark(&args)?;
+    let backbone = args.engine.load_backbone()?;
+    let device = backbone.device.clone();
+    let loaded = model_file::load(&args.model, backbone)?;
+    let progress = TerminalProgress::new();
+    let report = evaluate(loaded.model.as_ref(), &loaded.manifest, &benchmark, args.batch_size, &device, &progress)?;
+    progress.finish();
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_human(&report);
+    }
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! `loupe fit --method <name> --data <dir> --out <model.safetensors>`
+
+use super::EngineArgs;
+use crate::progress_bar::TerminalProgress;
+use anyhow::{Context, Result};
+use loupe_engine::methods::find_method;
+use loupe_engine::model_file;
+use loupe_engine::pipeline::{fit, FitRequest, DEFAULT_IMAGE_SIZE};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct FitArgs {
+    /// Method name (see `loupe methods`).
+    #[arg(long, default_value = "patchcore")]
+    pub method: String,
+    /// Folder of normal images, or an MVTec AD category folder.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where to write the model file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// PatchCore: fraction of training patches kept in the memory bank.
+    #[arg(long)]
+    pub coreset_ratio: Option<f64>,
+    /// Any method setting, as key=value (value in JSON, e.g. num_neighbors=9). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub settings: Vec<String>,
+    #[arg(long, default_value_t = DEFAULT_IMAGE_SIZE)]
+    pub image_size: u32,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Share of the normal images held out to choose the decision threshold.
+    #[arg(long, default_value_t = 0.1)]
+    pub validation_fraction: f64,
+    /// The threshold is the lowest with at most this false-alarm rate on the held-out normals.
+    #[arg(long, default_value_t = 0.01)]
+    pub target_far: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+pub fn parse_settings(pairs: &[String]) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut map = serde_json::Map::new();
+    for pair in pairs {
+        let (key, value) = pair.split_once('=').with_context(|| format!("--set {pair}: expected KEY=VALUE"))?;
+        let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+        map.insert(key.trim().to_string(), value);
+    }
+    Ok(map)
+}
+
+pub fn run(args: FitArgs) -> Result<()> {
+    let method = find_method(&args.method)?;
+    let mut settings = parse_settings(&args.settings)?;
+    if let Some(ratio) = args.coreset_ratio {
+        settings.insert("coreset_ratio".into(), ratio.into());
+    }
+    let backbone = args.engine.load_backbone()?;
+    let mut request = FitRequest::new(method, args.data.clone());
+    request.settings = serde_json::Value::Object(settings);
+    request.image_size = args.image_size;
+    request.batch_size = args.batch_size;
+    request.validation_fraction = args.validation_fraction;
+    request.target_far = args.target_far;
+    request.seed = args.seed;
+    let progress = TerminalProgress::new();
+    let outcome = fit(backbone, &request, &progress)?;
+    progress.finish();
+    for skipped in &outcome.skipped {
+        eprintln!("skipped {skipped}");
+    }
+    model_file::save(&args.out, outcome.model.as_ref(), &outcome.manifest)?;
+    let manifest = &outcome.manifest;
+    eprintln!(
+        "{} fitted on {} images ({} skipped, {} held out for validation) in {:.1} s; threshold {:.4} ({}); saved {}",
+        method.title,
+        manifest.training.images_used,
+        outcome.skipped.len(),
+        manifest.validation.count,
+        manifest.training.fit_seconds,
+        manifest.thresholds.decision,
+        manifest.thresholds.rule,
+        args.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! One file per subcommand; shared options here.
+
+pub mod demo;
+pub mod eval;
+pub mod fit;
+pub mod infer;
+pub mod weights;
+
+use anyhow::Result;
+use loupe_engine::backbone::{weights::default_weights_path, Backbone};
+use loupe_engine::device::DeviceChoice;
+use loupe_engine::methods::{Family, REGISTRY};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Options every command that runs the backbone takes.
+#[derive(clap::Args, Clone)]
+pub struct EngineArgs {
+    /// cpu, cuda or metal (the latter two only when built with that feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+    /// Backbone weights (.safetensors or .pth); default: the file `loupe weights fetch` writes.
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    pub fn load_backbone(&self) -> Result<Arc<Backbone>> {
+        let device = self.device.open()?;
+        let path = self.weights.clone().unwrap_or_else(default_weights_path);
+        Ok(Arc::new(Backbone::load(&path, &device)?))
+    }
+}
+
+pub fn list_methods() -> Result<()> {
+    for family in Family::ALL {
+        let methods: Vec<_> = REGISTRY.iter().filter(|m| m.family == family).collect();
+        println!("{}", family.title());
+        if methods.is_empty() {
+            println!("  (none yet)");
+        }
+        for method in methods {
+            println!("  {:<12} {}", method.name, method.summary);
+        }
+    }
+    Ok(())
+}

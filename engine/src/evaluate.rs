@@ -1,0 +1,164 @@
+//! Evaluating a model on a labelled test set: image AUROC, pooled pixel AUROC, AUPRO@0.3, F1-max, and FAR/MAR
+//! at the model's own threshold — overall and per defect type — plus the throughput of scoring.
+
+use crate::dataset::{decode_all, Benchmark, DecodedImage, ImageRecord, SkippedFile};
+use crate::methods::AnomalyModel;
+use crate::metrics::{aupro, auroc, Confusion, ThresholdTable};
+use crate::model_file::Manifest;
+use crate::pipeline::score_images;
+use crate::progress::Progress;
+use anyhow::{bail, Result};
+use candle_core::Device;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+pub const AUPRO_FPR_LIMIT: f64 = 0.3;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageResult {
+    pub path: String,
+    pub defect_type: String,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DefectTypeReport {
+    pub images: usize,
+    /// Against the good test images.
+    pub image_auroc: Option<f64>,
+    pub pixel_auroc: Option<f64>,
+    pub aupro: Option<f64>,
+    /// Share of this type's images flagged at the model's threshold.
+    pub detected: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub method: String,
+    pub image_auroc: f64,
+    pub pixel_auroc: Option<f64>,
+    pub aupro: Option<f64>,
+    pub f1_max: f64,
+    pub f1_threshold: f32,
+    /// The model's decision threshold (chosen on validation normals at fit time).
+    pub threshold: f32,
+    pub far: f64,
+    pub mar: f64,
+    pub confusion: Confusion,
+    pub test_images: usize,
+    pub test_images_per_s: f64,
+    pub batch_size: usize,
+    pub per_defect_type: BTreeMap<String, DefectTypeReport>,
+    pub skipped: Vec<String>,
+    pub images: Vec<ImageResult>,
+}
+
+struct Scored<'a> {
+    record: &'a ImageRecord,
+    decoded: &'a DecodedImage,
+    score: f32,
+    map: Vec<f32>,
+}
+
+fn pixel_metrics(items: &[&Scored]) -> (Option<f64>, Option<f64>) {
+    let with_masks: Vec<&&Scored> =
+        items.iter().filter(|s| s.decoded.mask.is_some() || !s.record.label.is_anomalous()).collect();
+    if with_masks.is_empty() {
+        return (None, None);
+    }
+    let size = with_masks[0].decoded.size as usize;
+    let zeros = vec![0u8; size * size];
+    let masks: Vec<&[u8]> = with_masks.iter().map(|s| s.decoded.mask.as_deref().unwrap_or(&zeros)).collect();
+    let maps: Vec<&[f32]> = with_masks.iter().map(|s| s.map.as_slice()).collect();
+    let scores: Vec<f32> = maps.iter().flat_map(|m| m.iter().copied()).collect();
+    let labels: Vec<bool> = masks.iter().flat_map(|m| m.iter().map(|&v| v != 0)).collect();
+    let pixel_auroc = auroc(&scores, &labels).ok();
+    let pro = aupro(&maps, &masks, size, size, AUPRO_FPR_LIMIT).ok();
+    (pixel_auroc, pro)
+}
+
+pub fn evaluate(
+    model: &dyn AnomalyModel,
+    manifest: &Manifest,
+    benchmark: &Benchmark,
+    batch_size: usize,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    progress.begin("decoding", benchmark.test.len() as u64);
+    let (decoded, skipped): (Vec<DecodedImage>, Vec<SkippedFile>) =
+        decode_all(&benchmark.test, model.image_size(), &|n| progress.advance(n as u64));
+    if decoded.is_empty() {
+        bail!("none of the {} test images could be read", benchmark.test.len());
+    }
+    progress.begin("scoring", decoded.len() as u64);
+    let (outputs, seconds) = score_images(model, &decoded, batch_size, device, progress)?;
+    let scored: Vec<Scored> = decoded
+        .iter()
+        .zip(outputs)
+        .map(|(image, output)| Scored {
+            record: &benchmark.test[image.index],
+            decoded: image,
+            score: output.score,
+            map: output.map.data,
+        })
+        .collect();
+    let scores: Vec<f32> = scored.iter().map(|s| s.score).collect();
+    let labels: Vec<bool> = scored.iter().map(|s| s.record.label.is_anomalous()).collect();
+    let image_auroc = auroc(&scores, &labels).map_err(|e| anyhow::anyhow!("image AUROC: the test set {e}"))?;
+    let table = ThresholdTable::new(&scores, &labels);
+    let (f1_threshold, f1_max) = table.f1_max().expect("both classes present");
+    let threshold = manifest.thresholds.decision;
+    let confusion = table.confusion(threshold);
+    progress.begin("pixel metrics", 1);
+    let all: Vec<&Scored> = scored.iter().collect();
+    let (pixel_auroc, pro) = pixel_metrics(&all);
+    let mut per_defect_type = BTreeMap::new();
+    let goods: Vec<&Scored> = scored.iter().filter(|s| !s.record.label.is_anomalous()).collect();
+    let mut types: Vec<&str> = scored.iter().filter(|s| s.record.label.is_anomalous()).map(|s| s.record.label.type_name()).collect();
+    types.sort_unstable();
+    types.dedup();
+    for defect_type in types {
+        let of_type: Vec<&Scored> = scored.iter().filter(|s| s.record.label.type_name() == defect_type).collect();
+        let subset: Vec<&Scored> = goods.iter().chain(&of_type).copied().collect();
+        let subset_scores: Vec<f32> = subset.iter().map(|s| s.score).collect();
+        let subset_labels: Vec<bool> = subset.iter().map(|s| s.record.label.is_anomalous()).collect();
+        let (pixel_auroc, aupro) = pixel_metrics(&subset);
+        per_defect_type.insert(
+            defect_type.to_string(),
+            DefectTypeReport {
+                images: of_type.len(),
+                image_auroc: auroc(&subset_scores, &subset_labels).ok(),
+                pixel_auroc,
+                aupro,
+                detected: of_type.iter().filter(|s| s.score >= threshold).count() as f64 / of_type.len() as f64,
+            },
+        );
+    }
+    progress.advance(1);
+    Ok(EvalReport {
+        method: manifest.method.clone(),
+        image_auroc,
+        pixel_auroc,
+        aupro: pro,
+        f1_max,
+        f1_threshold,
+        threshold,
+        far: confusion.far().unwrap_or(0.0),
+        mar: confusion.mar().unwrap_or(0.0),
+        confusion,
+        test_images: scored.len(),
+        test_images_per_s: scored.len() as f64 / seconds.max(1e-9),
+        batch_size,
+        per_defect_type,
+        skipped: skipped.iter().map(ToString::to_string).collect(),
+        images: scored
+            .iter()
+            .map(|s| ImageResult {
+                path: s.record.path.display().to_string(),
+                defect_type: s.record.label.type_name().to_string(),
+                score: s.score,
+            })
+            .collect(),
+    })
+}

@@ -1,0 +1,128 @@
+//! Anomaly maps as plain arrays: resizing and Gaussian smoothing, done on the CPU after scoring (the maps are
+//! small, and the same code then serves every method and device).
+
+use serde::{Deserialize, Serialize};
+
+/// A row-major score map; higher is more anomalous.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreMap {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<f32>,
+}
+
+impl ScoreMap {
+    pub fn new(width: usize, height: usize, data: Vec<f32>) -> Self {
+        assert_eq!(data.len(), width * height, "map data must be width × height");
+        Self { width, height, data }
+    }
+
+    pub fn max(&self) -> f32 {
+        self.data.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    /// Bilinear resize with half-pixel centres (PyTorch's `align_corners=False`).
+    pub fn resized(&self, width: usize, height: usize) -> ScoreMap {
+        if (width, height) == (self.width, self.height) {
+            return self.clone();
+        }
+        let source_coordinate = |out: usize, out_size: usize, in_size: usize| {
+            let scale = in_size as f32 / out_size as f32;
+            let position = ((out as f32 + 0.5) * scale - 0.5).max(0.0);
+            let low = (position.floor() as usize).min(in_size - 1);
+            let high = (low + 1).min(in_size - 1);
+            (low, high, position - low as f32)
+        };
+        let columns: Vec<_> = (0..width).map(|x| source_coordinate(x, width, self.width)).collect();
+        let mut data = Vec::with_capacity(width * height);
+        for y in 0..height {
+            let (y0, y1, ty) = source_coordinate(y, height, self.height);
+            let row0 = &self.data[y0 * self.width..(y0 + 1) * self.width];
+            let row1 = &self.data[y1 * self.width..(y1 + 1) * self.width];
+            for &(x0, x1, tx) in &columns {
+                let top = row0[x0] + (row0[x1] - row0[x0]) * tx;
+                let bottom = row1[x0] + (row1[x1] - row1[x0]) * tx;
+                data.push(top + (bottom - top) * ty);
+            }
+        }
+        ScoreMap::new(width, height, data)
+    }
+
+    /// Separable Gaussian blur, kernel size `2·⌊4σ + 0.5⌋ + 1`, reflected borders (as anomalib/kornia).
+    pub fn blurred(&self, sigma: f32) -> ScoreMap {
+        if sigma <= 0.0 {
+            return self.clone();
+        }
+        let radius = (4.0 * sigma + 0.5) as usize;
+        let mut kernel: Vec<f32> =
+            (0..=2 * radius).map(|i| (-((i as f32 - radius as f32).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
+        let total: f32 = kernel.iter().sum();
+        kernel.iter_mut().for_each(|k| *k /= total);
+        let reflect = |i: isize, n: usize| -> usize {
+            let n = n as isize;
+            let mut i = i;
+            // Reflect without repeating the edge pixel, folding as often as a small map needs.
+            loop {
+                if i < 0 {
+                    i = -i;
+                } else if i >= n {
+                    i = 2 * (n - 1) - i;
+                } else {
+                    return i as usize;
+                }
+                if n == 1 {
+                    return 0;
+                }
+            }
+        };
+        let (w, h) = (self.width, self.height);
+        let mut horizontal = vec![0f32; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                horizontal[y * w + x] = kernel
+                    .iter()
+                    .enumerate()
+                    .map(|(k, weight)| weight * self.data[y * w + reflect(x as isize + k as isize - radius as isize, w)])
+                    .sum();
+            }
+        }
+        let mut out = vec![0f32; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                out[y * w + x] = kernel
+                    .iter()
+                    .enumerate()
+                    .map(|(k, weight)| weight * horizontal[reflect(y as isize + k as isize - radius as isize, h) * w + x])
+                    .sum();
+            }
+        }
+        ScoreMap::new(w, h, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bilinear_matches_pytorch_half_pixel() {
+        // torch.nn.functional.interpolate([[0, 1], [2, 3]], size=4, mode="bilinear", align_corners=False)
+        let map = ScoreMap::new(2, 2, vec![0.0, 1.0, 2.0, 3.0]);
+        let up = map.resized(4, 4);
+        let expected_first_row = [0.0, 0.25, 0.75, 1.0];
+        let expected_second_row = [0.5, 0.75, 1.25, 1.5];
+        assert_eq!(&up.data[..4], &expected_first_row);
+        assert_eq!(&up.data[4..8], &expected_second_row);
+    }
+
+    #[test]
+    fn blur_keeps_mass_of_a_constant_and_spreads_a_peak() {
+        let flat = ScoreMap::new(9, 7, vec![2.0; 63]).blurred(1.5);
+        assert!(flat.data.iter().all(|v| (v - 2.0).abs() < 1e-5));
+        let mut peak = vec![0.0; 81];
+        peak[40] = 1.0;
+        let blurred = ScoreMap::new(9, 9, peak).blurred(1.0);
+        assert!(blurred.data[40] < 1.0 && blurred.data[40] > blurred.data[41] && blurred.data[41] > 0.0);
+        assert!((blurred.data[39] - blurred.data[41]).abs() < 1e-7, "symmetric");
+    }
+}

@@ -1,0 +1,130 @@
+//! The methods, grouped by the survey's five families, behind one small trait. A method is one file that
+//! provides a [`MethodInfo`] (name, family, defaults, `fit`, `load`); adding one to [`REGISTRY`] makes it appear
+//! in the CLI and the studio.
+
+pub mod features;
+pub mod representation;
+
+use crate::backbone::Backbone;
+use crate::dataset::DecodedImage;
+use crate::maps::ScoreMap;
+use crate::progress::Progress;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The five families of Cui, Liu & Lian (IEEE Access 2023).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Family {
+    Reconstruction,
+    NormalizingFlow,
+    Representation,
+    DataAugmentation,
+    AlgorithmEnhancement,
+}
+
+impl Family {
+    pub const ALL: [Family; 5] = [
+        Family::Reconstruction,
+        Family::NormalizingFlow,
+        Family::Representation,
+        Family::DataAugmentation,
+        Family::AlgorithmEnhancement,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Family::Reconstruction => "Reconstruction",
+            Family::NormalizingFlow => "Normalizing flow",
+            Family::Representation => "Representation",
+            Family::DataAugmentation => "Data augmentation",
+            Family::AlgorithmEnhancement => "Algorithm enhancement",
+        }
+    }
+}
+
+/// What a model says about one image.
+#[derive(Debug, Clone)]
+pub struct AnomalyOutput {
+    /// Raw image score: higher is more anomalous.
+    pub score: f32,
+    /// Anomaly map at the model's input size.
+    pub map: ScoreMap,
+}
+
+/// A trained model, ready to score images.
+pub trait AnomalyModel: Send + Sync {
+    fn info(&self) -> &'static MethodInfo;
+    /// The settings it was trained with (stored in the model file).
+    fn settings(&self) -> serde_json::Value;
+    /// Side of the square input images.
+    fn image_size(&self) -> u32;
+    /// Scores a batch `(B, 3, S, S)` of images in [0, 1] on the model's device.
+    fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>>;
+    /// The tensors that, with the settings, rebuild the model.
+    fn state(&self) -> Result<Vec<(String, Tensor)>>;
+}
+
+/// What fitting needs besides the images.
+pub struct FitContext<'a> {
+    pub backbone: Arc<Backbone>,
+    pub device: Device,
+    pub batch_size: usize,
+    pub image_size: u32,
+    pub progress: &'a dyn Progress,
+}
+
+pub type FitFn = fn(&FitContext, &[DecodedImage], &serde_json::Value) -> Result<Box<dyn AnomalyModel>>;
+pub type LoadFn =
+    fn(Arc<Backbone>, u32, &serde_json::Value, HashMap<String, Tensor>) -> Result<Box<dyn AnomalyModel>>;
+
+pub struct MethodInfo {
+    /// CLI name, e.g. `patchcore`.
+    pub name: &'static str,
+    pub title: &'static str,
+    pub family: Family,
+    pub summary: &'static str,
+    pub default_settings: fn() -> serde_json::Value,
+    pub fit: FitFn,
+    pub load: LoadFn,
+}
+
+/// Every method Loupe can train, in display order.
+pub static REGISTRY: &[&MethodInfo] = &[&representation::patchcore::INFO];
+
+pub fn find_method(name: &str) -> Result<&'static MethodInfo> {
+    match REGISTRY.iter().find(|m| m.name.eq_ignore_ascii_case(name)) {
+        Some(info) => Ok(info),
+        None => {
+            let known: Vec<&str> = REGISTRY.iter().map(|m| m.name).collect();
+            bail!("unknown method `{name}` (available: {})", known.join(", "))
+        }
+    }
+}
+
+/// Defaults overlaid with the user's settings; unknown keys are an error so typos do not pass silently.
+pub fn merge_settings(defaults: serde_json::Value, overrides: &serde_json::Value) -> Result<serde_json::Value> {
+    let mut merged = defaults;
+    if let (Some(target), Some(source)) = (merged.as_object_mut(), overrides.as_object()) {
+        for (key, value) in source {
+            if !target.contains_key(key) {
+                let known: Vec<&String> = target.keys().collect();
+                bail!("unknown setting `{key}` (known: {known:?})");
+            }
+            target.insert(key.clone(), value.clone());
+        }
+    }
+    Ok(merged)
+}
+
+/// Stacks decoded images into a `(B, 3, S, S)` tensor in [0, 1].
+pub fn images_to_tensor(images: &[&DecodedImage], device: &Device) -> Result<Tensor> {
+    let Some(first) = images.first() else { bail!("no images in batch") };
+    let size = first.size as usize;
+    let mut data = Vec::with_capacity(images.len() * 3 * size * size);
+    for image in images {
+        data.extend(image.to_chw_f32());
+    }
+    Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
+}

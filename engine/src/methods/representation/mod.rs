@@ -1,0 +1,4 @@
+//! Representation-based methods: a description of normal features (a memory bank, a Gaussian) and a distance.
+
+pub mod coreset;
+pub mod patchcore;

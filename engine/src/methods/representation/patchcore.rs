@@ -1,0 +1,220 @@
+//! PatchCore — Roth et al. 2022, "Towards Total Recall in Industrial Anomaly Detection" (CVPR);
+//! reference code: amazon-science/patchcore-inspection, and anomalib's `models/image/patchcore`.
+//!
+//! Fit: locally aware patch features of every normal training image form a memory bank, reduced to a coreset
+//! (greedy k-center, default 10 %). Score: each test patch's distance to its nearest bank entry is the anomaly
+//! map (upsampled to the input, Gaussian σ = 4); the image score is the largest patch distance, re-weighted by
+//! how isolated its nearest bank entry is among its `num_neighbors` neighbours (the paper's Eq. 7).
+
+use super::coreset::{greedy_coreset, random_projection};
+use crate::backbone::Backbone;
+use crate::dataset::DecodedImage;
+use crate::maps::ScoreMap;
+use crate::methods::features::{patch_features, patches_as_rows, PATCH_CHANNELS};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::progress::check_cancelled;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub static INFO: MethodInfo = MethodInfo {
+    name: "patchcore",
+    title: "PatchCore",
+    family: Family::Representation,
+    summary: "Memory bank of pretrained patch features, reduced by greedy coreset; nearest-neighbour distance.",
+    default_settings: || serde_json::to_value(PatchCoreSettings::default()).expect("settings serialise"),
+    fit: |context, images, settings| Ok(Box::new(PatchCore::fit(context, images, serde_json::from_value(settings.clone())?)?)),
+    load: |backbone, image_size, settings, tensors| {
+        Ok(Box::new(PatchCore::load(backbone, image_size, serde_json::from_value(settings.clone())?, tensors)?))
+    },
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PatchCoreSettings {
+    /// Fraction of all training patches kept in the memory bank.
+    pub coreset_ratio: f64,
+    /// Bank neighbours used to re-weight the image score (1 = plain maximum).
+    pub num_neighbors: usize,
+    /// Dimensions of the random projection used while selecting the coreset (0 = no projection).
+    pub projection_dim: usize,
+    pub seed: u64,
+    /// σ of the Gaussian that smooths the anomaly map, in input pixels.
+    pub blur_sigma: f32,
+}
+
+impl Default for PatchCoreSettings {
+    fn default() -> Self {
+        Self { coreset_ratio: 0.1, num_neighbors: 9, projection_dim: 128, seed: 0, blur_sigma: 4.0 }
+    }
+}
+
+/// Query rows per distance block: bounds the `rows × bank` distance matrix held at once.
+const QUERY_BLOCK: usize = 1024;
+
+pub struct PatchCore {
+    backbone: Arc<Backbone>,
+    settings: PatchCoreSettings,
+    image_size: u32,
+    /// `(M, C)` coreset of patch features.
+    memory_bank: Tensor,
+    /// `(C, M)`, contiguous, for the distance matmul.
+    memory_bank_t: Tensor,
+    /// `(1, M)` squared norms of the bank rows.
+    bank_norms: Tensor,
+}
+
+impl PatchCore {
+    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: PatchCoreSettings) -> Result<Self> {
+        if images.is_empty() {
+            bail!("PatchCore needs at least one training image");
+        }
+        if !(settings.coreset_ratio > 0.0 && settings.coreset_ratio <= 1.0) {
+            bail!("coreset_ratio must be in (0, 1], got {}", settings.coreset_ratio);
+        }
+        let progress = context.progress;
+        progress.begin("features", images.len() as u64);
+        let mut bank: Vec<f32> = Vec::new();
+        for batch in images.chunks(context.batch_size.max(1)) {
+            check_cancelled(progress)?;
+            let refs: Vec<&DecodedImage> = batch.iter().collect();
+            let tensor = images_to_tensor(&refs, &context.device)?;
+            let rows = patches_as_rows(&patch_features(&context.backbone, &tensor)?)?;
+            bank.extend(rows.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+            progress.advance(batch.len() as u64);
+        }
+        let patches = bank.len() / PATCH_CHANNELS;
+        let count = ((patches as f64 * settings.coreset_ratio).ceil() as usize).clamp(1, patches);
+        let selected = if count == patches {
+            (0..patches).collect()
+        } else if settings.projection_dim > 0 && settings.projection_dim < PATCH_CHANNELS {
+            let projected = random_projection(&bank, PATCH_CHANNELS, settings.projection_dim, settings.seed);
+            greedy_coreset(&projected, settings.projection_dim, count, settings.seed, progress)?
+        } else {
+            greedy_coreset(&bank, PATCH_CHANNELS, count, settings.seed, progress)?
+        };
+        let mut coreset = Vec::with_capacity(count * PATCH_CHANNELS);
+        for i in selected {
+            coreset.extend_from_slice(&bank[i * PATCH_CHANNELS..(i + 1) * PATCH_CHANNELS]);
+        }
+        drop(bank);
+        let memory_bank = Tensor::from_vec(coreset, (count, PATCH_CHANNELS), &context.device)?;
+        Self::from_bank(context.backbone.clone(), context.image_size, settings, memory_bank)
+    }
+
+    fn from_bank(backbone: Arc<Backbone>, image_size: u32, settings: PatchCoreSettings, memory_bank: Tensor) -> Result<Self> {
+        let memory_bank_t = memory_bank.t()?.contiguous()?;
+        let bank_norms = memory_bank.sqr()?.sum_keepdim(1)?.t()?.contiguous()?;
+        Ok(Self { backbone, settings, image_size, memory_bank, memory_bank_t, bank_norms })
+    }
+
+    pub fn load(
+        backbone: Arc<Backbone>,
+        image_size: u32,
+        settings: PatchCoreSettings,
+        mut tensors: HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        let bank = tensors.remove("memory_bank").context("model file has no `memory_bank` tensor")?;
+        let (_, channels) = bank.dims2().context("memory_bank must be 2-D")?;
+        if channels != PATCH_CHANNELS {
+            bail!("memory_bank has {channels} channels, expected {PATCH_CHANNELS}");
+        }
+        let bank = bank.to_dtype(DType::F32)?.to_device(&backbone.device)?;
+        Self::from_bank(backbone, image_size, settings, bank)
+    }
+
+    pub fn memory_bank_len(&self) -> usize {
+        self.memory_bank.dims()[0]
+    }
+
+    /// Squared distances of `rows (N, C)` to the bank: `(N, M)`.
+    fn squared_distances(&self, rows: &Tensor) -> Result<Tensor> {
+        let row_norms = rows.sqr()?.sum_keepdim(1)?;
+        let dots = rows.matmul(&self.memory_bank_t)?;
+        Ok(dots.affine(-2.0, 0.0)?.broadcast_add(&row_norms)?.broadcast_add(&self.bank_norms)?.relu()?)
+    }
+
+    /// Nearest bank entry of every row: (distance, index).
+    fn nearest(&self, rows: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
+        let n = rows.dims()[0];
+        let mut distances = Vec::with_capacity(n);
+        let mut indices = Vec::with_capacity(n);
+        let mut start = 0;
+        while start < n {
+            let len = QUERY_BLOCK.min(n - start);
+            let block = self.squared_distances(&rows.narrow(0, start, len)?)?;
+            indices.extend(block.argmin_keepdim(1)?.flatten_all()?.to_vec1::<u32>()?);
+            distances.extend(block.min_keepdim(1)?.sqrt()?.flatten_all()?.to_vec1::<f32>()?);
+            start += len;
+        }
+        Ok((distances, indices))
+    }
+
+    /// The paper's re-weighting: a maximal patch whose nearest bank entry sits in a sparse region counts more.
+    fn reweighted_score(&self, feature: &Tensor, score: f32, nearest: u32) -> Result<f32> {
+        let k = self.settings.num_neighbors.min(self.memory_bank_len());
+        if k <= 1 {
+            return Ok(score);
+        }
+        let anchor = self.memory_bank.narrow(0, nearest as usize, 1)?;
+        let to_anchor: Vec<f32> = self.squared_distances(&anchor)?.flatten_all()?.to_vec1()?;
+        let mut order: Vec<usize> = (0..to_anchor.len()).collect();
+        order.select_nth_unstable_by(k - 1, |&a, &b| to_anchor[a].total_cmp(&to_anchor[b]));
+        let mut support: Vec<usize> = order[..k].to_vec();
+        support.sort_by(|&a, &b| to_anchor[a].total_cmp(&to_anchor[b]).then(a.cmp(&b)));
+        // The anchor itself leads the support set, as in the reference implementation.
+        if let Some(position) = support.iter().position(|&i| i == nearest as usize) {
+            support.swap(0, position);
+        }
+        let to_feature: Vec<f32> = self.squared_distances(feature)?.flatten_all()?.to_vec1()?;
+        let distances: Vec<f32> = support.iter().map(|&i| to_feature[i].sqrt()).collect();
+        let max = distances.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = distances.iter().map(|d| (d - max).exp()).sum();
+        let weight = 1.0 - (distances[0] - max).exp() / total;
+        Ok(weight * score)
+    }
+}
+
+impl AnomalyModel for PatchCore {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).expect("settings serialise")
+    }
+
+    fn image_size(&self) -> u32 {
+        self.image_size
+    }
+
+    fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
+        let features = patch_features(&self.backbone, images)?;
+        let (batch, _, height, width) = features.dims4()?;
+        let rows = patches_as_rows(&features)?.contiguous()?;
+        let (distances, nearest) = self.nearest(&rows)?;
+        let per_image = height * width;
+        let size = self.image_size as usize;
+        let mut outputs = Vec::with_capacity(batch);
+        for b in 0..batch {
+            let patch_scores = &distances[b * per_image..(b + 1) * per_image];
+            let (argmax, &max) = patch_scores
+                .iter()
+                .enumerate()
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .context("empty feature map")?;
+            let row = b * per_image + argmax;
+            let score = self.reweighted_score(&rows.narrow(0, row, 1)?, max, nearest[row])?;
+            let map = ScoreMap::new(width, height, patch_scores.to_vec()).resized(size, size).blurred(self.settings.blur_sigma);
+            outputs.push(AnomalyOutput { score, map });
+        }
+        Ok(outputs)
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![("memory_bank".to_string(), self.memory_bank.clone())])
+    }
+}
+

@@ -1,0 +1,184 @@
+//! The model file: one `.safetensors` per trained model. Tensors hold the learned state (a memory bank,
+//! network weights); the safetensors metadata key `loupe` holds a JSON [`Manifest`]: format version, method
+//! and settings, backbone and the hash of its weights, input size and normalisation, the decision thresholds
+//! and the validation score statistics they were chosen from. Loading checks the version and the backbone hash.
+//! safetensors holds only data, so opening an untrusted model file can never run code.
+
+use crate::atomic_file::write_atomic;
+use crate::backbone::{Backbone, BACKBONE_NAME};
+use crate::methods::{find_method, AnomalyModel};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const METADATA_KEY: &str = "loupe";
+pub const NORMALIZATION: &str = "rgb in [0,1], resized to image_size², then (x*255-127)/128";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Thresholds {
+    /// Images scoring at or above this are rejected.
+    pub decision: f32,
+    /// Optional lower edge of a review band: scores in [review, decision) go to a person.
+    pub review: Option<f32>,
+    /// How `decision` was chosen, for people reading the file.
+    pub rule: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct ScoreStats {
+    pub count: usize,
+    pub mean: f32,
+    pub std: f32,
+    pub min: f32,
+    pub max: f32,
+    /// The raw validation scores (normal images held out from training), sorted.
+    pub scores: Vec<f32>,
+}
+
+impl ScoreStats {
+    pub fn from_scores(scores: &[f32]) -> Self {
+        if scores.is_empty() {
+            return Self::default();
+        }
+        let mut sorted = scores.to_vec();
+        sorted.sort_by(f32::total_cmp);
+        let n = sorted.len() as f32;
+        let mean = sorted.iter().sum::<f32>() / n;
+        let var = sorted.iter().map(|s| (s - mean).powi(2)).sum::<f32>() / n;
+        Self { count: sorted.len(), mean, std: var.sqrt(), min: sorted[0], max: sorted[sorted.len() - 1], scores: sorted }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct TrainingInfo {
+    pub images_used: usize,
+    pub images_skipped: usize,
+    pub fit_seconds: f64,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub loupe_version: String,
+    pub method: String,
+    pub settings: serde_json::Value,
+    pub backbone: String,
+    pub backbone_weights_sha256: String,
+    pub image_size: u32,
+    pub normalization: String,
+    pub thresholds: Thresholds,
+    pub validation: ScoreStats,
+    pub training: TrainingInfo,
+}
+
+impl Manifest {
+    pub fn for_model(model: &dyn AnomalyModel, backbone: &Backbone, thresholds: Thresholds) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            loupe_version: env!("CARGO_PKG_VERSION").to_string(),
+            method: model.info().name.to_string(),
+            settings: model.settings(),
+            backbone: BACKBONE_NAME.to_string(),
+            backbone_weights_sha256: backbone.weights_hash.clone(),
+            image_size: model.image_size(),
+            normalization: NORMALIZATION.to_string(),
+            thresholds,
+            validation: ScoreStats::default(),
+            training: TrainingInfo::default(),
+        }
+    }
+}
+
+pub fn save(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = model
+        .state()?
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let values = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok((name.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.dims().to_vec()))
+        })
+        .collect::<Result<_>>()?;
+    let views = data
+        .iter()
+        .map(|(name, bytes, shape)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| anyhow!("{name}: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(manifest)?)]);
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow!("serialising model: {e}"))?;
+    write_atomic(path, &bytes)
+}
+
+/// Reads only the manifest (cheap; used to find which backbone a model needs).
+pub fn read_manifest(path: &Path) -> Result<Manifest> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    manifest_from_bytes(&bytes).with_context(|| format!("{}: not a Loupe model file", path.display()))
+}
+
+fn manifest_from_bytes(bytes: &[u8]) -> Result<Manifest> {
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{e}"))?;
+    let text = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(METADATA_KEY))
+        .ok_or_else(|| anyhow!("no `{METADATA_KEY}` manifest in its metadata"))?;
+    let manifest: Manifest = serde_json::from_str(text).context("its manifest is malformed")?;
+    if manifest.format_version > FORMAT_VERSION {
+        bail!(
+            "model format version {} is newer than this Loupe understands ({FORMAT_VERSION}); update Loupe",
+            manifest.format_version
+        );
+    }
+    Ok(manifest)
+}
+
+pub struct LoadedModel {
+    pub model: Box<dyn AnomalyModel>,
+    pub manifest: Manifest,
+}
+
+/// Loads a model file, checking it was trained on the same backbone weights.
+pub fn load(path: &Path, backbone: Arc<Backbone>) -> Result<LoadedModel> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let context = || format!("{}: cannot load model", path.display());
+    let manifest = manifest_from_bytes(&bytes).with_context(context)?;
+    if manifest.backbone != BACKBONE_NAME || manifest.backbone_weights_sha256 != backbone.weights_hash {
+        bail!(
+            "{}: the model was trained with backbone {} (weights {}), but the loaded weights are {} ({}); \
+             use the weights it was trained with",
+            path.display(),
+            manifest.backbone,
+            short_hash(&manifest.backbone_weights_sha256),
+            BACKBONE_NAME,
+            short_hash(&backbone.weights_hash)
+        );
+    }
+    let info = find_method(&manifest.method).with_context(context)?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut tensors = HashMap::new();
+    for (name, view) in file.tensors() {
+        if view.dtype() != safetensors::Dtype::F32 {
+            bail!("{}: tensor {name} is {:?}, expected F32", path.display(), view.dtype());
+        }
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        tensors.insert(name, Tensor::from_vec(values, view.shape().to_vec(), &backbone.device)?);
+    }
+    let model = (info.load)(backbone, manifest.image_size, &manifest.settings, tensors).with_context(context)?;
+    Ok(LoadedModel { model, manifest })
+}
+
+fn short_hash(hash: &str) -> &str {
+    &hash[..hash.len().min(12)]
+}

@@ -1,0 +1,153 @@
+//! Fitting a method on a folder of normal images, end to end: scan, hold out a validation split, decode in
+//! parallel (skipping bad files), fit, score the validation images and choose the decision threshold from them.
+
+use crate::backbone::Backbone;
+use crate::dataset::{decode_all, scan_normal_folder, DecodedImage, ImageRecord, SkippedFile};
+use crate::methods::{images_to_tensor, merge_settings, AnomalyModel, AnomalyOutput, FitContext, MethodInfo};
+use crate::metrics::ThresholdTable;
+use crate::model_file::{Manifest, ScoreStats, Thresholds, TrainingInfo};
+use crate::progress::{check_cancelled, Progress};
+use crate::rng::SplitMix64;
+use anyhow::{bail, Result};
+use candle_core::Device;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub const DEFAULT_IMAGE_SIZE: u32 = 256;
+
+#[derive(Clone)]
+pub struct FitRequest {
+    pub method: &'static MethodInfo,
+    /// Overrides of the method's default settings (a JSON object).
+    pub settings: serde_json::Value,
+    /// A folder of normal images, or an MVTec folder (its `train/good` is used).
+    pub data: PathBuf,
+    pub image_size: u32,
+    pub batch_size: usize,
+    /// Share of the normal images held out to choose the threshold.
+    pub validation_fraction: f64,
+    /// The decision threshold is the lowest with at most this false-alarm rate on the validation images.
+    pub target_far: f64,
+    pub seed: u64,
+}
+
+impl FitRequest {
+    pub fn new(method: &'static MethodInfo, data: PathBuf) -> Self {
+        Self {
+            method,
+            settings: serde_json::json!({}),
+            data,
+            image_size: DEFAULT_IMAGE_SIZE,
+            batch_size: 8,
+            validation_fraction: 0.1,
+            target_far: 0.01,
+            seed: 0,
+        }
+    }
+}
+
+pub struct FitOutcome {
+    pub model: Box<dyn AnomalyModel>,
+    pub manifest: Manifest,
+    pub skipped: Vec<SkippedFile>,
+}
+
+/// Splits records into (train, validation): a seeded draw of `fraction` of them, at least one when possible.
+pub fn validation_split(records: Vec<ImageRecord>, fraction: f64, seed: u64) -> (Vec<ImageRecord>, Vec<ImageRecord>) {
+    let n = records.len();
+    let wanted = if n < 2 || fraction <= 0.0 { 0 } else { ((n as f64 * fraction).round() as usize).clamp(1, n - 1) };
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = SplitMix64::new(seed ^ 0x0a11_da7e);
+    for i in (1..n).rev() {
+        order.swap(i, rng.below(i + 1));
+    }
+    let mut held_out = vec![false; n];
+    order[..wanted].iter().for_each(|&i| held_out[i] = true);
+    let (mut train, mut validation) = (Vec::new(), Vec::new());
+    for (record, hold) in records.into_iter().zip(held_out) {
+        if hold {
+            validation.push(record);
+        } else {
+            train.push(record);
+        }
+    }
+    (train, validation)
+}
+
+/// Scores decoded images in batches of `batch_size`; returns outputs in order and the seconds spent scoring.
+pub fn score_images(
+    model: &dyn AnomalyModel,
+    images: &[DecodedImage],
+    batch_size: usize,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<(Vec<AnomalyOutput>, f64)> {
+    let mut outputs = Vec::with_capacity(images.len());
+    let mut seconds = 0.0;
+    for batch in images.chunks(batch_size.max(1)) {
+        check_cancelled(progress)?;
+        let refs: Vec<&DecodedImage> = batch.iter().collect();
+        let tensor = images_to_tensor(&refs, device)?;
+        let started = Instant::now();
+        outputs.extend(model.score_batch(&tensor)?);
+        seconds += started.elapsed().as_secs_f64();
+        progress.advance(batch.len() as u64);
+    }
+    Ok((outputs, seconds))
+}
+
+pub fn fit(backbone: Arc<Backbone>, request: &FitRequest, progress: &dyn Progress) -> Result<FitOutcome> {
+    let settings = merge_settings((request.method.default_settings)(), &request.settings)?;
+    let records = scan_normal_folder(&request.data)?;
+    let (train_records, validation_records) = validation_split(records, request.validation_fraction, request.seed);
+    progress.begin("decoding", (train_records.len() + validation_records.len()) as u64);
+    let advance = |n: usize| progress.advance(n as u64);
+    let (train, mut skipped) = decode_all(&train_records, request.image_size, &advance);
+    let (validation, skipped_validation) = decode_all(&validation_records, request.image_size, &advance);
+    skipped.extend(skipped_validation);
+    if train.is_empty() {
+        bail!("{}: none of the {} training images could be read", request.data.display(), train_records.len());
+    }
+    let device = backbone.device.clone();
+    let started = Instant::now();
+    let context = FitContext {
+        backbone: backbone.clone(),
+        device: device.clone(),
+        batch_size: request.batch_size,
+        image_size: request.image_size,
+        progress,
+    };
+    let model = (request.method.fit)(&context, &train, &settings)?;
+    let fit_seconds = started.elapsed().as_secs_f64();
+    progress.begin("validation", validation.len() as u64);
+    let (outputs, _) = score_images(model.as_ref(), &validation, request.batch_size, &device, progress)?;
+    let scores: Vec<f32> = outputs.iter().map(|o| o.score).collect();
+    let thresholds = choose_threshold(&scores, request.target_far);
+    let mut manifest = Manifest::for_model(model.as_ref(), &backbone, thresholds);
+    manifest.validation = ScoreStats::from_scores(&scores);
+    manifest.training = TrainingInfo {
+        images_used: train.len(),
+        images_skipped: skipped.len(),
+        fit_seconds,
+        source: request.data.display().to_string(),
+    };
+    Ok(FitOutcome { model, manifest, skipped })
+}
+
+/// The lowest threshold with false-alarm rate ≤ `target_far` on the validation normals.
+pub fn choose_threshold(validation_scores: &[f32], target_far: f64) -> Thresholds {
+    let table = ThresholdTable::new(validation_scores, &vec![false; validation_scores.len()]);
+    match table.threshold_for_far(target_far) {
+        Some(decision) => Thresholds {
+            decision,
+            review: None,
+            rule: format!("FAR <= {:.3} on {} held-out normal images", target_far, validation_scores.len()),
+        },
+        None => Thresholds {
+            decision: f32::INFINITY,
+            review: None,
+            rule: "no validation images: set a threshold before use".into(),
+        },
+    }
+}
