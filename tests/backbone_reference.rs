@@ -10,7 +10,10 @@ fn formula_input(size: usize) -> Tensor {
         for c in 0..3 {
             for h in 0..size {
                 for w in 0..size {
-                    data.push(1.5 * (0.05 * h as f32 + 0.07 * w as f32 + 1.3 * c as f32 + 0.9 * b as f32).sin());
+                    data.push(
+                        1.5 * (0.05 * h as f32 + 0.07 * w as f32 + 1.3 * c as f32 + 0.9 * b as f32)
+                            .sin(),
+                    );
                 }
             }
         }
@@ -25,7 +28,10 @@ fn load_full() -> Backbone {
 
 fn close(actual: f32, expected: f32, what: &str) {
     let tolerance = 2e-4 * expected.abs().max(1.0);
-    assert!((actual - expected).abs() <= tolerance, "{what}: got {actual}, reference {expected}");
+    assert!(
+        (actual - expected).abs() <= tolerance,
+        "{what}: got {actual}, reference {expected}"
+    );
 }
 
 struct Case {
@@ -49,7 +55,11 @@ fn check_stats(tensor: &Tensor, stats: &Stats, what: &str) {
     let values: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
     let n = values.len() as f64;
     let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let var = values
+        .iter()
+        .map(|&v| (v as f64 - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0);
     let abs_max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     close(mean as f32, stats.mean, &format!("{what} mean"));
     close(var.sqrt() as f32, stats.std, &format!("{what} std"));
@@ -66,15 +76,32 @@ fn check_case(backbone: &Backbone, case: &Case) {
     let logits: Vec<Vec<f32>> = backbone.net.logits(&input).unwrap().to_vec2().unwrap();
     for b in 0..2 {
         for i in 0..8 {
-            close(logits[b][i], case.logits[b][i], &format!("{} logit[{b}][{i}]", case.size));
+            close(
+                logits[b][i],
+                case.logits[b][i],
+                &format!("{} logit[{b}][{i}]", case.size),
+            );
         }
         let mut order: Vec<usize> = (0..1000).collect();
         order.sort_by(|&x, &y| logits[b][y].total_cmp(&logits[b][x]));
-        assert_eq!(&order[..5], &case.top5[b], "{} top-5 of item {b}", case.size);
+        assert_eq!(
+            &order[..5],
+            &case.top5[b],
+            "{} top-5 of item {b}",
+            case.size
+        );
     }
     let maps = backbone.net.features(&input).unwrap();
-    check_stats(&maps.stride8, &case.block4, &format!("{} block4", case.size));
-    check_stats(&maps.stride16, &case.block10, &format!("{} block10", case.size));
+    check_stats(
+        &maps.stride8,
+        &case.block4,
+        &format!("{} block4", case.size),
+    );
+    check_stats(
+        &maps.stride16,
+        &case.block10,
+        &format!("{} block10", case.size),
+    );
 }
 
 #[test]
@@ -85,8 +112,26 @@ fn lite0_matches_pytorch_reference_at_224_and_256() {
         &Case {
             size: 224,
             logits: [
-                [-0.809_177_9, 0.642_439_8, -1.021_999_1, 0.081_101_42, -1.586_473_3, 0.452_461_1, -1.625_206_2, -0.569_195_6],
-                [-0.722_842_6, 0.723_428_7, -0.910_843_8, 0.159_505_19, -1.509_495_7, 0.402_682_7, -1.655_965_3, -0.423_822_6],
+                [
+                    -0.809_177_9,
+                    0.642_439_8,
+                    -1.021_999_1,
+                    0.081_101_42,
+                    -1.586_473_3,
+                    0.452_461_1,
+                    -1.625_206_2,
+                    -0.569_195_6,
+                ],
+                [
+                    -0.722_842_6,
+                    0.723_428_7,
+                    -0.910_843_8,
+                    0.159_505_19,
+                    -1.509_495_7,
+                    0.402_682_7,
+                    -1.655_965_3,
+                    -0.423_822_6,
+                ],
             ],
             top5: [[418, 767, 902, 696, 800], [418, 767, 696, 800, 902]],
             block4: Stats {
@@ -120,8 +165,26 @@ fn lite0_matches_pytorch_reference_at_224_and_256() {
         &Case {
             size: 256,
             logits: [
-                [-1.040_943_9, 0.485_184_28, -1.165_672_1, 0.242_358_33, -1.796_813_8, 0.562_389_85, -2.018_483_2, -0.685_273_2],
-                [-1.033_252_9, 0.525_690_97, -1.095_878_9, 0.236_236_81, -1.727_088_2, 0.568_143_55, -1.972_457_6, -0.800_982_4],
+                [
+                    -1.040_943_9,
+                    0.485_184_28,
+                    -1.165_672_1,
+                    0.242_358_33,
+                    -1.796_813_8,
+                    0.562_389_85,
+                    -2.018_483_2,
+                    -0.685_273_2,
+                ],
+                [
+                    -1.033_252_9,
+                    0.525_690_97,
+                    -1.095_878_9,
+                    0.236_236_81,
+                    -1.727_088_2,
+                    0.568_143_55,
+                    -1.972_457_6,
+                    -0.800_982_4,
+                ],
             ],
             top5: [[418, 767, 604, 902, 696], [418, 767, 604, 902, 696]],
             block4: Stats {
@@ -156,12 +219,22 @@ fn lite0_matches_pytorch_reference_at_224_and_256() {
 fn pth_and_converted_safetensors_hash_alike() {
     let path = weights::default_weights_path();
     let tensors = weights::read_weights(&path).unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(tensors.len(), 247, "float tensors in Lite0 (batch counters excluded)");
+    assert_eq!(
+        tensors.len(),
+        247,
+        "float tensors in Lite0 (batch counters excluded)"
+    );
     let stem = &tensors["_conv_stem.weight"];
     assert_eq!(stem.shape, vec![32, 3, 3, 3]);
-    let copy = std::env::temp_dir().join(format!("loupe-weights-copy-{}.safetensors", std::process::id()));
+    let copy = std::env::temp_dir().join(format!(
+        "loupe-weights-copy-{}.safetensors",
+        std::process::id()
+    ));
     weights::write_safetensors(&tensors, &copy).unwrap();
     let reread = weights::read_weights(&copy).unwrap();
     std::fs::remove_file(&copy).unwrap();
-    assert_eq!(weights::weights_hash(&tensors), weights::weights_hash(&reread));
+    assert_eq!(
+        weights::weights_hash(&tensors),
+        weights::weights_hash(&reread)
+    );
 }

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "loupe", version, about = "Unsupervised visual anomaly detection for industrial images")]
+#[command(
+    name = "loupe",
+    version,
+    about = "Unsupervised visual anomaly detection for industrial images"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,6 +36,8 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// List the methods, grouped by family.
     Methods,
+    /// Micro-benchmarks (backbone speed, coreset selection).
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() {
@@ -43,6 +49,7 @@ fn main() {
         Command::Weights(args) => commands::weights::run(args),
         Command::Demo(args) => commands::demo::run(args),
         Command::Methods => commands::list_methods(),
+        Command::Bench(args) => commands::bench::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

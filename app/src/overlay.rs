@@ -6,7 +6,8 @@ use loupe_engine::maps::ScoreMap;
 /// The "jet" colormap at t in [0, 1].
 pub fn jet(t: f32) -> [u8; 3] {
     let t = t.clamp(0.0, 1.0);
-    let channel = |offset: f32| ((1.5 - (4.0 * t - offset).abs()).clamp(0.0, 1.0) * 255.0).round() as u8;
+    let channel =
+        |offset: f32| ((1.5 - (4.0 * t - offset).abs()).clamp(0.0, 1.0) * 255.0).round() as u8;
     [channel(3.0), channel(2.0), channel(1.0)]
 }
 
@@ -14,7 +15,11 @@ pub fn jet(t: f32) -> [u8; 3] {
 /// of the colormap), so heatmaps of different images compare.
 pub fn overlay(image: &RgbImage, map: &ScoreMap, threshold: f32) -> RgbImage {
     let map = map.resized(image.width() as usize, image.height() as usize);
-    let scale = if threshold.is_finite() && threshold > 0.0 { 0.5 / threshold } else { 1.0 / map.max().max(1e-6) };
+    let scale = if threshold.is_finite() && threshold > 0.0 {
+        0.5 / threshold
+    } else {
+        1.0 / map.max().max(1e-6)
+    };
     let mut out = image.clone();
     for (i, pixel) in out.pixels_mut().enumerate() {
         let t = map.data[i] * scale;

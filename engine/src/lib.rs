@@ -3,13 +3,13 @@
 
 pub mod atomic_file;
 pub mod backbone;
-pub mod device;
 pub mod dataset;
-pub mod rng;
-pub mod metrics;
+pub mod device;
+pub mod evaluate;
 pub mod maps;
 pub mod methods;
+pub mod metrics;
 pub mod model_file;
-pub mod progress;
-pub mod evaluate;
 pub mod pipeline;
+pub mod progress;
+pub mod rng;

@@ -13,8 +13,16 @@ pub struct ScoreMap {
 
 impl ScoreMap {
     pub fn new(width: usize, height: usize, data: Vec<f32>) -> Self {
-        assert_eq!(data.len(), width * height, "map data must be width × height");
-        Self { width, height, data }
+        assert_eq!(
+            data.len(),
+            width * height,
+            "map data must be width × height"
+        );
+        Self {
+            width,
+            height,
+            data,
+        }
     }
 
     pub fn max(&self) -> f32 {
@@ -33,7 +41,9 @@ impl ScoreMap {
             let high = (low + 1).min(in_size - 1);
             (low, high, position - low as f32)
         };
-        let columns: Vec<_> = (0..width).map(|x| source_coordinate(x, width, self.width)).collect();
+        let columns: Vec<_> = (0..width)
+            .map(|x| source_coordinate(x, width, self.width))
+            .collect();
         let mut data = Vec::with_capacity(width * height);
         for y in 0..height {
             let (y0, y1, ty) = source_coordinate(y, height, self.height);
@@ -54,8 +64,9 @@ impl ScoreMap {
             return self.clone();
         }
         let radius = (4.0 * sigma + 0.5) as usize;
-        let mut kernel: Vec<f32> =
-            (0..=2 * radius).map(|i| (-((i as f32 - radius as f32).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
+        let mut kernel: Vec<f32> = (0..=2 * radius)
+            .map(|i| (-((i as f32 - radius as f32).powi(2)) / (2.0 * sigma * sigma)).exp())
+            .collect();
         let total: f32 = kernel.iter().sum();
         kernel.iter_mut().for_each(|k| *k /= total);
         let reflect = |i: isize, n: usize| -> usize {
@@ -82,7 +93,11 @@ impl ScoreMap {
                 horizontal[y * w + x] = kernel
                     .iter()
                     .enumerate()
-                    .map(|(k, weight)| weight * self.data[y * w + reflect(x as isize + k as isize - radius as isize, w)])
+                    .map(|(k, weight)| {
+                        weight
+                            * self.data
+                                [y * w + reflect(x as isize + k as isize - radius as isize, w)]
+                    })
                     .sum();
             }
         }
@@ -92,7 +107,11 @@ impl ScoreMap {
                 out[y * w + x] = kernel
                     .iter()
                     .enumerate()
-                    .map(|(k, weight)| weight * horizontal[reflect(y as isize + k as isize - radius as isize, h) * w + x])
+                    .map(|(k, weight)| {
+                        weight
+                            * horizontal
+                                [reflect(y as isize + k as isize - radius as isize, h) * w + x]
+                    })
                     .sum();
             }
         }
@@ -122,7 +141,12 @@ mod tests {
         let mut peak = vec![0.0; 81];
         peak[40] = 1.0;
         let blurred = ScoreMap::new(9, 9, peak).blurred(1.0);
-        assert!(blurred.data[40] < 1.0 && blurred.data[40] > blurred.data[41] && blurred.data[41] > 0.0);
-        assert!((blurred.data[39] - blurred.data[41]).abs() < 1e-7, "symmetric");
+        assert!(
+            blurred.data[40] < 1.0 && blurred.data[40] > blurred.data[41] && blurred.data[41] > 0.0
+        );
+        assert!(
+            (blurred.data[39] - blurred.data[41]).abs() < 1e-7,
+            "symmetric"
+        );
     }
 }

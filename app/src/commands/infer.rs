@@ -5,9 +5,9 @@ use crate::overlay::overlay;
 use anyhow::{bail, Context, Result};
 use loupe_engine::dataset::decode::open_image;
 use loupe_engine::dataset::layout::list_images;
+use loupe_engine::dataset::{decode_all, ImageRecord};
 use loupe_engine::maps::ScoreMap;
 use loupe_engine::methods::images_to_tensor;
-use loupe_engine::dataset::{decode_all, ImageRecord};
 use loupe_engine::model_file;
 use std::path::PathBuf;
 
@@ -44,7 +44,8 @@ pub fn run(args: InferArgs) -> Result<()> {
     let loaded = model_file::load(&args.model, backbone)?;
     let (model, manifest) = (loaded.model, loaded.manifest);
     if let Some(out) = &args.out {
-        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("{}: cannot create", out.display()))?;
     }
     let records: Vec<ImageRecord> = paths.into_iter().map(ImageRecord::normal).collect();
     let (decoded, skipped) = decode_all(&records, model.image_size(), &|_| {});
@@ -54,9 +55,15 @@ pub fn run(args: InferArgs) -> Result<()> {
     let threshold = manifest.thresholds.decision;
     let mut flagged = 0;
     for image in &decoded {
-        let output = model.score_batch(&images_to_tensor(&[image], &device)?)?.remove(0);
+        let output = model
+            .score_batch(&images_to_tensor(&[image], &device)?)?
+            .remove(0);
         let path = &records[image.index].path;
-        let verdict = if output.score >= threshold { "defect" } else { "good" };
+        let verdict = if output.score >= threshold {
+            "defect"
+        } else {
+            "good"
+        };
         flagged += usize::from(output.score >= threshold);
         if args.json {
             let line = serde_json::json!({"path": path.display().to_string(), "score": output.score, "verdict": verdict});
@@ -68,13 +75,30 @@ pub fn run(args: InferArgs) -> Result<()> {
             write_heatmap(out, path, &output.map, threshold)?;
         }
     }
-    eprintln!("{} images scored ({} flagged at threshold {threshold:.4}), {} skipped", decoded.len(), flagged, skipped.len());
+    eprintln!(
+        "{} images scored ({} flagged at threshold {threshold:.4}), {} skipped",
+        decoded.len(),
+        flagged,
+        skipped.len()
+    );
     Ok(())
 }
 
-fn write_heatmap(out: &std::path::Path, path: &std::path::Path, map: &ScoreMap, threshold: f32) -> Result<()> {
-    let original = open_image(path).map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?.to_rgb8();
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+fn write_heatmap(
+    out: &std::path::Path,
+    path: &std::path::Path,
+    map: &ScoreMap,
+    threshold: f32,
+) -> Result<()> {
+    let original = open_image(path)
+        .map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?
+        .to_rgb8();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
     let target = out.join(format!("{stem}_heatmap.png"));
-    overlay(&original, map, threshold).save(&target).with_context(|| format!("{}: cannot write", target.display()))
+    overlay(&original, map, threshold)
+        .save(&target)
+        .with_context(|| format!("{}: cannot write", target.display()))
 }

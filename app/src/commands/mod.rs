@@ -1,5 +1,6 @@
 //! One file per subcommand; shared options here.
 
+pub mod bench;
 pub mod demo;
 pub mod eval;
 pub mod fit;

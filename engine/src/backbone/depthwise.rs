@@ -26,18 +26,27 @@ impl DepthwiseConv {
     /// `input` (B, C, H, W), `weight` (C, 1, k, k), `bias` (C).
     pub fn forward(&self, input: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         if input.device().is_cpu() {
-            input.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, self)
+            input
+                .contiguous()?
+                .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, self)
         } else {
             self.forward_portable(input, weight, bias)
         }
     }
 
     /// The same computation from candle's own ops: used on GPUs and as the test reference.
-    pub fn forward_portable(&self, input: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    pub fn forward_portable(
+        &self,
+        input: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+    ) -> Result<Tensor> {
         let (_, channels, height, width) = input.dims4()?;
         let (top, bottom) = same_padding(height, self.kernel, self.stride);
         let (left, right) = same_padding(width, self.kernel, self.stride);
-        let padded = input.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
+        let padded = input
+            .pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right)?;
         let out = padded.conv2d(weight, 0, self.stride, 1, channels)?;
         let out = out.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?;
         if self.relu6 {
@@ -62,7 +71,9 @@ impl CustomOp3 for DepthwiseConv {
         bias: &CpuStorage,
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(input), CpuStorage::F32(weight), CpuStorage::F32(bias)) = (input, weight, bias) else {
+        let (CpuStorage::F32(input), CpuStorage::F32(weight), CpuStorage::F32(bias)) =
+            (input, weight, bias)
+        else {
             candle_core::bail!("depthwise conv: only f32 is supported");
         };
         let (Some((i0, i1)), Some((w0, w1)), Some((b0, b1))) = (
@@ -76,7 +87,9 @@ impl CustomOp3 for DepthwiseConv {
         let (batch, channels, height, width) = input_layout.shape().dims4()?;
         let k = self.kernel;
         if weight.len() != channels * k * k || bias.len() != channels {
-            candle_core::bail!("depthwise conv: weight/bias do not match {channels} channels of {k}x{k}");
+            candle_core::bail!(
+                "depthwise conv: weight/bias do not match {channels} channels of {k}x{k}"
+            );
         }
         let stride = self.stride;
         let (pad_top, _) = same_padding(height, k, stride);
@@ -84,43 +97,54 @@ impl CustomOp3 for DepthwiseConv {
         let (out_h, out_w) = (height.div_ceil(stride), width.div_ceil(stride));
         let mut output = vec![0f32; batch * channels * out_h * out_w];
         let relu6 = self.relu6;
-        output.par_chunks_mut(out_h * out_w).enumerate().for_each(|(plane_index, out_plane)| {
-            let channel = plane_index % channels;
-            let plane = &input[plane_index * height * width..(plane_index + 1) * height * width];
-            let kernel = &weight[channel * k * k..(channel + 1) * k * k];
-            let b = bias[channel];
-            for oy in 0..out_h {
-                let out_row = &mut out_plane[oy * out_w..(oy + 1) * out_w];
-                out_row.fill(b);
-                for ky in 0..k {
-                    let iy = (oy * stride + ky) as isize - pad_top as isize;
-                    if iy < 0 || iy >= height as isize {
-                        continue;
-                    }
-                    let in_row = &plane[iy as usize * width..(iy as usize + 1) * width];
-                    for kx in 0..k {
-                        let w = kernel[ky * k + kx];
-                        // Output columns whose input column lies inside the row.
-                        let first = (pad_left.saturating_sub(kx)).div_ceil(stride);
-                        let last = ((width + pad_left).saturating_sub(kx)).div_ceil(stride).min(out_w);
-                        if stride == 1 {
-                            let start = first + kx - pad_left;
-                            for (o, &x) in out_row[first..last].iter_mut().zip(&in_row[start..]) {
-                                *o += w * x;
-                            }
-                        } else {
-                            for (ox, o) in out_row.iter_mut().enumerate().take(last).skip(first) {
-                                *o += w * in_row[ox * stride + kx - pad_left];
+        output
+            .par_chunks_mut(out_h * out_w)
+            .enumerate()
+            .for_each(|(plane_index, out_plane)| {
+                let channel = plane_index % channels;
+                let plane =
+                    &input[plane_index * height * width..(plane_index + 1) * height * width];
+                let kernel = &weight[channel * k * k..(channel + 1) * k * k];
+                let b = bias[channel];
+                for oy in 0..out_h {
+                    let out_row = &mut out_plane[oy * out_w..(oy + 1) * out_w];
+                    out_row.fill(b);
+                    for ky in 0..k {
+                        let iy = (oy * stride + ky) as isize - pad_top as isize;
+                        if iy < 0 || iy >= height as isize {
+                            continue;
+                        }
+                        let in_row = &plane[iy as usize * width..(iy as usize + 1) * width];
+                        for kx in 0..k {
+                            let w = kernel[ky * k + kx];
+                            // Output columns whose input column lies inside the row.
+                            let first = (pad_left.saturating_sub(kx)).div_ceil(stride);
+                            let last = ((width + pad_left).saturating_sub(kx))
+                                .div_ceil(stride)
+                                .min(out_w);
+                            if stride == 1 {
+                                let start = first + kx - pad_left;
+                                for (o, &x) in out_row[first..last].iter_mut().zip(&in_row[start..])
+                                {
+                                    *o += w * x;
+                                }
+                            } else {
+                                for (ox, o) in out_row.iter_mut().enumerate().take(last).skip(first)
+                                {
+                                    *o += w * in_row[ox * stride + kx - pad_left];
+                                }
                             }
                         }
                     }
+                    if relu6 {
+                        out_row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+                    }
                 }
-                if relu6 {
-                    out_row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
-                }
-            }
-        });
-        Ok((CpuStorage::F32(output), Shape::from((batch, channels, out_h, out_w))))
+            });
+        Ok((
+            CpuStorage::F32(output),
+            Shape::from((batch, channels, out_h, out_w)),
+        ))
     }
 }
 
@@ -145,7 +169,11 @@ mod tests {
             let weight = Tensor::randn(0f32, 1.0, (3, 1, kernel, kernel), &device)?;
             let bias = Tensor::randn(0f32, 1.0, 3, &device)?;
             for relu6 in [false, true] {
-                let op = DepthwiseConv { kernel, stride, relu6 };
+                let op = DepthwiseConv {
+                    kernel,
+                    stride,
+                    relu6,
+                };
                 let fast = op.forward(&input, &weight, &bias)?;
                 let reference = op.forward_portable(&input, &weight, &bias)?;
                 assert_eq!(fast.dims(), reference.dims());

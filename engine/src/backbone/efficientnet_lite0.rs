@@ -50,7 +50,11 @@ pub fn block_configs() -> Vec<BlockConfig> {
                 kernel,
                 stride: if repeat == 0 { stride } else { 1 },
                 expand_ratio,
-                in_channels: if repeat == 0 { in_channels } else { out_channels },
+                in_channels: if repeat == 0 {
+                    in_channels
+                } else {
+                    out_channels
+                },
                 out_channels,
             });
         }
@@ -70,7 +74,11 @@ fn batch_norm_affine(vb: VarBuilder, channels: usize) -> Result<(Tensor, Tensor)
 }
 
 /// A convolution weight `(out, in, k, k)` with its batch norm folded in.
-fn folded_conv(conv: VarBuilder, bn: VarBuilder, shape: (usize, usize, usize, usize)) -> Result<(Tensor, Tensor)> {
+fn folded_conv(
+    conv: VarBuilder,
+    bn: VarBuilder,
+    shape: (usize, usize, usize, usize),
+) -> Result<(Tensor, Tensor)> {
     let weight = conv.get(shape, "weight")?;
     let (scale, shift) = batch_norm_affine(bn, shape.0)?;
     let weight = weight.broadcast_mul(&scale.reshape((shape.0, 1, 1, 1))?)?;
@@ -86,9 +94,19 @@ struct PointwiseConv {
 }
 
 impl PointwiseConv {
-    fn new(conv: VarBuilder, bn: VarBuilder, in_channels: usize, out_channels: usize, relu6: bool) -> Result<Self> {
+    fn new(
+        conv: VarBuilder,
+        bn: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        relu6: bool,
+    ) -> Result<Self> {
         let (weight, bias) = folded_conv(conv, bn, (out_channels, in_channels, 1, 1))?;
-        Ok(Self { weight: weight.reshape((out_channels, in_channels))?, bias: bias.reshape((1, out_channels, 1))?, relu6 })
+        Ok(Self {
+            weight: weight.reshape((out_channels, in_channels))?,
+            bias: bias.reshape((1, out_channels, 1))?,
+            relu6,
+        })
     }
 }
 
@@ -96,8 +114,16 @@ impl Module for PointwiseConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let flat = x.reshape((batch, channels, height * width))?;
-        let out = self.weight.broadcast_left(batch)?.matmul(&flat)?.broadcast_add(&self.bias)?;
-        let out = if self.relu6 { out.clamp(0f32, 6f32)? } else { out };
+        let out = self
+            .weight
+            .broadcast_left(batch)?
+            .matmul(&flat)?
+            .broadcast_add(&self.bias)?;
+        let out = if self.relu6 {
+            out.clamp(0f32, 6f32)?
+        } else {
+            out
+        };
         out.reshape((batch, (), height, width))
     }
 }
@@ -128,20 +154,44 @@ impl MbConv {
     fn new(vb: VarBuilder, config: BlockConfig) -> Result<Self> {
         let hidden = config.in_channels * config.expand_ratio;
         let expand = if config.expand_ratio != 1 {
-            Some(PointwiseConv::new(vb.pp("_expand_conv"), vb.pp("_bn0"), config.in_channels, hidden, true)?)
+            Some(PointwiseConv::new(
+                vb.pp("_expand_conv"),
+                vb.pp("_bn0"),
+                config.in_channels,
+                hidden,
+                true,
+            )?)
         } else {
             None
         };
-        let (weight, bias) =
-            folded_conv(vb.pp("_depthwise_conv"), vb.pp("_bn1"), (hidden, 1, config.kernel, config.kernel))?;
+        let (weight, bias) = folded_conv(
+            vb.pp("_depthwise_conv"),
+            vb.pp("_bn1"),
+            (hidden, 1, config.kernel, config.kernel),
+        )?;
         let depthwise = Depthwise {
             weight,
             bias,
-            op: DepthwiseConv { kernel: config.kernel, stride: config.stride, relu6: true },
+            op: DepthwiseConv {
+                kernel: config.kernel,
+                stride: config.stride,
+                relu6: true,
+            },
         };
-        let project = PointwiseConv::new(vb.pp("_project_conv"), vb.pp("_bn2"), hidden, config.out_channels, false)?;
+        let project = PointwiseConv::new(
+            vb.pp("_project_conv"),
+            vb.pp("_bn2"),
+            hidden,
+            config.out_channels,
+            false,
+        )?;
         let residual = config.stride == 1 && config.in_channels == config.out_channels;
-        Ok(Self { expand, depthwise, project, residual })
+        Ok(Self {
+            expand,
+            depthwise,
+            project,
+            residual,
+        })
     }
 }
 
@@ -172,9 +222,12 @@ impl Module for Stem {
         let (_, _, height, width) = x.dims4()?;
         let (top, bottom) = same_padding(height, 3, 2);
         let (left, right) = same_padding(width, 3, 2);
-        let padded = x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
+        let padded = x
+            .pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right)?;
         let out = padded.conv2d(&self.weight, 0, 2, 1, 1)?;
-        out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?.clamp(0f32, 6f32)
+        out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
+            .clamp(0f32, 6f32)
     }
 }
 
@@ -205,7 +258,11 @@ impl EfficientNetLite0 {
         let (weight, bias) = folded_conv(vb.pp("_conv_stem"), vb.pp("_bn0"), (32, 3, 3, 3))?;
         let stem = Stem { weight, bias };
         let configs = block_configs();
-        let last_block = if with_head { NUM_BLOCKS - 1 } else { last_block.min(NUM_BLOCKS - 1) };
+        let last_block = if with_head {
+            NUM_BLOCKS - 1
+        } else {
+            last_block.min(NUM_BLOCKS - 1)
+        };
         let blocks = configs[..=last_block]
             .iter()
             .enumerate()
@@ -241,7 +298,10 @@ impl EfficientNetLite0 {
             }
         }
         if outputs.len() != taps.len() {
-            candle_core::bail!("requested block outputs {taps:?} beyond the loaded {} blocks", self.blocks.len());
+            candle_core::bail!(
+                "requested block outputs {taps:?} beyond the loaded {} blocks",
+                self.blocks.len()
+            );
         }
         Ok(outputs)
     }
@@ -256,7 +316,9 @@ impl EfficientNetLite0 {
 
     /// ImageNet logits of already normalised images (needs the head).
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let Some(head) = &self.head else { candle_core::bail!("the classifier head was not loaded") };
+        let Some(head) = &self.head else {
+            candle_core::bail!("the classifier head was not loaded")
+        };
         let mut x = self.stem.forward(x)?;
         for block in &self.blocks {
             x = block.forward(&x)?;

@@ -11,7 +11,9 @@ pub const PATCH_STRIDE: usize = 8;
 
 /// 3×3 average with zero padding counted in the divisor (PyTorch `AvgPool2d(3, 1, 1)`).
 fn local_average(map: &Tensor) -> Result<Tensor> {
-    map.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.avg_pool2d_with_stride(3, 1)
+    map.pad_with_zeros(2, 1, 1)?
+        .pad_with_zeros(3, 1, 1)?
+        .avg_pool2d_with_stride(3, 1)
 }
 
 /// `(B, 152, S/8, S/8)` patch features of images in [0, 1].
@@ -26,5 +28,7 @@ pub fn patch_features(backbone: &Backbone, images: &Tensor) -> anyhow::Result<Te
 /// `(B·H·W, C)` rows, one per patch, image-major then row-major.
 pub fn patches_as_rows(features: &Tensor) -> Result<Tensor> {
     let (batch, channels, height, width) = features.dims4()?;
-    features.permute((0, 2, 3, 1))?.reshape((batch * height * width, channels))
+    features
+        .permute((0, 2, 3, 1))?
+        .reshape((batch * height * width, channels))
 }

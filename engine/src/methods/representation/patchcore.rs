@@ -11,7 +11,9 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::features::{patch_features, patches_as_rows, PATCH_CHANNELS};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::methods::{
+    images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo,
+};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -47,7 +49,13 @@ pub struct PatchCoreSettings {
 
 impl Default for PatchCoreSettings {
     fn default() -> Self {
-        Self { coreset_ratio: 0.1, num_neighbors: 9, projection_dim: 128, seed: 0, blur_sigma: 4.0 }
+        Self {
+            coreset_ratio: 0.1,
+            num_neighbors: 9,
+            projection_dim: 128,
+            seed: 0,
+            blur_sigma: 4.0,
+        }
     }
 }
 
@@ -67,12 +75,19 @@ pub struct PatchCore {
 }
 
 impl PatchCore {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: PatchCoreSettings) -> Result<Self> {
+    pub fn fit(
+        context: &FitContext,
+        images: &[DecodedImage],
+        settings: PatchCoreSettings,
+    ) -> Result<Self> {
         if images.is_empty() {
             bail!("PatchCore needs at least one training image");
         }
         if !(settings.coreset_ratio > 0.0 && settings.coreset_ratio <= 1.0) {
-            bail!("coreset_ratio must be in (0, 1], got {}", settings.coreset_ratio);
+            bail!(
+                "coreset_ratio must be in (0, 1], got {}",
+                settings.coreset_ratio
+            );
         }
         let progress = context.progress;
         progress.begin("features", images.len() as u64);
@@ -82,7 +97,11 @@ impl PatchCore {
             let refs: Vec<&DecodedImage> = batch.iter().collect();
             let tensor = images_to_tensor(&refs, &context.device)?;
             let rows = patches_as_rows(&patch_features(&context.backbone, &tensor)?)?;
-            bank.extend(rows.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+            bank.extend(
+                rows.to_device(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
             progress.advance(batch.len() as u64);
         }
         let patches = bank.len() / PATCH_CHANNELS;
@@ -90,8 +109,19 @@ impl PatchCore {
         let selected = if count == patches {
             (0..patches).collect()
         } else if settings.projection_dim > 0 && settings.projection_dim < PATCH_CHANNELS {
-            let projected = random_projection(&bank, PATCH_CHANNELS, settings.projection_dim, settings.seed);
-            greedy_coreset(&projected, settings.projection_dim, count, settings.seed, progress)?
+            let projected = random_projection(
+                &bank,
+                PATCH_CHANNELS,
+                settings.projection_dim,
+                settings.seed,
+            );
+            greedy_coreset(
+                &projected,
+                settings.projection_dim,
+                count,
+                settings.seed,
+                progress,
+            )?
         } else {
             greedy_coreset(&bank, PATCH_CHANNELS, count, settings.seed, progress)?
         };
@@ -101,13 +131,30 @@ impl PatchCore {
         }
         drop(bank);
         let memory_bank = Tensor::from_vec(coreset, (count, PATCH_CHANNELS), &context.device)?;
-        Self::from_bank(context.backbone.clone(), context.image_size, settings, memory_bank)
+        Self::from_bank(
+            context.backbone.clone(),
+            context.image_size,
+            settings,
+            memory_bank,
+        )
     }
 
-    fn from_bank(backbone: Arc<Backbone>, image_size: u32, settings: PatchCoreSettings, memory_bank: Tensor) -> Result<Self> {
+    fn from_bank(
+        backbone: Arc<Backbone>,
+        image_size: u32,
+        settings: PatchCoreSettings,
+        memory_bank: Tensor,
+    ) -> Result<Self> {
         let memory_bank_t = memory_bank.t()?.contiguous()?;
         let bank_norms = memory_bank.sqr()?.sum_keepdim(1)?.t()?.contiguous()?;
-        Ok(Self { backbone, settings, image_size, memory_bank, memory_bank_t, bank_norms })
+        Ok(Self {
+            backbone,
+            settings,
+            image_size,
+            memory_bank,
+            memory_bank_t,
+            bank_norms,
+        })
     }
 
     pub fn load(
@@ -116,7 +163,9 @@ impl PatchCore {
         settings: PatchCoreSettings,
         mut tensors: HashMap<String, Tensor>,
     ) -> Result<Self> {
-        let bank = tensors.remove("memory_bank").context("model file has no `memory_bank` tensor")?;
+        let bank = tensors
+            .remove("memory_bank")
+            .context("model file has no `memory_bank` tensor")?;
         let (_, channels) = bank.dims2().context("memory_bank must be 2-D")?;
         if channels != PATCH_CHANNELS {
             bail!("memory_bank has {channels} channels, expected {PATCH_CHANNELS}");
@@ -133,7 +182,11 @@ impl PatchCore {
     fn squared_distances(&self, rows: &Tensor) -> Result<Tensor> {
         let row_norms = rows.sqr()?.sum_keepdim(1)?;
         let dots = rows.matmul(&self.memory_bank_t)?;
-        Ok(dots.affine(-2.0, 0.0)?.broadcast_add(&row_norms)?.broadcast_add(&self.bank_norms)?.relu()?)
+        Ok(dots
+            .affine(-2.0, 0.0)?
+            .broadcast_add(&row_norms)?
+            .broadcast_add(&self.bank_norms)?
+            .relu()?)
     }
 
     /// Nearest bank entry of every row: (distance, index).
@@ -146,7 +199,13 @@ impl PatchCore {
             let len = QUERY_BLOCK.min(n - start);
             let block = self.squared_distances(&rows.narrow(0, start, len)?)?;
             indices.extend(block.argmin_keepdim(1)?.flatten_all()?.to_vec1::<u32>()?);
-            distances.extend(block.min_keepdim(1)?.sqrt()?.flatten_all()?.to_vec1::<f32>()?);
+            distances.extend(
+                block
+                    .min_keepdim(1)?
+                    .sqrt()?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
             start += len;
         }
         Ok((distances, indices))
@@ -207,7 +266,9 @@ impl AnomalyModel for PatchCore {
                 .context("empty feature map")?;
             let row = b * per_image + argmax;
             let score = self.reweighted_score(&rows.narrow(0, row, 1)?, max, nearest[row])?;
-            let map = ScoreMap::new(width, height, patch_scores.to_vec()).resized(size, size).blurred(self.settings.blur_sigma);
+            let map = ScoreMap::new(width, height, patch_scores.to_vec())
+                .resized(size, size)
+                .blurred(self.settings.blur_sigma);
             outputs.push(AnomalyOutput { score, map });
         }
         Ok(outputs)
@@ -217,4 +278,3 @@ impl AnomalyModel for PatchCore {
         Ok(vec![("memory_bank".to_string(), self.memory_bank.clone())])
     }
 }
-

@@ -1,0 +1,151 @@
+//! `loupe bench …`: micro-benchmarks whose numbers the notes quote (backbone speed, coreset selection).
+
+use super::EngineArgs;
+use anyhow::Result;
+use candle_core::Tensor;
+use loupe_engine::dataset::{decode_all, scan_normal_folder, DecodedImage};
+use loupe_engine::methods::features::{patch_features, patches_as_rows, PATCH_CHANNELS};
+use loupe_engine::methods::images_to_tensor;
+use loupe_engine::methods::representation::coreset::{greedy_coreset, random_projection};
+use loupe_engine::progress::NoProgress;
+use loupe_engine::rng::SplitMix64;
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(clap::Subcommand)]
+pub enum BenchWhat {
+    /// Time the truncated backbone (blocks 0–10) on random images.
+    Backbone {
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value_t = 10)]
+        repeats: usize,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Time the greedy coreset: on the patch features of a folder's normal images (`--data`), or on
+    /// synthetic clustered features of PatchCore's shape.
+    Coreset {
+        #[arg(long)]
+        data: Option<std::path::PathBuf>,
+        /// Raw f32 file caching the features of `--data` between runs.
+        #[arg(long)]
+        cache: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 779_264)]
+        points: usize,
+        #[arg(long, default_value_t = 0.1)]
+        ratio: f64,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+}
+
+fn synthetic_features(points: usize, dim: usize) -> Vec<f32> {
+    let mut rng = SplitMix64::new(1);
+    let centres: Vec<f32> = (0..64 * dim).map(|_| rng.normal() * 3.0).collect();
+    (0..points)
+        .flat_map(|i| {
+            let c = i % 64;
+            (0..dim)
+                .map(|d| centres[c * dim + d] + rng.normal())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn folder_features(folder: &Path, cache: Option<&Path>, engine: &EngineArgs) -> Result<Vec<f32>> {
+    if let Some(bytes) = cache.and_then(|c| std::fs::read(c).ok()) {
+        return Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect());
+    }
+    let backbone = engine.load_backbone()?;
+    let records = scan_normal_folder(folder)?;
+    let (images, _) = decode_all(&records, 256, &|_| {});
+    let mut features = Vec::new();
+    for batch in images.chunks(8) {
+        let refs: Vec<&DecodedImage> = batch.iter().collect();
+        let tensor = images_to_tensor(&refs, &backbone.device)?;
+        features.extend(
+            patches_as_rows(&patch_features(&backbone, &tensor)?)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        );
+    }
+    if let Some(cache) = cache {
+        std::fs::write(
+            cache,
+            features
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )?;
+    }
+    Ok(features)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match args.what {
+        BenchWhat::Backbone {
+            batch,
+            size,
+            repeats,
+            engine,
+        } => {
+            let backbone = engine.load_backbone()?;
+            let images = Tensor::rand(0f32, 1.0, (batch, 3, size, size), &backbone.device)?;
+            backbone.features(&images)?;
+            let mut times = Vec::new();
+            for _ in 0..repeats {
+                let started = Instant::now();
+                let maps = backbone.features(&images)?;
+                maps.stride16.sum_all()?.to_scalar::<f32>()?;
+                times.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            let med = median(times.clone());
+            let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+            println!("backbone {size}x{size} batch {batch}: median {med:.1} ms, min {min:.1} ms per batch ({:.1} images/s), {} threads",
+                batch as f64 / med * 1000.0, rayon::current_num_threads());
+        }
+        BenchWhat::Coreset {
+            data,
+            cache,
+            points,
+            ratio,
+            engine,
+        } => {
+            let dim = PATCH_CHANNELS;
+            let data = match data {
+                Some(folder) => folder_features(&folder, cache.as_deref(), &engine)?,
+                None => synthetic_features(points, dim),
+            };
+            let points = data.len() / dim;
+            let started = Instant::now();
+            let projected = random_projection(&data, dim, 128, 0);
+            let projection_s = started.elapsed().as_secs_f64();
+            let count = (points as f64 * ratio).ceil() as usize;
+            let started = Instant::now();
+            let selected = greedy_coreset(&projected, 128, count, 0, &NoProgress)?;
+            println!(
+                "coreset {} of {points} points: projection {projection_s:.1} s, greedy selection {:.1} s",
+                selected.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    Ok(())
+}
