@@ -10,10 +10,7 @@ fn formula_input(size: usize) -> Tensor {
         for c in 0..3 {
             for h in 0..size {
                 for w in 0..size {
-                    data.push(
-                        1.5 * (0.05 * h as f32 + 0.07 * w as f32 + 1.3 * c as f32 + 0.9 * b as f32)
-                            .sin(),
-                    );
+                    data.push(1.5 * (0.05 * h as f32 + 0.07 * w as f32 + 1.3 * c as f32 + 0.9 * b as f32).sin());
                 }
             }
         }
@@ -28,10 +25,7 @@ fn load_full() -> Backbone {
 
 fn close(actual: f32, expected: f32, what: &str) {
     let tolerance = 2e-4 * expected.abs().max(1.0);
-    assert!(
-        (actual - expected).abs() <= tolerance,
-        "{what}: got {actual}, reference {expected}"
-    );
+    assert!((actual - expected).abs() <= tolerance, "{what}: got {actual}, reference {expected}");
 }
 
 struct Case {
@@ -55,11 +49,7 @@ fn check_stats(tensor: &Tensor, stats: &Stats, what: &str) {
     let values: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
     let n = values.len() as f64;
     let mean = values.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let var = values
-        .iter()
-        .map(|&v| (v as f64 - mean).powi(2))
-        .sum::<f64>()
-        / (n - 1.0);
+    let var = values.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
     let abs_max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
     close(mean as f32, stats.mean, &format!("{what} mean"));
     close(var.sqrt() as f32, stats.std, &format!("{what} std"));
@@ -76,32 +66,15 @@ fn check_case(backbone: &Backbone, case: &Case) {
     let logits: Vec<Vec<f32>> = backbone.net.logits(&input).unwrap().to_vec2().unwrap();
     for b in 0..2 {
         for i in 0..8 {
-            close(
-                logits[b][i],
-                case.logits[b][i],
-                &format!("{} logit[{b}][{i}]", case.size),
-            );
+            close(logits[b][i], case.logits[b][i], &format!("{} logit[{b}][{i}]", case.size));
         }
         let mut order: Vec<usize> = (0..1000).collect();
         order.sort_by(|&x, &y| logits[b][y].total_cmp(&logits[b][x]));
-        assert_eq!(
-            &order[..5],
-            &case.top5[b],
-            "{} top-5 of item {b}",
-            case.size
-        );
+        assert_eq!(&order[..5], &case.top5[b], "{} top-5 of item {b}", case.size);
     }
     let maps = backbone.net.features(&input).unwrap();
-    check_stats(
-        &maps.stride8,
-        &case.block4,
-        &format!("{} block4", case.size),
-    );
-    check_stats(
-        &maps.stride16,
-        &case.block10,
-        &format!("{} block10", case.size),
-    );
+    check_stats(&maps.stride8, &case.block4, &format!("{} block4", case.size));
+    check_stats(&maps.stride16, &case.block10, &format!("{} block10", case.size));
 }
 
 #[test]
@@ -219,22 +192,12 @@ fn lite0_matches_pytorch_reference_at_224_and_256() {
 fn pth_and_converted_safetensors_hash_alike() {
     let path = weights::default_weights_path();
     let tensors = weights::read_weights(&path).unwrap_or_else(|e| panic!("{e:#}"));
-    assert_eq!(
-        tensors.len(),
-        247,
-        "float tensors in Lite0 (batch counters excluded)"
-    );
+    assert_eq!(tensors.len(), 247, "float tensors in Lite0 (batch counters excluded)");
     let stem = &tensors["_conv_stem.weight"];
     assert_eq!(stem.shape, vec![32, 3, 3, 3]);
-    let copy = std::env::temp_dir().join(format!(
-        "loupe-weights-copy-{}.safetensors",
-        std::process::id()
-    ));
+    let copy = std::env::temp_dir().join(format!("loupe-weights-copy-{}.safetensors", std::process::id()));
     weights::write_safetensors(&tensors, &copy).unwrap();
     let reread = weights::read_weights(&copy).unwrap();
     std::fs::remove_file(&copy).unwrap();
-    assert_eq!(
-        weights::weights_hash(&tensors),
-        weights::weights_hash(&reread)
-    );
+    assert_eq!(weights::weights_hash(&tensors), weights::weights_hash(&reread));
 }

@@ -12,14 +12,10 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "loupe",
-    version,
-    about = "Unsupervised visual anomaly detection for industrial images"
-)]
+#[command(name = "loupe", version, about = "Unsupervised visual anomaly detection for industrial images")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -41,8 +37,14 @@ enum Command {
 }
 
 fn main() {
+    loupe_engine::device::configure_cpu_thread_pools();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let Some(command) = cli.command else {
+        // The studio window will open here; until it exists, say so rather than pretend.
+        eprintln!("The studio window is not built yet. Try `loupe demo`, or `loupe --help` for the commands.");
+        std::process::exit(2);
+    };
+    let result = match command {
         Command::Fit(args) => commands::fit::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Infer(args) => commands::infer::run(args),

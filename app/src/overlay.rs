@@ -6,8 +6,7 @@ use loupe_engine::maps::ScoreMap;
 /// The "jet" colormap at t in [0, 1].
 pub fn jet(t: f32) -> [u8; 3] {
     let t = t.clamp(0.0, 1.0);
-    let channel =
-        |offset: f32| ((1.5 - (4.0 * t - offset).abs()).clamp(0.0, 1.0) * 255.0).round() as u8;
+    let channel = |offset: f32| ((1.5 - (4.0 * t - offset).abs()).clamp(0.0, 1.0) * 255.0).round() as u8;
     [channel(3.0), channel(2.0), channel(1.0)]
 }
 
@@ -15,19 +14,14 @@ pub fn jet(t: f32) -> [u8; 3] {
 /// of the colormap), so heatmaps of different images compare.
 pub fn overlay(image: &RgbImage, map: &ScoreMap, threshold: f32) -> RgbImage {
     let map = map.resized(image.width() as usize, image.height() as usize);
-    let scale = if threshold.is_finite() && threshold > 0.0 {
-        0.5 / threshold
-    } else {
-        1.0 / map.max().max(1e-6)
-    };
+    let scale = if threshold.is_finite() && threshold > 0.0 { 0.5 / threshold } else { 1.0 / map.max().max(1e-6) };
     let mut out = image.clone();
     for (i, pixel) in out.pixels_mut().enumerate() {
         let t = map.data[i] * scale;
         let color = jet(t);
         let alpha = 0.25 + 0.35 * t.clamp(0.0, 1.0);
-        *pixel = Rgb(std::array::from_fn(|c| {
-            (pixel.0[c] as f32 * (1.0 - alpha) + color[c] as f32 * alpha).round() as u8
-        }));
+        *pixel =
+            Rgb(std::array::from_fn(|c| (pixel.0[c] as f32 * (1.0 - alpha) + color[c] as f32 * alpha).round() as u8));
     }
     out
 }

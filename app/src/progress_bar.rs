@@ -10,9 +10,7 @@ pub struct TerminalProgress {
 
 impl TerminalProgress {
     pub fn new() -> Self {
-        Self {
-            bar: Mutex::new(None),
-        }
+        Self { bar: Mutex::new(None) }
     }
 
     pub fn finish(&self) {
@@ -28,17 +26,11 @@ impl Progress for TerminalProgress {
         if let Some(previous) = slot.take() {
             previous.finish_and_clear();
         }
-        let bar = if total == 0 {
-            ProgressBar::new_spinner()
-        } else {
-            ProgressBar::new(total)
-        };
+        let bar = if total == 0 { ProgressBar::new_spinner() } else { ProgressBar::new(total) };
         bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         bar.set_prefix(stage.to_string());
         *slot = Some(bar);

@@ -11,20 +11,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    fs::create_dir_all(folder)
-        .with_context(|| format!("{}: cannot create folder", folder.display()))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    fs::create_dir_all(folder).with_context(|| format!("{}: cannot create folder", folder.display()))?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = folder.join(format!(".{file_name}.tmp{}", std::process::id()));
     let result = (|| -> Result<()> {
-        let mut file =
-            File::create(&temp).with_context(|| format!("{}: cannot create", temp.display()))?;
-        file.write_all(bytes)
-            .with_context(|| format!("{}: write failed", temp.display()))?;
-        file.sync_all()
-            .with_context(|| format!("{}: fsync failed", temp.display()))?;
+        let mut file = File::create(&temp).with_context(|| format!("{}: cannot create", temp.display()))?;
+        file.write_all(bytes).with_context(|| format!("{}: write failed", temp.display()))?;
+        file.sync_all().with_context(|| format!("{}: fsync failed", temp.display()))?;
         fs::rename(&temp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
         if let Ok(dir) = File::open(folder) {
             // Makes the rename itself durable; not every platform can fsync a folder.

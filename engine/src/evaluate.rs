@@ -61,25 +61,17 @@ struct Scored<'a> {
 }
 
 fn pixel_metrics(items: &[&Scored]) -> (Option<f64>, Option<f64>) {
-    let with_masks: Vec<&&Scored> = items
-        .iter()
-        .filter(|s| s.decoded.mask.is_some() || !s.record.label.is_anomalous())
-        .collect();
+    let with_masks: Vec<&&Scored> =
+        items.iter().filter(|s| s.decoded.mask.is_some() || !s.record.label.is_anomalous()).collect();
     if with_masks.is_empty() {
         return (None, None);
     }
     let size = with_masks[0].decoded.size as usize;
     let zeros = vec![0u8; size * size];
-    let masks: Vec<&[u8]> = with_masks
-        .iter()
-        .map(|s| s.decoded.mask.as_deref().unwrap_or(&zeros))
-        .collect();
+    let masks: Vec<&[u8]> = with_masks.iter().map(|s| s.decoded.mask.as_deref().unwrap_or(&zeros)).collect();
     let maps: Vec<&[f32]> = with_masks.iter().map(|s| s.map.as_slice()).collect();
     let scores: Vec<f32> = maps.iter().flat_map(|m| m.iter().copied()).collect();
-    let labels: Vec<bool> = masks
-        .iter()
-        .flat_map(|m| m.iter().map(|&v| v != 0))
-        .collect();
+    let labels: Vec<bool> = masks.iter().flat_map(|m| m.iter().map(|&v| v != 0)).collect();
     let pixel_auroc = auroc(&scores, &labels).ok();
     let pro = aupro(&maps, &masks, size, size, AUPRO_FPR_LIMIT).ok();
     (pixel_auroc, pro)
@@ -95,14 +87,9 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     progress.begin("decoding", benchmark.test.len() as u64);
     let (decoded, skipped): (Vec<DecodedImage>, Vec<SkippedFile>) =
-        decode_all(&benchmark.test, model.image_size(), &|n| {
-            progress.advance(n as u64)
-        });
+        decode_all(&benchmark.test, model.image_size(), &|n| progress.advance(n as u64));
     if decoded.is_empty() {
-        bail!(
-            "none of the {} test images could be read",
-            benchmark.test.len()
-        );
+        bail!("none of the {} test images could be read", benchmark.test.len());
     }
     progress.begin("scoring", decoded.len() as u64);
     let (outputs, seconds) = score_images(model, &decoded, batch_size, device, progress)?;
@@ -117,12 +104,8 @@ pub fn evaluate(
         })
         .collect();
     let scores: Vec<f32> = scored.iter().map(|s| s.score).collect();
-    let labels: Vec<bool> = scored
-        .iter()
-        .map(|s| s.record.label.is_anomalous())
-        .collect();
-    let image_auroc =
-        auroc(&scores, &labels).map_err(|e| anyhow::anyhow!("image AUROC: the test set {e}"))?;
+    let labels: Vec<bool> = scored.iter().map(|s| s.record.label.is_anomalous()).collect();
+    let image_auroc = auroc(&scores, &labels).map_err(|e| anyhow::anyhow!("image AUROC: the test set {e}"))?;
     let table = ThresholdTable::new(&scores, &labels);
     let (f1_threshold, f1_max) = table.f1_max().expect("both classes present");
     let threshold = manifest.thresholds.decision;
@@ -131,28 +114,16 @@ pub fn evaluate(
     let all: Vec<&Scored> = scored.iter().collect();
     let (pixel_auroc, pro) = pixel_metrics(&all);
     let mut per_defect_type = BTreeMap::new();
-    let goods: Vec<&Scored> = scored
-        .iter()
-        .filter(|s| !s.record.label.is_anomalous())
-        .collect();
-    let mut types: Vec<&str> = scored
-        .iter()
-        .filter(|s| s.record.label.is_anomalous())
-        .map(|s| s.record.label.type_name())
-        .collect();
+    let goods: Vec<&Scored> = scored.iter().filter(|s| !s.record.label.is_anomalous()).collect();
+    let mut types: Vec<&str> =
+        scored.iter().filter(|s| s.record.label.is_anomalous()).map(|s| s.record.label.type_name()).collect();
     types.sort_unstable();
     types.dedup();
     for defect_type in types {
-        let of_type: Vec<&Scored> = scored
-            .iter()
-            .filter(|s| s.record.label.type_name() == defect_type)
-            .collect();
+        let of_type: Vec<&Scored> = scored.iter().filter(|s| s.record.label.type_name() == defect_type).collect();
         let subset: Vec<&Scored> = goods.iter().chain(&of_type).copied().collect();
         let subset_scores: Vec<f32> = subset.iter().map(|s| s.score).collect();
-        let subset_labels: Vec<bool> = subset
-            .iter()
-            .map(|s| s.record.label.is_anomalous())
-            .collect();
+        let subset_labels: Vec<bool> = subset.iter().map(|s| s.record.label.is_anomalous()).collect();
         let (pixel_auroc, aupro) = pixel_metrics(&subset);
         per_defect_type.insert(
             defect_type.to_string(),
@@ -161,8 +132,7 @@ pub fn evaluate(
                 image_auroc: auroc(&subset_scores, &subset_labels).ok(),
                 pixel_auroc,
                 aupro,
-                detected: of_type.iter().filter(|s| s.score >= threshold).count() as f64
-                    / of_type.len() as f64,
+                detected: of_type.iter().filter(|s| s.score >= threshold).count() as f64 / of_type.len() as f64,
             },
         );
     }

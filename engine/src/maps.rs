@@ -1,6 +1,7 @@
 //! Anomaly maps as plain arrays: resizing and Gaussian smoothing, done on the CPU after scoring (the maps are
 //! small, and the same code then serves every method and device).
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// A row-major score map; higher is more anomalous.
@@ -13,16 +14,8 @@ pub struct ScoreMap {
 
 impl ScoreMap {
     pub fn new(width: usize, height: usize, data: Vec<f32>) -> Self {
-        assert_eq!(
-            data.len(),
-            width * height,
-            "map data must be width × height"
-        );
-        Self {
-            width,
-            height,
-            data,
-        }
+        assert_eq!(data.len(), width * height, "map data must be width × height");
+        Self { width, height, data }
     }
 
     pub fn max(&self) -> f32 {
@@ -41,9 +34,7 @@ impl ScoreMap {
             let high = (low + 1).min(in_size - 1);
             (low, high, position - low as f32)
         };
-        let columns: Vec<_> = (0..width)
-            .map(|x| source_coordinate(x, width, self.width))
-            .collect();
+        let columns: Vec<_> = (0..width).map(|x| source_coordinate(x, width, self.width)).collect();
         let mut data = Vec::with_capacity(width * height);
         for y in 0..height {
             let (y0, y1, ty) = source_coordinate(y, height, self.height);
@@ -64,58 +55,47 @@ impl ScoreMap {
             return self.clone();
         }
         let radius = (4.0 * sigma + 0.5) as usize;
-        let mut kernel: Vec<f32> = (0..=2 * radius)
-            .map(|i| (-((i as f32 - radius as f32).powi(2)) / (2.0 * sigma * sigma)).exp())
-            .collect();
+        let mut kernel: Vec<f32> =
+            (0..=2 * radius).map(|i| (-((i as f32 - radius as f32).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
         let total: f32 = kernel.iter().sum();
         kernel.iter_mut().for_each(|k| *k /= total);
-        let reflect = |i: isize, n: usize| -> usize {
-            let n = n as isize;
-            let mut i = i;
-            // Reflect without repeating the edge pixel, folding as often as a small map needs.
-            loop {
-                if i < 0 {
-                    i = -i;
-                } else if i >= n {
-                    i = 2 * (n - 1) - i;
-                } else {
-                    return i as usize;
-                }
-                if n == 1 {
-                    return 0;
-                }
-            }
-        };
         let (w, h) = (self.width, self.height);
+        // Horizontal pass over reflect-padded rows, then the vertical pass as weighted sums of whole rows, so
+        // both inner loops run over contiguous memory.
         let mut horizontal = vec![0f32; w * h];
-        for y in 0..h {
-            for x in 0..w {
-                horizontal[y * w + x] = kernel
-                    .iter()
-                    .enumerate()
-                    .map(|(k, weight)| {
-                        weight
-                            * self.data
-                                [y * w + reflect(x as isize + k as isize - radius as isize, w)]
-                    })
-                    .sum();
+        horizontal.par_chunks_mut(w).enumerate().for_each(|(y, out_row)| {
+            let row = &self.data[y * w..(y + 1) * w];
+            let padded: Vec<f32> =
+                (0..w + 2 * radius).map(|i| row[reflect_index(i as isize - radius as isize, w)]).collect();
+            for (x, out) in out_row.iter_mut().enumerate() {
+                *out = kernel.iter().zip(&padded[x..]).map(|(k, v)| k * v).sum();
             }
-        }
+        });
         let mut out = vec![0f32; w * h];
-        for y in 0..h {
-            for x in 0..w {
-                out[y * w + x] = kernel
-                    .iter()
-                    .enumerate()
-                    .map(|(k, weight)| {
-                        weight
-                            * horizontal
-                                [reflect(y as isize + k as isize - radius as isize, h) * w + x]
-                    })
-                    .sum();
+        out.par_chunks_mut(w).enumerate().for_each(|(y, out_row)| {
+            for (k, weight) in kernel.iter().enumerate() {
+                let source = reflect_index(y as isize + k as isize - radius as isize, h);
+                for (o, v) in out_row.iter_mut().zip(&horizontal[source * w..(source + 1) * w]) {
+                    *o += weight * v;
+                }
             }
-        }
+        });
         ScoreMap::new(w, h, out)
+    }
+}
+
+/// Index `i` reflected into `0..n` without repeating the edge (PyTorch/kornia "reflect"), folding as often as a
+/// kernel wider than a small map needs.
+fn reflect_index(i: isize, n: usize) -> usize {
+    if n == 1 {
+        return 0;
+    }
+    let period = 2 * (n as isize - 1);
+    let folded = i.rem_euclid(period);
+    if folded < n as isize {
+        folded as usize
+    } else {
+        (period - folded) as usize
     }
 }
 
@@ -135,18 +115,19 @@ mod tests {
     }
 
     #[test]
+    fn reflection_does_not_repeat_the_edge() {
+        let reflected: Vec<usize> = (-3..7).map(|i| reflect_index(i, 4)).collect();
+        assert_eq!(reflected, vec![3, 2, 1, 0, 1, 2, 3, 2, 1, 0]);
+    }
+
+    #[test]
     fn blur_keeps_mass_of_a_constant_and_spreads_a_peak() {
         let flat = ScoreMap::new(9, 7, vec![2.0; 63]).blurred(1.5);
         assert!(flat.data.iter().all(|v| (v - 2.0).abs() < 1e-5));
         let mut peak = vec![0.0; 81];
         peak[40] = 1.0;
         let blurred = ScoreMap::new(9, 9, peak).blurred(1.0);
-        assert!(
-            blurred.data[40] < 1.0 && blurred.data[40] > blurred.data[41] && blurred.data[41] > 0.0
-        );
-        assert!(
-            (blurred.data[39] - blurred.data[41]).abs() < 1e-7,
-            "symmetric"
-        );
+        assert!(blurred.data[40] < 1.0 && blurred.data[40] > blurred.data[41] && blurred.data[41] > 0.0);
+        assert!((blurred.data[39] - blurred.data[41]).abs() < 1e-7, "symmetric");
     }
 }

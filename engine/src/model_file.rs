@@ -84,11 +84,7 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn for_model(
-        model: &dyn AnomalyModel,
-        backbone: &Backbone,
-        thresholds: Thresholds,
-    ) -> Self {
+    pub fn for_model(model: &dyn AnomalyModel, backbone: &Backbone, thresholds: Thresholds) -> Self {
         Self {
             format_version: FORMAT_VERSION,
             loupe_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -115,11 +111,7 @@ pub fn save(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest) -> Resul
         .iter()
         .map(|(name, t)| {
             let values = t.flatten_all()?.to_vec1::<f32>()?;
-            Ok((
-                name.clone(),
-                values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                t.dims().to_vec(),
-            ))
+            Ok((name.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.dims().to_vec()))
         })
         .collect::<Result<_>>()?;
     let views = data
@@ -131,21 +123,18 @@ pub fn save(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest) -> Resul
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(manifest)?)]);
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| anyhow!("serialising model: {e}"))?;
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow!("serialising model: {e}"))?;
     write_atomic(path, &bytes)
 }
 
 /// Reads only the manifest (cheap; used to find which backbone a model needs).
 pub fn read_manifest(path: &Path) -> Result<Manifest> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    manifest_from_bytes(&bytes)
-        .with_context(|| format!("{}: not a Loupe model file", path.display()))
+    manifest_from_bytes(&bytes).with_context(|| format!("{}: not a Loupe model file", path.display()))
 }
 
 fn manifest_from_bytes(bytes: &[u8]) -> Result<Manifest> {
-    let (_, metadata) =
-        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{e}"))?;
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{e}"))?;
     let text = metadata
         .metadata()
         .as_ref()
@@ -171,9 +160,7 @@ pub fn load(path: &Path, backbone: Arc<Backbone>) -> Result<LoadedModel> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let context = || format!("{}: cannot load model", path.display());
     let manifest = manifest_from_bytes(&bytes).with_context(context)?;
-    if manifest.backbone != BACKBONE_NAME
-        || manifest.backbone_weights_sha256 != backbone.weights_hash
-    {
+    if manifest.backbone != BACKBONE_NAME || manifest.backbone_weights_sha256 != backbone.weights_hash {
         bail!(
             "{}: the model was trained with backbone {} (weights {}), but the loaded weights are {} ({}); \
              use the weights it was trained with",
@@ -185,29 +172,17 @@ pub fn load(path: &Path, backbone: Arc<Backbone>) -> Result<LoadedModel> {
         );
     }
     let info = find_method(&manifest.method).with_context(context)?;
-    let file = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {
-            bail!(
-                "{}: tensor {name} is {:?}, expected F32",
-                path.display(),
-                view.dtype()
-            );
+            bail!("{}: tensor {name} is {:?}, expected F32", path.display(), view.dtype());
         }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        tensors.insert(
-            name,
-            Tensor::from_vec(values, view.shape().to_vec(), &backbone.device)?,
-        );
+        let values: Vec<f32> =
+            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        tensors.insert(name, Tensor::from_vec(values, view.shape().to_vec(), &backbone.device)?);
     }
-    let model = (info.load)(backbone, manifest.image_size, &manifest.settings, tensors)
-        .with_context(context)?;
+    let model = (info.load)(backbone, manifest.image_size, &manifest.settings, tensors).with_context(context)?;
     Ok(LoadedModel { model, manifest })
 }
 

@@ -3,9 +3,7 @@
 
 use crate::backbone::Backbone;
 use crate::dataset::{decode_all, scan_normal_folder, DecodedImage, ImageRecord, SkippedFile};
-use crate::methods::{
-    images_to_tensor, merge_settings, AnomalyModel, AnomalyOutput, FitContext, MethodInfo,
-};
+use crate::methods::{images_to_tensor, merge_settings, AnomalyModel, AnomalyOutput, FitContext, MethodInfo};
 use crate::metrics::ThresholdTable;
 use crate::model_file::{Manifest, ScoreStats, Thresholds, TrainingInfo};
 use crate::progress::{check_cancelled, Progress};
@@ -56,17 +54,9 @@ pub struct FitOutcome {
 }
 
 /// Splits records into (train, validation): a seeded draw of `fraction` of them, at least one when possible.
-pub fn validation_split(
-    records: Vec<ImageRecord>,
-    fraction: f64,
-    seed: u64,
-) -> (Vec<ImageRecord>, Vec<ImageRecord>) {
+pub fn validation_split(records: Vec<ImageRecord>, fraction: f64, seed: u64) -> (Vec<ImageRecord>, Vec<ImageRecord>) {
     let n = records.len();
-    let wanted = if n < 2 || fraction <= 0.0 {
-        0
-    } else {
-        ((n as f64 * fraction).round() as usize).clamp(1, n - 1)
-    };
+    let wanted = if n < 2 || fraction <= 0.0 { 0 } else { ((n as f64 * fraction).round() as usize).clamp(1, n - 1) };
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = SplitMix64::new(seed ^ 0x0a11_da7e);
     for i in (1..n).rev() {
@@ -107,30 +97,17 @@ pub fn score_images(
     Ok((outputs, seconds))
 }
 
-pub fn fit(
-    backbone: Arc<Backbone>,
-    request: &FitRequest,
-    progress: &dyn Progress,
-) -> Result<FitOutcome> {
+pub fn fit(backbone: Arc<Backbone>, request: &FitRequest, progress: &dyn Progress) -> Result<FitOutcome> {
     let settings = merge_settings((request.method.default_settings)(), &request.settings)?;
     let records = scan_normal_folder(&request.data)?;
-    let (train_records, validation_records) =
-        validation_split(records, request.validation_fraction, request.seed);
-    progress.begin(
-        "decoding",
-        (train_records.len() + validation_records.len()) as u64,
-    );
+    let (train_records, validation_records) = validation_split(records, request.validation_fraction, request.seed);
+    progress.begin("decoding", (train_records.len() + validation_records.len()) as u64);
     let advance = |n: usize| progress.advance(n as u64);
     let (train, mut skipped) = decode_all(&train_records, request.image_size, &advance);
-    let (validation, skipped_validation) =
-        decode_all(&validation_records, request.image_size, &advance);
+    let (validation, skipped_validation) = decode_all(&validation_records, request.image_size, &advance);
     skipped.extend(skipped_validation);
     if train.is_empty() {
-        bail!(
-            "{}: none of the {} training images could be read",
-            request.data.display(),
-            train_records.len()
-        );
+        bail!("{}: none of the {} training images could be read", request.data.display(), train_records.len());
     }
     let device = backbone.device.clone();
     let started = Instant::now();
@@ -144,13 +121,7 @@ pub fn fit(
     let model = (request.method.fit)(&context, &train, &settings)?;
     let fit_seconds = started.elapsed().as_secs_f64();
     progress.begin("validation", validation.len() as u64);
-    let (outputs, _) = score_images(
-        model.as_ref(),
-        &validation,
-        request.batch_size,
-        &device,
-        progress,
-    )?;
+    let (outputs, _) = score_images(model.as_ref(), &validation, request.batch_size, &device, progress)?;
     let scores: Vec<f32> = outputs.iter().map(|o| o.score).collect();
     let thresholds = choose_threshold(&scores, request.target_far);
     let mut manifest = Manifest::for_model(model.as_ref(), &backbone, thresholds);
@@ -161,11 +132,7 @@ pub fn fit(
         fit_seconds,
         source: request.data.display().to_string(),
     };
-    Ok(FitOutcome {
-        model,
-        manifest,
-        skipped,
-    })
+    Ok(FitOutcome { model, manifest, skipped })
 }
 
 /// The lowest threshold with false-alarm rate ≤ `target_far` on the validation normals.
@@ -175,11 +142,7 @@ pub fn choose_threshold(validation_scores: &[f32], target_far: f64) -> Threshold
         Some(decision) => Thresholds {
             decision,
             review: None,
-            rule: format!(
-                "FAR <= {:.3} on {} held-out normal images",
-                target_far,
-                validation_scores.len()
-            ),
+            rule: format!("FAR <= {:.3} on {} held-out normal images", target_far, validation_scores.len()),
         },
         None => Thresholds {
             decision: f32::INFINITY,

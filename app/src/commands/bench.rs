@@ -54,19 +54,14 @@ fn synthetic_features(points: usize, dim: usize) -> Vec<f32> {
     (0..points)
         .flat_map(|i| {
             let c = i % 64;
-            (0..dim)
-                .map(|d| centres[c * dim + d] + rng.normal())
-                .collect::<Vec<_>>()
+            (0..dim).map(|d| centres[c * dim + d] + rng.normal()).collect::<Vec<_>>()
         })
         .collect()
 }
 
 fn folder_features(folder: &Path, cache: Option<&Path>, engine: &EngineArgs) -> Result<Vec<f32>> {
     if let Some(bytes) = cache.and_then(|c| std::fs::read(c).ok()) {
-        return Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect());
+        return Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
     }
     let backbone = engine.load_backbone()?;
     let records = scan_normal_folder(folder)?;
@@ -75,20 +70,10 @@ fn folder_features(folder: &Path, cache: Option<&Path>, engine: &EngineArgs) -> 
     for batch in images.chunks(8) {
         let refs: Vec<&DecodedImage> = batch.iter().collect();
         let tensor = images_to_tensor(&refs, &backbone.device)?;
-        features.extend(
-            patches_as_rows(&patch_features(&backbone, &tensor)?)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
+        features.extend(patches_as_rows(&patch_features(&backbone, &tensor)?)?.flatten_all()?.to_vec1::<f32>()?);
     }
     if let Some(cache) = cache {
-        std::fs::write(
-            cache,
-            features
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        )?;
+        std::fs::write(cache, features.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
     }
     Ok(features)
 }
@@ -100,12 +85,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 pub fn run(args: BenchArgs) -> Result<()> {
     match args.what {
-        BenchWhat::Backbone {
-            batch,
-            size,
-            repeats,
-            engine,
-        } => {
+        BenchWhat::Backbone { batch, size, repeats, engine } => {
             let backbone = engine.load_backbone()?;
             let images = Tensor::rand(0f32, 1.0, (batch, 3, size, size), &backbone.device)?;
             backbone.features(&images)?;
@@ -121,13 +101,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             println!("backbone {size}x{size} batch {batch}: median {med:.1} ms, min {min:.1} ms per batch ({:.1} images/s), {} threads",
                 batch as f64 / med * 1000.0, rayon::current_num_threads());
         }
-        BenchWhat::Coreset {
-            data,
-            cache,
-            points,
-            ratio,
-            engine,
-        } => {
+        BenchWhat::Coreset { data, cache, points, ratio, engine } => {
             let dim = PATCH_CHANNELS;
             let data = match data {
                 Some(folder) => folder_features(&folder, cache.as_deref(), &engine)?,

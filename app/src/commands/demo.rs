@@ -43,66 +43,34 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let model_path = args.dir.join("demo-patchcore.safetensors");
     model_file::save(&model_path, outcome.model.as_ref(), &outcome.manifest)?;
     let benchmark = scan_mvtec(&data)?;
-    let report = evaluate(
-        outcome.model.as_ref(),
-        &outcome.manifest,
-        &benchmark,
-        8,
-        &device,
-        &progress,
-    )?;
+    let report = evaluate(outcome.model.as_ref(), &outcome.manifest, &benchmark, 8, &device, &progress)?;
     progress.finish();
     println!(
         "PatchCore on the synthetic demo set ({} training images, fit {:.1} s)",
         outcome.manifest.training.images_used, outcome.manifest.training.fit_seconds
     );
     println!("  image AUROC {:.4}", report.image_auroc);
-    println!(
-        "  pixel AUROC {:.4}",
-        report.pixel_auroc.unwrap_or(f64::NAN)
-    );
+    println!("  pixel AUROC {:.4}", report.pixel_auroc.unwrap_or(f64::NAN));
     println!("  AUPRO@0.3   {:.4}", report.aupro.unwrap_or(f64::NAN));
     println!("  F1-max      {:.4}", report.f1_max);
-    println!(
-        "  threshold   {:.4}: FAR {:.1} %, MAR {:.1} %",
-        report.threshold,
-        report.far * 100.0,
-        report.mar * 100.0
-    );
+    println!("  threshold   {:.4}: FAR {:.1} %, MAR {:.1} %", report.threshold, report.far * 100.0, report.mar * 100.0);
     let heatmaps = args.dir.join("heatmaps");
     std::fs::create_dir_all(&heatmaps)?;
-    let examples: Vec<ImageRecord> = benchmark
-        .test
-        .iter()
-        .filter(|r| r.label.is_anomalous())
-        .step_by(5)
-        .cloned()
-        .collect();
+    let examples: Vec<ImageRecord> =
+        benchmark.test.iter().filter(|r| r.label.is_anomalous()).step_by(5).cloned().collect();
     let (decoded, _) = decode_all(&examples, outcome.model.image_size(), &|_| {});
     for image in &decoded {
-        let output = outcome
-            .model
-            .score_batch(&images_to_tensor(&[image], &device)?)?
-            .remove(0);
+        let output = outcome.model.score_batch(&images_to_tensor(&[image], &device)?)?.remove(0);
         let record = &examples[image.index];
         if let Ok(original) = open_image(&record.path) {
             let name = format!(
                 "{}_{}",
                 record.label.type_name(),
-                record
-                    .path
-                    .file_stem()
-                    .unwrap_or_default()
-                    .to_string_lossy()
+                record.path.file_stem().unwrap_or_default().to_string_lossy()
             );
-            overlay(&original.to_rgb8(), &output.map, report.threshold)
-                .save(heatmaps.join(format!("{name}.png")))?;
+            overlay(&original.to_rgb8(), &output.map, report.threshold).save(heatmaps.join(format!("{name}.png")))?;
         }
     }
-    println!(
-        "model: {}\nheatmaps: {}",
-        model_path.display(),
-        heatmaps.display()
-    );
+    println!("model: {}\nheatmaps: {}", model_path.display(), heatmaps.display());
     Ok(())
 }

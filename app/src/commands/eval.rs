@@ -37,9 +37,7 @@ pub struct EvalArgs {
 fn benchmark(args: &EvalArgs) -> Result<Benchmark> {
     match (&args.data, &args.normal, &args.abnormal) {
         (Some(dir), _, _) => scan_mvtec(dir),
-        (None, Some(normal), Some(abnormal)) => {
-            scan_folder_layout(normal, abnormal, args.mask.as_deref(), 0.2)
-        }
+        (None, Some(normal), Some(abnormal)) => scan_folder_layout(normal, abnormal, args.mask.as_deref(), 0.2),
         _ => bail!("give --data <mvtec folder>, or --normal and --abnormal"),
     }
 }
@@ -47,18 +45,11 @@ fn benchmark(args: &EvalArgs) -> Result<Benchmark> {
 fn print_human(report: &EvalReport) {
     let optional = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.4}"));
     println!("method          {}", report.method);
-    println!(
-        "test images     {} ({} skipped)",
-        report.test_images,
-        report.skipped.len()
-    );
+    println!("test images     {} ({} skipped)", report.test_images, report.skipped.len());
     println!("image AUROC     {:.4}", report.image_auroc);
     println!("pixel AUROC     {}", optional(report.pixel_auroc));
     println!("AUPRO@0.3       {}", optional(report.aupro));
-    println!(
-        "F1-max          {:.4} at threshold {:.4}",
-        report.f1_max, report.f1_threshold
-    );
+    println!("F1-max          {:.4} at threshold {:.4}", report.f1_max, report.f1_threshold);
     println!(
         "threshold       {:.4}: FAR {:.2} %, MAR {:.2} %",
         report.threshold,
@@ -70,10 +61,7 @@ fn print_human(report: &EvalReport) {
         "confusion       defects flagged {} / passed {}; good flagged {} / passed {}",
         c.true_positive, c.false_negative, c.false_positive, c.true_negative
     );
-    println!(
-        "throughput      {:.1} images/s at batch {}",
-        report.test_images_per_s, report.batch_size
-    );
+    println!("throughput      {:.1} images/s at batch {}", report.test_images_per_s, report.batch_size);
     println!(
         "{:<14} {:>6} {:>11} {:>11} {:>9} {:>9}",
         "defect type", "images", "image AUROC", "pixel AUROC", "AUPRO", "detected"
@@ -100,14 +88,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let device = backbone.device.clone();
     let loaded = model_file::load(&args.model, backbone)?;
     let progress = TerminalProgress::new();
-    let report = evaluate(
-        loaded.model.as_ref(),
-        &loaded.manifest,
-        &benchmark,
-        args.batch_size,
-        &device,
-        &progress,
-    )?;
+    let report = evaluate(loaded.model.as_ref(), &loaded.manifest, &benchmark, args.batch_size, &device, &progress)?;
     progress.finish();
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

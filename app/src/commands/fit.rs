@@ -44,11 +44,8 @@ pub struct FitArgs {
 pub fn parse_settings(pairs: &[String]) -> Result<serde_json::Map<String, serde_json::Value>> {
     let mut map = serde_json::Map::new();
     for pair in pairs {
-        let (key, value) = pair
-            .split_once('=')
-            .with_context(|| format!("--set {pair}: expected KEY=VALUE"))?;
-        let value = serde_json::from_str(value)
-            .unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
+        let (key, value) = pair.split_once('=').with_context(|| format!("--set {pair}: expected KEY=VALUE"))?;
+        let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
         map.insert(key.trim().to_string(), value);
     }
     Ok(map)

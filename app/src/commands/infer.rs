@@ -44,8 +44,7 @@ pub fn run(args: InferArgs) -> Result<()> {
     let loaded = model_file::load(&args.model, backbone)?;
     let (model, manifest) = (loaded.model, loaded.manifest);
     if let Some(out) = &args.out {
-        std::fs::create_dir_all(out)
-            .with_context(|| format!("{}: cannot create", out.display()))?;
+        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     }
     let records: Vec<ImageRecord> = paths.into_iter().map(ImageRecord::normal).collect();
     let (decoded, skipped) = decode_all(&records, model.image_size(), &|_| {});
@@ -55,18 +54,13 @@ pub fn run(args: InferArgs) -> Result<()> {
     let threshold = manifest.thresholds.decision;
     let mut flagged = 0;
     for image in &decoded {
-        let output = model
-            .score_batch(&images_to_tensor(&[image], &device)?)?
-            .remove(0);
+        let output = model.score_batch(&images_to_tensor(&[image], &device)?)?.remove(0);
         let path = &records[image.index].path;
-        let verdict = if output.score >= threshold {
-            "defect"
-        } else {
-            "good"
-        };
+        let verdict = if output.score >= threshold { "defect" } else { "good" };
         flagged += usize::from(output.score >= threshold);
         if args.json {
-            let line = serde_json::json!({"path": path.display().to_string(), "score": output.score, "verdict": verdict});
+            let line =
+                serde_json::json!({"path": path.display().to_string(), "score": output.score, "verdict": verdict});
             println!("{line}");
         } else {
             println!("{:>10.4}  {:<6}  {}", output.score, verdict, path.display());
@@ -84,21 +78,9 @@ pub fn run(args: InferArgs) -> Result<()> {
     Ok(())
 }
 
-fn write_heatmap(
-    out: &std::path::Path,
-    path: &std::path::Path,
-    map: &ScoreMap,
-    threshold: f32,
-) -> Result<()> {
-    let original = open_image(path)
-        .map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?
-        .to_rgb8();
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
+fn write_heatmap(out: &std::path::Path, path: &std::path::Path, map: &ScoreMap, threshold: f32) -> Result<()> {
+    let original = open_image(path).map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?.to_rgb8();
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let target = out.join(format!("{stem}_heatmap.png"));
-    overlay(&original, map, threshold)
-        .save(&target)
-        .with_context(|| format!("{}: cannot write", target.display()))
+    overlay(&original, map, threshold).save(&target).with_context(|| format!("{}: cannot write", target.display()))
 }

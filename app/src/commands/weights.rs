@@ -1,9 +1,7 @@
 //! `loupe weights fetch` and `loupe weights convert <file.pth>`.
 
 use anyhow::Result;
-use loupe_engine::backbone::weights::{
-    default_weights_path, fetch, read_weights, weights_hash, write_safetensors,
-};
+use loupe_engine::backbone::weights::{default_weights_path, fetch, read_weights, weights_hash, write_safetensors};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

@@ -26,33 +26,131 @@ impl DepthwiseConv {
     /// `input` (B, C, H, W), `weight` (C, 1, k, k), `bias` (C).
     pub fn forward(&self, input: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         if input.device().is_cpu() {
-            input
-                .contiguous()?
-                .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, self)
+            input.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, self)
         } else {
             self.forward_portable(input, weight, bias)
         }
     }
 
     /// The same computation from candle's own ops: used on GPUs and as the test reference.
-    pub fn forward_portable(
-        &self,
-        input: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-    ) -> Result<Tensor> {
+    pub fn forward_portable(&self, input: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (_, channels, height, width) = input.dims4()?;
         let (top, bottom) = same_padding(height, self.kernel, self.stride);
         let (left, right) = same_padding(width, self.kernel, self.stride);
-        let padded = input
-            .pad_with_zeros(2, top, bottom)?
-            .pad_with_zeros(3, left, right)?;
+        let padded = input.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
         let out = padded.conv2d(weight, 0, self.stride, 1, channels)?;
         let out = out.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?;
         if self.relu6 {
             out.clamp(0f32, 6f32)
         } else {
             Ok(out)
+        }
+    }
+}
+
+/// What one channel plane's convolution needs to know.
+struct PlaneGeometry {
+    height: usize,
+    width: usize,
+    out_h: usize,
+    out_w: usize,
+    kernel: usize,
+    stride: usize,
+    pad_top: usize,
+    pad_left: usize,
+    relu6: bool,
+}
+
+/// Runs the plane kernel compiled for AVX2+FMA when the processor has them (decided at run time, so the same
+/// binary still runs on older line PCs), else for the baseline instruction set.
+fn convolve_plane(geometry: &PlaneGeometry, plane: &[f32], kernel: &[f32], bias: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features this function is compiled for were just detected.
+            unsafe { convolve_plane_avx2(geometry, plane, kernel, bias, out) };
+            return;
+        }
+    }
+    convolve_plane_portable(geometry, plane, kernel, bias, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn convolve_plane_avx2(geometry: &PlaneGeometry, plane: &[f32], kernel: &[f32], bias: f32, out: &mut [f32]) {
+    convolve_plane_portable(geometry, plane, kernel, bias, out);
+}
+
+/// Dispatches to a copy with the kernel size and stride fixed at compile time, so the tap loops unroll.
+#[inline(always)]
+fn convolve_plane_portable(geometry: &PlaneGeometry, plane: &[f32], kernel: &[f32], bias: f32, out: &mut [f32]) {
+    match (geometry.kernel, geometry.stride) {
+        (3, 1) => convolve_plane_fixed::<3, 1>(geometry, plane, kernel, bias, out),
+        (3, 2) => convolve_plane_fixed::<3, 2>(geometry, plane, kernel, bias, out),
+        (5, 1) => convolve_plane_fixed::<5, 1>(geometry, plane, kernel, bias, out),
+        (5, 2) => convolve_plane_fixed::<5, 2>(geometry, plane, kernel, bias, out),
+        _ => convolve_plane_fixed::<0, 0>(geometry, plane, kernel, bias, out),
+    }
+}
+
+/// `K`/`S` = 0 means "as in `geometry`".
+#[inline(always)]
+fn convolve_plane_fixed<const K: usize, const S: usize>(
+    geometry: &PlaneGeometry,
+    plane: &[f32],
+    kernel: &[f32],
+    bias: f32,
+    out_plane: &mut [f32],
+) {
+    let PlaneGeometry { height, width, out_h, out_w, pad_top, pad_left, relu6, .. } = *geometry;
+    let k = if K == 0 { geometry.kernel } else { K };
+    let stride = if S == 0 { geometry.stride } else { S };
+    // Columns split by phase (x mod stride), so every tap reads a contiguous run of inputs and the inner loop
+    // vectorises at stride 2 as it does at stride 1 (where the plane itself is the only phase).
+    let phase_width: Vec<usize> = (0..stride).map(|p| (width + stride - 1 - p) / stride).collect();
+    let split: Vec<Vec<f32>> = if stride == 1 {
+        Vec::new()
+    } else {
+        (0..stride)
+            .map(|p| {
+                let mut columns = Vec::with_capacity(height * phase_width[p]);
+                for row in plane.chunks_exact(width) {
+                    columns.extend(row.iter().skip(p).step_by(stride));
+                }
+                columns
+            })
+            .collect()
+    };
+    let phases: Vec<&[f32]> = if stride == 1 { vec![plane] } else { split.iter().map(Vec::as_slice).collect() };
+    for oy in 0..out_h {
+        let out_row = &mut out_plane[oy * out_w..(oy + 1) * out_w];
+        out_row.fill(bias);
+        for ky in 0..k {
+            let iy = (oy * stride + ky) as isize - pad_top as isize;
+            if iy < 0 || iy >= height as isize {
+                continue;
+            }
+            for kx in 0..k {
+                let w = kernel[ky * k + kx];
+                // Input column of output `ox` is `ox·stride + offset` = phase column `ox + shift`.
+                let offset = kx as isize - pad_left as isize;
+                let phase = offset.rem_euclid(stride as isize) as usize;
+                let shift = offset.div_euclid(stride as isize);
+                let columns = phase_width[phase] as isize;
+                let first = (-shift).max(0) as usize;
+                let last = (columns - shift).clamp(0, out_w as isize) as usize;
+                if first >= last {
+                    continue;
+                }
+                let row = &phases[phase][iy as usize * phase_width[phase]..][..phase_width[phase]];
+                let start = (first as isize + shift) as usize;
+                for (o, &x) in out_row[first..last].iter_mut().zip(&row[start..]) {
+                    *o += w * x;
+                }
+            }
+        }
+        if relu6 {
+            out_row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
         }
     }
 }
@@ -71,80 +169,34 @@ impl CustomOp3 for DepthwiseConv {
         bias: &CpuStorage,
         bias_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(input), CpuStorage::F32(weight), CpuStorage::F32(bias)) =
-            (input, weight, bias)
-        else {
+        let (CpuStorage::F32(input), CpuStorage::F32(weight), CpuStorage::F32(bias)) = (input, weight, bias) else {
             candle_core::bail!("depthwise conv: only f32 is supported");
         };
-        let (Some((i0, i1)), Some((w0, w1)), Some((b0, b1))) = (
-            input_layout.contiguous_offsets(),
-            weight_layout.contiguous_offsets(),
-            bias_layout.contiguous_offsets(),
-        ) else {
+        let (Some((i0, i1)), Some((w0, w1)), Some((b0, b1))) =
+            (input_layout.contiguous_offsets(), weight_layout.contiguous_offsets(), bias_layout.contiguous_offsets())
+        else {
             candle_core::bail!("depthwise conv: inputs must be contiguous");
         };
         let (input, weight, bias) = (&input[i0..i1], &weight[w0..w1], &bias[b0..b1]);
         let (batch, channels, height, width) = input_layout.shape().dims4()?;
         let k = self.kernel;
         if weight.len() != channels * k * k || bias.len() != channels {
-            candle_core::bail!(
-                "depthwise conv: weight/bias do not match {channels} channels of {k}x{k}"
-            );
+            candle_core::bail!("depthwise conv: weight/bias do not match {channels} channels of {k}x{k}");
         }
         let stride = self.stride;
         let (pad_top, _) = same_padding(height, k, stride);
         let (pad_left, _) = same_padding(width, k, stride);
         let (out_h, out_w) = (height.div_ceil(stride), width.div_ceil(stride));
         let mut output = vec![0f32; batch * channels * out_h * out_w];
-        let relu6 = self.relu6;
-        output
-            .par_chunks_mut(out_h * out_w)
-            .enumerate()
-            .for_each(|(plane_index, out_plane)| {
-                let channel = plane_index % channels;
-                let plane =
-                    &input[plane_index * height * width..(plane_index + 1) * height * width];
-                let kernel = &weight[channel * k * k..(channel + 1) * k * k];
-                let b = bias[channel];
-                for oy in 0..out_h {
-                    let out_row = &mut out_plane[oy * out_w..(oy + 1) * out_w];
-                    out_row.fill(b);
-                    for ky in 0..k {
-                        let iy = (oy * stride + ky) as isize - pad_top as isize;
-                        if iy < 0 || iy >= height as isize {
-                            continue;
-                        }
-                        let in_row = &plane[iy as usize * width..(iy as usize + 1) * width];
-                        for kx in 0..k {
-                            let w = kernel[ky * k + kx];
-                            // Output columns whose input column lies inside the row.
-                            let first = (pad_left.saturating_sub(kx)).div_ceil(stride);
-                            let last = ((width + pad_left).saturating_sub(kx))
-                                .div_ceil(stride)
-                                .min(out_w);
-                            if stride == 1 {
-                                let start = first + kx - pad_left;
-                                for (o, &x) in out_row[first..last].iter_mut().zip(&in_row[start..])
-                                {
-                                    *o += w * x;
-                                }
-                            } else {
-                                for (ox, o) in out_row.iter_mut().enumerate().take(last).skip(first)
-                                {
-                                    *o += w * in_row[ox * stride + kx - pad_left];
-                                }
-                            }
-                        }
-                    }
-                    if relu6 {
-                        out_row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
-                    }
-                }
-            });
-        Ok((
-            CpuStorage::F32(output),
-            Shape::from((batch, channels, out_h, out_w)),
-        ))
+        let geometry =
+            PlaneGeometry { height, width, out_h, out_w, kernel: k, stride, pad_top, pad_left, relu6: self.relu6 };
+        output.par_chunks_mut(out_h * out_w).enumerate().for_each(|(plane_index, out_plane)| {
+            let channel = plane_index % channels;
+            let plane = &input[plane_index * height * width..(plane_index + 1) * height * width];
+            let kernel = &weight[channel * k * k..(channel + 1) * k * k];
+            convolve_plane(&geometry, plane, kernel, bias[channel], out_plane);
+        });
+        Ok((CpuStorage::F32(output), Shape::from((batch, channels, out_h, out_w))))
     }
 }
 
@@ -169,11 +221,7 @@ mod tests {
             let weight = Tensor::randn(0f32, 1.0, (3, 1, kernel, kernel), &device)?;
             let bias = Tensor::randn(0f32, 1.0, 3, &device)?;
             for relu6 in [false, true] {
-                let op = DepthwiseConv {
-                    kernel,
-                    stride,
-                    relu6,
-                };
+                let op = DepthwiseConv { kernel, stride, relu6 };
                 let fast = op.forward(&input, &weight, &bias)?;
                 let reference = op.forward_portable(&input, &weight, &bias)?;
                 assert_eq!(fast.dims(), reference.dims());

@@ -10,8 +10,10 @@
 //! channels) are the feature maps the representation methods score.
 
 use super::depthwise::{same_padding, DepthwiseConv};
+use super::pointwise::{Im2Col, PointwiseKernel};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use std::sync::Arc;
 
 const BATCH_NORM_EPS: f64 = 1e-3;
 
@@ -50,11 +52,7 @@ pub fn block_configs() -> Vec<BlockConfig> {
                 kernel,
                 stride: if repeat == 0 { stride } else { 1 },
                 expand_ratio,
-                in_channels: if repeat == 0 {
-                    in_channels
-                } else {
-                    out_channels
-                },
+                in_channels: if repeat == 0 { in_channels } else { out_channels },
                 out_channels,
             });
         }
@@ -74,57 +72,66 @@ fn batch_norm_affine(vb: VarBuilder, channels: usize) -> Result<(Tensor, Tensor)
 }
 
 /// A convolution weight `(out, in, k, k)` with its batch norm folded in.
-fn folded_conv(
-    conv: VarBuilder,
-    bn: VarBuilder,
-    shape: (usize, usize, usize, usize),
-) -> Result<(Tensor, Tensor)> {
+fn folded_conv(conv: VarBuilder, bn: VarBuilder, shape: (usize, usize, usize, usize)) -> Result<(Tensor, Tensor)> {
     let weight = conv.get(shape, "weight")?;
     let (scale, shift) = batch_norm_affine(bn, shape.0)?;
     let weight = weight.broadcast_mul(&scale.reshape((shape.0, 1, 1, 1))?)?;
     Ok((weight, shift))
 }
 
-/// 1×1 convolution + folded batch norm, as a batched matmul.
+/// 1×1 convolution + folded batch norm: a fused kernel on the CPU, a batched matmul elsewhere.
 #[derive(Debug, Clone)]
 struct PointwiseConv {
     weight: Tensor,
     bias: Tensor,
     relu6: bool,
+    cpu_kernel: Option<PointwiseKernel>,
 }
 
 impl PointwiseConv {
-    fn new(
-        conv: VarBuilder,
-        bn: VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-        relu6: bool,
-    ) -> Result<Self> {
+    fn new(conv: VarBuilder, bn: VarBuilder, in_channels: usize, out_channels: usize, relu6: bool) -> Result<Self> {
         let (weight, bias) = folded_conv(conv, bn, (out_channels, in_channels, 1, 1))?;
-        Ok(Self {
-            weight: weight.reshape((out_channels, in_channels))?,
-            bias: bias.reshape((1, out_channels, 1))?,
-            relu6,
-        })
+        let weight = weight.reshape((out_channels, in_channels))?;
+        let cpu_kernel = if weight.device().is_cpu() {
+            Some(PointwiseKernel {
+                weight: Arc::new(weight.flatten_all()?.to_vec1()?),
+                bias: Arc::new(bias.to_vec1()?),
+                in_channels,
+                out_channels,
+                relu6,
+            })
+        } else {
+            None
+        };
+        Ok(Self { weight, bias: bias.reshape((1, out_channels, 1))?, relu6, cpu_kernel })
+    }
+
+    /// The convolution of `x`, plus `residual` when given.
+    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(kernel) = &self.cpu_kernel {
+            return kernel.forward(x, residual);
+        }
+        let (batch, channels, height, width) = x.dims4()?;
+        let flat = x.reshape((batch, channels, height * width))?;
+        let out = self.weight.broadcast_left(batch)?.matmul(&flat)?.broadcast_add(&self.bias)?;
+        let out = if self.relu6 { out.clamp(0f32, 6f32)? } else { out };
+        let out = out.reshape((batch, (), height, width))?;
+        match residual {
+            Some(r) => out + r,
+            None => Ok(out),
+        }
+    }
+
+    /// The same maths through candle's ops, as the kernel's test reference.
+    #[cfg(test)]
+    fn forward_portable(&self, x: &Tensor) -> Result<Tensor> {
+        Self { cpu_kernel: None, ..self.clone() }.forward_with(x, None)
     }
 }
 
 impl Module for PointwiseConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (batch, channels, height, width) = x.dims4()?;
-        let flat = x.reshape((batch, channels, height * width))?;
-        let out = self
-            .weight
-            .broadcast_left(batch)?
-            .matmul(&flat)?
-            .broadcast_add(&self.bias)?;
-        let out = if self.relu6 {
-            out.clamp(0f32, 6f32)?
-        } else {
-            out
-        };
-        out.reshape((batch, (), height, width))
+        self.forward_with(x, None)
     }
 }
 
@@ -154,44 +161,17 @@ impl MbConv {
     fn new(vb: VarBuilder, config: BlockConfig) -> Result<Self> {
         let hidden = config.in_channels * config.expand_ratio;
         let expand = if config.expand_ratio != 1 {
-            Some(PointwiseConv::new(
-                vb.pp("_expand_conv"),
-                vb.pp("_bn0"),
-                config.in_channels,
-                hidden,
-                true,
-            )?)
+            Some(PointwiseConv::new(vb.pp("_expand_conv"), vb.pp("_bn0"), config.in_channels, hidden, true)?)
         } else {
             None
         };
-        let (weight, bias) = folded_conv(
-            vb.pp("_depthwise_conv"),
-            vb.pp("_bn1"),
-            (hidden, 1, config.kernel, config.kernel),
-        )?;
-        let depthwise = Depthwise {
-            weight,
-            bias,
-            op: DepthwiseConv {
-                kernel: config.kernel,
-                stride: config.stride,
-                relu6: true,
-            },
-        };
-        let project = PointwiseConv::new(
-            vb.pp("_project_conv"),
-            vb.pp("_bn2"),
-            hidden,
-            config.out_channels,
-            false,
-        )?;
+        let (weight, bias) =
+            folded_conv(vb.pp("_depthwise_conv"), vb.pp("_bn1"), (hidden, 1, config.kernel, config.kernel))?;
+        let depthwise =
+            Depthwise { weight, bias, op: DepthwiseConv { kernel: config.kernel, stride: config.stride, relu6: true } };
+        let project = PointwiseConv::new(vb.pp("_project_conv"), vb.pp("_bn2"), hidden, config.out_channels, false)?;
         let residual = config.stride == 1 && config.in_channels == config.out_channels;
-        Ok(Self {
-            expand,
-            depthwise,
-            project,
-            residual,
-        })
+        Ok(Self { expand, depthwise, project, residual })
     }
 }
 
@@ -201,33 +181,50 @@ impl Module for MbConv {
             Some(expand) => expand.forward(x)?,
             None => x.clone(),
         };
-        let out = self.project.forward(&self.depthwise.forward(&hidden)?)?;
-        if self.residual {
-            out + x
-        } else {
-            Ok(out)
-        }
+        let residual = self.residual.then_some(x);
+        self.project.forward_with(&self.depthwise.forward(&hidden)?, residual)
     }
 }
 
-/// 3×3 stride-2 stem convolution with folded batch norm and ReLU6.
+/// 3×3 stride-2 stem convolution with folded batch norm and ReLU6; on the CPU as im2col + fused 1×1 kernel.
 #[derive(Debug, Clone)]
 struct Stem {
     weight: Tensor,
     bias: Tensor,
+    cpu_kernel: Option<PointwiseKernel>,
+}
+
+impl Stem {
+    fn new(conv: VarBuilder, bn: VarBuilder) -> Result<Self> {
+        let (weight, bias) = folded_conv(conv, bn, (32, 3, 3, 3))?;
+        let cpu_kernel = if weight.device().is_cpu() {
+            Some(PointwiseKernel {
+                // (out, in, ky, kx) flattens to (out, in·9) in the order Im2Col unfolds patches.
+                weight: Arc::new(weight.flatten_all()?.to_vec1()?),
+                bias: Arc::new(bias.to_vec1()?),
+                in_channels: 27,
+                out_channels: 32,
+                relu6: true,
+            })
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, cpu_kernel })
+    }
 }
 
 impl Module for Stem {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(kernel) = &self.cpu_kernel {
+            let patches = x.contiguous()?.apply_op1_no_bwd(&Im2Col { kernel: 3, stride: 2 })?;
+            return kernel.forward(&patches, None);
+        }
         let (_, _, height, width) = x.dims4()?;
         let (top, bottom) = same_padding(height, 3, 2);
         let (left, right) = same_padding(width, 3, 2);
-        let padded = x
-            .pad_with_zeros(2, top, bottom)?
-            .pad_with_zeros(3, left, right)?;
+        let padded = x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
         let out = padded.conv2d(&self.weight, 0, 2, 1, 1)?;
-        out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?
-            .clamp(0f32, 6f32)
+        out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?.clamp(0f32, 6f32)
     }
 }
 
@@ -255,14 +252,9 @@ pub struct EfficientNetLite0 {
 impl EfficientNetLite0 {
     /// Loads the blocks up to and including `last_block`; the classifier head only when `with_head`.
     pub fn new(vb: VarBuilder, last_block: usize, with_head: bool) -> Result<Self> {
-        let (weight, bias) = folded_conv(vb.pp("_conv_stem"), vb.pp("_bn0"), (32, 3, 3, 3))?;
-        let stem = Stem { weight, bias };
+        let stem = Stem::new(vb.pp("_conv_stem"), vb.pp("_bn0"))?;
         let configs = block_configs();
-        let last_block = if with_head {
-            NUM_BLOCKS - 1
-        } else {
-            last_block.min(NUM_BLOCKS - 1)
-        };
+        let last_block = if with_head { NUM_BLOCKS - 1 } else { last_block.min(NUM_BLOCKS - 1) };
         let blocks = configs[..=last_block]
             .iter()
             .enumerate()
@@ -298,10 +290,7 @@ impl EfficientNetLite0 {
             }
         }
         if outputs.len() != taps.len() {
-            candle_core::bail!(
-                "requested block outputs {taps:?} beyond the loaded {} blocks",
-                self.blocks.len()
-            );
+            candle_core::bail!("requested block outputs {taps:?} beyond the loaded {} blocks", self.blocks.len());
         }
         Ok(outputs)
     }
@@ -316,14 +305,42 @@ impl EfficientNetLite0 {
 
     /// ImageNet logits of already normalised images (needs the head).
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let Some(head) = &self.head else {
-            candle_core::bail!("the classifier head was not loaded")
-        };
+        let Some(head) = &self.head else { candle_core::bail!("the classifier head was not loaded") };
         let mut x = self.stem.forward(x)?;
         for block in &self.blocks {
             x = block.forward(&x)?;
         }
         let pooled = head.conv.forward(&x)?.mean(D::Minus1)?.mean(D::Minus1)?;
         head.fc.forward(&pooled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    #[test]
+    fn fused_pointwise_kernel_matches_candle_ops() -> Result<()> {
+        let device = Device::Cpu;
+        let (cin, cout) = (5, 7);
+        let mut tensors = HashMap::new();
+        tensors.insert("conv.weight".to_string(), Tensor::randn(0f32, 1.0, (cout, cin, 1, 1), &device)?);
+        for (name, offset) in [("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0), ("running_var", 1.5)] {
+            let values = (Tensor::randn(0f32, 0.3, cout, &device)? + offset)?;
+            tensors.insert(format!("bn.{name}"), if name == "running_var" { values.abs()? } else { values });
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let x = Tensor::randn(0f32, 2.0, (2, cin, 3, 4), &device)?;
+        let residual = Tensor::randn(0f32, 1.0, (2, cout, 3, 4), &device)?;
+        for relu6 in [false, true] {
+            let conv = PointwiseConv::new(vb.pp("conv"), vb.pp("bn"), cin, cout, relu6)?;
+            let fused = conv.forward_with(&x, Some(&residual))?;
+            let reference = (conv.forward_portable(&x)? + &residual)?;
+            let diff = (fused - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "max diff {diff}");
+        }
+        Ok(())
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod depthwise;
 pub mod efficientnet_lite0;
+pub mod pointwise;
 pub mod torch_pth;
 pub mod weights;
 
@@ -26,12 +27,7 @@ impl Backbone {
         Self::load_truncated(path, device, efficientnet_lite0::STRIDE16_BLOCK, false)
     }
 
-    pub fn load_truncated(
-        path: &Path,
-        device: &Device,
-        last_block: usize,
-        with_head: bool,
-    ) -> Result<Self> {
+    pub fn load_truncated(path: &Path, device: &Device, last_block: usize, with_head: bool) -> Result<Self> {
         let named = weights::read_weights(path)?;
         let weights_hash = weights::weights_hash(&named);
         let tensors = named
@@ -41,11 +37,7 @@ impl Backbone {
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let net = EfficientNetLite0::new(vb, last_block, with_head)
             .with_context(|| format!("{}: not EfficientNet-Lite0 weights", path.display()))?;
-        Ok(Self {
-            net,
-            weights_hash,
-            device: device.clone(),
-        })
+        Ok(Self { net, weights_hash, device: device.clone() })
     }
 
     /// Feature maps of images in [0, 1], shape (B, 3, H, W).

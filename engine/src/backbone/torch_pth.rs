@@ -42,13 +42,8 @@ pub fn read_pth(path: &Path) -> Result<Vec<(String, PthTensor)>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let parsed = std::panic::catch_unwind(|| read_pth_bytes(&bytes));
     match parsed {
-        Ok(result) => {
-            result.with_context(|| format!("{}: not a readable PyTorch checkpoint", path.display()))
-        }
-        Err(_) => bail!(
-            "{}: malformed PyTorch checkpoint (the parser gave up)",
-            path.display()
-        ),
+        Ok(result) => result.with_context(|| format!("{}: not a readable PyTorch checkpoint", path.display())),
+        Err(_) => bail!("{}: malformed PyTorch checkpoint (the parser gave up)", path.display()),
     }
 }
 
@@ -63,9 +58,7 @@ pub fn read_pth_bytes(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
 // A `Cursor` over a slice is its own `BufRead`: no read-ahead, so its position is exactly where a pickle ended.
 fn parse_one_pickle(reader: &mut Cursor<&[u8]>) -> Result<Object> {
     let mut stack = Stack::empty();
-    stack
-        .read_loop(reader)
-        .map_err(|e| anyhow!("pickle: {e}"))?;
+    stack.read_loop(reader).map_err(|e| anyhow!("pickle: {e}"))?;
     let object = stack.finalize().map_err(|e| anyhow!("pickle: {e}"))?;
     refuse_foreign_globals(&object)?;
     Ok(object)
@@ -73,21 +66,13 @@ fn parse_one_pickle(reader: &mut Cursor<&[u8]>) -> Result<Object> {
 
 fn refuse_foreign_globals(object: &Object) -> Result<()> {
     match object {
-        Object::Class {
-            module_name,
-            class_name,
-        } => {
-            if !ALLOWED_GLOBALS
-                .iter()
-                .any(|(m, c)| m == module_name && c == class_name)
-            {
+        Object::Class { module_name, class_name } => {
+            if !ALLOWED_GLOBALS.iter().any(|(m, c)| m == module_name && c == class_name) {
                 bail!("refused: the checkpoint references `{module_name}.{class_name}`, which is not tensor data");
             }
             Ok(())
         }
-        Object::Tuple(items) | Object::List(items) => {
-            items.iter().try_for_each(refuse_foreign_globals)
-        }
+        Object::Tuple(items) | Object::List(items) => items.iter().try_for_each(refuse_foreign_globals),
         Object::Dict(pairs) => pairs.iter().try_for_each(|(k, v)| {
             refuse_foreign_globals(k)?;
             refuse_foreign_globals(v)
@@ -131,10 +116,7 @@ fn tensor_refs(state_dict: Object) -> Result<Vec<TensorRef>> {
         Object::Dict(pairs) => pairs,
         // `{"state_dict": {...}}` wrappers are common.
         Object::Reduce { args, .. } => return tensor_refs(*args),
-        other => bail!(
-            "the checkpoint holds no state dict (found {})",
-            short_debug(&other)
-        ),
+        other => bail!("the checkpoint holds no state dict (found {})", short_debug(&other)),
     };
     let mut refs = Vec::new();
     for (key, value) in pairs {
@@ -159,9 +141,7 @@ fn tensor_ref(name: String, value: Object) -> Result<Option<TensorRef>> {
         return Ok(None);
     };
     let (callable, args) = match (*callable, *args) {
-        (Object::Class { class_name, .. }, Object::Tuple(mut inner))
-            if class_name == "_rebuild_parameter" =>
-        {
+        (Object::Class { class_name, .. }, Object::Tuple(mut inner)) if class_name == "_rebuild_parameter" => {
             if inner.is_empty() {
                 return Ok(None);
             }
@@ -176,21 +156,15 @@ fn tensor_ref(name: String, value: Object) -> Result<Option<TensorRef>> {
         Object::Class { class_name, .. } if class_name.starts_with("_rebuild_tensor") => {}
         _ => return Ok(None),
     }
-    let Object::Tuple(args) = args else {
-        bail!("{name}: malformed tensor record")
-    };
+    let Object::Tuple(args) = args else { bail!("{name}: malformed tensor record") };
     let mut args = args.into_iter();
     let (Some(storage), Some(offset), Some(shape), Some(strides)) =
         (args.next(), args.next(), args.next(), args.next())
     else {
         bail!("{name}: tensor record has too few fields")
     };
-    let Object::PersistentLoad(storage) = storage else {
-        bail!("{name}: tensor without storage")
-    };
-    let Object::Tuple(storage) = *storage else {
-        bail!("{name}: malformed storage record")
-    };
+    let Object::PersistentLoad(storage) = storage else { bail!("{name}: tensor without storage") };
+    let Object::Tuple(storage) = *storage else { bail!("{name}: malformed storage record") };
     let mut storage = storage.into_iter();
     let (_tag, storage_type, key) = (storage.next(), storage.next(), storage.next());
     let storage_type = match storage_type {
@@ -227,57 +201,33 @@ fn element_size(storage_type: &str) -> Option<usize> {
 
 fn decode_floats(storage_type: &str, bytes: &[u8]) -> Option<Vec<f32>> {
     let values = match storage_type {
-        "FloatStorage" | "float32" => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        "HalfStorage" | "float16" => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        "BFloat16Storage" => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        "DoubleStorage" => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32)
-            .collect(),
+        "FloatStorage" | "float32" => {
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        }
+        "HalfStorage" | "float16" => {
+            bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+        }
+        "BFloat16Storage" => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        "DoubleStorage" => {
+            bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("chunk of 8")) as f32).collect()
+        }
         _ => return None,
     };
     Some(values)
 }
 
 /// Gathers a strided view of `storage` into a contiguous row-major buffer.
-fn gather_strided(
-    name: &str,
-    storage: &[f32],
-    offset: usize,
-    shape: &[usize],
-    strides: &[usize],
-) -> Result<Vec<f32>> {
+fn gather_strided(name: &str, storage: &[f32], offset: usize, shape: &[usize], strides: &[usize]) -> Result<Vec<f32>> {
     if shape.len() != strides.len() {
-        bail!(
-            "{name}: {} dimensions but {} strides",
-            shape.len(),
-            strides.len()
-        );
+        bail!("{name}: {} dimensions but {} strides", shape.len(), strides.len());
     }
     let count: usize = shape.iter().product();
     if count == 0 {
         return Ok(Vec::new());
     }
-    let last_index = offset
-        + shape
-            .iter()
-            .zip(strides)
-            .map(|(&n, &s)| (n - 1) * s)
-            .sum::<usize>();
+    let last_index = offset + shape.iter().zip(strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
     if last_index >= storage.len() {
-        bail!(
-            "{name}: its view reaches element {last_index} of a storage of {}",
-            storage.len()
-        );
+        bail!("{name}: its view reaches element {last_index} of a storage of {}", storage.len());
     }
     let mut out = Vec::with_capacity(count);
     let mut index = vec![0usize; shape.len()];
@@ -295,37 +245,18 @@ fn gather_strided(
     Ok(out)
 }
 
-fn build_tensors(
-    refs: Vec<TensorRef>,
-    storages: &HashMap<String, Vec<f32>>,
-) -> Result<Vec<(String, PthTensor)>> {
+fn build_tensors(refs: Vec<TensorRef>, storages: &HashMap<String, Vec<f32>>) -> Result<Vec<(String, PthTensor)>> {
     let mut tensors = Vec::new();
     for tensor in refs {
         if element_size(&tensor.storage_type).is_none() {
-            bail!(
-                "{}: unsupported storage type {}",
-                tensor.name,
-                tensor.storage_type
-            );
+            bail!("{}: unsupported storage type {}", tensor.name, tensor.storage_type);
         }
         let Some(storage) = storages.get(&tensor.storage_key) else {
             // Integer storages (num_batches_tracked) are not decoded as floats.
             continue;
         };
-        let data = gather_strided(
-            &tensor.name,
-            storage,
-            tensor.offset,
-            &tensor.shape,
-            &tensor.strides,
-        )?;
-        tensors.push((
-            tensor.name,
-            PthTensor {
-                shape: tensor.shape,
-                data,
-            },
-        ));
+        let data = gather_strided(&tensor.name, storage, tensor.offset, &tensor.shape, &tensor.strides)?;
+        tensors.push((tensor.name, PthTensor { shape: tensor.shape, data }));
     }
     Ok(tensors)
 }
@@ -346,29 +277,20 @@ fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
         Object::List(keys) | Object::Tuple(keys) => keys,
         _ => bail!("storage key list missing"),
     };
-    let storage_types: HashMap<&str, &str> = refs
-        .iter()
-        .map(|r| (r.storage_key.as_str(), r.storage_type.as_str()))
-        .collect();
+    let storage_types: HashMap<&str, &str> =
+        refs.iter().map(|r| (r.storage_key.as_str(), r.storage_type.as_str())).collect();
     let mut position = MAGIC_PICKLE.len() + reader.position() as usize;
     let mut storages = HashMap::new();
     for key in keys {
-        let Object::Unicode(key) = key else {
-            bail!("malformed storage key")
-        };
+        let Object::Unicode(key) = key else { bail!("malformed storage key") };
         let Some(&storage_type) = storage_types.get(key.as_str()) else {
             bail!("storage {key} is not used by any tensor")
         };
-        let element = element_size(storage_type)
-            .ok_or_else(|| anyhow!("unsupported storage type {storage_type}"))?;
-        let header = bytes
-            .get(position..position + 8)
-            .ok_or_else(|| anyhow!("truncated at storage {key}"))?;
+        let element = element_size(storage_type).ok_or_else(|| anyhow!("unsupported storage type {storage_type}"))?;
+        let header = bytes.get(position..position + 8).ok_or_else(|| anyhow!("truncated at storage {key}"))?;
         let count = u64::from_le_bytes(header.try_into().expect("8 bytes")) as usize;
         position += 8;
-        let length = count
-            .checked_mul(element)
-            .ok_or_else(|| anyhow!("storage {key} too large"))?;
+        let length = count.checked_mul(element).ok_or_else(|| anyhow!("storage {key} too large"))?;
         let data = bytes
             .get(position..position.saturating_add(length))
             .ok_or_else(|| anyhow!("truncated inside storage {key}"))?;
@@ -406,14 +328,8 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
     build_tensors(refs, &storages)
 }
 
-fn read_zip_entry(
-    archive: &mut zip::ZipArchive<Cursor<&[u8]>>,
-    name: &str,
-    limit: usize,
-) -> Result<Vec<u8>> {
-    let mut file = archive
-        .by_name(name)
-        .with_context(|| format!("missing entry {name}"))?;
+fn read_zip_entry(archive: &mut zip::ZipArchive<Cursor<&[u8]>>, name: &str, limit: usize) -> Result<Vec<u8>> {
+    let mut file = archive.by_name(name).with_context(|| format!("missing entry {name}"))?;
     if file.size() as usize > limit {
         bail!("entry {name} is implausibly large ({} bytes)", file.size());
     }

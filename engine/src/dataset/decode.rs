@@ -57,8 +57,7 @@ pub fn open_image(path: &Path) -> Result<DynamicImage, String> {
     }
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read ({e})"))?;
     // The content decides the format, not the extension: a text file named .jpg is "not an image".
-    let format = image::guess_format(&bytes)
-        .map_err(|_| "not an image (unrecognised content)".to_string())?;
+    let format = image::guess_format(&bytes).map_err(|_| "not an image (unrecognised content)".to_string())?;
     let mut reader = ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
@@ -77,21 +76,14 @@ pub fn open_image(path: &Path) -> Result<DynamicImage, String> {
 }
 
 fn decode_one(index: usize, record: &ImageRecord, size: u32) -> Result<DecodedImage, SkippedFile> {
-    let skip = |path: &Path, reason: String| SkippedFile {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let skip = |path: &Path, reason: String| SkippedFile { path: path.to_path_buf(), reason };
     let image = open_image(&record.path).map_err(|reason| skip(&record.path, reason))?;
     let original_size = (image.width(), image.height());
-    let rgb = image
-        .resize_exact(size, size, FilterType::Triangle)
-        .to_rgb8()
-        .into_raw();
+    let rgb = image.resize_exact(size, size, FilterType::Triangle).to_rgb8().into_raw();
     let mask = match &record.mask {
         None => None,
         Some(mask_path) => {
-            let mask = open_image(mask_path)
-                .map_err(|reason| skip(mask_path, format!("mask: {reason}")))?;
+            let mask = open_image(mask_path).map_err(|reason| skip(mask_path, format!("mask: {reason}")))?;
             if (mask.width(), mask.height()) != original_size {
                 return Err(skip(
                     mask_path,
@@ -105,24 +97,11 @@ fn decode_one(index: usize, record: &ImageRecord, size: u32) -> Result<DecodedIm
                     ),
                 ));
             }
-            let gray = mask
-                .resize_exact(size, size, FilterType::Nearest)
-                .to_luma8();
-            Some(
-                gray.into_raw()
-                    .into_iter()
-                    .map(|v| u8::from(v > 127))
-                    .collect(),
-            )
+            let gray = mask.resize_exact(size, size, FilterType::Nearest).to_luma8();
+            Some(gray.into_raw().into_iter().map(|v| u8::from(v > 127)).collect())
         }
     };
-    Ok(DecodedImage {
-        index,
-        original_size,
-        size,
-        rgb,
-        mask,
-    })
+    Ok(DecodedImage { index, original_size, size, rgb, mask })
 }
 
 /// Decodes all records in parallel, keeping record order. Returns the images and the files that were skipped.
@@ -166,17 +145,11 @@ mod tests {
     fn bad_files_are_skipped_with_reasons_and_good_ones_kept() {
         let dir = temp_dir("bad");
         let good = dir.join("good.png");
-        image::RgbImage::from_pixel(20, 10, image::Rgb([10, 200, 30]))
-            .save(&good)
-            .unwrap();
+        image::RgbImage::from_pixel(20, 10, image::Rgb([10, 200, 30])).save(&good).unwrap();
         let gray16 = dir.join("gray16.png");
-        image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(8, 8, image::Luma([65535u16]))
-            .save(&gray16)
-            .unwrap();
+        image::ImageBuffer::<image::Luma<u16>, _>::from_pixel(8, 8, image::Luma([65535u16])).save(&gray16).unwrap();
         let rgba = dir.join("rgba.tiff");
-        image::RgbaImage::from_pixel(7, 9, image::Rgba([1, 2, 3, 4]))
-            .save(&rgba)
-            .unwrap();
+        image::RgbaImage::from_pixel(7, 9, image::Rgba([1, 2, 3, 4])).save(&rgba).unwrap();
         let empty = dir.join("empty.png");
         std::fs::write(&empty, b"").unwrap();
         let text = dir.join("text.jpg");
@@ -188,45 +161,24 @@ mod tests {
         write_png_header_only(&bomb, 100_000, 100_000);
         let mask = dir.join("mask.png");
         image::GrayImage::new(5, 5).save(&mask).unwrap();
-        let mut records: Vec<ImageRecord> =
-            [&good, &gray16, &rgba, &empty, &text, &truncated, &bomb]
-                .iter()
-                .map(|p| ImageRecord::normal(p.to_path_buf()))
-                .collect();
+        let mut records: Vec<ImageRecord> = [&good, &gray16, &rgba, &empty, &text, &truncated, &bomb]
+            .iter()
+            .map(|p| ImageRecord::normal(p.to_path_buf()))
+            .collect();
         records.push(ImageRecord {
             path: good.clone(),
-            label: Label::Anomalous {
-                defect_type: "spot".into(),
-            },
+            label: Label::Anomalous { defect_type: "spot".into() },
             mask: Some(mask.clone()),
         });
         let (images, skipped) = decode_all(&records, 16, &|_| {});
         assert_eq!(images.len(), 3);
         assert_eq!(images[1].rgb[0], 255, "16-bit white stays white");
-        let reason = |p: &Path| {
-            skipped
-                .iter()
-                .find(|s| s.path == p)
-                .map(|s| s.reason.clone())
-                .unwrap()
-        };
+        let reason = |p: &Path| skipped.iter().find(|s| s.path == p).map(|s| s.reason.clone()).unwrap();
         assert!(reason(&empty).contains("empty file"));
         assert!(reason(&text).contains("not an image"));
-        assert!(
-            reason(&truncated).contains("corrupt or truncated"),
-            "{}",
-            reason(&truncated)
-        );
-        assert!(
-            reason(&bomb).contains("decompression bomb"),
-            "{}",
-            reason(&bomb)
-        );
-        assert!(
-            reason(&mask).contains("mask is 5×5 but its image"),
-            "{}",
-            reason(&mask)
-        );
+        assert!(reason(&truncated).contains("corrupt or truncated"), "{}", reason(&truncated));
+        assert!(reason(&bomb).contains("decompression bomb"), "{}", reason(&bomb));
+        assert!(reason(&mask).contains("mask is 5×5 but its image"), "{}", reason(&mask));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -257,11 +209,7 @@ mod tests {
         for &byte in bytes {
             crc ^= byte as u32;
             for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
+                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
             }
         }
         !crc

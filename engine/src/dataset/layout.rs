@@ -36,11 +36,7 @@ pub struct ImageRecord {
 
 impl ImageRecord {
     pub fn normal(path: PathBuf) -> Self {
-        Self {
-            path,
-            label: Label::Normal,
-            mask: None,
-        }
+        Self { path, label: Label::Normal, mask: None }
     }
 }
 
@@ -73,8 +69,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
     while let Some(folder) = pending.pop() {
-        let entries = std::fs::read_dir(&folder)
-            .with_context(|| format!("{}: cannot list", folder.display()))?;
+        let entries = std::fs::read_dir(&folder).with_context(|| format!("{}: cannot list", folder.display()))?;
         for entry in entries.flatten() {
             let path = entry.path();
             let Ok(kind) = entry.file_type() else {
@@ -93,11 +88,7 @@ pub fn list_images(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn require_images(dir: &Path, images: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
     if images.is_empty() {
-        bail!(
-            "{}: no images found (looked for {})",
-            dir.display(),
-            IMAGE_EXTENSIONS.join(", ")
-        );
+        bail!("{}: no images found (looked for {})", dir.display(), IMAGE_EXTENSIONS.join(", "));
     }
     Ok(images)
 }
@@ -105,11 +96,7 @@ fn require_images(dir: &Path, images: Vec<PathBuf>) -> Result<Vec<PathBuf>> {
 /// Normal images for training: a plain folder (recursive), or `train/good` when `dir` is an MVTec folder.
 pub fn scan_normal_folder(dir: &Path) -> Result<Vec<ImageRecord>> {
     let mvtec_train = dir.join("train").join(GOOD);
-    let source = if mvtec_train.is_dir() {
-        mvtec_train
-    } else {
-        dir.to_path_buf()
-    };
+    let source = if mvtec_train.is_dir() { mvtec_train } else { dir.to_path_buf() };
     let images = require_images(&source, list_images(&source)?)?;
     Ok(images.into_iter().map(ImageRecord::normal).collect())
 }
@@ -122,10 +109,7 @@ pub fn is_mvtec(dir: &Path) -> bool {
 pub fn scan_mvtec(dir: &Path) -> Result<Benchmark> {
     require_folder(dir)?;
     if !is_mvtec(dir) {
-        bail!(
-            "{}: not an MVTec AD folder (expected train/good/ and test/)",
-            dir.display()
-        );
+        bail!("{}: not an MVTec AD folder (expected train/good/ and test/)", dir.display());
     }
     let train = scan_normal_folder(dir)?;
     let test_dir = dir.join("test");
@@ -138,28 +122,17 @@ pub fn scan_mvtec(dir: &Path) -> Result<Benchmark> {
     types.sort();
     let mut test = Vec::new();
     for type_dir in types {
-        let type_name = type_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let type_name = type_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         for path in list_images(&type_dir)? {
             if type_name == GOOD {
                 test.push(ImageRecord::normal(path));
                 continue;
             }
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let mask = dir
-                .join("ground_truth")
-                .join(&type_name)
-                .join(format!("{stem}_mask.png"));
+            let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let mask = dir.join("ground_truth").join(&type_name).join(format!("{stem}_mask.png"));
             test.push(ImageRecord {
                 path,
-                label: Label::Anomalous {
-                    defect_type: type_name.clone(),
-                },
+                label: Label::Anomalous { defect_type: type_name.clone() },
                 mask: mask.is_file().then_some(mask),
             });
         }
@@ -180,11 +153,7 @@ pub fn scan_folder_layout(
 ) -> Result<Benchmark> {
     let normals = require_images(normal_dir, list_images(normal_dir)?)?;
     let abnormals = require_images(abnormal_dir, list_images(abnormal_dir)?)?;
-    let every = if test_fraction <= 0.0 {
-        usize::MAX
-    } else {
-        (1.0 / test_fraction).round().max(2.0) as usize
-    };
+    let every = if test_fraction <= 0.0 { usize::MAX } else { (1.0 / test_fraction).round().max(2.0) as usize };
     let mut benchmark = Benchmark::default();
     for (index, path) in normals.into_iter().enumerate() {
         if index % every == 0 {
@@ -193,35 +162,19 @@ pub fn scan_folder_layout(
             benchmark.train.push(ImageRecord::normal(path));
         }
     }
-    let defect_type = abnormal_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or("defect".into());
+    let defect_type = abnormal_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or("defect".into());
     for path in abnormals {
         let mask = mask_dir.and_then(|dir| {
             let stem = path.file_stem()?.to_string_lossy().into_owned();
             let file_name = path.file_name()?;
-            [
-                dir.join(file_name),
-                dir.join(format!("{stem}_mask.png")),
-                dir.join(format!("{stem}.png")),
-            ]
-            .into_iter()
-            .find(|p| p.is_file())
+            [dir.join(file_name), dir.join(format!("{stem}_mask.png")), dir.join(format!("{stem}.png"))]
+                .into_iter()
+                .find(|p| p.is_file())
         });
-        benchmark.test.push(ImageRecord {
-            path,
-            label: Label::Anomalous {
-                defect_type: defect_type.clone(),
-            },
-            mask,
-        });
+        benchmark.test.push(ImageRecord { path, label: Label::Anomalous { defect_type: defect_type.clone() }, mask });
     }
     if benchmark.train.is_empty() {
-        bail!(
-            "{}: too few normal images to hold some out for testing",
-            normal_dir.display()
-        );
+        bail!("{}: too few normal images to hold some out for testing", normal_dir.display());
     }
     Ok(benchmark)
 }

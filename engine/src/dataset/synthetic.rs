@@ -37,24 +37,12 @@ pub struct SyntheticSpec {
 impl SyntheticSpec {
     /// Small enough for tests: a few dozen 96-pixel images.
     pub fn tiny(seed: u64) -> Self {
-        Self {
-            seed,
-            size: 96,
-            train_good: 24,
-            test_good: 8,
-            test_per_defect: 4,
-        }
+        Self { seed, size: 96, train_good: 24, test_good: 8, test_per_defect: 4 }
     }
 
     /// The demo project's data.
     pub fn demo() -> Self {
-        Self {
-            seed: 7,
-            size: 192,
-            train_good: 60,
-            test_good: 20,
-            test_per_defect: 10,
-        }
+        Self { seed: 7, size: 192, train_good: 60, test_good: 20, test_per_defect: 10 }
     }
 }
 
@@ -67,9 +55,7 @@ pub struct Surface {
 
 /// Smooth value noise: a coarse random grid, bilinearly interpolated.
 fn value_noise(rng: &mut SplitMix64, size: usize, cells: usize) -> Vec<f32> {
-    let grid: Vec<f32> = (0..(cells + 1) * (cells + 1))
-        .map(|_| rng.next_f32() * 2.0 - 1.0)
-        .collect();
+    let grid: Vec<f32> = (0..(cells + 1) * (cells + 1)).map(|_| rng.next_f32() * 2.0 - 1.0).collect();
     let mut out = vec![0f32; size * size];
     for y in 0..size {
         let gy = y as f32 / size as f32 * cells as f32;
@@ -102,9 +88,7 @@ pub fn normal_surface(rng: &mut SplitMix64, size: usize) -> Surface {
             let stripes = 0.06 * (frequency * u + phase).sin();
             let i = y * size + x;
             let grain = 0.015 * rng.normal();
-            pixels.push(
-                (brightness + stripes + 0.05 * coarse[i] + 0.03 * fine[i] + grain).clamp(0.0, 1.0),
-            );
+            pixels.push((brightness + stripes + 0.05 * coarse[i] + 0.03 * fine[i] + grain).clamp(0.0, 1.0));
         }
     }
     Surface { size, pixels }
@@ -115,10 +99,7 @@ pub fn add_defect(surface: &mut Surface, kind: DefectKind, rng: &mut SplitMix64)
     let n = surface.size;
     let s = n as f32;
     let mut mask = vec![0u8; n * n];
-    let (cx, cy) = (
-        rng.range_f32(0.2 * s, 0.8 * s),
-        rng.range_f32(0.2 * s, 0.8 * s),
-    );
+    let (cx, cy) = (rng.range_f32(0.2 * s, 0.8 * s), rng.range_f32(0.2 * s, 0.8 * s));
     match kind {
         DefectKind::Scratch => {
             let angle = rng.range_f32(0.0, std::f32::consts::PI);
@@ -139,10 +120,7 @@ pub fn add_defect(surface: &mut Surface, kind: DefectKind, rng: &mut SplitMix64)
             }
         }
         DefectKind::Spot => {
-            let (rx, ry) = (
-                rng.range_f32(0.04 * s, 0.08 * s),
-                rng.range_f32(0.04 * s, 0.08 * s),
-            );
+            let (rx, ry) = (rng.range_f32(0.04 * s, 0.08 * s), rng.range_f32(0.04 * s, 0.08 * s));
             let tone = if rng.next_f32() < 0.5 { 0.12 } else { 0.92 };
             for y in 0..n {
                 for x in 0..n {
@@ -176,19 +154,12 @@ pub fn add_defect(surface: &mut Surface, kind: DefectKind, rng: &mut SplitMix64)
 }
 
 fn save_gray(path: &Path, size: usize, pixels: impl Iterator<Item = u8>) -> Result<()> {
-    let image = image::GrayImage::from_raw(size as u32, size as u32, pixels.collect())
-        .expect("size matches");
-    image
-        .save(path)
-        .with_context(|| format!("{}: cannot write", path.display()))
+    let image = image::GrayImage::from_raw(size as u32, size as u32, pixels.collect()).expect("size matches");
+    image.save(path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 fn save_surface(path: &Path, surface: &Surface) -> Result<()> {
-    save_gray(
-        path,
-        surface.size,
-        surface.pixels.iter().map(|&v| (v * 255.0).round() as u8),
-    )
+    save_gray(path, surface.size, surface.pixels.iter().map(|&v| (v * 255.0).round() as u8))
 }
 
 /// Writes an MVTec AD folder: train/good, test/good, test/<defect>, ground_truth/<defect>/<stem>_mask.png.
@@ -198,20 +169,13 @@ pub fn generate_mvtec(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
     let train_good = dir.join("train/good");
     let test_good = dir.join("test/good");
     for folder in [&train_good, &test_good] {
-        std::fs::create_dir_all(folder)
-            .with_context(|| format!("{}: cannot create", folder.display()))?;
+        std::fs::create_dir_all(folder).with_context(|| format!("{}: cannot create", folder.display()))?;
     }
     for i in 0..spec.train_good {
-        save_surface(
-            &train_good.join(format!("{i:03}.png")),
-            &normal_surface(&mut rng, size),
-        )?;
+        save_surface(&train_good.join(format!("{i:03}.png")), &normal_surface(&mut rng, size))?;
     }
     for i in 0..spec.test_good {
-        save_surface(
-            &test_good.join(format!("{i:03}.png")),
-            &normal_surface(&mut rng, size),
-        )?;
+        save_surface(&test_good.join(format!("{i:03}.png")), &normal_surface(&mut rng, size))?;
     }
     for kind in DEFECT_KINDS {
         let images = dir.join("test").join(kind.name());
@@ -222,11 +186,7 @@ pub fn generate_mvtec(dir: &Path, spec: &SyntheticSpec) -> Result<()> {
             let mut surface = normal_surface(&mut rng, size);
             let mask = add_defect(&mut surface, kind, &mut rng);
             save_surface(&images.join(format!("{i:03}.png")), &surface)?;
-            save_gray(
-                &masks.join(format!("{i:03}_mask.png")),
-                size,
-                mask.iter().map(|&m| m * 255),
-            )?;
+            save_gray(&masks.join(format!("{i:03}_mask.png")), size, mask.iter().map(|&m| m * 255))?;
         }
     }
     Ok(())
@@ -252,21 +212,13 @@ mod tests {
             let clean = normal_surface(&mut rng, 64);
             let mut damaged = clean.clone();
             let mask = add_defect(&mut damaged, kind, &mut rng);
-            assert!(
-                mask.iter().filter(|&&m| m == 1).count() > 10,
-                "{kind:?} mask too small"
-            );
+            assert!(mask.iter().filter(|&&m| m == 1).count() > 10, "{kind:?} mask too small");
             for i in 0..mask.len() {
                 if mask[i] == 0 {
-                    assert_eq!(
-                        clean.pixels[i], damaged.pixels[i],
-                        "{kind:?} changed a pixel outside its mask"
-                    );
+                    assert_eq!(clean.pixels[i], damaged.pixels[i], "{kind:?} changed a pixel outside its mask");
                 }
             }
-            let changed = (0..mask.len())
-                .filter(|&i| mask[i] == 1 && clean.pixels[i] != damaged.pixels[i])
-                .count();
+            let changed = (0..mask.len()).filter(|&i| mask[i] == 1 && clean.pixels[i] != damaged.pixels[i]).count();
             let marked = mask.iter().filter(|&&m| m == 1).count();
             assert!(
                 changed as f32 >= 0.9 * marked as f32,

@@ -75,14 +75,8 @@ pub struct FitContext<'a> {
     pub progress: &'a dyn Progress,
 }
 
-pub type FitFn =
-    fn(&FitContext, &[DecodedImage], &serde_json::Value) -> Result<Box<dyn AnomalyModel>>;
-pub type LoadFn = fn(
-    Arc<Backbone>,
-    u32,
-    &serde_json::Value,
-    HashMap<String, Tensor>,
-) -> Result<Box<dyn AnomalyModel>>;
+pub type FitFn = fn(&FitContext, &[DecodedImage], &serde_json::Value) -> Result<Box<dyn AnomalyModel>>;
+pub type LoadFn = fn(Arc<Backbone>, u32, &serde_json::Value, HashMap<String, Tensor>) -> Result<Box<dyn AnomalyModel>>;
 
 pub struct MethodInfo {
     /// CLI name, e.g. `patchcore`.
@@ -109,10 +103,7 @@ pub fn find_method(name: &str) -> Result<&'static MethodInfo> {
 }
 
 /// Defaults overlaid with the user's settings; unknown keys are an error so typos do not pass silently.
-pub fn merge_settings(
-    defaults: serde_json::Value,
-    overrides: &serde_json::Value,
-) -> Result<serde_json::Value> {
+pub fn merge_settings(defaults: serde_json::Value, overrides: &serde_json::Value) -> Result<serde_json::Value> {
     let mut merged = defaults;
     if let (Some(target), Some(source)) = (merged.as_object_mut(), overrides.as_object()) {
         for (key, value) in source {
@@ -128,17 +119,11 @@ pub fn merge_settings(
 
 /// Stacks decoded images into a `(B, 3, S, S)` tensor in [0, 1].
 pub fn images_to_tensor(images: &[&DecodedImage], device: &Device) -> Result<Tensor> {
-    let Some(first) = images.first() else {
-        bail!("no images in batch")
-    };
+    let Some(first) = images.first() else { bail!("no images in batch") };
     let size = first.size as usize;
     let mut data = Vec::with_capacity(images.len() * 3 * size * size);
     for image in images {
         data.extend(image.to_chw_f32());
     }
-    Ok(Tensor::from_vec(
-        data,
-        (images.len(), 3, size, size),
-        device,
-    )?)
+    Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
 }

@@ -52,15 +52,10 @@ pub fn aupro(
 ) -> Result<f64, MetricError> {
     assert_eq!(maps.len(), masks.len(), "one mask per map");
     // Per pixel: its score and what it advances: region weight index (0 = a normal pixel).
-    let per_image: Vec<(Vec<u32>, Vec<usize>)> = masks
-        .par_iter()
-        .map(|mask| connected_regions(mask, width, height))
-        .collect();
+    let per_image: Vec<(Vec<u32>, Vec<usize>)> =
+        masks.par_iter().map(|mask| connected_regions(mask, width, height)).collect();
     let region_count: usize = per_image.iter().map(|(_, sizes)| sizes.len()).sum();
-    let normal_pixels: usize = masks
-        .iter()
-        .map(|m| m.iter().filter(|&&v| v == 0).count())
-        .sum();
+    let normal_pixels: usize = masks.iter().map(|m| m.iter().filter(|&&v| v == 0).count()).sum();
     if region_count == 0 {
         return Err(MetricError::OneClassOnly("normal"));
     }
@@ -71,11 +66,7 @@ pub fn aupro(
     let mut pixels: Vec<(f32, u32)> = Vec::with_capacity(maps.len() * width * height);
     for (map, (labels, sizes)) in maps.iter().zip(&per_image) {
         let base = region_weight.len() as u32 - 1;
-        region_weight.extend(
-            sizes
-                .iter()
-                .map(|&s| 1.0 / (region_count as f64 * s as f64)),
-        );
+        region_weight.extend(sizes.iter().map(|&s| 1.0 / (region_count as f64 * s as f64)));
         for (&score, &label) in map.iter().zip(labels) {
             if score.is_nan() {
                 return Err(MetricError::NaN);
@@ -98,8 +89,7 @@ pub fn aupro(
             i += 1;
         }
         if fpr >= fpr_limit {
-            let pro_at_limit =
-                pro_before + (pro - pro_before) * (fpr_limit - fpr_before) / (fpr - fpr_before);
+            let pro_at_limit = pro_before + (pro - pro_before) * (fpr_limit - fpr_before) / (fpr - fpr_before);
             area += (fpr_limit - fpr_before) * (pro_at_limit + pro_before) / 2.0;
             return Ok(area / fpr_limit);
         }
@@ -142,10 +132,7 @@ mod tests {
         let maps: Vec<&[f32]> = maps.iter().map(Vec::as_slice).collect();
         let masks: Vec<&[u8]> = masks.iter().map(Vec::as_slice).collect();
         let value = aupro(&maps, &masks, 8, 8, 0.3).unwrap();
-        assert!(
-            (value - REFERENCE_AUPRO).abs() < 1e-9,
-            "{value} vs {REFERENCE_AUPRO}"
-        );
+        assert!((value - REFERENCE_AUPRO).abs() < 1e-9, "{value} vs {REFERENCE_AUPRO}");
     }
 
     /// Three 8×8 images; scores from a fixed formula with ties (quantised to 0.05).

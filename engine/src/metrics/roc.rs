@@ -15,11 +15,7 @@ pub struct RocCurve {
 impl RocCurve {
     /// Trapezoidal area under the curve.
     pub fn area(&self) -> f64 {
-        self.fpr
-            .windows(2)
-            .zip(self.tpr.windows(2))
-            .map(|(f, t)| (f[1] - f[0]) * (t[1] + t[0]) / 2.0)
-            .sum()
+        self.fpr.windows(2).zip(self.tpr.windows(2)).map(|(f, t)| (f[1] - f[0]) * (t[1] + t[0]) / 2.0).sum()
     }
 }
 
@@ -32,11 +28,7 @@ fn descending_order(scores: &[f32]) -> Vec<u32> {
 pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Result<RocCurve, MetricError> {
     let (positives, negatives) = check_inputs(scores, labels)?;
     let order = descending_order(scores);
-    let mut curve = RocCurve {
-        fpr: vec![0.0],
-        tpr: vec![0.0],
-        thresholds: vec![f32::INFINITY],
-    };
+    let mut curve = RocCurve { fpr: vec![0.0], tpr: vec![0.0], thresholds: vec![f32::INFINITY] };
     let (mut tp, mut fp) = (0usize, 0usize);
     let mut i = 0;
     while i < order.len() {
@@ -88,9 +80,7 @@ mod tests {
     #[test]
     fn matches_scikit_learn_with_ties() {
         let scores = [0.1, 0.4, 0.35, 0.8, 0.4, 0.9, 0.2, 0.4, 0.7, 0.05];
-        let labels = [
-            false, false, true, true, true, true, false, false, true, false,
-        ];
+        let labels = [false, false, true, true, true, true, false, false, true, false];
         let expected = SKLEARN_TIES_AUC;
         assert!((auroc(&scores, &labels).unwrap() - expected).abs() < 1e-12);
         let curve = roc_curve(&scores, &labels).unwrap();
@@ -101,32 +91,17 @@ mod tests {
 
     #[test]
     fn perfect_inverted_and_constant() {
-        assert_eq!(
-            auroc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]).unwrap(),
-            1.0
-        );
-        assert_eq!(
-            auroc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]).unwrap(),
-            0.0
-        );
+        assert_eq!(auroc(&[0.1, 0.2, 0.8, 0.9], &[false, false, true, true]).unwrap(), 1.0);
+        assert_eq!(auroc(&[0.9, 0.8, 0.2, 0.1], &[false, false, true, true]).unwrap(), 0.0);
         assert_eq!(auroc(&[0.5; 4], &[false, true, false, true]).unwrap(), 0.5);
     }
 
     #[test]
     fn degenerate_inputs_are_errors_not_nan() {
-        assert_eq!(
-            auroc(&[0.1, 0.2], &[true, true]),
-            Err(MetricError::OneClassOnly("anomalous"))
-        );
-        assert_eq!(
-            auroc(&[0.1, 0.2], &[false, false]),
-            Err(MetricError::OneClassOnly("normal"))
-        );
+        assert_eq!(auroc(&[0.1, 0.2], &[true, true]), Err(MetricError::OneClassOnly("anomalous")));
+        assert_eq!(auroc(&[0.1, 0.2], &[false, false]), Err(MetricError::OneClassOnly("normal")));
         assert_eq!(auroc(&[], &[]), Err(MetricError::Empty));
-        assert_eq!(
-            auroc(&[f32::NAN, 0.2], &[true, false]),
-            Err(MetricError::NaN)
-        );
+        assert_eq!(auroc(&[f32::NAN, 0.2], &[true, false]), Err(MetricError::NaN));
     }
 
     const SKLEARN_TIES_AUC: f64 = 0.879_999_999_999_999_9;

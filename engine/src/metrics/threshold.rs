@@ -135,9 +135,7 @@ impl ThresholdTable {
             let f1 = self.confusion(threshold).f1();
             let better = match best {
                 None => true,
-                Some((best_threshold, best_f1)) => {
-                    f1 > best_f1 || (f1 == best_f1 && threshold > best_threshold)
-                }
+                Some((best_threshold, best_f1)) => f1 > best_f1 || (f1 == best_f1 && threshold > best_threshold),
             };
             if better {
                 best = Some((threshold, f1));
@@ -153,24 +151,14 @@ mod tests {
 
     fn table() -> ThresholdTable {
         let scores = [0.1, 0.4, 0.35, 0.8, 0.4, 0.9, 0.2, 0.4, 0.7, 0.05];
-        let labels = [
-            false, false, true, true, true, true, false, false, true, false,
-        ];
+        let labels = [false, false, true, true, true, true, false, false, true, false];
         ThresholdTable::new(&scores, &labels)
     }
 
     #[test]
     fn confusion_counts_at_ties() {
         let c = table().confusion(0.4);
-        assert_eq!(
-            c,
-            Confusion {
-                true_positive: 4,
-                false_positive: 2,
-                true_negative: 3,
-                false_negative: 1
-            }
-        );
+        assert_eq!(c, Confusion { true_positive: 4, false_positive: 2, true_negative: 3, false_negative: 1 });
         assert_eq!(c.far(), Some(0.4));
         assert_eq!(c.mar(), Some(0.2));
     }
@@ -180,18 +168,11 @@ mod tests {
         let t = table();
         let threshold = t.threshold_for_far(0.2).unwrap();
         assert!(t.confusion(threshold).far().unwrap() <= 0.2);
-        assert!(
-            t.confusion(threshold.next_down()).far().unwrap() > 0.2
-                || threshold <= t.normal_scores()[0]
-        );
+        assert!(t.confusion(threshold.next_down()).far().unwrap() > 0.2 || threshold <= t.normal_scores()[0]);
         let threshold = t.threshold_for_mar(0.2).unwrap();
         assert!(t.confusion(threshold).mar().unwrap() <= 0.2);
         assert!(t.confusion(threshold.next_up()).mar().unwrap() > 0.2);
-        assert_eq!(
-            t.confusion(t.threshold_for_far(0.0).unwrap())
-                .false_positive,
-            0
-        );
+        assert_eq!(t.confusion(t.threshold_for_far(0.0).unwrap()).false_positive, 0);
     }
 
     #[test]

@@ -48,18 +48,19 @@ pub fn random_projection(points: &[f32], dim: usize, out_dim: usize, seed: u64) 
     // Stored transposed (out_dim rows of `dim`) so each output is a dot product of contiguous slices.
     let matrix: Vec<f32> = (0..dim * out_dim).map(|_| rng.normal() * scale).collect();
     let mut out = vec![0f32; points.len() / dim * out_dim];
-    out.par_chunks_mut(out_dim)
-        .zip(points.par_chunks(dim))
-        .for_each(|(projected, point)| {
-            for (o, row) in projected.iter_mut().zip(matrix.chunks_exact(dim)) {
-                *o = row.iter().zip(point).map(|(a, b)| a * b).sum();
-            }
-        });
+    out.par_chunks_mut(out_dim).zip(points.par_chunks(dim)).for_each(|(projected, point)| {
+        for (o, row) in projected.iter_mut().zip(matrix.chunks_exact(dim)) {
+            *o = row.iter().zip(point).map(|(a, b)| a * b).sum();
+        }
+    });
     out
 }
 
-/// The plain greedy algorithm, kept as the reference the tree version is tested against.
+/// The plain greedy algorithm: exact, and the reference the cell version is tested against. Used as is when
+/// `count × points` is small (a 0.1 % coreset of MTD: about 20 s). Each step updates all distances in parallel
+/// and takes the farthest point, ties to the lowest index.
 pub fn greedy_coreset_plain(points: &[f32], dim: usize, count: usize, seed: u64) -> Vec<usize> {
+    const CHUNK: usize = 4096;
     let n = points.len() / dim;
     let count = count.min(n);
     if count == 0 {
@@ -67,25 +68,33 @@ pub fn greedy_coreset_plain(points: &[f32], dim: usize, count: usize, seed: u64)
     }
     let mut min_distance = vec![f32::INFINITY; n];
     let mut selected = vec![SplitMix64::new(seed).below(n)];
-    while selected.len() <= count {
+    loop {
         let centre = &points[selected[selected.len() - 1] * dim..][..dim];
-        for (i, d) in min_distance.iter_mut().enumerate() {
-            *d = d.min(squared_distance(centre, &points[i * dim..(i + 1) * dim]));
-        }
+        let farthest = min_distance
+            .par_chunks_mut(CHUNK)
+            .enumerate()
+            .map(|(chunk, distances)| {
+                let mut best = (usize::MAX, -1f32);
+                for (offset, d) in distances.iter_mut().enumerate() {
+                    let i = chunk * CHUNK + offset;
+                    *d = d.min(squared_distance(centre, &points[i * dim..(i + 1) * dim]));
+                    if *d > best.1 {
+                        best = (i, *d);
+                    }
+                }
+                best
+            })
+            .reduce(|| (usize::MAX, -1f32), |a, b| if b.1 > a.1 || (b.1 == a.1 && b.0 < a.0) { b } else { a });
         if selected.len() == count {
             break;
         }
-        let farthest = (0..n).fold(0, |best, i| {
-            if min_distance[i] > min_distance[best] {
-                i
-            } else {
-                best
-            }
-        });
-        selected.push(farthest);
+        selected.push(farthest.0);
     }
     selected
 }
+
+/// Below this many point-distance evaluations (`count × points`) the plain exact greedy is used.
+pub const PLAIN_GREEDY_BUDGET: f64 = 1e9;
 
 /// Largest cell of the spatial split: small enough to stay in cache, large enough that borders are rare.
 pub const CELL_SIZE: usize = 4096;
@@ -94,12 +103,7 @@ const CELL_OVERSAMPLING: f64 = 3.0;
 
 /// Splits `indices` into spatially coherent cells of at most `cell_size` points, each split at the median along
 /// the line between two far-apart points.
-fn spatial_cells(
-    points: &[f32],
-    dim: usize,
-    indices: Vec<usize>,
-    cell_size: usize,
-) -> Vec<Vec<usize>> {
+fn spatial_cells(points: &[f32], dim: usize, indices: Vec<usize>, cell_size: usize) -> Vec<Vec<usize>> {
     if indices.len() <= cell_size {
         return vec![indices];
     }
@@ -108,31 +112,20 @@ fn spatial_cells(
         indices
             .iter()
             .map(|&i| (i, squared_distance(anchor, row(i))))
-            .fold(
-                (indices[0], -1f32),
-                |best, x| if x.1 > best.1 { x } else { best },
-            )
+            .fold((indices[0], -1f32), |best, x| if x.1 > best.1 { x } else { best })
             .0
     };
     let a = farthest_from(row(indices[0]));
     let b = farthest_from(row(a));
     let direction: Vec<f32> = row(b).iter().zip(row(a)).map(|(b, a)| b - a).collect();
-    let mut keyed: Vec<(f32, usize)> = indices
-        .iter()
-        .map(|&i| (row(i).iter().zip(&direction).map(|(x, d)| x * d).sum(), i))
-        .collect();
+    let mut keyed: Vec<(f32, usize)> =
+        indices.iter().map(|&i| (row(i).iter().zip(&direction).map(|(x, d)| x * d).sum(), i)).collect();
     let middle = keyed.len() / 2;
     keyed.select_nth_unstable_by(middle, |x, y| x.0.total_cmp(&y.0));
-    let right: Vec<usize> = keyed
-        .split_off(middle)
-        .into_iter()
-        .map(|(_, i)| i)
-        .collect();
+    let right: Vec<usize> = keyed.split_off(middle).into_iter().map(|(_, i)| i).collect();
     let left: Vec<usize> = keyed.into_iter().map(|(_, i)| i).collect();
-    let (mut cells, right_cells) = rayon::join(
-        || spatial_cells(points, dim, left, cell_size),
-        || spatial_cells(points, dim, right, cell_size),
-    );
+    let (mut cells, right_cells) =
+        rayon::join(|| spatial_cells(points, dim, left, cell_size), || spatial_cells(points, dim, right, cell_size));
     cells.extend(right_cells);
     cells
 }
@@ -145,25 +138,13 @@ struct Pick {
 }
 
 /// The plain greedy inside one cell, up to `limit` picks, starting at `first` (an index into `cell`).
-fn greedy_in_cell(
-    points: &[f32],
-    dim: usize,
-    cell: &[usize],
-    first: usize,
-    limit: usize,
-) -> Vec<Pick> {
-    let local: Vec<f32> = cell
-        .iter()
-        .flat_map(|&i| points[i * dim..(i + 1) * dim].iter().copied())
-        .collect();
+fn greedy_in_cell(points: &[f32], dim: usize, cell: &[usize], first: usize, limit: usize) -> Vec<Pick> {
+    let local: Vec<f32> = cell.iter().flat_map(|&i| points[i * dim..(i + 1) * dim].iter().copied()).collect();
     let mut min_distance = vec![f32::INFINITY; cell.len()];
     let mut picks = Vec::with_capacity(limit);
     let (mut current, mut coverage) = (first, f32::INFINITY);
     while picks.len() < limit.min(cell.len()) {
-        picks.push(Pick {
-            point: cell[current],
-            coverage,
-        });
+        picks.push(Pick { point: cell[current], coverage });
         let centre = &local[current * dim..(current + 1) * dim];
         // Update and argmax in one pass; ties go to the lowest index, as in the plain version.
         let mut farthest = (0usize, -1f32);
@@ -195,6 +176,28 @@ pub fn greedy_coreset(
     if count == 0 {
         return Ok(Vec::new());
     }
+    if count as f64 * n as f64 <= PLAIN_GREEDY_BUDGET {
+        progress.begin("coreset", 1);
+        let selected = greedy_coreset_plain(points, dim, count, seed);
+        progress.advance(1);
+        return Ok(selected);
+    }
+    greedy_coreset_by_cells(points, dim, count, seed, progress)
+}
+
+/// The cell-by-cell selection (see the module notes), whatever the size.
+pub fn greedy_coreset_by_cells(
+    points: &[f32],
+    dim: usize,
+    count: usize,
+    seed: u64,
+    progress: &dyn Progress,
+) -> Result<Vec<usize>, Cancelled> {
+    let n = points.len() / dim;
+    let count = count.min(n);
+    if count == 0 {
+        return Ok(Vec::new());
+    }
     let cells = spatial_cells(points, dim, (0..n).collect(), CELL_SIZE);
     let ratio = count as f64 / n as f64;
     progress.begin("coreset", cells.len() as u64);
@@ -207,11 +210,7 @@ pub fn greedy_coreset(
                 (SplitMix64::new(seed).below(n), count)
             } else {
                 let limit = (cell.len() as f64 * ratio * CELL_OVERSAMPLING).ceil() as usize + 4;
-                (
-                    SplitMix64::new(seed ^ (index as u64).wrapping_mul(0x9e37_79b9))
-                        .below(cell.len()),
-                    limit,
-                )
+                (SplitMix64::new(seed ^ (index as u64).wrapping_mul(0x9e37_79b9)).below(cell.len()), limit)
             };
             let picks = greedy_in_cell(points, dim, cell, first, limit);
             progress.advance(1);
@@ -223,16 +222,8 @@ pub fn greedy_coreset(
         picks.extend(cell_picks?);
     }
     // Within a cell coverage only falls, so this takes a prefix of every cell's sequence.
-    picks.sort_by(|a, b| {
-        b.coverage
-            .total_cmp(&a.coverage)
-            .then(a.point.cmp(&b.point))
-    });
-    Ok(picks
-        .into_iter()
-        .take(count)
-        .map(|pick| pick.point)
-        .collect())
+    picks.sort_by(|a, b| b.coverage.total_cmp(&a.coverage).then(a.point.cmp(&b.point)));
+    Ok(picks.into_iter().take(count).map(|pick| pick.point).collect())
 }
 
 #[cfg(test)]
@@ -246,25 +237,19 @@ mod tests {
         (0..n)
             .flat_map(|i| {
                 let c = i % 8;
-                (0..dim)
-                    .map(|d| centres[c * dim + d] + rng.normal())
-                    .collect::<Vec<_>>()
+                (0..dim).map(|d| centres[c * dim + d] + rng.normal()).collect::<Vec<_>>()
             })
             .collect()
     }
 
     #[test]
     fn one_cell_selection_equals_plain_greedy() {
-        for (n, dim, count, seed) in [
-            (3000, 16, 300, 1),
-            (2000, 128, 200, 2),
-            (500, 3, 499, 3),
-            (100, 5, 1, 4),
-        ] {
+        for (n, dim, count, seed) in [(3000, 16, 300, 1), (2000, 128, 200, 2), (500, 3, 499, 3), (100, 5, 1, 4)] {
             let points = clustered_points(n, dim, seed);
             let plain = greedy_coreset_plain(&points, dim, count, seed);
-            let fast = greedy_coreset(&points, dim, count, seed, &NoProgress).unwrap();
-            assert_eq!(plain, fast, "n={n} dim={dim} count={count}");
+            let cell = greedy_coreset_by_cells(&points, dim, count, seed, &NoProgress).unwrap();
+            assert_eq!(plain, cell, "n={n} dim={dim} count={count}");
+            assert_eq!(plain, greedy_coreset(&points, dim, count, seed, &NoProgress).unwrap());
         }
     }
 
@@ -278,29 +263,21 @@ mod tests {
                 .map(|i| {
                     selected
                         .iter()
-                        .map(|&c| {
-                            squared_distance(
-                                &points[c * dim..(c + 1) * dim],
-                                &points[i * dim..(i + 1) * dim],
-                            )
-                        })
+                        .map(|&c| squared_distance(&points[c * dim..(c + 1) * dim], &points[i * dim..(i + 1) * dim]))
                         .fold(f32::INFINITY, f32::min)
                 })
                 .fold(0f32, f32::max)
                 .sqrt()
         };
         let plain = coverage(&greedy_coreset_plain(&points, dim, count, 9));
-        let cells = greedy_coreset(&points, dim, count, 9, &NoProgress).unwrap();
+        let cells = greedy_coreset_by_cells(&points, dim, count, 9, &NoProgress).unwrap();
         assert_eq!(cells.len(), count);
         let mut unique = cells.clone();
         unique.sort_unstable();
         unique.dedup();
         assert_eq!(unique.len(), count, "no point picked twice");
         let cell_coverage = coverage(&cells);
-        assert!(
-            cell_coverage <= 1.5 * plain,
-            "cells reach {cell_coverage}, plain {plain}"
-        );
+        assert!(cell_coverage <= 1.5 * plain, "cells reach {cell_coverage}, plain {plain}");
     }
 
     #[test]
@@ -308,9 +285,7 @@ mod tests {
         let points = vec![1.0f32; 64 * 4];
         let picked = greedy_coreset(&points, 4, 10, 0, &NoProgress).unwrap();
         assert_eq!(picked.len(), 10);
-        assert!(greedy_coreset(&points, 4, 0, 0, &NoProgress)
-            .unwrap()
-            .is_empty());
+        assert!(greedy_coreset(&points, 4, 0, 0, &NoProgress).unwrap().is_empty());
     }
 
     #[test]
@@ -319,9 +294,6 @@ mod tests {
         let projected = random_projection(&points, 152, 128, 5);
         let original = squared_distance(&points[..152], &points[152 * 7..152 * 8]).sqrt();
         let reduced = squared_distance(&projected[..128], &projected[128 * 7..128 * 8]).sqrt();
-        assert!(
-            (reduced / original - 1.0).abs() < 0.3,
-            "{original} vs {reduced}"
-        );
+        assert!((reduced / original - 1.0).abs() < 0.3, "{original} vs {reduced}");
     }
 }

@@ -10,10 +10,8 @@ use super::coreset::{greedy_coreset, random_projection};
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
-use crate::methods::features::{patch_features, patches_as_rows, PATCH_CHANNELS};
-use crate::methods::{
-    images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo,
-};
+use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -27,7 +25,9 @@ pub static INFO: MethodInfo = MethodInfo {
     family: Family::Representation,
     summary: "Memory bank of pretrained patch features, reduced by greedy coreset; nearest-neighbour distance.",
     default_settings: || serde_json::to_value(PatchCoreSettings::default()).expect("settings serialise"),
-    fit: |context, images, settings| Ok(Box::new(PatchCore::fit(context, images, serde_json::from_value(settings.clone())?)?)),
+    fit: |context, images, settings| {
+        Ok(Box::new(PatchCore::fit(context, images, serde_json::from_value(settings.clone())?)?))
+    },
     load: |backbone, image_size, settings, tensors| {
         Ok(Box::new(PatchCore::load(backbone, image_size, serde_json::from_value(settings.clone())?, tensors)?))
     },
@@ -49,13 +49,7 @@ pub struct PatchCoreSettings {
 
 impl Default for PatchCoreSettings {
     fn default() -> Self {
-        Self {
-            coreset_ratio: 0.1,
-            num_neighbors: 9,
-            projection_dim: 128,
-            seed: 0,
-            blur_sigma: 4.0,
-        }
+        Self { coreset_ratio: 0.1, num_neighbors: 9, projection_dim: 128, seed: 0, blur_sigma: 4.0 }
     }
 }
 
@@ -72,22 +66,17 @@ pub struct PatchCore {
     memory_bank_t: Tensor,
     /// `(1, M)` squared norms of the bank rows.
     bank_norms: Tensor,
+    /// Host copy of the bank and its norms for the fused CPU nearest-neighbour search.
+    cpu_bank: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl PatchCore {
-    pub fn fit(
-        context: &FitContext,
-        images: &[DecodedImage],
-        settings: PatchCoreSettings,
-    ) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: PatchCoreSettings) -> Result<Self> {
         if images.is_empty() {
             bail!("PatchCore needs at least one training image");
         }
         if !(settings.coreset_ratio > 0.0 && settings.coreset_ratio <= 1.0) {
-            bail!(
-                "coreset_ratio must be in (0, 1], got {}",
-                settings.coreset_ratio
-            );
+            bail!("coreset_ratio must be in (0, 1], got {}", settings.coreset_ratio);
         }
         let progress = context.progress;
         progress.begin("features", images.len() as u64);
@@ -96,12 +85,8 @@ impl PatchCore {
             check_cancelled(progress)?;
             let refs: Vec<&DecodedImage> = batch.iter().collect();
             let tensor = images_to_tensor(&refs, &context.device)?;
-            let rows = patches_as_rows(&patch_features(&context.backbone, &tensor)?)?;
-            bank.extend(
-                rows.to_device(&Device::Cpu)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
+            let rows = patch_feature_rows(&context.backbone, &tensor)?;
+            bank.extend(rows.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
             progress.advance(batch.len() as u64);
         }
         let patches = bank.len() / PATCH_CHANNELS;
@@ -109,19 +94,8 @@ impl PatchCore {
         let selected = if count == patches {
             (0..patches).collect()
         } else if settings.projection_dim > 0 && settings.projection_dim < PATCH_CHANNELS {
-            let projected = random_projection(
-                &bank,
-                PATCH_CHANNELS,
-                settings.projection_dim,
-                settings.seed,
-            );
-            greedy_coreset(
-                &projected,
-                settings.projection_dim,
-                count,
-                settings.seed,
-                progress,
-            )?
+            let projected = random_projection(&bank, PATCH_CHANNELS, settings.projection_dim, settings.seed);
+            greedy_coreset(&projected, settings.projection_dim, count, settings.seed, progress)?
         } else {
             greedy_coreset(&bank, PATCH_CHANNELS, count, settings.seed, progress)?
         };
@@ -131,12 +105,7 @@ impl PatchCore {
         }
         drop(bank);
         let memory_bank = Tensor::from_vec(coreset, (count, PATCH_CHANNELS), &context.device)?;
-        Self::from_bank(
-            context.backbone.clone(),
-            context.image_size,
-            settings,
-            memory_bank,
-        )
+        Self::from_bank(context.backbone.clone(), context.image_size, settings, memory_bank)
     }
 
     fn from_bank(
@@ -147,14 +116,12 @@ impl PatchCore {
     ) -> Result<Self> {
         let memory_bank_t = memory_bank.t()?.contiguous()?;
         let bank_norms = memory_bank.sqr()?.sum_keepdim(1)?.t()?.contiguous()?;
-        Ok(Self {
-            backbone,
-            settings,
-            image_size,
-            memory_bank,
-            memory_bank_t,
-            bank_norms,
-        })
+        let cpu_bank = if memory_bank.device().is_cpu() {
+            Some((memory_bank.flatten_all()?.to_vec1()?, bank_norms.flatten_all()?.to_vec1()?))
+        } else {
+            None
+        };
+        Ok(Self { backbone, settings, image_size, memory_bank, memory_bank_t, bank_norms, cpu_bank })
     }
 
     pub fn load(
@@ -163,9 +130,7 @@ impl PatchCore {
         settings: PatchCoreSettings,
         mut tensors: HashMap<String, Tensor>,
     ) -> Result<Self> {
-        let bank = tensors
-            .remove("memory_bank")
-            .context("model file has no `memory_bank` tensor")?;
+        let bank = tensors.remove("memory_bank").context("model file has no `memory_bank` tensor")?;
         let (_, channels) = bank.dims2().context("memory_bank must be 2-D")?;
         if channels != PATCH_CHANNELS {
             bail!("memory_bank has {channels} channels, expected {PATCH_CHANNELS}");
@@ -182,15 +147,14 @@ impl PatchCore {
     fn squared_distances(&self, rows: &Tensor) -> Result<Tensor> {
         let row_norms = rows.sqr()?.sum_keepdim(1)?;
         let dots = rows.matmul(&self.memory_bank_t)?;
-        Ok(dots
-            .affine(-2.0, 0.0)?
-            .broadcast_add(&row_norms)?
-            .broadcast_add(&self.bank_norms)?
-            .relu()?)
+        Ok(dots.affine(-2.0, 0.0)?.broadcast_add(&row_norms)?.broadcast_add(&self.bank_norms)?.relu()?)
     }
 
     /// Nearest bank entry of every row: (distance, index).
     fn nearest(&self, rows: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
+        if let Some((bank, bank_norms)) = &self.cpu_bank {
+            return Ok(nearest_on_cpu(&rows.flatten_all()?.to_vec1()?, bank, bank_norms));
+        }
         let n = rows.dims()[0];
         let mut distances = Vec::with_capacity(n);
         let mut indices = Vec::with_capacity(n);
@@ -199,13 +163,7 @@ impl PatchCore {
             let len = QUERY_BLOCK.min(n - start);
             let block = self.squared_distances(&rows.narrow(0, start, len)?)?;
             indices.extend(block.argmin_keepdim(1)?.flatten_all()?.to_vec1::<u32>()?);
-            distances.extend(
-                block
-                    .min_keepdim(1)?
-                    .sqrt()?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?,
-            );
+            distances.extend(block.min_keepdim(1)?.sqrt()?.flatten_all()?.to_vec1::<f32>()?);
             start += len;
         }
         Ok((distances, indices))
@@ -236,6 +194,63 @@ impl PatchCore {
     }
 }
 
+/// Nearest bank row of every query row, fused: one gemm per block of queries into a buffer that stays in cache,
+/// then min/argmin of `|b|² − 2 q·b` over it (`|q|²` is added after). Blocks run in parallel.
+fn nearest_on_cpu(rows: &[f32], bank: &[f32], bank_norms: &[f32]) -> (Vec<f32>, Vec<u32>) {
+    use rayon::prelude::*;
+    const BLOCK: usize = 64;
+    let (m, c) = (bank_norms.len(), PATCH_CHANNELS);
+    let n = rows.len() / c;
+    let mut distances = vec![0f32; n];
+    let mut indices = vec![0u32; n];
+    distances.par_chunks_mut(BLOCK).zip(indices.par_chunks_mut(BLOCK)).enumerate().for_each(
+        |(block, (block_distances, block_indices))| {
+            let queries = &rows[block * BLOCK * c..(block * BLOCK + block_distances.len()) * c];
+            let q = block_distances.len();
+            let mut dots = vec![0f32; q * m];
+            // SAFETY: row-major q×c times (m×c)ᵀ into q×m, all buffers sized accordingly.
+            unsafe {
+                gemm::gemm(
+                    q,
+                    m,
+                    c,
+                    dots.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    false,
+                    queries.as_ptr(),
+                    1,
+                    c as isize,
+                    bank.as_ptr(),
+                    c as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (i, row_dots) in dots.chunks_exact(m).enumerate() {
+                let (mut best, mut best_index) = (f32::INFINITY, 0u32);
+                for (j, (&dot, &norm)) in row_dots.iter().zip(bank_norms).enumerate() {
+                    let partial = norm - 2.0 * dot;
+                    if partial < best {
+                        best = partial;
+                        best_index = j as u32;
+                    }
+                }
+                let query = &queries[i * c..(i + 1) * c];
+                let query_norm: f32 = query.iter().map(|v| v * v).sum();
+                block_distances[i] = (best + query_norm).max(0.0).sqrt();
+                block_indices[i] = best_index;
+            }
+        },
+    );
+    (distances, indices)
+}
+
 impl AnomalyModel for PatchCore {
     fn info(&self) -> &'static MethodInfo {
         &INFO
@@ -250,20 +265,17 @@ impl AnomalyModel for PatchCore {
     }
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
-        let features = patch_features(&self.backbone, images)?;
-        let (batch, _, height, width) = features.dims4()?;
-        let rows = patches_as_rows(&features)?.contiguous()?;
+        let (batch, _, height, width) = images.dims4()?;
+        let (height, width) = (height.div_ceil(PATCH_STRIDE), width.div_ceil(PATCH_STRIDE));
+        let rows = patch_feature_rows(&self.backbone, images)?.contiguous()?;
         let (distances, nearest) = self.nearest(&rows)?;
         let per_image = height * width;
         let size = self.image_size as usize;
         let mut outputs = Vec::with_capacity(batch);
         for b in 0..batch {
             let patch_scores = &distances[b * per_image..(b + 1) * per_image];
-            let (argmax, &max) = patch_scores
-                .iter()
-                .enumerate()
-                .max_by(|x, y| x.1.total_cmp(y.1))
-                .context("empty feature map")?;
+            let (argmax, &max) =
+                patch_scores.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).context("empty feature map")?;
             let row = b * per_image + argmax;
             let score = self.reweighted_score(&rows.narrow(0, row, 1)?, max, nearest[row])?;
             let map = ScoreMap::new(width, height, patch_scores.to_vec())

@@ -1,0 +1,92 @@
+//! PatchCore end to end on the engine's synthetic set: it separates the defects, survives bad files, and a
+//! saved model scores exactly as the one in memory.
+
+use candle_core::Device;
+use loupe_engine::backbone::{weights, Backbone};
+use loupe_engine::dataset::scan_mvtec;
+use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
+use loupe_engine::evaluate::evaluate;
+use loupe_engine::methods::find_method;
+use loupe_engine::model_file;
+use loupe_engine::pipeline::{fit, score_images, FitRequest};
+use loupe_engine::progress::NoProgress;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("loupe-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn backbone() -> Arc<Backbone> {
+    Arc::new(Backbone::load(&weights::default_weights_path(), &Device::Cpu).unwrap_or_else(|e| panic!("{e:#}")))
+}
+
+#[test]
+fn patchcore_separates_synthetic_defects_and_round_trips() {
+    let dir = temp_dir("patchcore");
+    let data = dir.join("data");
+    generate_mvtec(&data, &SyntheticSpec::tiny(1)).unwrap();
+    // Bad files among the normal images are skipped and reported, not fatal.
+    std::fs::write(data.join("train/good/empty.png"), b"").unwrap();
+    std::fs::write(data.join("train/good/notes.jpg"), b"not an image").unwrap();
+    let backbone = backbone();
+    let mut request = FitRequest::new(find_method("patchcore").unwrap(), data.clone());
+    request.image_size = 96;
+    request.settings = serde_json::json!({"coreset_ratio": 0.25});
+    let outcome = fit(backbone.clone(), &request, &NoProgress).unwrap();
+    assert_eq!(outcome.skipped.len(), 2, "{:?}", outcome.skipped);
+    assert!(outcome.skipped.iter().any(|s| s.path.ends_with("empty.png") && s.reason.contains("empty file")));
+    assert_eq!(outcome.manifest.training.images_used + outcome.manifest.validation.count, 24);
+
+    let benchmark = scan_mvtec(&data).unwrap();
+    let report = evaluate(outcome.model.as_ref(), &outcome.manifest, &benchmark, 4, &Device::Cpu, &NoProgress).unwrap();
+    assert!(report.image_auroc > 0.9, "image AUROC {}", report.image_auroc);
+    assert!(report.pixel_auroc.unwrap() > 0.85, "pixel AUROC {:?}", report.pixel_auroc);
+    assert!(report.aupro.unwrap() > 0.5, "AUPRO {:?}", report.aupro);
+    assert_eq!(report.per_defect_type.len(), 3);
+
+    let path = dir.join("model.safetensors");
+    model_file::save(&path, outcome.model.as_ref(), &outcome.manifest).unwrap();
+    let loaded = model_file::load(&path, backbone).unwrap();
+    assert_eq!(loaded.manifest, outcome.manifest);
+    let (images, _) = loupe_engine::dataset::decode_all(&benchmark.test, 96, &|_| {});
+    let (before, _) = score_images(outcome.model.as_ref(), &images, 4, &Device::Cpu, &NoProgress).unwrap();
+    let (after, _) = score_images(loaded.model.as_ref(), &images, 4, &Device::Cpu, &NoProgress).unwrap();
+    for (a, b) in before.iter().zip(&after) {
+        assert_eq!(a.score, b.score);
+        assert_eq!(a.map, b.map);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn damaged_or_foreign_model_files_are_clear_errors() {
+    let dir = temp_dir("badmodel");
+    let backbone = backbone();
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    let message = format!("{:#}", model_file::load(&garbage, backbone.clone()).err().unwrap());
+    assert!(message.contains("garbage.safetensors"), "{message}");
+
+    let data = dir.join("data");
+    generate_mvtec(&data, &SyntheticSpec { train_good: 6, test_good: 0, test_per_defect: 0, ..SyntheticSpec::tiny(2) })
+        .unwrap();
+    let mut request = FitRequest::new(find_method("patchcore").unwrap(), data.join("train/good"));
+    request.image_size = 64;
+    let outcome = fit(backbone.clone(), &request, &NoProgress).unwrap();
+    let mut manifest = outcome.manifest.clone();
+    manifest.backbone_weights_sha256 = "0123456789abcdef".into();
+    let foreign = dir.join("foreign.safetensors");
+    model_file::save(&foreign, outcome.model.as_ref(), &manifest).unwrap();
+    let message = format!("{:#}", model_file::load(&foreign, backbone.clone()).err().unwrap());
+    assert!(message.contains("0123456789ab"), "{message}");
+
+    let bytes = std::fs::read(&foreign).unwrap();
+    let truncated = dir.join("truncated.safetensors");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(model_file::load(&truncated, backbone).is_err());
+    std::fs::remove_dir_all(dir).unwrap();
+}
