@@ -334,12 +334,16 @@ mod tests {
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
         let x = Tensor::randn(0f32, 2.0, (2, cin, 3, 4), &device)?;
         let residual = Tensor::randn(0f32, 1.0, (2, cout, 3, 4), &device)?;
-        for relu6 in [false, true] {
+        // The network only adds a residual after a linear (no ReLU6) projection; that is what is fused.
+        for (relu6, residual) in [(false, Some(&residual)), (false, None), (true, None)] {
             let conv = PointwiseConv::new(vb.pp("conv"), vb.pp("bn"), cin, cout, relu6)?;
-            let fused = conv.forward_with(&x, Some(&residual))?;
-            let reference = (conv.forward_portable(&x)? + &residual)?;
+            let fused = conv.forward_with(&x, residual)?;
+            let reference = match residual {
+                Some(r) => (conv.forward_portable(&x)? + r)?,
+                None => conv.forward_portable(&x)?,
+            };
             let diff = (fused - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "max diff {diff}");
+            assert!(diff < 1e-5, "relu6 {relu6}: max diff {diff}");
         }
         Ok(())
     }

@@ -26,8 +26,12 @@ fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]>
 }
 
 impl PointwiseKernel {
-    /// `x` (B, Cin, H, W) → (B, Cout, H, W), plus `residual` (same shape as the output) when given.
+    /// `x` (B, Cin, H, W) → (B, Cout, H, W), plus `residual` (same shape as the output) when given. A residual
+    /// is added before the activation, so it is only accepted without ReLU6 (as in MBConv's linear projection).
     pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        if residual.is_some() && self.relu6 {
+            candle_core::bail!("pointwise conv: a residual cannot be fused with ReLU6");
+        }
         let x = x.contiguous()?;
         match residual {
             Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, self),
