@@ -1,5 +1,7 @@
 //! The Lite0 port against reference numbers computed once in PyTorch (shared/reference/efficientnet-lite0.json):
-//! same weights, input `x[b][c][h][w] = 1.5·sin(0.05h + 0.07w + 1.3c + 0.9b)`.
+//! same weights, input `x[b][c][h][w] = 1.5·sin(0.05h + 0.07w + 1.3c + 0.9b)`. The numbers are copied as
+//! printed by PyTorch (float32 values written with all their digits).
+#![allow(clippy::excessive_precision)]
 
 use candle_core::{Device, Tensor};
 use loupe_engine::backbone::{weights, Backbone};
@@ -64,12 +66,12 @@ fn check_stats(tensor: &Tensor, stats: &Stats, what: &str) {
 fn check_case(backbone: &Backbone, case: &Case) {
     let input = formula_input(case.size);
     let logits: Vec<Vec<f32>> = backbone.net.logits(&input).unwrap().to_vec2().unwrap();
-    for b in 0..2 {
-        for i in 0..8 {
-            close(logits[b][i], case.logits[b][i], &format!("{} logit[{b}][{i}]", case.size));
+    for (b, (row, expected)) in logits.iter().zip(&case.logits).enumerate() {
+        for (i, (&actual, &reference)) in row.iter().zip(expected).enumerate() {
+            close(actual, reference, &format!("{} logit[{b}][{i}]", case.size));
         }
         let mut order: Vec<usize> = (0..1000).collect();
-        order.sort_by(|&x, &y| logits[b][y].total_cmp(&logits[b][x]));
+        order.sort_by(|&x, &y| row[y].total_cmp(&row[x]));
         assert_eq!(&order[..5], &case.top5[b], "{} top-5 of item {b}", case.size);
     }
     let maps = backbone.net.features(&input).unwrap();
@@ -200,4 +202,16 @@ fn pth_and_converted_safetensors_hash_alike() {
     let reread = weights::read_weights(&copy).unwrap();
     std::fs::remove_file(&copy).unwrap();
     assert_eq!(weights::weights_hash(&tensors), weights::weights_hash(&reread));
+}
+
+#[test]
+fn fused_patch_rows_equal_the_candle_path() {
+    use loupe_engine::methods::features::{patch_feature_rows, patch_features, patches_as_rows};
+    let backbone = Backbone::load(&weights::default_weights_path(), &Device::Cpu).unwrap();
+    let images = (formula_input(64).affine(0.3, 0.5).unwrap()).clamp(0f32, 1f32).unwrap();
+    let fused = patch_feature_rows(&backbone, &images).unwrap();
+    let reference = patches_as_rows(&patch_features(&backbone, &images).unwrap()).unwrap();
+    assert_eq!(fused.dims(), reference.dims());
+    let diff = (fused - reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-4, "max diff {diff}");
 }

@@ -53,6 +53,20 @@ pub struct EvalReport {
     pub images: Vec<ImageResult>,
 }
 
+impl EvalReport {
+    /// Re-states the threshold-dependent figures (FAR, MAR, confusion, detected share per type) at `threshold`.
+    pub fn set_threshold(&mut self, threshold: f32, table: &ThresholdTable) {
+        self.threshold = threshold;
+        self.confusion = table.confusion(threshold);
+        self.far = self.confusion.far().unwrap_or(0.0);
+        self.mar = self.confusion.mar().unwrap_or(0.0);
+        for (name, report) in self.per_defect_type.iter_mut() {
+            let of_type: Vec<&ImageResult> = self.images.iter().filter(|i| &i.defect_type == name).collect();
+            report.detected = of_type.iter().filter(|i| i.score >= threshold).count() as f64 / of_type.len() as f64;
+        }
+    }
+}
+
 struct Scored<'a> {
     record: &'a ImageRecord,
     decoded: &'a DecodedImage,
@@ -109,7 +123,6 @@ pub fn evaluate(
     let table = ThresholdTable::new(&scores, &labels);
     let (f1_threshold, f1_max) = table.f1_max().expect("both classes present");
     let threshold = manifest.thresholds.decision;
-    let confusion = table.confusion(threshold);
     progress.begin("pixel metrics", 1);
     let all: Vec<&Scored> = scored.iter().collect();
     let (pixel_auroc, pro) = pixel_metrics(&all);
@@ -132,12 +145,12 @@ pub fn evaluate(
                 image_auroc: auroc(&subset_scores, &subset_labels).ok(),
                 pixel_auroc,
                 aupro,
-                detected: of_type.iter().filter(|s| s.score >= threshold).count() as f64 / of_type.len() as f64,
+                detected: 0.0,
             },
         );
     }
     progress.advance(1);
-    Ok(EvalReport {
+    let mut report = EvalReport {
         method: manifest.method.clone(),
         image_auroc,
         pixel_auroc,
@@ -145,9 +158,9 @@ pub fn evaluate(
         f1_max,
         f1_threshold,
         threshold,
-        far: confusion.far().unwrap_or(0.0),
-        mar: confusion.mar().unwrap_or(0.0),
-        confusion,
+        far: 0.0,
+        mar: 0.0,
+        confusion: Confusion::default(),
         test_images: scored.len(),
         test_images_per_s: scored.len() as f64 / seconds.max(1e-9),
         batch_size,
@@ -161,5 +174,7 @@ pub fn evaluate(
                 score: s.score,
             })
             .collect(),
-    })
+    };
+    report.set_threshold(threshold, &table);
+    Ok(report)
 }

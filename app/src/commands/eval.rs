@@ -3,7 +3,9 @@
 use super::EngineArgs;
 use crate::progress_bar::TerminalProgress;
 use anyhow::{bail, Result};
+use loupe_engine::dataset::layout::GOOD;
 use loupe_engine::dataset::{scan_folder_layout, scan_mvtec, Benchmark};
+use loupe_engine::metrics::{ThresholdRule, ThresholdTable};
 use loupe_engine::evaluate::{evaluate, EvalReport};
 use loupe_engine::model_file;
 use std::path::PathBuf;
@@ -27,6 +29,12 @@ pub struct EvalArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Choose the decision threshold on this test set's labels (far:RATE, mar:RATE or f1-max) and report at it.
+    #[arg(long, value_name = "RULE")]
+    pub choose_threshold: Option<ThresholdRule>,
+    /// With --choose-threshold: write the chosen threshold into the model file.
+    #[arg(long, requires = "choose_threshold")]
+    pub save_threshold: bool,
     /// Images per scoring call; throughput is reported at this batch size.
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
@@ -40,6 +48,10 @@ fn benchmark(args: &EvalArgs) -> Result<Benchmark> {
         (None, Some(normal), Some(abnormal)) => scan_folder_layout(normal, abnormal, args.mask.as_deref(), 0.2),
         _ => bail!("give --data <mvtec folder>, or --normal and --abnormal"),
     }
+}
+
+fn describe(args: &EvalArgs) -> String {
+    args.data.as_ref().or(args.abnormal.as_ref()).map(|p| p.display().to_string()).unwrap_or_default()
 }
 
 fn print_human(report: &EvalReport) {
@@ -86,10 +98,25 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let benchmark = benchmark(&args)?;
     let backbone = args.engine.load_backbone()?;
     let device = backbone.device.clone();
-    let loaded = model_file::load(&args.model, backbone)?;
+    let mut loaded = model_file::load(&args.model, backbone)?;
     let progress = TerminalProgress::new();
-    let report = evaluate(loaded.model.as_ref(), &loaded.manifest, &benchmark, args.batch_size, &device, &progress)?;
+    let mut report = evaluate(loaded.model.as_ref(), &loaded.manifest, &benchmark, args.batch_size, &device, &progress)?;
     progress.finish();
+    if let Some(rule) = args.choose_threshold {
+        let scores: Vec<f32> = report.images.iter().map(|i| i.score).collect();
+        let labels: Vec<bool> = report.images.iter().map(|i| i.defect_type != GOOD).collect();
+        let table = ThresholdTable::new(&scores, &labels);
+        let Some(threshold) = table.threshold_for(rule) else {
+            bail!("{rule} needs both good and defective test images");
+        };
+        report.set_threshold(threshold, &table);
+        if args.save_threshold {
+            loaded.manifest.thresholds.decision = threshold;
+            loaded.manifest.thresholds.rule = format!("{rule} on the labelled test set {}", describe(&args));
+            model_file::save(&args.model, loaded.model.as_ref(), &loaded.manifest)?;
+            eprintln!("threshold {threshold:.4} ({rule}) saved in {}", args.model.display());
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

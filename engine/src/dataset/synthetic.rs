@@ -213,9 +213,9 @@ mod tests {
             let mut damaged = clean.clone();
             let mask = add_defect(&mut damaged, kind, &mut rng);
             assert!(mask.iter().filter(|&&m| m == 1).count() > 10, "{kind:?} mask too small");
-            for i in 0..mask.len() {
-                if mask[i] == 0 {
-                    assert_eq!(clean.pixels[i], damaged.pixels[i], "{kind:?} changed a pixel outside its mask");
+            for ((&m, before), after) in mask.iter().zip(&clean.pixels).zip(&damaged.pixels) {
+                if m == 0 {
+                    assert_eq!(before, after, "{kind:?} changed a pixel outside its mask");
                 }
             }
             let changed = (0..mask.len()).filter(|&i| mask[i] == 1 && clean.pixels[i] != damaged.pixels[i]).count();

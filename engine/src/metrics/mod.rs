@@ -8,7 +8,7 @@ pub mod threshold;
 
 pub use pro::aupro;
 pub use roc::{auroc, roc_curve, RocCurve};
-pub use threshold::{Confusion, ThresholdTable};
+pub use threshold::{Confusion, ThresholdRule, ThresholdTable};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum MetricError {

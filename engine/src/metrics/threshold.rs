@@ -145,6 +145,55 @@ impl ThresholdTable {
     }
 }
 
+/// How a person asks for a threshold: `far:0.01`, `mar:0.05` or `f1-max`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ThresholdRule {
+    MaxFalseAlarmRate(f64),
+    MaxMissedAlarmRate(f64),
+    F1Max,
+}
+
+impl std::str::FromStr for ThresholdRule {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let rate = |value: &str| -> Result<f64, String> {
+            let rate: f64 = value.parse().map_err(|_| format!("`{value}` is not a number"))?;
+            if (0.0..=1.0).contains(&rate) {
+                Ok(rate)
+            } else {
+                Err(format!("rate {rate} is outside [0, 1]"))
+            }
+        };
+        match text.split_once(':') {
+            Some(("far", value)) => Ok(Self::MaxFalseAlarmRate(rate(value)?)),
+            Some(("mar", value)) => Ok(Self::MaxMissedAlarmRate(rate(value)?)),
+            None if text == "f1-max" => Ok(Self::F1Max),
+            _ => Err(format!("`{text}`: expected far:RATE, mar:RATE or f1-max")),
+        }
+    }
+}
+
+impl std::fmt::Display for ThresholdRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::MaxFalseAlarmRate(rate) => write!(f, "FAR <= {rate}"),
+            Self::MaxMissedAlarmRate(rate) => write!(f, "MAR <= {rate}"),
+            Self::F1Max => write!(f, "F1-max"),
+        }
+    }
+}
+
+impl ThresholdTable {
+    /// The threshold the rule asks for, when the scores hold the classes it needs.
+    pub fn threshold_for(&self, rule: ThresholdRule) -> Option<f32> {
+        match rule {
+            ThresholdRule::MaxFalseAlarmRate(rate) => self.threshold_for_far(rate),
+            ThresholdRule::MaxMissedAlarmRate(rate) => self.threshold_for_mar(rate),
+            ThresholdRule::F1Max => self.f1_max().map(|(threshold, _)| threshold),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +230,15 @@ mod tests {
         let (threshold, f1) = table().f1_max().unwrap();
         assert!((f1 - 5.0 / 6.0).abs() < 1e-12, "{f1}");
         assert_eq!(threshold, 0.35);
+    }
+
+    #[test]
+    fn rules_parse_and_apply() {
+        assert_eq!("far:0.05".parse::<ThresholdRule>(), Ok(ThresholdRule::MaxFalseAlarmRate(0.05)));
+        assert_eq!("f1-max".parse::<ThresholdRule>(), Ok(ThresholdRule::F1Max));
+        assert!("mar:2".parse::<ThresholdRule>().is_err());
+        assert!("median".parse::<ThresholdRule>().is_err());
+        assert_eq!(table().threshold_for(ThresholdRule::F1Max), Some(0.35));
     }
 
     #[test]
