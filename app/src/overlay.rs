@@ -12,9 +12,13 @@ pub fn jet(t: f32) -> [u8; 3] {
 
 /// Blends the map over the image: scores are shown relative to the decision threshold (threshold = the middle
 /// of the colormap), so heatmaps of different images compare.
-pub fn overlay(image: &RgbImage, map: &ScoreMap, threshold: f32) -> RgbImage {
+/// Without a threshold the image's own maximum is the top of the colormap.
+pub fn overlay(image: &RgbImage, map: &ScoreMap, threshold: Option<f32>) -> RgbImage {
     let map = map.resized(image.width() as usize, image.height() as usize);
-    let scale = if threshold.is_finite() && threshold > 0.0 { 0.5 / threshold } else { 1.0 / map.max().max(1e-6) };
+    let scale = match threshold {
+        Some(t) if t.is_finite() && t > 0.0 => 0.5 / t,
+        _ => 1.0 / map.max().max(1e-6),
+    };
     let mut out = image.clone();
     for (i, pixel) in out.pixels_mut().enumerate() {
         let t = map.data[i] * scale;

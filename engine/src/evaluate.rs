@@ -40,10 +40,11 @@ pub struct EvalReport {
     pub aupro: Option<f64>,
     pub f1_max: f64,
     pub f1_threshold: f32,
-    /// The model's decision threshold (chosen on validation normals at fit time).
-    pub threshold: f32,
-    pub far: f64,
-    pub mar: f64,
+    /// The model's decision threshold (chosen on validation normals at fit time), if it has one.
+    pub threshold: Option<f32>,
+    /// False-alarm and missed-alarm rates at `threshold`.
+    pub far: Option<f64>,
+    pub mar: Option<f64>,
     pub confusion: Confusion,
     pub test_images: usize,
     pub test_images_per_s: f64,
@@ -55,11 +56,12 @@ pub struct EvalReport {
 
 impl EvalReport {
     /// Re-states the threshold-dependent figures (FAR, MAR, confusion, detected share per type) at `threshold`.
-    pub fn set_threshold(&mut self, threshold: f32, table: &ThresholdTable) {
+    pub fn set_threshold(&mut self, threshold: Option<f32>, table: &ThresholdTable) {
         self.threshold = threshold;
+        let Some(threshold) = threshold else { return };
         self.confusion = table.confusion(threshold);
-        self.far = self.confusion.far().unwrap_or(0.0);
-        self.mar = self.confusion.mar().unwrap_or(0.0);
+        self.far = self.confusion.far();
+        self.mar = self.confusion.mar();
         for (name, report) in self.per_defect_type.iter_mut() {
             let of_type: Vec<&ImageResult> = self.images.iter().filter(|i| &i.defect_type == name).collect();
             report.detected = of_type.iter().filter(|i| i.score >= threshold).count() as f64 / of_type.len() as f64;
@@ -158,8 +160,8 @@ pub fn evaluate(
         f1_max,
         f1_threshold,
         threshold,
-        far: 0.0,
-        mar: 0.0,
+        far: None,
+        mar: None,
         confusion: Confusion::default(),
         test_images: scored.len(),
         test_images_per_s: scored.len() as f64 / seconds.max(1e-9),

@@ -20,8 +20,8 @@ pub const NORMALIZATION: &str = "rgb in [0,1], resized to image_size², then (x*
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Thresholds {
-    /// Images scoring at or above this are rejected.
-    pub decision: f32,
+    /// Images scoring at or above this are rejected; `None` until one is chosen (no validation images).
+    pub decision: Option<f32>,
     /// Optional lower edge of a review band: scores in [review, decision) go to a person.
     pub review: Option<f32>,
     /// How `decision` was chosen, for people reading the file.

@@ -140,14 +140,12 @@ pub fn choose_threshold(validation_scores: &[f32], target_far: f64) -> Threshold
     let table = ThresholdTable::new(validation_scores, &vec![false; validation_scores.len()]);
     match table.threshold_for_far(target_far) {
         Some(decision) => Thresholds {
-            decision,
+            decision: Some(decision),
             review: None,
             rule: format!("FAR <= {:.3} on {} held-out normal images", target_far, validation_scores.len()),
         },
-        None => Thresholds {
-            decision: f32::INFINITY,
-            review: None,
-            rule: "no validation images: set a threshold before use".into(),
-        },
+        None => {
+            Thresholds { decision: None, review: None, rule: "no validation images: set a threshold before use".into() }
+        }
     }
 }

@@ -53,7 +53,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
     println!("  pixel AUROC {:.4}", report.pixel_auroc.unwrap_or(f64::NAN));
     println!("  AUPRO@0.3   {:.4}", report.aupro.unwrap_or(f64::NAN));
     println!("  F1-max      {:.4}", report.f1_max);
-    println!("  threshold   {:.4}: FAR {:.1} %, MAR {:.1} %", report.threshold, report.far * 100.0, report.mar * 100.0);
+    if let (Some(threshold), Some(far), Some(mar)) = (report.threshold, report.far, report.mar) {
+        println!("  threshold   {threshold:.4}: FAR {:.1} %, MAR {:.1} %", far * 100.0, mar * 100.0);
+    }
     let heatmaps = args.dir.join("heatmaps");
     std::fs::create_dir_all(&heatmaps)?;
     let examples: Vec<ImageRecord> =

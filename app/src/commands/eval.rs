@@ -5,8 +5,8 @@ use crate::progress_bar::TerminalProgress;
 use anyhow::{bail, Result};
 use loupe_engine::dataset::layout::GOOD;
 use loupe_engine::dataset::{scan_folder_layout, scan_mvtec, Benchmark};
-use loupe_engine::metrics::{ThresholdRule, ThresholdTable};
 use loupe_engine::evaluate::{evaluate, EvalReport};
+use loupe_engine::metrics::{ThresholdRule, ThresholdTable};
 use loupe_engine::model_file;
 use std::path::PathBuf;
 
@@ -62,12 +62,12 @@ fn print_human(report: &EvalReport) {
     println!("pixel AUROC     {}", optional(report.pixel_auroc));
     println!("AUPRO@0.3       {}", optional(report.aupro));
     println!("F1-max          {:.4} at threshold {:.4}", report.f1_max, report.f1_threshold);
-    println!(
-        "threshold       {:.4}: FAR {:.2} %, MAR {:.2} %",
-        report.threshold,
-        report.far * 100.0,
-        report.mar * 100.0
-    );
+    match (report.threshold, report.far, report.mar) {
+        (Some(t), Some(far), Some(mar)) => {
+            println!("threshold       {t:.4}: FAR {:.2} %, MAR {:.2} %", far * 100.0, mar * 100.0)
+        }
+        _ => println!("threshold       none chosen (fitted without validation images): see --choose-threshold"),
+    }
     let c = &report.confusion;
     println!(
         "confusion       defects flagged {} / passed {}; good flagged {} / passed {}",
@@ -100,7 +100,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let device = backbone.device.clone();
     let mut loaded = model_file::load(&args.model, backbone)?;
     let progress = TerminalProgress::new();
-    let mut report = evaluate(loaded.model.as_ref(), &loaded.manifest, &benchmark, args.batch_size, &device, &progress)?;
+    let mut report =
+        evaluate(loaded.model.as_ref(), &loaded.manifest, &benchmark, args.batch_size, &device, &progress)?;
     progress.finish();
     if let Some(rule) = args.choose_threshold {
         let scores: Vec<f32> = report.images.iter().map(|i| i.score).collect();
@@ -109,9 +110,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let Some(threshold) = table.threshold_for(rule) else {
             bail!("{rule} needs both good and defective test images");
         };
-        report.set_threshold(threshold, &table);
+        report.set_threshold(Some(threshold), &table);
         if args.save_threshold {
-            loaded.manifest.thresholds.decision = threshold;
+            loaded.manifest.thresholds.decision = Some(threshold);
             loaded.manifest.thresholds.rule = format!("{rule} on the labelled test set {}", describe(&args));
             model_file::save(&args.model, loaded.model.as_ref(), &loaded.manifest)?;
             eprintln!("threshold {threshold:.4} ({rule}) saved in {}", args.model.display());

@@ -74,13 +74,13 @@ pub fn run(args: FitArgs) -> Result<()> {
     model_file::save(&args.out, outcome.model.as_ref(), &outcome.manifest)?;
     let manifest = &outcome.manifest;
     eprintln!(
-        "{} fitted on {} images ({} skipped, {} held out for validation) in {:.1} s; threshold {:.4} ({}); saved {}",
+        "{} fitted on {} images ({} skipped, {} held out for validation) in {:.1} s; threshold {} ({}); saved {}",
         method.title,
         manifest.training.images_used,
         outcome.skipped.len(),
         manifest.validation.count,
         manifest.training.fit_seconds,
-        manifest.thresholds.decision,
+        manifest.thresholds.decision.map_or("none".to_string(), |t| format!("{t:.4}")),
         manifest.thresholds.rule,
         args.out.display()
     );

@@ -56,8 +56,12 @@ pub fn run(args: InferArgs) -> Result<()> {
     for image in &decoded {
         let output = model.score_batch(&images_to_tensor(&[image], &device)?)?.remove(0);
         let path = &records[image.index].path;
-        let verdict = if output.score >= threshold { "defect" } else { "good" };
-        flagged += usize::from(output.score >= threshold);
+        let verdict = match threshold {
+            Some(t) if output.score >= t => "defect",
+            Some(_) => "good",
+            None => "no-threshold",
+        };
+        flagged += usize::from(verdict == "defect");
         if args.json {
             let line =
                 serde_json::json!({"path": path.display().to_string(), "score": output.score, "verdict": verdict});
@@ -70,15 +74,16 @@ pub fn run(args: InferArgs) -> Result<()> {
         }
     }
     eprintln!(
-        "{} images scored ({} flagged at threshold {threshold:.4}), {} skipped",
+        "{} images scored ({} flagged at threshold {}), {} skipped",
         decoded.len(),
         flagged,
+        threshold.map_or("none".to_string(), |t| format!("{t:.4}")),
         skipped.len()
     );
     Ok(())
 }
 
-fn write_heatmap(out: &std::path::Path, path: &std::path::Path, map: &ScoreMap, threshold: f32) -> Result<()> {
+fn write_heatmap(out: &std::path::Path, path: &std::path::Path, map: &ScoreMap, threshold: Option<f32>) -> Result<()> {
     let original = open_image(path).map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?.to_rgb8();
     let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
     let target = out.join(format!("{stem}_heatmap.png"));
