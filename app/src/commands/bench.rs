@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use loupe_engine::dataset::{decode_all, scan_normal_folder, DecodedImage};
 use loupe_engine::methods::features::{patch_features, patches_as_rows, PATCH_CHANNELS};
 use loupe_engine::methods::images_to_tensor;
-use loupe_engine::methods::representation::coreset::{greedy_coreset, random_projection};
+use loupe_engine::methods::representation::coreset::{greedy_coreset, random_projection, CoresetMethod};
 use loupe_engine::progress::NoProgress;
 use loupe_engine::rng::SplitMix64;
 use std::path::Path;
@@ -113,7 +113,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let projection_s = started.elapsed().as_secs_f64();
             let count = (points as f64 * ratio).ceil() as usize;
             let started = Instant::now();
-            let selected = greedy_coreset(&projected, 128, count, 0, &NoProgress)?;
+            let selected = greedy_coreset(&projected, 128, count, 0, CoresetMethod::Auto, &NoProgress)?;
             println!(
                 "coreset {} of {points} points: projection {projection_s:.1} s, greedy selection {:.1} s",
                 selected.len(),

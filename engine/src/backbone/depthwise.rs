@@ -63,37 +63,60 @@ struct PlaneGeometry {
 
 /// Runs the plane kernel compiled for AVX2+FMA when the processor has them (decided at run time, so the same
 /// binary still runs on older line PCs), else for the baseline instruction set.
-fn convolve_plane(geometry: &PlaneGeometry, plane: &[f32], kernel: &[f32], bias: f32, out: &mut [f32]) {
+fn convolve_plane(
+    geometry: &PlaneGeometry,
+    plane: &[f32],
+    kernel: &[f32],
+    bias: f32,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the features this function is compiled for were just detected.
-            unsafe { convolve_plane_avx2(geometry, plane, kernel, bias, out) };
+            unsafe { convolve_plane_avx2(geometry, plane, kernel, bias, out, scratch) };
             return;
         }
     }
-    convolve_plane_portable(geometry, plane, kernel, bias, out);
+    convolve_plane_portable(geometry, plane, kernel, bias, out, scratch);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn convolve_plane_avx2(geometry: &PlaneGeometry, plane: &[f32], kernel: &[f32], bias: f32, out: &mut [f32]) {
-    convolve_plane_portable(geometry, plane, kernel, bias, out);
+unsafe fn convolve_plane_avx2(
+    geometry: &PlaneGeometry,
+    plane: &[f32],
+    kernel: &[f32],
+    bias: f32,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    convolve_plane_portable(geometry, plane, kernel, bias, out, scratch);
 }
 
 /// Dispatches to a copy with the kernel size and stride fixed at compile time, so the tap loops unroll.
 #[inline(always)]
-fn convolve_plane_portable(geometry: &PlaneGeometry, plane: &[f32], kernel: &[f32], bias: f32, out: &mut [f32]) {
+fn convolve_plane_portable(
+    geometry: &PlaneGeometry,
+    plane: &[f32],
+    kernel: &[f32],
+    bias: f32,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     match (geometry.kernel, geometry.stride) {
-        (3, 1) => convolve_plane_fixed::<3, 1>(geometry, plane, kernel, bias, out),
-        (3, 2) => convolve_plane_fixed::<3, 2>(geometry, plane, kernel, bias, out),
-        (5, 1) => convolve_plane_fixed::<5, 1>(geometry, plane, kernel, bias, out),
-        (5, 2) => convolve_plane_fixed::<5, 2>(geometry, plane, kernel, bias, out),
-        _ => convolve_plane_fixed::<0, 0>(geometry, plane, kernel, bias, out),
+        (3, 1) => convolve_plane_fixed::<3, 1>(geometry, plane, kernel, bias, out, scratch),
+        (3, 2) => convolve_plane_fixed::<3, 2>(geometry, plane, kernel, bias, out, scratch),
+        (5, 1) => convolve_plane_fixed::<5, 1>(geometry, plane, kernel, bias, out, scratch),
+        (5, 2) => convolve_plane_fixed::<5, 2>(geometry, plane, kernel, bias, out, scratch),
+        _ => convolve_plane_fixed::<0, 0>(geometry, plane, kernel, bias, out, scratch),
     }
 }
 
-/// `K`/`S` = 0 means "as in `geometry`".
+/// One channel plane. The input is first copied into `scratch`, zero-padded and split by column phase
+/// (x mod stride), so that for every tap the inputs of a whole output row are one contiguous run: the inner
+/// loop has no bounds logic and vectorises at stride 2 as at stride 1. `K`/`S` = 0 means "as in `geometry`".
 #[inline(always)]
 fn convolve_plane_fixed<const K: usize, const S: usize>(
     geometry: &PlaneGeometry,
@@ -101,59 +124,64 @@ fn convolve_plane_fixed<const K: usize, const S: usize>(
     kernel: &[f32],
     bias: f32,
     out_plane: &mut [f32],
+    scratch: &mut Vec<f32>,
 ) {
     let PlaneGeometry { height, width, out_h, out_w, pad_top, pad_left, relu6, .. } = *geometry;
     let k = if K == 0 { geometry.kernel } else { K };
     let stride = if S == 0 { geometry.stride } else { S };
-    // Columns split by phase (x mod stride), so every tap reads a contiguous run of inputs and the inner loop
-    // vectorises at stride 2 as it does at stride 1 (where the plane itself is the only phase).
-    let phase_width: Vec<usize> = (0..stride).map(|p| (width + stride - 1 - p) / stride).collect();
-    let split: Vec<Vec<f32>> = if stride == 1 {
-        Vec::new()
-    } else {
-        (0..stride)
-            .map(|p| {
-                let mut columns = Vec::with_capacity(height * phase_width[p]);
-                for row in plane.chunks_exact(width) {
-                    columns.extend(row.iter().skip(p).step_by(stride));
-                }
-                columns
-            })
-            .collect()
-    };
-    let phases: Vec<&[f32]> = if stride == 1 { vec![plane] } else { split.iter().map(Vec::as_slice).collect() };
-    for oy in 0..out_h {
-        let out_row = &mut out_plane[oy * out_w..(oy + 1) * out_w];
-        out_row.fill(bias);
-        for ky in 0..k {
-            let iy = (oy * stride + ky) as isize - pad_top as isize;
-            if iy < 0 || iy >= height as isize {
+    let padded_h = (out_h - 1) * stride + k;
+    let padded_w = (out_w - 1) * stride + k;
+    // Each phase row gets LANES spare zeros so the last block of outputs can read a full vector.
+    let phase_w = padded_w.div_ceil(stride) + LANES;
+    scratch.clear();
+    scratch.resize(stride * padded_h * phase_w, 0.0);
+    for r in 0..padded_h {
+        let iy = r as isize - pad_top as isize;
+        if iy < 0 || iy >= height as isize {
+            continue;
+        }
+        let row = &plane[iy as usize * width..(iy as usize + 1) * width];
+        for phase in 0..stride {
+            // Phase column j holds padded column j·stride + phase, i.e. input column j·stride + phase − pad_left.
+            let first = pad_left.saturating_sub(phase).div_ceil(stride);
+            let end = (width + pad_left).min(padded_w).saturating_sub(phase).div_ceil(stride);
+            if first >= end {
                 continue;
             }
-            for kx in 0..k {
-                let w = kernel[ky * k + kx];
-                // Input column of output `ox` is `ox·stride + offset` = phase column `ox + shift`.
-                let offset = kx as isize - pad_left as isize;
-                let phase = offset.rem_euclid(stride as isize) as usize;
-                let shift = offset.div_euclid(stride as isize);
-                let columns = phase_width[phase] as isize;
-                let first = (-shift).max(0) as usize;
-                let last = (columns - shift).clamp(0, out_w as isize) as usize;
-                if first >= last {
-                    continue;
-                }
-                let row = &phases[phase][iy as usize * phase_width[phase]..][..phase_width[phase]];
-                let start = (first as isize + shift) as usize;
-                for (o, &x) in out_row[first..last].iter_mut().zip(&row[start..]) {
-                    *o += w * x;
-                }
+            let target = &mut scratch[(phase * padded_h + r) * phase_w..][first..end];
+            let source = row[first * stride + phase - pad_left..].iter().step_by(stride);
+            for (slot, &value) in target.iter_mut().zip(source) {
+                *slot = value;
             }
         }
-        if relu6 {
-            out_row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+    }
+    // Outputs in blocks of LANES held in registers while all k² taps accumulate into them.
+    for oy in 0..out_h {
+        let out_row = &mut out_plane[oy * out_w..(oy + 1) * out_w];
+        for x0 in (0..out_w).step_by(LANES) {
+            let mut acc = [bias; LANES];
+            for ky in 0..k {
+                let row_start = (oy * stride + ky) * phase_w + x0;
+                for kx in 0..k {
+                    let w = kernel[ky * k + kx];
+                    let start = (kx % stride) * padded_h * phase_w + row_start + kx / stride;
+                    let inputs: &[f32; LANES] = scratch[start..start + LANES].try_into().expect("LANES inputs");
+                    for lane in 0..LANES {
+                        acc[lane] += w * inputs[lane];
+                    }
+                }
+            }
+            if relu6 {
+                acc.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+            }
+            let n = LANES.min(out_w - x0);
+            out_row[x0..x0 + n].copy_from_slice(&acc[..n]);
         }
     }
 }
+
+/// Outputs computed together in registers (two AVX vectors).
+const LANES: usize = 16;
 
 impl CustomOp3 for DepthwiseConv {
     fn name(&self) -> &'static str {
@@ -190,11 +218,17 @@ impl CustomOp3 for DepthwiseConv {
         let mut output = vec![0f32; batch * channels * out_h * out_w];
         let geometry =
             PlaneGeometry { height, width, out_h, out_w, kernel: k, stride, pad_top, pad_left, relu6: self.relu6 };
-        output.par_chunks_mut(out_h * out_w).enumerate().for_each(|(plane_index, out_plane)| {
-            let channel = plane_index % channels;
-            let plane = &input[plane_index * height * width..(plane_index + 1) * height * width];
-            let kernel = &weight[channel * k * k..(channel + 1) * k * k];
-            convolve_plane(&geometry, plane, kernel, bias[channel], out_plane);
+        // Several small planes per task, so scheduling and the scratch buffer are paid per task, not per plane.
+        let planes_per_task = (4096 / (out_h * out_w)).max(1);
+        output.par_chunks_mut(out_h * out_w * planes_per_task).enumerate().for_each(|(task, out_planes)| {
+            let mut scratch = Vec::new();
+            for (offset, out_plane) in out_planes.chunks_exact_mut(out_h * out_w).enumerate() {
+                let plane_index = task * planes_per_task + offset;
+                let channel = plane_index % channels;
+                let plane = &input[plane_index * height * width..(plane_index + 1) * height * width];
+                let kernel = &weight[channel * k * k..(channel + 1) * k * k];
+                convolve_plane(&geometry, plane, kernel, bias[channel], out_plane, &mut scratch);
+            }
         });
         Ok((CpuStorage::F32(output), Shape::from((batch, channels, out_h, out_w))))
     }
@@ -216,7 +250,9 @@ mod tests {
     #[test]
     fn kernel_matches_portable_ops() -> Result<()> {
         let device = Device::Cpu;
-        for &(kernel, stride, size) in &[(3, 1, 9), (3, 2, 10), (5, 2, 11), (5, 1, 8), (3, 2, 7)] {
+        for &(kernel, stride, size) in
+            &[(3, 1, 9), (3, 2, 10), (5, 2, 11), (5, 1, 8), (3, 2, 7), (3, 2, 33), (5, 1, 20), (5, 2, 1)]
+        {
             let input = Tensor::randn(0f32, 1.0, (2, 3, size, size + 1), &device)?;
             let weight = Tensor::randn(0f32, 1.0, (3, 1, kernel, kernel), &device)?;
             let bias = Tensor::randn(0f32, 1.0, 3, &device)?;

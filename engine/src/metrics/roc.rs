@@ -25,11 +25,11 @@ fn descending_order(scores: &[f32]) -> Vec<u32> {
     order
 }
 
-pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Result<RocCurve, MetricError> {
-    let (positives, negatives) = check_inputs(scores, labels)?;
+/// Walks the scores from the highest down, calling `step(score, true positives, false positives)` once per
+/// distinct score with the counts of everything at or above it: tied scores are one step.
+fn for_each_threshold(scores: &[f32], labels: &[bool], mut step: impl FnMut(f32, u64, u64)) {
     let order = descending_order(scores);
-    let mut curve = RocCurve { fpr: vec![0.0], tpr: vec![0.0], thresholds: vec![f32::INFINITY] };
-    let (mut tp, mut fp) = (0usize, 0usize);
+    let (mut tp, mut fp) = (0u64, 0u64);
     let mut i = 0;
     while i < order.len() {
         let score = scores[order[i] as usize];
@@ -41,10 +41,18 @@ pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Result<RocCurve, MetricErro
             }
             i += 1;
         }
+        step(score, tp, fp);
+    }
+}
+
+pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Result<RocCurve, MetricError> {
+    let (positives, negatives) = check_inputs(scores, labels)?;
+    let mut curve = RocCurve { fpr: vec![0.0], tpr: vec![0.0], thresholds: vec![f32::INFINITY] };
+    for_each_threshold(scores, labels, |score, tp, fp| {
         curve.fpr.push(fp as f64 / negatives as f64);
         curve.tpr.push(tp as f64 / positives as f64);
         curve.thresholds.push(score);
-    }
+    });
     Ok(curve)
 }
 
@@ -52,23 +60,11 @@ pub fn roc_curve(scores: &[f32], labels: &[bool]) -> Result<RocCurve, MetricErro
 /// scores).
 pub fn auroc(scores: &[f32], labels: &[bool]) -> Result<f64, MetricError> {
     let (positives, negatives) = check_inputs(scores, labels)?;
-    let order = descending_order(scores);
-    let (mut tp, mut fp) = (0u64, 0u64);
-    let mut area = 0.0f64;
-    let mut i = 0;
-    while i < order.len() {
-        let score = scores[order[i] as usize];
-        let (tp_before, fp_before) = (tp, fp);
-        while i < order.len() && scores[order[i] as usize] == score {
-            if labels[order[i] as usize] {
-                tp += 1;
-            } else {
-                fp += 1;
-            }
-            i += 1;
-        }
+    let (mut area, mut tp_before, mut fp_before) = (0.0f64, 0u64, 0u64);
+    for_each_threshold(scores, labels, |_, tp, fp| {
         area += (fp - fp_before) as f64 * (tp + tp_before) as f64 / 2.0;
-    }
+        (tp_before, fp_before) = (tp, fp);
+    });
     Ok(area / (positives as f64 * negatives as f64))
 }
 

@@ -6,7 +6,7 @@
 //! map (upsampled to the input, Gaussian σ = 4); the image score is the largest patch distance, re-weighted by
 //! how isolated its nearest bank entry is among its `num_neighbors` neighbours (the paper's Eq. 7).
 
-use super::coreset::{greedy_coreset, random_projection};
+use super::coreset::{greedy_coreset, random_projection, CoresetMethod};
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
@@ -42,6 +42,8 @@ pub struct PatchCoreSettings {
     pub num_neighbors: usize,
     /// Dimensions of the random projection used while selecting the coreset (0 = no projection).
     pub projection_dim: usize,
+    /// `auto` (exact greedy for small coresets, spatial cells above), `exact` or `cells`.
+    pub coreset_method: CoresetMethod,
     pub seed: u64,
     /// σ of the Gaussian that smooths the anomaly map, in input pixels.
     pub blur_sigma: f32,
@@ -49,7 +51,14 @@ pub struct PatchCoreSettings {
 
 impl Default for PatchCoreSettings {
     fn default() -> Self {
-        Self { coreset_ratio: 0.1, num_neighbors: 9, projection_dim: 128, seed: 0, blur_sigma: 4.0 }
+        Self {
+            coreset_ratio: 0.1,
+            num_neighbors: 9,
+            projection_dim: 128,
+            coreset_method: CoresetMethod::Auto,
+            seed: 0,
+            blur_sigma: 4.0,
+        }
     }
 }
 
@@ -95,9 +104,16 @@ impl PatchCore {
             (0..patches).collect()
         } else if settings.projection_dim > 0 && settings.projection_dim < PATCH_CHANNELS {
             let projected = random_projection(&bank, PATCH_CHANNELS, settings.projection_dim, settings.seed);
-            greedy_coreset(&projected, settings.projection_dim, count, settings.seed, progress)?
+            greedy_coreset(
+                &projected,
+                settings.projection_dim,
+                count,
+                settings.seed,
+                settings.coreset_method,
+                progress,
+            )?
         } else {
-            greedy_coreset(&bank, PATCH_CHANNELS, count, settings.seed, progress)?
+            greedy_coreset(&bank, PATCH_CHANNELS, count, settings.seed, settings.coreset_method, progress)?
         };
         let mut coreset = Vec::with_capacity(count * PATCH_CHANNELS);
         for i in selected {
