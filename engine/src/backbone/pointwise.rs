@@ -147,10 +147,13 @@ impl CustomOp1 for Im2Col {
                     continue;
                 }
                 let row = &plane[iy as usize * width..(iy as usize + 1) * width];
-                for (ox, out) in out_plane[oy * out_w..(oy + 1) * out_w].iter_mut().enumerate() {
-                    let ix = (ox * stride + kx) as isize - pad_left as isize;
-                    if ix >= 0 && ix < width as isize {
-                        *out = row[ix as usize];
+                // Outputs whose input column ox·stride + kx − pad_left lies inside the row.
+                let first = pad_left.saturating_sub(kx).div_ceil(stride);
+                let end = (width + pad_left).saturating_sub(kx).div_ceil(stride).min(out_w);
+                if first < end {
+                    let source = row[first * stride + kx - pad_left..].iter().step_by(stride);
+                    for (out, &value) in out_plane[oy * out_w + first..oy * out_w + end].iter_mut().zip(source) {
+                        *out = value;
                     }
                 }
             }
