@@ -49,6 +49,25 @@ fn fit_eval_infer_on_a_synthetic_benchmark() {
     assert!(report["image_auroc"].as_f64().unwrap() > 0.9);
     assert!(report["per_defect_type"]["scratch"]["image_auroc"].is_number());
 
+    // A threshold chosen on the labelled test set at the user's request, saved, is the one the model then uses.
+    let choose = loupe(&[
+        "eval",
+        "--model",
+        text(&model),
+        "--data",
+        text(&data),
+        "--json",
+        "--choose-threshold",
+        "f1-max",
+        "--save-threshold",
+    ]);
+    assert!(choose.status.success(), "{}", String::from_utf8_lossy(&choose.stderr));
+    let chosen: serde_json::Value = serde_json::from_slice(&choose.stdout).unwrap();
+    assert_eq!(chosen["threshold"], chosen["f1_threshold"]);
+    let again = loupe(&["eval", "--model", text(&model), "--data", text(&data), "--json"]);
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["threshold"], chosen["f1_threshold"]);
+
     let heatmaps = dir.join("heatmaps");
     let infer =
         loupe(&["infer", "--model", text(&model), text(&data.join("test/spot")), "--out", text(&heatmaps), "--json"]);

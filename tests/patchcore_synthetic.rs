@@ -90,3 +90,29 @@ fn damaged_or_foreign_model_files_are_clear_errors() {
     assert!(model_file::load(&truncated, backbone).is_err());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Asks to stop as soon as the first stage starts.
+struct CancelAtOnce(loupe_engine::progress::CancelFlag);
+
+impl loupe_engine::progress::Progress for CancelAtOnce {
+    fn begin(&self, _stage: &str, _total: u64) {
+        self.0.cancel();
+    }
+    fn advance(&self, _steps: u64) {}
+    fn is_cancelled(&self) -> bool {
+        self.0.is_set()
+    }
+}
+
+#[test]
+fn a_cancelled_fit_stops_with_cancelled() {
+    let dir = temp_dir("cancel");
+    generate_mvtec(&dir, &SyntheticSpec { train_good: 8, test_good: 0, test_per_defect: 0, ..SyntheticSpec::tiny(4) })
+        .unwrap();
+    let mut request = FitRequest::new(find_method("patchcore").unwrap(), dir.clone());
+    request.image_size = 64;
+    let progress = CancelAtOnce(Default::default());
+    let error = fit(backbone(), &request, &progress).err().expect("cancelled");
+    assert!(error.downcast_ref::<loupe_engine::progress::Cancelled>().is_some(), "{error:#}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -149,3 +149,27 @@ pub fn choose_threshold(validation_scores: &[f32], target_far: f64) -> Threshold
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_split_is_seeded_and_disjoint() {
+        let records: Vec<ImageRecord> =
+            (0..50).map(|i| ImageRecord::normal(PathBuf::from(format!("{i}.png")))).collect();
+        let (train, validation) = validation_split(records.clone(), 0.1, 4);
+        assert_eq!((train.len(), validation.len()), (45, 5));
+        assert!(validation.iter().all(|v| !train.contains(v)));
+        assert_eq!(validation_split(records.clone(), 0.1, 4).1, validation, "same seed, same split");
+        assert_eq!(validation_split(records[..1].to_vec(), 0.1, 4).1.len(), 0, "a single image is kept for training");
+        assert_eq!(validation_split(records[..3].to_vec(), 0.1, 4).1.len(), 1, "at least one held out");
+    }
+
+    #[test]
+    fn no_validation_images_means_no_threshold() {
+        assert_eq!(choose_threshold(&[], 0.01).decision, None);
+        let thresholds = choose_threshold(&[1.0, 2.0, 3.0, 4.0], 0.25);
+        assert_eq!(thresholds.decision, Some(3.0f32.next_up()));
+    }
+}

@@ -182,6 +182,36 @@ pub fn scan_folder_layout(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataset::synthetic::{generate_mvtec, SyntheticSpec};
+
+    #[test]
+    fn mvtec_and_folder_layouts_are_read_with_their_masks() {
+        let dir = std::env::temp_dir().join(format!("loupe-layout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spec = SyntheticSpec { seed: 3, size: 16, train_good: 5, test_good: 2, test_per_defect: 2 };
+        generate_mvtec(&dir, &spec).unwrap();
+        // One defect image loses its mask: it stays in the test set, without a mask.
+        std::fs::remove_file(dir.join("ground_truth/spot/001_mask.png")).unwrap();
+        let benchmark = scan_mvtec(&dir).unwrap();
+        assert_eq!(benchmark.train.len(), 5);
+        assert_eq!(benchmark.test.len(), 2 + 3 * 2);
+        let anomalous: Vec<&ImageRecord> = benchmark.test.iter().filter(|r| r.label.is_anomalous()).collect();
+        assert_eq!(anomalous.len(), 6);
+        assert_eq!(anomalous.iter().filter(|r| r.mask.is_none()).count(), 1);
+        assert_eq!(anomalous[0].label.type_name(), "dent");
+
+        let folder = scan_folder_layout(
+            &dir.join("train/good"),
+            &dir.join("test/scratch"),
+            Some(&dir.join("ground_truth/scratch")),
+            0.2,
+        )
+        .unwrap();
+        assert_eq!(folder.train.len() + folder.test.iter().filter(|r| !r.label.is_anomalous()).count(), 5);
+        assert!(folder.test.iter().filter(|r| r.label.is_anomalous()).all(|r| r.mask.is_some()), "stem_mask.png found");
+        assert!(scan_mvtec(&dir.join("train")).is_err(), "not an MVTec folder");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn missing_and_empty_folders_are_clear_errors() {
