@@ -3,12 +3,12 @@
 use super::EngineArgs;
 use anyhow::Result;
 use candle_core::Tensor;
+use loupe_engine::dataset::synthetic::clustered_features;
 use loupe_engine::dataset::{decode_all, scan_normal_folder, DecodedImage};
 use loupe_engine::methods::features::{patch_features, patches_as_rows, PATCH_CHANNELS};
 use loupe_engine::methods::images_to_tensor;
 use loupe_engine::methods::representation::coreset::{greedy_coreset, random_projection, CoresetMethod};
 use loupe_engine::progress::NoProgress;
-use loupe_engine::rng::SplitMix64;
 use std::path::Path;
 use std::time::Instant;
 
@@ -46,17 +46,6 @@ pub enum BenchWhat {
         #[command(flatten)]
         engine: EngineArgs,
     },
-}
-
-fn synthetic_features(points: usize, dim: usize) -> Vec<f32> {
-    let mut rng = SplitMix64::new(1);
-    let centres: Vec<f32> = (0..64 * dim).map(|_| rng.normal() * 3.0).collect();
-    (0..points)
-        .flat_map(|i| {
-            let c = i % 64;
-            (0..dim).map(|d| centres[c * dim + d] + rng.normal()).collect::<Vec<_>>()
-        })
-        .collect()
 }
 
 fn folder_features(folder: &Path, cache: Option<&Path>, engine: &EngineArgs) -> Result<Vec<f32>> {
@@ -105,7 +94,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let dim = PATCH_CHANNELS;
             let data = match data {
                 Some(folder) => folder_features(&folder, cache.as_deref(), &engine)?,
-                None => synthetic_features(points, dim),
+                None => clustered_features(points, dim, 64, 1),
             };
             let points = data.len() / dim;
             let started = Instant::now();

@@ -153,6 +153,19 @@ pub fn add_defect(surface: &mut Surface, kind: DefectKind, rng: &mut SplitMix64)
     mask
 }
 
+/// Feature-like vectors: `n` points of `dim` dimensions around `clusters` Gaussian centres (spread 4, unit noise),
+/// for testing and timing algorithms on features (the coreset) without a backbone.
+pub fn clustered_features(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    let centres: Vec<f32> = (0..clusters * dim).map(|_| rng.normal() * 4.0).collect();
+    (0..n)
+        .flat_map(|i| {
+            let c = i % clusters;
+            (0..dim).map(|d| centres[c * dim + d] + rng.normal()).collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 fn save_gray(path: &Path, size: usize, pixels: impl Iterator<Item = u8>) -> Result<()> {
     let image = image::GrayImage::from_raw(size as u32, size as u32, pixels.collect()).expect("size matches");
     image.save(path).with_context(|| format!("{}: cannot write", path.display()))

@@ -246,14 +246,7 @@ mod tests {
     use crate::progress::NoProgress;
 
     fn clustered_points(n: usize, dim: usize, seed: u64) -> Vec<f32> {
-        let mut rng = SplitMix64::new(seed);
-        let centres: Vec<f32> = (0..8 * dim).map(|_| rng.normal() * 4.0).collect();
-        (0..n)
-            .flat_map(|i| {
-                let c = i % 8;
-                (0..dim).map(|d| centres[c * dim + d] + rng.normal()).collect::<Vec<_>>()
-            })
-            .collect()
+        crate::dataset::synthetic::clustered_features(n, dim, 8, seed)
     }
 
     #[test]
