@@ -55,8 +55,122 @@ pub fn read_pth_bytes(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
     }
 }
 
+/// Most objects one pickle may build. A real state dict builds a few thousand; a pickle that reuses memoised
+/// objects inside themselves ("billion laughs") would otherwise exhaust memory in the interpreter, which
+/// copies memo entries.
+const MAX_PICKLE_OBJECTS: u64 = 10_000_000;
+
+/// Counts (with saturation) the objects the pickle starting at `bytes` would build, without building them, and
+/// refuses it past [`MAX_PICKLE_OBJECTS`]. Mirrors the opcodes candle's interpreter accepts; anything else is
+/// left for the interpreter to reject.
+fn check_pickle_expansion(bytes: &[u8]) -> Result<()> {
+    const MARK: u64 = u64::MAX;
+    let mut stack: Vec<u64> = Vec::new();
+    let mut memo: HashMap<u32, u64> = HashMap::new();
+    let mut position = 0usize;
+    let take = |position: &mut usize, n: usize| -> Result<&[u8]> {
+        let slice = bytes.get(*position..*position + n).ok_or_else(|| anyhow!("pickle: truncated"))?;
+        *position += n;
+        Ok(slice)
+    };
+    let pop = |stack: &mut Vec<u64>| stack.pop().filter(|&w| w != MARK).ok_or_else(|| anyhow!("pickle: malformed"));
+    let pop_to_mark = |stack: &mut Vec<u64>| -> Result<u64> {
+        let mut total = 0u64;
+        loop {
+            match stack.pop() {
+                Some(MARK) => return Ok(total),
+                Some(weight) => total = total.saturating_add(weight),
+                None => bail!("pickle: missing mark"),
+            }
+        }
+    };
+    loop {
+        let opcode = take(&mut position, 1)?[0];
+        match opcode {
+            0x80 => drop(take(&mut position, 1)?),
+            b'c' => {
+                for _ in 0..2 {
+                    let line_end = bytes[position..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .ok_or_else(|| anyhow!("pickle: truncated"))?;
+                    position += line_end + 1;
+                }
+                stack.push(1);
+            }
+            b'q' => {
+                let id = take(&mut position, 1)?[0] as u32;
+                memo.insert(id, *stack.last().unwrap_or(&1));
+            }
+            b'r' => {
+                let id = u32::from_le_bytes(take(&mut position, 4)?.try_into().expect("4 bytes"));
+                memo.insert(id, *stack.last().unwrap_or(&1));
+            }
+            b'h' => {
+                let id = take(&mut position, 1)?[0] as u32;
+                stack.push(*memo.get(&id).unwrap_or(&1));
+            }
+            b'j' => {
+                let id = u32::from_le_bytes(take(&mut position, 4)?.try_into().expect("4 bytes"));
+                stack.push(*memo.get(&id).unwrap_or(&1));
+            }
+            b')' | b']' | b'}' | b'd' | 0x88 | 0x89 | b'N' => stack.push(1),
+            b'(' => stack.push(MARK),
+            b'X' => {
+                let length = u32::from_le_bytes(take(&mut position, 4)?.try_into().expect("4 bytes")) as usize;
+                take(&mut position, length)?;
+                stack.push(1);
+            }
+            b'J' => drop(take(&mut position, 4).map(|_| stack.push(1))?),
+            b'K' => drop(take(&mut position, 1).map(|_| stack.push(1))?),
+            b'M' => drop(take(&mut position, 2).map(|_| stack.push(1))?),
+            b'G' => drop(take(&mut position, 8).map(|_| stack.push(1))?),
+            0x8a => {
+                let length = take(&mut position, 1)?[0] as usize;
+                take(&mut position, length)?;
+                stack.push(1);
+            }
+            b't' => {
+                let total = pop_to_mark(&mut stack)?;
+                stack.push(total.saturating_add(1));
+            }
+            0x85..=0x87 => {
+                let mut total = 1u64;
+                for _ in 0..(opcode - 0x84) {
+                    total = total.saturating_add(pop(&mut stack)?);
+                }
+                stack.push(total);
+            }
+            b'R' | b'b' | 0x81 => {
+                let total = pop(&mut stack)?.saturating_add(pop(&mut stack)?);
+                stack.push(total.saturating_add(1));
+            }
+            b'Q' => {
+                let weight = pop(&mut stack)?;
+                stack.push(weight.saturating_add(1));
+            }
+            b'a' | b's' | b'e' | b'u' => {
+                let added = match opcode {
+                    b'a' => pop(&mut stack)?,
+                    b's' => pop(&mut stack)?.saturating_add(pop(&mut stack)?),
+                    _ => pop_to_mark(&mut stack)?,
+                };
+                let target = stack.last_mut().filter(|w| **w != MARK).ok_or_else(|| anyhow!("pickle: malformed"))?;
+                *target = target.saturating_add(added);
+            }
+            b'.' => return Ok(()),
+            _ => return Ok(()),
+        }
+        if stack.last().is_some_and(|&w| w != MARK && w > MAX_PICKLE_OBJECTS) {
+            bail!("refused: the pickle would build more than {MAX_PICKLE_OBJECTS} objects (a memory bomb?)");
+        }
+    }
+}
+
 // A `Cursor` over a slice is its own `BufRead`: no read-ahead, so its position is exactly where a pickle ended.
 fn parse_one_pickle(reader: &mut Cursor<&[u8]>) -> Result<Object> {
+    let start = reader.position() as usize;
+    check_pickle_expansion(&reader.get_ref()[start..])?;
     let mut stack = Stack::empty();
     stack.read_loop(reader).map_err(|e| anyhow!("pickle: {e}"))?;
     let object = stack.finalize().map_err(|e| anyhow!("pickle: {e}"))?;
@@ -361,6 +475,30 @@ mod tests {
         assert!(read_pth_bytes(b"definitely not a pickle").is_err());
         assert!(read_pth_bytes(&[]).is_err());
         assert!(read_pth_bytes(b"PK\x03\x04junk").is_err());
+    }
+
+    #[test]
+    fn zip_checkpoint_with_strides_and_offsets() {
+        // Written by Python's pickle with torch's record shapes (tests/data/README.md): `layer.weight` is 2×3
+        // stored column-major, `layer.bias` starts at element 1 of its storage.
+        let bytes = include_bytes!("../../../tests/data/tiny_zip_checkpoint.pth");
+        let tensors: std::collections::BTreeMap<String, PthTensor> =
+            read_pth_bytes(bytes).unwrap().into_iter().collect();
+        assert_eq!(tensors["layer.weight"], PthTensor { shape: vec![2, 3], data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0] });
+        assert_eq!(tensors["layer.bias"], PthTensor { shape: vec![3], data: vec![7.0, 8.0, 9.0] });
+    }
+
+    #[test]
+    fn self_referencing_pickle_bomb_is_refused() {
+        // 1, then 60 times: t = (t, t) — 2^60 objects if built.
+        let mut pickle = b"\x80\x02K\x01q\x00".to_vec();
+        for level in 0..60u8 {
+            pickle.extend_from_slice(&[b'h', level, b'h', level, 0x86, b'q', level + 1]);
+        }
+        pickle.push(b'.');
+        let mut reader = Cursor::new(&pickle[..]);
+        let error = parse_one_pickle(&mut reader).unwrap_err().to_string();
+        assert!(error.contains("memory bomb"), "{error}");
     }
 
     #[test]
