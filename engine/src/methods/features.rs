@@ -21,10 +21,15 @@ fn local_average(map: &Tensor) -> Result<Tensor> {
 
 /// `(B, 152, S/8, S/8)` patch features of images in [0, 1], through candle's ops.
 pub fn patch_features(backbone: &Backbone, images: &Tensor) -> anyhow::Result<Tensor> {
+    features_through_candle(backbone, images, true)
+}
+
+fn features_through_candle(backbone: &Backbone, images: &Tensor, local: bool) -> anyhow::Result<Tensor> {
     let maps = backbone.features(images)?;
-    let fine = local_average(&maps.stride8)?;
+    let average = |map: &Tensor| if local { local_average(map) } else { Ok(map.clone()) };
+    let fine = average(&maps.stride8)?;
     let (_, _, height, width) = fine.dims4()?;
-    let coarse = local_average(&maps.stride16)?.upsample_bilinear2d(height, width, false)?;
+    let coarse = average(&maps.stride16)?.upsample_bilinear2d(height, width, false)?;
     Ok(Tensor::cat(&[&fine, &coarse], 1)?)
 }
 
@@ -54,8 +59,17 @@ fn local_average_plane(plane: &[f32], width: usize, height: usize) -> Vec<f32> {
 /// Patch feature rows `(B·H·W, 152)` of images in [0, 1]: the same values as
 /// `patches_as_rows(patch_features(..))`, computed in one CPU pass when the backbone runs on the CPU.
 pub fn patch_feature_rows(backbone: &Backbone, images: &Tensor) -> anyhow::Result<Tensor> {
+    feature_rows(backbone, images, true)
+}
+
+/// Like [`patch_feature_rows`] but without the 3×3 neighbourhood average (PaDiM models each position as is).
+pub fn plain_feature_rows(backbone: &Backbone, images: &Tensor) -> anyhow::Result<Tensor> {
+    feature_rows(backbone, images, false)
+}
+
+fn feature_rows(backbone: &Backbone, images: &Tensor, local: bool) -> anyhow::Result<Tensor> {
     if !backbone.device.is_cpu() {
-        return Ok(patches_as_rows(&patch_features(backbone, images)?)?);
+        return Ok(patches_as_rows(&features_through_candle(backbone, images, local)?)?);
     }
     let maps = backbone.features(images)?;
     let (batch, fine_channels, height, width) = maps.stride8.dims4()?;
@@ -69,13 +83,20 @@ pub fn patch_feature_rows(backbone: &Backbone, images: &Tensor) -> anyhow::Resul
         .into_par_iter()
         .map(|index| {
             let (b, c) = (index / channels, index % channels);
+            let average = |plane: &[f32], w: usize, h: usize| {
+                if local {
+                    local_average_plane(plane, w, h)
+                } else {
+                    plane.to_vec()
+                }
+            };
             if c < fine_channels {
                 let plane = &fine[(b * fine_channels + c) * pixels..][..pixels];
-                local_average_plane(plane, width, height)
+                average(plane, width, height)
             } else {
                 let coarse_pixels = coarse_height * coarse_width;
                 let plane = &coarse[(b * coarse_channels + c - fine_channels) * coarse_pixels..][..coarse_pixels];
-                let averaged = local_average_plane(plane, coarse_width, coarse_height);
+                let averaged = average(plane, coarse_width, coarse_height);
                 ScoreMap::new(coarse_width, coarse_height, averaged).resized(width, height).data
             }
         })

@@ -90,7 +90,7 @@ pub struct MethodInfo {
 }
 
 /// Every method Loupe can train, in display order.
-pub static REGISTRY: &[&MethodInfo] = &[&representation::patchcore::INFO];
+pub static REGISTRY: &[&MethodInfo] = &[&representation::patchcore::INFO, &representation::padim::INFO];
 
 pub fn find_method(name: &str) -> Result<&'static MethodInfo> {
     match REGISTRY.iter().find(|m| m.name.eq_ignore_ascii_case(name)) {

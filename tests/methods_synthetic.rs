@@ -1,5 +1,5 @@
-//! PatchCore end to end on the engine's synthetic set: it separates the defects, survives bad files, and a
-//! saved model scores exactly as the one in memory.
+//! Every registered method end to end on the engine's synthetic set: it separates the defects, survives bad
+//! files, and a saved model scores exactly as the one in memory.
 
 use candle_core::Device;
 use loupe_engine::backbone::{weights, Backbone};
@@ -26,16 +26,31 @@ fn backbone() -> Arc<Backbone> {
 
 #[test]
 fn patchcore_separates_synthetic_defects_and_round_trips() {
-    let dir = temp_dir("patchcore");
+    separates_synthetic_defects_and_round_trips("patchcore", serde_json::json!({"coreset_ratio": 0.25}));
+}
+
+#[test]
+fn padim_separates_synthetic_defects_and_round_trips() {
+    separates_synthetic_defects_and_round_trips("padim", serde_json::json!({}));
+}
+
+#[test]
+fn every_registered_method_is_tested_here() {
+    let names: Vec<&str> = loupe_engine::methods::REGISTRY.iter().map(|m| m.name).collect();
+    assert_eq!(names, ["patchcore", "padim"], "add the new method's test above");
+}
+
+fn separates_synthetic_defects_and_round_trips(method: &str, settings: serde_json::Value) {
+    let dir = temp_dir(method);
     let data = dir.join("data");
     generate_mvtec(&data, &SyntheticSpec::tiny(1)).unwrap();
     // Bad files among the normal images are skipped and reported, not fatal.
     std::fs::write(data.join("train/good/empty.png"), b"").unwrap();
     std::fs::write(data.join("train/good/notes.jpg"), b"not an image").unwrap();
     let backbone = backbone();
-    let mut request = FitRequest::new(find_method("patchcore").unwrap(), data.clone());
+    let mut request = FitRequest::new(find_method(method).unwrap(), data.clone());
     request.image_size = 96;
-    request.settings = serde_json::json!({"coreset_ratio": 0.25});
+    request.settings = settings;
     let outcome = fit(backbone.clone(), &request, &NoProgress).unwrap();
     assert_eq!(outcome.skipped.len(), 2, "{:?}", outcome.skipped);
     assert!(outcome.skipped.iter().any(|s| s.path.ends_with("empty.png") && s.reason.contains("empty file")));
@@ -43,9 +58,9 @@ fn patchcore_separates_synthetic_defects_and_round_trips() {
 
     let benchmark = scan_mvtec(&data).unwrap();
     let report = evaluate(outcome.model.as_ref(), &outcome.manifest, &benchmark, 4, &Device::Cpu, &NoProgress).unwrap();
-    assert!(report.image_auroc > 0.9, "image AUROC {}", report.image_auroc);
-    assert!(report.pixel_auroc.unwrap() > 0.85, "pixel AUROC {:?}", report.pixel_auroc);
-    assert!(report.aupro.unwrap() > 0.5, "AUPRO {:?}", report.aupro);
+    assert!(report.image_auroc > 0.9, "{method}: image AUROC {}", report.image_auroc);
+    assert!(report.pixel_auroc.unwrap() > 0.85, "{method}: pixel AUROC {:?}", report.pixel_auroc);
+    assert!(report.aupro.unwrap() > 0.5, "{method}: AUPRO {:?}", report.aupro);
     assert_eq!(report.per_defect_type.len(), 3);
 
     let path = dir.join("model.safetensors");
