@@ -2,6 +2,27 @@
 //! provides a [`MethodInfo`] (name, family, defaults, `fit`, `load`); adding one to [`REGISTRY`] makes it appear
 //! in the CLI and the studio.
 
+/// Declares a method's registry entry `INFO`. The model type provides `fit(context, images, settings)` and
+/// `load(backbone, image_size, settings, tensors)`; its settings type has serde and `Default`, and arrives
+/// parsed from the JSON the user and the model file give.
+macro_rules! method_info {
+    ($model:ident, $settings:ty, name: $name:expr, title: $title:expr, family: $family:expr, summary: $summary:expr $(,)?) => {
+        pub static INFO: $crate::methods::MethodInfo = $crate::methods::MethodInfo {
+            name: $name,
+            title: $title,
+            family: $family,
+            summary: $summary,
+            default_settings: || serde_json::to_value(<$settings>::default()).expect("settings serialise"),
+            fit: |context, images, settings| {
+                Ok(Box::new($model::fit(context, images, serde_json::from_value(settings.clone())?)?))
+            },
+            load: |backbone, image_size, settings, tensors| {
+                Ok(Box::new($model::load(backbone, image_size, serde_json::from_value(settings.clone())?, tensors)?))
+            },
+        };
+    };
+}
+
 pub mod features;
 pub mod representation;
 

@@ -9,6 +9,7 @@
 //! Score: the Mahalanobis distance at each position is the anomaly map (upsampled, Gaussian σ = 4); the image
 //! score is the map's maximum. Fitting streams the images: only per-position sums are kept, never the features.
 
+use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::features::{plain_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
@@ -22,21 +23,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::backbone::Backbone;
-
-pub static INFO: MethodInfo = MethodInfo {
+method_info!(
+    Padim,
+    PadimSettings,
     name: "padim",
     title: "PaDiM",
     family: Family::Representation,
     summary: "Per-position Gaussian of pretrained features; Mahalanobis distance.",
-    default_settings: || serde_json::to_value(PadimSettings::default()).expect("settings serialise"),
-    fit: |context, images, settings| {
-        Ok(Box::new(Padim::fit(context, images, serde_json::from_value(settings.clone())?)?))
-    },
-    load: |backbone, image_size, settings, tensors| {
-        Ok(Box::new(Padim::load(backbone, image_size, serde_json::from_value(settings.clone())?, tensors)?))
-    },
-};
+);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

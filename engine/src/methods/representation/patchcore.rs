@@ -19,19 +19,14 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub static INFO: MethodInfo = MethodInfo {
+method_info!(
+    PatchCore,
+    PatchCoreSettings,
     name: "patchcore",
     title: "PatchCore",
     family: Family::Representation,
     summary: "Memory bank of pretrained patch features, reduced by greedy coreset; nearest-neighbour distance.",
-    default_settings: || serde_json::to_value(PatchCoreSettings::default()).expect("settings serialise"),
-    fit: |context, images, settings| {
-        Ok(Box::new(PatchCore::fit(context, images, serde_json::from_value(settings.clone())?)?))
-    },
-    load: |backbone, image_size, settings, tensors| {
-        Ok(Box::new(PatchCore::load(backbone, image_size, serde_json::from_value(settings.clone())?, tensors)?))
-    },
-};
+);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
