@@ -3,8 +3,9 @@
 use super::EngineArgs;
 use anyhow::Result;
 use candle_core::Tensor;
+use loupe_engine::dataset::layout::list_images;
 use loupe_engine::dataset::synthetic::clustered_features;
-use loupe_engine::dataset::{decode_all, scan_normal_folder, DecodedImage};
+use loupe_engine::dataset::{decode_all, scan_normal_folder, DecodedImage, ImageRecord};
 use loupe_engine::methods::features::{patch_features, patches_as_rows, PATCH_CHANNELS};
 use loupe_engine::methods::images_to_tensor;
 use loupe_engine::methods::representation::coreset::{greedy_coreset, random_projection, CoresetMethod};
@@ -28,6 +29,20 @@ pub enum BenchWhat {
         size: usize,
         #[arg(long, default_value_t = 10)]
         repeats: usize,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Time a model's scoring at batch 1 (decoding excluded) over a folder's images, several passes.
+    Score {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// Images (a folder, searched recursively; an MVTec folder's test/ is a good choice).
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, default_value_t = 100)]
+        images: usize,
+        #[arg(long, default_value_t = 5)]
+        passes: usize,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -89,6 +104,33 @@ pub fn run(args: BenchArgs) -> Result<()> {
             let min = times.iter().copied().fold(f64::INFINITY, f64::min);
             println!("backbone {size}x{size} batch {batch}: median {med:.1} ms, min {min:.1} ms per batch ({:.1} images/s), {} threads",
                 batch as f64 / med * 1000.0, rayon::current_num_threads());
+        }
+        BenchWhat::Score { model, data, images, passes, engine } => {
+            let backbone = engine.load_backbone()?;
+            let device = backbone.device.clone();
+            let loaded = loupe_engine::model_file::load(&model, backbone)?;
+            let records: Vec<ImageRecord> =
+                list_images(&data)?.into_iter().take(images).map(ImageRecord::normal).collect();
+            let (decoded, _) = decode_all(&records, loaded.model.image_size(), &|_| {});
+            let tensors: Vec<Tensor> =
+                decoded.iter().map(|image| images_to_tensor(&[image], &device)).collect::<anyhow::Result<_>>()?;
+            loaded.model.score_batch(&tensors[0])?;
+            let mut rates = Vec::new();
+            for _ in 0..passes {
+                let started = Instant::now();
+                for tensor in &tensors {
+                    loaded.model.score_batch(tensor)?;
+                }
+                rates.push(tensors.len() as f64 / started.elapsed().as_secs_f64());
+            }
+            let best = rates.iter().copied().fold(0.0, f64::max);
+            println!(
+                "{} on {} images at batch 1: median {:.1} images/s, best pass {best:.1}, all passes {:?}",
+                loaded.manifest.method,
+                tensors.len(),
+                median(rates.clone()),
+                rates.iter().map(|r| (r * 10.0).round() / 10.0).collect::<Vec<_>>()
+            );
         }
         BenchWhat::Coreset { data, cache, points, ratio, engine } => {
             let dim = PATCH_CHANNELS;
