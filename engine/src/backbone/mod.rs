@@ -40,6 +40,14 @@ impl Backbone {
         Ok(Self { net, weights_hash, device: device.clone() })
     }
 
+    /// A backbone with all-zero weights, for unit tests of code that only needs one to exist.
+    #[cfg(test)]
+    pub(crate) fn without_weights_for_tests() -> Self {
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let net = EfficientNetLite0::new(vb, efficientnet_lite0::STRIDE16_BLOCK, false).expect("zero weights build");
+        Self { net, weights_hash: String::new(), device: Device::Cpu }
+    }
+
     /// Feature maps of images in [0, 1], shape (B, 3, H, W).
     pub fn features(&self, images: &Tensor) -> Result<FeatureMaps> {
         Ok(self.net.features(&EfficientNetLite0::normalize(images)?)?)

@@ -166,6 +166,11 @@ impl PatchCore {
         if let Some((bank, bank_norms)) = &self.cpu_bank {
             return Ok(nearest_on_cpu(&rows.flatten_all()?.to_vec1()?, bank, bank_norms));
         }
+        self.nearest_with_tensor_ops(rows)
+    }
+
+    /// The device-portable nearest-neighbour search (GPUs), in blocks of queries.
+    fn nearest_with_tensor_ops(&self, rows: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
         let n = rows.dims()[0];
         let mut distances = Vec::with_capacity(n);
         let mut indices = Vec::with_capacity(n);
@@ -299,5 +304,36 @@ impl AnomalyModel for PatchCore {
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(vec![("memory_bank".to_string(), self.memory_bank.clone())])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataset::synthetic::clustered_features;
+
+    #[test]
+    fn fused_cpu_search_matches_the_tensor_ops() -> Result<()> {
+        let bank = clustered_features(700, PATCH_CHANNELS, 8, 1);
+        let rows = clustered_features(300, PATCH_CHANNELS, 8, 2);
+        let bank_tensor = Tensor::from_vec(bank.clone(), (700, PATCH_CHANNELS), &Device::Cpu)?;
+        let norms: Vec<f32> = bank.chunks_exact(PATCH_CHANNELS).map(|r| r.iter().map(|v| v * v).sum()).collect();
+        let (fused_distances, fused_indices) = nearest_on_cpu(&rows, &bank, &norms);
+        let model = PatchCore {
+            backbone: Arc::new(Backbone::without_weights_for_tests()),
+            settings: PatchCoreSettings::default(),
+            image_size: 64,
+            memory_bank_t: bank_tensor.t()?.contiguous()?,
+            bank_norms: bank_tensor.sqr()?.sum_keepdim(1)?.t()?.contiguous()?,
+            memory_bank: bank_tensor,
+            cpu_bank: None,
+        };
+        let rows_tensor = Tensor::from_vec(rows, (300, PATCH_CHANNELS), &Device::Cpu)?;
+        let (distances, indices) = model.nearest_with_tensor_ops(&rows_tensor)?;
+        assert_eq!(fused_indices, indices);
+        for (a, b) in fused_distances.iter().zip(&distances) {
+            assert!((a - b).abs() <= 1e-3 * b.max(1.0), "{a} vs {b}");
+        }
+        Ok(())
     }
 }
