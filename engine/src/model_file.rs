@@ -16,6 +16,9 @@ use std::sync::Arc;
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const METADATA_KEY: &str = "loupe";
+/// Input sizes a model may declare (the backbone needs at least one stride-16 cell).
+pub const MIN_IMAGE_SIZE: u32 = 16;
+pub const MAX_IMAGE_SIZE: u32 = 4096;
 pub const NORMALIZATION: &str = "rgb in [0,1], resized to image_size², then (x*255-127)/128";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -141,6 +144,9 @@ fn manifest_from_bytes(bytes: &[u8]) -> Result<Manifest> {
         .and_then(|m| m.get(METADATA_KEY))
         .ok_or_else(|| anyhow!("no `{METADATA_KEY}` manifest in its metadata"))?;
     let manifest: Manifest = serde_json::from_str(text).context("its manifest is malformed")?;
+    if !(MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE).contains(&manifest.image_size) {
+        bail!("image size {} is outside {MIN_IMAGE_SIZE}..={MAX_IMAGE_SIZE}", manifest.image_size);
+    }
     if manifest.format_version > FORMAT_VERSION {
         bail!(
             "model format version {} is newer than this Loupe understands ({FORMAT_VERSION}); update Loupe",

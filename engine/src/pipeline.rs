@@ -5,7 +5,7 @@ use crate::backbone::Backbone;
 use crate::dataset::{decode_all, scan_normal_folder, DecodedImage, ImageRecord, SkippedFile};
 use crate::methods::{images_to_tensor, merge_settings, AnomalyModel, AnomalyOutput, FitContext, MethodInfo};
 use crate::metrics::ThresholdTable;
-use crate::model_file::{Manifest, ScoreStats, Thresholds, TrainingInfo};
+use crate::model_file::{Manifest, ScoreStats, Thresholds, TrainingInfo, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE};
 use crate::progress::{check_cancelled, Progress};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -98,6 +98,10 @@ pub fn score_images(
 }
 
 pub fn fit(backbone: Arc<Backbone>, request: &FitRequest, progress: &dyn Progress) -> Result<FitOutcome> {
+    let sizes = MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE;
+    if !sizes.contains(&request.image_size) {
+        bail!("image size {} is outside {MIN_IMAGE_SIZE}..={MAX_IMAGE_SIZE}", request.image_size);
+    }
     let settings = merge_settings((request.method.default_settings)(), &request.settings)?;
     let records = scan_normal_folder(&request.data)?;
     let (train_records, validation_records) = validation_split(records, request.validation_fraction, request.seed);

@@ -177,7 +177,8 @@ impl Padim {
         let (mean, whitening) = (take("mean")?, take("whitening")?);
         let d = channels.len();
         let positions = grid_size(image_size).pow(2);
-        if channels.iter().any(|&c| c >= PATCH_CHANNELS)
+        if channels.is_empty()
+            || channels.iter().any(|&c| c >= PATCH_CHANNELS)
             || mean.len() != positions * d
             || whitening.len() != positions * d * d
         {
