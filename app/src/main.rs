@@ -32,18 +32,16 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// List the methods, grouped by family.
     Methods,
-    /// Micro-benchmarks (backbone speed, coreset selection).
+    /// Micro-benchmarks (backbone speed, coreset selection, threshold recomputation).
     Bench(commands::bench::BenchArgs),
+    /// Open the studio window (the default when no command is given).
+    Studio(commands::studio::StudioArgs),
 }
 
 fn main() {
     loupe_engine::device::configure_cpu_thread_pools();
     let cli = Cli::parse();
-    let Some(command) = cli.command else {
-        // The studio window will open here; until it exists, say so rather than pretend.
-        eprintln!("The studio window is not built yet. Try `loupe demo`, or `loupe --help` for the commands.");
-        std::process::exit(2);
-    };
+    let command = cli.command.unwrap_or(Command::Studio(commands::studio::StudioArgs::default()));
     let result = match command {
         Command::Fit(args) => commands::fit::run(args),
         Command::Eval(args) => commands::eval::run(args),
@@ -52,6 +50,7 @@ fn main() {
         Command::Demo(args) => commands::demo::run(args),
         Command::Methods => commands::list_methods(),
         Command::Bench(args) => commands::bench::run(args),
+        Command::Studio(args) => commands::studio::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

@@ -2,6 +2,7 @@
 //! at the model's own threshold — overall and per defect type — plus the throughput of scoring.
 
 use crate::dataset::{decode_all, Benchmark, DecodedImage, ImageRecord, SkippedFile};
+use crate::maps::ScoreMap;
 use crate::methods::AnomalyModel;
 use crate::metrics::{aupro, auroc, Confusion, ThresholdTable};
 use crate::model_file::Manifest;
@@ -9,19 +10,19 @@ use crate::pipeline::score_images;
 use crate::progress::Progress;
 use anyhow::{bail, Result};
 use candle_core::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 pub const AUPRO_FPR_LIMIT: f64 = 0.3;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageResult {
     pub path: String,
     pub defect_type: String,
     pub score: f32,
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct DefectTypeReport {
     pub images: usize,
     /// Against the good test images.
@@ -32,7 +33,7 @@ pub struct DefectTypeReport {
     pub detected: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
     pub method: String,
     pub image_auroc: f64,
@@ -73,7 +74,7 @@ struct Scored<'a> {
     record: &'a ImageRecord,
     decoded: &'a DecodedImage,
     score: f32,
-    map: Vec<f32>,
+    map: ScoreMap,
 }
 
 fn pixel_metrics(items: &[&Scored]) -> (Option<f64>, Option<f64>) {
@@ -85,7 +86,7 @@ fn pixel_metrics(items: &[&Scored]) -> (Option<f64>, Option<f64>) {
     let size = with_masks[0].decoded.size as usize;
     let zeros = vec![0u8; size * size];
     let masks: Vec<&[u8]> = with_masks.iter().map(|s| s.decoded.mask.as_deref().unwrap_or(&zeros)).collect();
-    let maps: Vec<&[f32]> = with_masks.iter().map(|s| s.map.as_slice()).collect();
+    let maps: Vec<&[f32]> = with_masks.iter().map(|s| s.map.data.as_slice()).collect();
     let scores: Vec<f32> = maps.iter().flat_map(|m| m.iter().copied()).collect();
     let labels: Vec<bool> = masks.iter().flat_map(|m| m.iter().map(|&v| v != 0)).collect();
     let pixel_auroc = auroc(&scores, &labels).ok();
@@ -101,6 +102,19 @@ pub fn evaluate(
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<EvalReport> {
+    evaluate_with_maps(model, manifest, benchmark, batch_size, device, progress).map(|(report, _)| report)
+}
+
+/// [`evaluate`], also handing back each scored image's anomaly map (in the order of `report.images`), for a
+/// viewer that draws them.
+pub fn evaluate_with_maps(
+    model: &dyn AnomalyModel,
+    manifest: &Manifest,
+    benchmark: &Benchmark,
+    batch_size: usize,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<(EvalReport, Vec<ScoreMap>)> {
     progress.begin("decoding", benchmark.test.len() as u64);
     let (decoded, skipped): (Vec<DecodedImage>, Vec<SkippedFile>) =
         decode_all(&benchmark.test, model.image_size(), &|n| progress.advance(n as u64));
@@ -116,7 +130,7 @@ pub fn evaluate(
             record: &benchmark.test[image.index],
             decoded: image,
             score: output.score,
-            map: output.map.data,
+            map: output.map,
         })
         .collect();
     let scores: Vec<f32> = scored.iter().map(|s| s.score).collect();
@@ -178,5 +192,5 @@ pub fn evaluate(
             .collect(),
     };
     report.set_threshold(threshold, &table);
-    Ok(report)
+    Ok((report, scored.into_iter().map(|s| s.map).collect()))
 }

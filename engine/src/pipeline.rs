@@ -98,12 +98,26 @@ pub fn score_images(
 }
 
 pub fn fit(backbone: Arc<Backbone>, request: &FitRequest, progress: &dyn Progress) -> Result<FitOutcome> {
+    let records = scan_normal_folder(&request.data)?;
+    fit_records(backbone, request, records, progress)
+}
+
+/// [`fit`] on normal images already listed (the studio gathers them from several sources); `request.data` only
+/// names the source in the model file.
+pub fn fit_records(
+    backbone: Arc<Backbone>,
+    request: &FitRequest,
+    records: Vec<ImageRecord>,
+    progress: &dyn Progress,
+) -> Result<FitOutcome> {
     let sizes = MIN_IMAGE_SIZE..=MAX_IMAGE_SIZE;
     if !sizes.contains(&request.image_size) {
         bail!("image size {} is outside {MIN_IMAGE_SIZE}..={MAX_IMAGE_SIZE}", request.image_size);
     }
+    if records.is_empty() {
+        bail!("no normal images to train on");
+    }
     let settings = merge_settings((request.method.default_settings)(), &request.settings)?;
-    let records = scan_normal_folder(&request.data)?;
     let (train_records, validation_records) = validation_split(records, request.validation_fraction, request.seed);
     progress.begin("decoding", (train_records.len() + validation_records.len()) as u64);
     let advance = |n: usize| progress.advance(n as u64);

@@ -61,6 +61,14 @@ pub enum BenchWhat {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Time what the studio's threshold panel recomputes per drag step (confusion, FAR/MAR, pass/review/reject)
+    /// over many image scores: the table is sorted once, then every threshold is two binary searches per class.
+    Threshold {
+        #[arg(long, default_value_t = 100_000)]
+        scores: usize,
+        #[arg(long, default_value_t = 10_000)]
+        thresholds: usize,
+    },
 }
 
 fn folder_features(folder: &Path, cache: Option<&Path>, engine: &EngineArgs) -> Result<Vec<f32>> {
@@ -132,6 +140,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 rates.iter().map(|r| (r * 10.0).round() / 10.0).collect::<Vec<_>>()
             );
         }
+        BenchWhat::Threshold { scores, thresholds } => bench_threshold(scores, thresholds)?,
         BenchWhat::Coreset { data, cache, points, ratio, engine } => {
             let dim = PATCH_CHANNELS;
             let data = match data {
@@ -152,5 +161,36 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn bench_threshold(count: usize, thresholds: usize) -> Result<()> {
+    use loupe::studio::verdict::band_counts;
+    use loupe_engine::metrics::ThresholdTable;
+    use loupe_engine::rng::SplitMix64;
+    let mut rng = SplitMix64::new(1);
+    let labels: Vec<bool> = (0..count).map(|_| rng.next_f32() < 0.3).collect();
+    let scores: Vec<f32> = labels.iter().map(|&bad| rng.next_f32() + if bad { 0.6 } else { 0.0 }).collect();
+    let started = Instant::now();
+    let table = ThresholdTable::new(&scores, &labels);
+    let build_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let mut times = Vec::with_capacity(thresholds);
+    let mut checksum = 0usize;
+    for _ in 0..thresholds {
+        let threshold = rng.next_f32() * 1.6;
+        let started = Instant::now();
+        let confusion = table.confusion(threshold);
+        let bands = band_counts(&table, threshold, Some(threshold - 0.1));
+        let rates = (confusion.far(), confusion.mar());
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+        checksum += confusion.false_positive + bands.review + rates.0.is_some() as usize;
+    }
+    let max = times.iter().copied().fold(0.0, f64::max);
+    println!("{count} scores: sorted once in {build_ms:.2} ms (when a model's scores arrive)");
+    println!(
+        "per threshold (confusion + FAR/MAR + pass/review/reject), {thresholds} thresholds: median {:.2} µs, max {:.2} µs (bar: 1000 µs) [{checksum}]",
+        median(times),
+        max
+    );
     Ok(())
 }

