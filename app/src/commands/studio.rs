@@ -1,6 +1,6 @@
 //! `loupe studio` (and `loupe` alone): the studio window.
 
-use loupe::studio::{run as run_studio, StudioOptions};
+use loupe::studio::{run as run_studio, StudioOptions, View};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Default)]
@@ -19,6 +19,16 @@ pub struct StudioArgs {
     /// Write UI frame-time statistics (JSON) here on exit.
     #[arg(long)]
     pub frame_stats: Option<PathBuf>,
+    /// The view to show first and keep: train, gallery, inspector, threshold or benchmark.
+    #[arg(long, value_parser = parse_view)]
+    pub view: Option<View>,
+}
+
+fn parse_view(name: &str) -> Result<View, String> {
+    View::ALL
+        .into_iter()
+        .find(|v| v.title().eq_ignore_ascii_case(name))
+        .ok_or_else(|| format!("no view “{name}”: train, gallery, inspector, threshold or benchmark"))
 }
 
 pub fn run(args: StudioArgs) -> anyhow::Result<()> {
@@ -29,5 +39,6 @@ pub fn run(args: StudioArgs) -> anyhow::Result<()> {
         auto_train: args.auto_train,
         exit_when_idle: args.exit_when_idle,
         frame_stats: args.frame_stats,
+        view: args.view,
     })
 }

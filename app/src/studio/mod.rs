@@ -12,7 +12,7 @@ pub mod jobs;
 pub mod project;
 mod saver;
 pub mod verdict;
-mod views;
+pub mod views;
 pub mod widgets;
 pub mod workspace;
 
@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use views::View;
+pub use views::View;
 use workspace::{BackboneCache, Imported, ModelRuntime, Reloaded, StudioImage, Trained};
 
 /// How long edits may sit in memory before the autosave writes them.
@@ -45,6 +45,8 @@ pub struct StudioOptions {
     pub exit_when_idle: bool,
     /// Write frame-time statistics here as JSON when the window closes.
     pub frame_stats: Option<PathBuf>,
+    /// The view shown first (and after training); `None`: the gallery, then the threshold panel after training.
+    pub view: Option<View>,
 }
 
 /// The open project and everything held in memory for it.
@@ -132,6 +134,8 @@ enum DialogResult {
 pub struct StudioApp {
     pub studio: Studio,
     view: View,
+    /// The view was chosen on the command line: training does not switch away from it.
+    fixed_view: bool,
     job: Option<Job<JobOutput>>,
     /// Which project revision the running job's results belong to is not tracked: a project switch cancels it.
     messages: Vec<Message>,
@@ -193,7 +197,8 @@ impl StudioApp {
         }
         let mut app = Self {
             studio: Studio::new(project, path),
-            view: View::Gallery,
+            view: options.view.unwrap_or(View::Gallery),
+            fixed_view: options.view.is_some(),
             job: None,
             messages,
             saver: Saver::spawn(cc.egui_ctx.clone()),
@@ -392,7 +397,9 @@ impl StudioApp {
                         details: trained.skipped,
                     });
                 }
-                self.view = View::Threshold;
+                if !self.fixed_view {
+                    self.view = View::Threshold;
+                }
             }
             Ok(JobOutput::Reloaded(reloaded)) => {
                 let reloaded = *reloaded;
@@ -423,7 +430,7 @@ impl StudioApp {
         }
     }
 
-    fn autosave(&mut self) {
+    fn autosave(&mut self, ctx: &egui::Context) {
         for result in self.saver.poll() {
             if let Err(error) = result {
                 self.error(format!("could not save ({error}); your changes are kept in memory and saving is retried"));
@@ -435,6 +442,9 @@ impl StudioApp {
             && !self.saver.recently_failed();
         if due {
             self.queue_save();
+        } else if self.studio.revision != self.saver.saved_revision() {
+            // Nothing else may wake the UI: make sure a frame comes when the save is due.
+            ctx.request_repaint_after(AUTOSAVE_AFTER);
         }
     }
 
@@ -764,7 +774,7 @@ impl eframe::App for StudioApp {
         self.handle_dialogs(ctx);
         self.handle_dropped_files(ctx);
         self.loader.receive(ctx);
-        self.autosave();
+        self.autosave(ctx);
         if self.exit_when_idle && self.job.is_none() && !self.auto_train && self.is_idle() {
             ctx.send_viewport_cmd(egui::ViewportCommand::Close);
         }

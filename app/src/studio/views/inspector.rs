@@ -114,7 +114,7 @@ pub fn show(
             }
         }
         if let Some(position) = position {
-            ui.label(format!("· {} of {} (←/→)", position + 1, order.len()));
+            ui.label(format!("· {} of {} (left/right arrow keys)", position + 1, order.len()));
         }
     });
     toolbar(ui, state);

@@ -124,6 +124,7 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, state: &mut ThresholdState) 
             }
         }
     });
+    ui.spacing_mut().slider_width = (ui.available_width() - 260.0).clamp(160.0, 900.0);
     ui.add(egui::Slider::new(&mut decision, slider_lo..=slider_hi).text("Decision threshold").max_decimals(4));
     ui.horizontal(|ui| {
         let mut band = review.is_some();
@@ -198,7 +199,10 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, state: &mut ThresholdState) 
         let point = [confusion.far().unwrap_or(0.0), 1.0 - confusion.mar().unwrap_or(0.0)];
         Plot::new("roc")
             .height(220.0)
-            .data_aspect(1.0)
+            .include_x(0.0)
+            .include_x(1.0)
+            .include_y(0.0)
+            .include_y(1.0)
             .allow_drag(false)
             .allow_zoom(false)
             .allow_scroll(false)
