@@ -80,6 +80,10 @@ impl ImageLoader {
         }
     }
 
+    pub fn is_ready(&self, path: &Path) -> bool {
+        self.ready.get(path).is_some_and(|r| r.is_ok())
+    }
+
     /// Uploads what finished decoding since the last frame.
     pub fn receive(&mut self, ctx: &egui::Context) {
         while let Ok((path, result)) = self.receiver.try_recv() {

@@ -224,6 +224,11 @@ impl StudioApp {
         self.job.is_none() && !self.saver.is_busy() && self.studio.revision == self.saver.saved_revision()
     }
 
+    /// Whether the inspector has image `index` decoded and uploaded.
+    pub fn is_image_loaded(&self, index: usize) -> bool {
+        self.studio.images.get(index).is_some_and(|image| self.loader.is_ready(&image.path))
+    }
+
     pub fn messages(&self) -> Vec<String> {
         self.messages.iter().map(|m| m.text.clone()).collect()
     }

@@ -1,0 +1,206 @@
+//! The studio window driven headless through egui_kittest with the wgpu renderer (Mesa's software Vulkan on a
+//! machine without a GPU): open a project, train PatchCore on a tiny synthetic set, drag the decision threshold
+//! and check the FAR/MAR and confusion counts shown against the engine's own computation, and check that the
+//! inspector's paint-callback overlay really draws.
+
+use eframe::egui;
+use egui_kittest::kittest::Queryable;
+use egui_kittest::{Harness, SnapshotOptions};
+use loupe::studio::project::{Project, Source};
+use loupe::studio::{StudioApp, StudioOptions, View};
+use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
+use loupe_engine::metrics::ThresholdTable;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("loupe-studio-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A project over a tiny synthetic benchmark, trained with small PatchCore settings.
+fn tiny_project(dir: &Path) -> PathBuf {
+    generate_mvtec(&dir.join("data"), &SyntheticSpec::tiny(11)).unwrap();
+    let mut project = Project::new("tiny");
+    project.sources.push(Source::Benchmark("data".into()));
+    project.training.image_size = 96;
+    project.training.target_far = 0.05;
+    project.training.settings_json = r#"{"coreset_ratio":0.25}"#.into();
+    let path = dir.join("tiny.ron");
+    project.save(&path).unwrap();
+    path
+}
+
+fn harness(project: PathBuf, view: Option<View>) -> Harness<'static, StudioApp> {
+    let options = StudioOptions {
+        project: Some(project),
+        weights: loupe_engine::backbone::weights::default_weights_path(),
+        remember_last: false,
+        auto_train: false,
+        exit_when_idle: false,
+        frame_stats: None,
+        view,
+    };
+    Harness::builder().with_size(egui::vec2(1280.0, 820.0)).wgpu().build_eframe(|cc| StudioApp::new(cc, options))
+}
+
+/// Steps the UI until the background work is done (import, training, autosave).
+fn wait_until_idle(harness: &mut Harness<'_, StudioApp>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        harness.step();
+        if harness.state().is_idle() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{what} did not finish; messages: {:?}", harness.state().messages());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    harness.run_steps(4);
+}
+
+/// Presses the pointer at `from`, moves to `to` over a few frames, releases.
+fn drag(harness: &mut Harness<'_, StudioApp>, from: egui::Pos2, to: egui::Pos2) {
+    harness.drag_at(from);
+    harness.step();
+    for i in 1..=4 {
+        harness.hover_at(from + (to - from) * (i as f32 / 4.0));
+        harness.step();
+    }
+    harness.drop_at(to);
+    harness.run_steps(3);
+}
+
+fn expected_texts(table: &ThresholdTable, threshold: f32) -> Vec<String> {
+    let c = table.confusion(threshold);
+    let percent = |r: Option<f64>| format!("{:.2} %", r.unwrap() * 100.0);
+    vec![
+        format!("FAR {} ({} of {} good parts rejected)", percent(c.far()), c.false_positive, c.false_positive + c.true_negative),
+        format!("MAR {} ({} of {} defects passed)", percent(c.mar()), c.false_negative, c.false_negative + c.true_positive),
+        format!("true rejects (TP) {}", c.true_positive),
+        format!("false alarms (FP) {}", c.false_positive),
+        format!("true passes (TN) {}", c.true_negative),
+        format!("misses (FN) {}", c.false_negative),
+    ]
+}
+
+#[test]
+fn train_then_drag_the_threshold_and_watch_far_and_mar() {
+    let dir = temp_dir("threshold");
+    let mut harness = harness(tiny_project(&dir), None);
+    wait_until_idle(&mut harness, "the import");
+    assert_eq!(harness.state().studio.images.len(), 24 + 8 + 3 * 4, "every synthetic image imported");
+
+    harness.get_by_label("Train").click();
+    harness.run_steps(2);
+    harness.get_by_label("Train PatchCore").click();
+    harness.run_steps(2);
+    wait_until_idle(&mut harness, "training");
+    assert!(harness.state().messages().is_empty(), "{:?}", harness.state().messages());
+    assert_eq!(harness.state().studio.project.models.len(), 1);
+
+    // The engine's own view of the scores: the evaluation stored with the model.
+    let entry = harness.state().studio.project.models[0].clone();
+    let report = entry.evaluations.values().next().expect("the benchmark was evaluated");
+    let scores: Vec<f32> = report.images.iter().map(|i| i.score).collect();
+    let labels: Vec<bool> = report.images.iter().map(|i| i.defect_type != "good").collect();
+    let table = ThresholdTable::new(&scores, &labels);
+    assert!(report.image_auroc > 0.9, "PatchCore separates the tiny set: AUROC {}", report.image_auroc);
+
+    // Training opens the threshold panel; the slider is found by its role and label.
+    let slider = harness.get_by_role_and_label(accesskit::Role::Slider, "Decision threshold").rect();
+    let before = harness.state().studio.project.models[0].decision.expect("a threshold was chosen at fit time");
+    let shown_before = expected_texts(&table, before);
+    for text in &shown_before {
+        harness.get_by_label(text);
+    }
+
+    // Drag the handle to the far left: every image is rejected, FAR becomes 100 %.
+    let y = slider.center().y;
+    drag(&mut harness, egui::pos2(slider.left() + slider.width() * 0.5, y), egui::pos2(slider.left() + 1.0, y));
+    let low = harness.state().studio.project.models[0].decision.unwrap();
+    assert!(low < before, "dragging left lowers the threshold ({before} -> {low})");
+    for text in expected_texts(&table, low) {
+        harness.get_by_label(&text);
+    }
+    assert_eq!(table.confusion(low).far(), Some(1.0));
+    assert!(harness.query_by_label(&shown_before[0]).is_none(), "the old FAR is no longer shown");
+
+    // And to the far right: nothing is rejected, MAR becomes 100 %.
+    drag(&mut harness, egui::pos2(slider.left() + 1.0, y), egui::pos2(slider.right() - 1.0, y));
+    let high = harness.state().studio.project.models[0].decision.unwrap();
+    for text in expected_texts(&table, high) {
+        harness.get_by_label(&text);
+    }
+    assert_eq!(table.confusion(high).mar(), Some(1.0));
+    assert!(harness.query_by_label(&shown_before[1]).is_none(), "the old MAR is no longer shown");
+
+    // The chosen threshold is autosaved into the project and into the model file.
+    wait_until_idle(&mut harness, "the autosave");
+    let saved = Project::load(&harness.state().studio.path).unwrap();
+    assert_eq!(saved.models[0].decision, Some(high));
+    let model_file = dir.join(&saved.models[0].file);
+    let manifest = loupe_engine::model_file::read_manifest(&model_file).unwrap();
+    assert_eq!(manifest.thresholds.decision, Some(high));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Pixels with clearly saturated colour (the overlay's colormap; the synthetic tiles and the UI are grey).
+fn saturated_pixels(image: &image::RgbaImage) -> usize {
+    image
+        .pixels()
+        .filter(|p| {
+            let (max, min) = (p.0[..3].iter().max().unwrap(), p.0[..3].iter().min().unwrap());
+            max - min > 80
+        })
+        .count()
+}
+
+#[test]
+fn the_inspector_overlay_is_drawn_by_the_paint_callback() {
+    let dir = temp_dir("inspector");
+    let mut harness = harness(tiny_project(&dir), Some(View::Inspector));
+    wait_until_idle(&mut harness, "the import");
+    let ctx = harness.ctx.clone();
+    harness.state_mut().start_training(&ctx);
+    wait_until_idle(&mut harness, "training");
+    let defect = harness
+        .state()
+        .studio
+        .images
+        .iter()
+        .position(|i| i.label.type_name() == "scratch" && i.mask.is_some())
+        .expect("a scratch with a mask");
+    harness.state_mut().studio.selected = Some(defect);
+    // The full image decodes off the UI thread: step until it is there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !harness.state().is_image_loaded(defect) {
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(Instant::now() < deadline, "the inspector did not show the image");
+    }
+    harness.run_steps(4);
+    let with_overlay = harness.render().expect("wgpu renders headless");
+
+    // Opacity 0 and no contours: the same view without the overlay.
+    harness.get_by_role_and_label(accesskit::Role::Slider, "opacity").set_value_accesskit(0.0);
+    harness.get_by_label("threshold contour").click();
+    harness.get_by_label("ground-truth outline").click();
+    harness.run_steps(3);
+    let without = harness.render().unwrap();
+    let (coloured, plain) = (saturated_pixels(&with_overlay), saturated_pixels(&without));
+    assert!(coloured > plain + 5_000, "the overlay adds colour: {coloured} saturated pixels with it, {plain} without");
+
+    // Put the overlay back for the snapshot; mask what differs between runs (paths, timings, scores).
+    harness.get_by_role_and_label(accesskit::Role::Slider, "opacity").set_value_accesskit(0.6);
+    harness.get_by_label("threshold contour").click();
+    harness.get_by_label("ground-truth outline").click();
+    harness.run_steps(3);
+    harness.mask(egui::Rect::from_min_size(egui::Pos2::ZERO, egui::vec2(230.0, 820.0)));
+    harness.mask(egui::Rect::from_min_max(egui::pos2(0.0, 780.0), egui::pos2(1280.0, 820.0)));
+    harness.mask(egui::Rect::from_min_max(egui::pos2(230.0, 25.0), egui::pos2(1280.0, 50.0)));
+    let options = SnapshotOptions::new().output_path("../tests/snapshots").threshold(2.0).max_failed_pixels(4_000);
+    harness.snapshot_options("inspector_overlay", &options);
+    let _ = std::fs::remove_dir_all(&dir);
+}
