@@ -76,8 +76,18 @@ fn expected_texts(table: &ThresholdTable, threshold: f32) -> Vec<String> {
     let c = table.confusion(threshold);
     let percent = |r: Option<f64>| format!("{:.2} %", r.unwrap() * 100.0);
     vec![
-        format!("FAR {} ({} of {} good parts rejected)", percent(c.far()), c.false_positive, c.false_positive + c.true_negative),
-        format!("MAR {} ({} of {} defects passed)", percent(c.mar()), c.false_negative, c.false_negative + c.true_positive),
+        format!(
+            "FAR {} ({} of {} good parts rejected)",
+            percent(c.far()),
+            c.false_positive,
+            c.false_positive + c.true_negative
+        ),
+        format!(
+            "MAR {} ({} of {} defects passed)",
+            percent(c.mar()),
+            c.false_negative,
+            c.false_negative + c.true_positive
+        ),
         format!("true rejects (TP) {}", c.true_positive),
         format!("false alarms (FP) {}", c.false_positive),
         format!("true passes (TN) {}", c.true_negative),

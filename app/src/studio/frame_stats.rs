@@ -1,18 +1,23 @@
-//! How long the UI thread spends building each frame — the figure that says whether the window stays fluid while
-//! a model trains. Shown in the status bar; written as JSON on exit when asked (`loupe studio --frame-stats`).
+//! How long frames take — the figure that says whether the window stays fluid while a model trains. Two clocks:
+//! the time our `ui` code takes, and eframe's whole-frame CPU time (ui + tessellation + GPU submission, texture
+//! uploads included, vsync excluded), which eframe reports one frame late. Shown in the status bar; written as
+//! JSON on exit when asked (`loupe studio --frame-stats`).
 
 use std::time::Duration;
 
-const WINDOW: usize = 600;
+const RECENT: usize = 600;
+
+#[derive(Clone, Copy)]
+struct Sample {
+    ui_ms: f64,
+    /// Whole previous frame, when eframe reported it.
+    frame_ms: Option<f64>,
+    job_running: bool,
+}
 
 #[derive(Default)]
 pub struct FrameStats {
-    /// Recent frames: (milliseconds, a job was running).
-    recent: Vec<(f64, bool)>,
-    next: usize,
-    /// All frames while a job ran, for the exit report.
-    during_jobs: Vec<f64>,
-    all: Vec<f64>,
+    samples: Vec<Sample>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -22,46 +27,41 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-fn sorted(values: impl Iterator<Item = f64>) -> Vec<f64> {
+fn describe(values: impl Iterator<Item = f64>) -> serde_json::Value {
     let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
-    values
+    serde_json::json!({
+        "frames": values.len(),
+        "median_ms": percentile(&values, 0.5),
+        "p99_ms": percentile(&values, 0.99),
+        "max_ms": values.last().copied().unwrap_or(0.0),
+        "over_16ms": values.iter().filter(|&&v| v > 16.0).count(),
+    })
 }
 
 impl FrameStats {
-    pub fn record(&mut self, spent: Duration, job_running: bool) {
-        let ms = spent.as_secs_f64() * 1000.0;
-        if self.recent.len() < WINDOW {
-            self.recent.push((ms, job_running));
-        } else {
-            self.recent[self.next] = (ms, job_running);
-        }
-        self.next = (self.next + 1) % WINDOW;
-        self.all.push(ms);
-        if job_running {
-            self.during_jobs.push(ms);
-        }
+    pub fn record(&mut self, ui_time: Duration, previous_frame_seconds: Option<f32>, job_running: bool) {
+        self.samples.push(Sample {
+            ui_ms: ui_time.as_secs_f64() * 1000.0,
+            frame_ms: previous_frame_seconds.map(|s| s as f64 * 1000.0),
+            job_running,
+        });
     }
 
     pub fn summary(&self) -> String {
-        let values = sorted(self.recent.iter().map(|(ms, _)| *ms));
-        format!("UI {:.1} ms/frame (p99 {:.1})", percentile(&values, 0.5), percentile(&values, 0.99))
+        let recent = &self.samples[self.samples.len().saturating_sub(RECENT)..];
+        let mut frames: Vec<f64> = recent.iter().filter_map(|s| s.frame_ms).collect();
+        frames.sort_by(f64::total_cmp);
+        format!("frame {:.1} ms (p99 {:.1})", percentile(&frames, 0.5), percentile(&frames, 0.99))
     }
 
     pub fn to_json(&self) -> String {
-        let describe = |values: &[f64]| {
-            let values = sorted(values.iter().copied());
-            serde_json::json!({
-                "frames": values.len(),
-                "median_ms": percentile(&values, 0.5),
-                "p99_ms": percentile(&values, 0.99),
-                "max_ms": values.last().copied().unwrap_or(0.0),
-                "over_16ms": values.iter().filter(|&&v| v > 16.0).count(),
-            })
-        };
+        let during = || self.samples.iter().filter(|s| s.job_running);
         serde_json::to_string_pretty(&serde_json::json!({
-            "all": describe(&self.all),
-            "while_a_job_ran": describe(&self.during_jobs),
+            "ui_all": describe(self.samples.iter().map(|s| s.ui_ms)),
+            "frame_all": describe(self.samples.iter().filter_map(|s| s.frame_ms)),
+            "ui_while_a_job_ran": describe(during().map(|s| s.ui_ms)),
+            "frame_while_a_job_ran": describe(during().filter_map(|s| s.frame_ms)),
         }))
         .expect("JSON of numbers")
     }

@@ -19,7 +19,7 @@ pub struct JobStatus {
     pub started: Instant,
     pub stage_started: Instant,
     pub notes: Vec<String>,
-    /// (seconds since start, stage fraction done): the progress curve.
+    /// (seconds since the stage began, fraction done) for the current stage: the progress curve.
     pub progress_curve: Vec<[f64; 2]>,
     /// (report index, loss) for methods that report `loss <value>` notes while training.
     pub loss_curve: Vec<[f64; 2]>,
@@ -83,8 +83,8 @@ impl Progress for SharedProgress {
             status.done = 0;
             status.total = total;
             status.stage_started = Instant::now();
-            let seconds = status.started.elapsed().as_secs_f64();
-            status.progress_curve.push([seconds, 0.0]);
+            status.progress_curve.clear();
+            status.progress_curve.push([0.0, 0.0]);
         }
         (self.wake)();
     }
@@ -93,7 +93,7 @@ impl Progress for SharedProgress {
         {
             let mut status = self.status();
             status.done += steps;
-            let seconds = status.started.elapsed().as_secs_f64();
+            let seconds = status.stage_started.elapsed().as_secs_f64();
             let fraction = status.fraction().unwrap_or(0.0) as f64;
             status.progress_curve.push([seconds, fraction]);
         }

@@ -788,7 +788,7 @@ impl eframe::App for StudioApp {
         }
     }
 
-    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         let started = Instant::now();
         egui::Panel::top("menu").show(ui, |ui| {
             self.menu_bar(ui);
@@ -828,7 +828,7 @@ impl eframe::App for StudioApp {
                 }
             }
         }
-        self.frame_stats.record(started.elapsed(), self.job.is_some());
+        self.frame_stats.record(started.elapsed(), frame.info().cpu_usage, self.job.is_some());
     }
 
     fn on_exit(&mut self) {

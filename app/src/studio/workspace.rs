@@ -161,7 +161,7 @@ pub struct ModelRuntime {
     /// Image scores by image key.
     pub scores: HashMap<String, f32>,
     /// Every evaluated image's score, split by label and sorted: FAR/MAR at any threshold by binary search.
-    pub table: ThresholdTable,
+    pub table: Arc<ThresholdTable>,
     /// The score range of all maps, for the colour scale.
     pub map_range: Option<(f32, f32)>,
 }
@@ -178,7 +178,7 @@ impl ModelRuntime {
                 anomalous.push(image.defect_type != loupe_engine::dataset::GOOD);
             }
         }
-        runtime.table = ThresholdTable::new(&scores, &anomalous);
+        runtime.table = Arc::new(ThresholdTable::new(&scores, &anomalous));
         runtime
     }
 

@@ -5,7 +5,9 @@
 use super::{metric, percent, Action};
 use crate::studio::Studio;
 use eframe::egui;
-use loupe_engine::metrics::ThresholdTable;
+use loupe_engine::dataset::GOOD;
+use loupe_engine::evaluate::EvalReport;
+use loupe_engine::metrics::Confusion;
 use std::collections::BTreeSet;
 
 const WORST: usize = 6;
@@ -39,9 +41,7 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, actions: &mut Vec<Action>) {
                 for entry in &studio.project.models {
                     let Some(report) = entry.evaluations.get(category) else { continue };
                     // FAR/MAR at the threshold chosen in the studio, which may differ from the one at evaluation.
-                    let scores: Vec<f32> = report.images.iter().map(|i| i.score).collect();
-                    let labels: Vec<bool> = report.images.iter().map(|i| i.defect_type != "good").collect();
-                    let confusion = entry.decision.map(|t| ThresholdTable::new(&scores, &labels).confusion(t));
+                    let confusion = entry.decision.map(|t| confusion_at(report, t));
                     ui.label(&entry.name);
                     ui.label(format!("{:.3}", report.image_auroc));
                     ui.label(metric(report.pixel_auroc));
@@ -82,6 +82,20 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, actions: &mut Vec<Action>) {
         }
         worst_cases(ui, studio, actions);
     });
+}
+
+/// The confusion of one category's images at `threshold` (one pass, no sorting: this runs every frame).
+fn confusion_at(report: &EvalReport, threshold: f32) -> Confusion {
+    let mut confusion = Confusion::default();
+    for image in &report.images {
+        match (image.defect_type != GOOD, image.score >= threshold) {
+            (true, true) => confusion.true_positive += 1,
+            (true, false) => confusion.false_negative += 1,
+            (false, true) => confusion.false_positive += 1,
+            (false, false) => confusion.true_negative += 1,
+        }
+    }
+    confusion
 }
 
 /// The active model's highest-scoring good images and lowest-scoring defective ones.

@@ -142,7 +142,8 @@ pub fn show(
     }
     let thresholds = studio.thresholds();
     let spacing = ui.spacing().item_spacing.x;
-    let columns = (((ui.available_width() + spacing) / (CELL + spacing)).floor() as usize).max(1);
+    // Leave room for the scroll bar.
+    let columns = (((ui.available_width() - 16.0 + spacing) / (CELL + spacing)).floor() as usize).max(1);
     let rows = order.len().div_ceil(columns);
     egui::ScrollArea::vertical().auto_shrink([false, false]).show_rows(ui, CELL + 34.0, rows, |ui, visible| {
         for row in visible {

@@ -160,7 +160,7 @@ fn progress(ui: &mut egui::Ui, job: &crate::studio::jobs::JobStatus, actions: &m
     let bar = egui::ProgressBar::new(job.fraction().unwrap_or(0.0)).text(text).animate(job.fraction().is_none());
     ui.add(bar);
     let (curve, y_label) = if job.loss_curve.is_empty() {
-        (job.progress_curve.clone(), "stage progress")
+        (job.progress_curve.clone(), "progress of this stage")
     } else {
         (job.loss_curve.clone(), "loss")
     };
