@@ -9,15 +9,25 @@ const RECENT: usize = 600;
 
 #[derive(Clone, Copy)]
 struct Sample {
+    /// Seconds since the window opened.
+    at: f64,
     ui_ms: f64,
     /// Whole previous frame, when eframe reported it.
     frame_ms: Option<f64>,
     job_running: bool,
+    /// Image tiles uploaded to the GPU in this frame.
+    tiles_uploaded: usize,
 }
 
-#[derive(Default)]
 pub struct FrameStats {
     samples: Vec<Sample>,
+    opened: std::time::Instant,
+}
+
+impl Default for FrameStats {
+    fn default() -> Self {
+        Self { samples: Vec::new(), opened: std::time::Instant::now() }
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -40,11 +50,19 @@ fn describe(values: impl Iterator<Item = f64>) -> serde_json::Value {
 }
 
 impl FrameStats {
-    pub fn record(&mut self, ui_time: Duration, previous_frame_seconds: Option<f32>, job_running: bool) {
+    pub fn record(
+        &mut self,
+        ui_time: Duration,
+        previous_frame_seconds: Option<f32>,
+        job_running: bool,
+        tiles_uploaded: usize,
+    ) {
         self.samples.push(Sample {
+            at: self.opened.elapsed().as_secs_f64(),
             ui_ms: ui_time.as_secs_f64() * 1000.0,
             frame_ms: previous_frame_seconds.map(|s| s as f64 * 1000.0),
             job_running,
+            tiles_uploaded,
         });
     }
 
@@ -57,11 +75,18 @@ impl FrameStats {
 
     pub fn to_json(&self) -> String {
         let during = || self.samples.iter().filter(|s| s.job_running);
+        // The whole-frame time arrives one frame late: pair each with the frame it measured.
+        let measured = || self.samples.windows(2).filter_map(|w| w[1].frame_ms.map(|ms| (w[0], ms)));
+        let mut slowest: Vec<(f64, f64)> = measured().map(|(sample, ms)| (sample.at, ms)).collect();
+        slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+        slowest.truncate(5);
         serde_json::to_string_pretty(&serde_json::json!({
             "ui_all": describe(self.samples.iter().map(|s| s.ui_ms)),
             "frame_all": describe(self.samples.iter().filter_map(|s| s.frame_ms)),
             "ui_while_a_job_ran": describe(during().map(|s| s.ui_ms)),
             "frame_while_a_job_ran": describe(during().filter_map(|s| s.frame_ms)),
+            "frame_uploading_image_tiles": describe(measured().filter(|(s, _)| s.tiles_uploaded > 0).map(|(_, ms)| ms)),
+            "slowest_frames_at_seconds_ms": slowest,
         }))
         .expect("JSON of numbers")
     }

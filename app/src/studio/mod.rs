@@ -147,6 +147,8 @@ pub struct StudioApp {
     gpu_overlay: bool,
     frame_stats: FrameStats,
     frame_stats_path: Option<PathBuf>,
+    frame_stats_written: Instant,
+    tiles_uploaded: usize,
     auto_train: bool,
     exit_when_idle: bool,
     dialogs: (mpsc::Sender<DialogResult>, mpsc::Receiver<DialogResult>),
@@ -209,6 +211,8 @@ impl StudioApp {
             gpu_overlay,
             frame_stats: FrameStats::default(),
             frame_stats_path: options.frame_stats,
+            frame_stats_written: Instant::now(),
+            tiles_uploaded: 0,
             auto_train: options.auto_train,
             exit_when_idle: options.exit_when_idle,
             dialogs: mpsc::channel(),
@@ -569,6 +573,15 @@ impl StudioApp {
         }
     }
 
+    fn write_frame_stats(&mut self) {
+        self.frame_stats_written = Instant::now();
+        if let Some(path) = &self.frame_stats_path {
+            if let Err(error) = loupe_engine::atomic_file::write_atomic(path, self.frame_stats.to_json().as_bytes()) {
+                eprintln!("cannot write frame statistics: {error:#}");
+            }
+        }
+    }
+
     fn menu_bar(&mut self, ui: &mut egui::Ui) {
         egui::MenuBar::new().ui(ui, |ui| {
             ui.menu_button("Project", |ui| {
@@ -778,13 +791,20 @@ impl eframe::App for StudioApp {
         self.finish_job(ctx);
         self.handle_dialogs(ctx);
         self.handle_dropped_files(ctx);
-        self.loader.receive(ctx);
+        self.tiles_uploaded = self.loader.receive(ctx);
         self.autosave(ctx);
         if self.exit_when_idle && self.job.is_none() && !self.auto_train && self.is_idle() {
             ctx.send_viewport_cmd(egui::ViewportCommand::Close);
         }
         if ctx.input(|i| i.viewport().close_requested()) {
             self.flush_save();
+        }
+        // Also every few seconds, so a measurement survives the window being killed.
+        if self.frame_stats_path.is_some() {
+            if self.frame_stats_written.elapsed() > Duration::from_secs(5) {
+                self.write_frame_stats();
+            }
+            ctx.request_repaint_after(Duration::from_secs(5));
         }
     }
 
@@ -828,16 +848,12 @@ impl eframe::App for StudioApp {
                 }
             }
         }
-        self.frame_stats.record(started.elapsed(), frame.info().cpu_usage, self.job.is_some());
+        self.frame_stats.record(started.elapsed(), frame.info().cpu_usage, self.job.is_some(), self.tiles_uploaded);
     }
 
     fn on_exit(&mut self) {
         self.flush_save();
-        if let Some(path) = &self.frame_stats_path {
-            if let Err(error) = loupe_engine::atomic_file::write_atomic(path, self.frame_stats.to_json().as_bytes()) {
-                eprintln!("cannot write frame statistics: {error:#}");
-            }
-        }
+        self.write_frame_stats();
     }
 }
 

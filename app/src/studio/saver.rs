@@ -16,7 +16,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 enum Request {
     Project { path: PathBuf, text: String, revision: u64 },
-    Model { path: PathBuf, model: Arc<dyn AnomalyModel>, manifest: Manifest, entry: ModelEntry },
+    Model { path: PathBuf, model: Arc<dyn AnomalyModel>, manifest: Box<Manifest>, entry: Box<ModelEntry> },
 }
 
 enum Done {
@@ -66,7 +66,7 @@ impl Saver {
     }
 
     pub fn save_model(&mut self, path: PathBuf, model: Arc<dyn AnomalyModel>, manifest: Manifest, entry: ModelEntry) {
-        self.send(Request::Model { path, model, manifest, entry });
+        self.send(Request::Model { path, model, manifest: Box::new(manifest), entry: Box::new(entry) });
     }
 
     fn send(&mut self, request: Request) {

@@ -21,7 +21,6 @@ use loupe_engine::progress::{check_cancelled, Progress};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Longest side of a gallery thumbnail, in pixels.
@@ -237,9 +236,11 @@ pub fn evaluate_all(
 }
 
 /// The backbone on the chosen device, loaded once per device and shared by the jobs that need it.
+type LoadedBackbone = Option<(DeviceChoice, Arc<Backbone>)>;
+
 #[derive(Clone, Default)]
 pub struct BackboneCache {
-    loaded: Arc<std::sync::Mutex<Option<(DeviceChoice, Arc<Backbone>)>>>,
+    loaded: Arc<std::sync::Mutex<LoadedBackbone>>,
 }
 
 impl BackboneCache {
@@ -270,14 +271,10 @@ pub struct Trained {
 
 /// A file name in `models/` that no existing model uses.
 fn free_model_file(project_dir: &Path, method: &str) -> PathBuf {
-    static SALT: AtomicU64 = AtomicU64::new(0);
-    for n in 1.. {
-        let relative = PathBuf::from("models").join(format!("{method}-{n}.safetensors"));
-        if !resolve(project_dir, &relative).exists() {
-            return relative;
-        }
-    }
-    PathBuf::from("models").join(format!("{method}-{}.safetensors", SALT.fetch_add(1, Ordering::Relaxed)))
+    (1u64..)
+        .map(|n| PathBuf::from("models").join(format!("{method}-{n}.safetensors")))
+        .find(|relative| !resolve(project_dir, relative).exists())
+        .expect("some file number is free")
 }
 
 /// Trains the chosen method on every good training image, saves the model beside the project, and evaluates it on

@@ -173,7 +173,14 @@ pub fn show(
         painter.rect_filled(pane, 0.0, egui::Color32::from_gray(20));
         let whole = image_rect(pane, image_size, state);
         let Some((visible, uv)) = visible_part(pane, whole) else { continue };
-        painter.image(loaded.texture.id(), visible, uv, egui::Color32::WHITE);
+        let scale = whole.width() / image_size.x;
+        for tile in &loaded.tiles {
+            let origin = whole.min + egui::vec2(tile.origin[0] as f32, tile.origin[1] as f32) * scale;
+            let rect = egui::Rect::from_min_size(origin, egui::vec2(tile.size[0] as f32, tile.size[1] as f32) * scale);
+            if let Some((tile_visible, tile_uv)) = visible_part(pane, rect) {
+                painter.image(tile.texture.id(), tile_visible, tile_uv, egui::Color32::WHITE);
+            }
+        }
         let (Some(map), true, true) = (&map, with_overlay, context.gpu_overlay) else { continue };
         let range = runtime
             .and_then(|r| r.map_range)

@@ -11,8 +11,9 @@ use wgpu::util::DeviceExt;
 
 /// GPU copies kept for recently shown images.
 const CACHED_OVERLAYS: usize = 24;
-/// Masks are downsampled to fit this side (the outline needs no more).
-const MAX_MASK_SIDE: u32 = 4096;
+/// Masks are stored at most this large: the outline is drawn where the mask's coverage crosses one half, and a
+/// mask much finer than the screen would alias into broken lines when minified (the shader samples one level).
+const MAX_MASK_SIDE: u32 = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Colormap {
@@ -56,20 +57,22 @@ pub struct MaskImage {
 }
 
 impl MaskImage {
+    /// From a mask image (nonzero = defect), as coverage in 0..=255, area-averaged down to `MAX_MASK_SIDE`.
     pub fn from_gray(image: image::GrayImage) -> Self {
-        let image = if image.width().max(image.height()) > MAX_MASK_SIDE {
-            image::imageops::resize(
-                &image,
-                MAX_MASK_SIDE.min(image.width()),
-                MAX_MASK_SIDE.min(image.height()),
-                image::imageops::FilterType::Nearest,
-            )
+        let binary = image::GrayImage::from_fn(image.width(), image.height(), |x, y| {
+            image::Luma([if image.get_pixel(x, y).0[0] > 0 { 255 } else { 0 }])
+        });
+        let (width, height) = binary.dimensions();
+        let scale = (MAX_MASK_SIDE as f32 / width.max(height) as f32).min(1.0);
+        let binary = if scale < 1.0 {
+            let (w, h) =
+                (((width as f32 * scale).round() as u32).max(1), ((height as f32 * scale).round() as u32).max(1));
+            image::imageops::resize(&binary, w, h, image::imageops::FilterType::Triangle)
         } else {
-            image
+            binary
         };
-        let (width, height) = image.dimensions();
-        let pixels = image.into_raw().into_iter().map(|v| if v > 0 { 255 } else { 0 }).collect();
-        Self { width, height, pixels }
+        let (width, height) = binary.dimensions();
+        Self { width, height, pixels: binary.into_raw() }
     }
 }
 
