@@ -153,6 +153,45 @@ fn train_then_drag_the_threshold_and_watch_far_and_mar() {
     let model_file = dir.join(&saved.models[0].file);
     let manifest = loupe_engine::model_file::read_manifest(&model_file).unwrap();
     assert_eq!(manifest.thresholds.decision, Some(high));
+
+    // Reopening restores exactly what was there: the model reloads from its file and re-scores every test image
+    // to the same scores, so nothing in the project changes.
+    let path = harness.state().studio.path.clone();
+    drop(harness);
+    let mut reopened = self::harness(path.clone(), None);
+    wait_until_idle(&mut reopened, "reopening");
+    assert!(reopened.state().messages().is_empty(), "{:?}", reopened.state().messages());
+    assert_eq!(reopened.state().studio.project, saved);
+    assert!(reopened.state().studio.active_runtime().is_some_and(|r| r.model.is_some() && !r.maps.is_empty()));
+    assert_eq!(Project::load(&path).unwrap(), saved, "reopening rewrote nothing");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_corrupt_project_is_reported_and_left_untouched_and_bad_images_are_listed() {
+    let dir = temp_dir("corrupt");
+    let corrupt = dir.join("broken.ron");
+    let text = "(format_version: 1, name: \"half a file\", sources: [Benchm";
+    std::fs::write(&corrupt, text).unwrap();
+    // The studio falls back to the demo project in its own data folder: point that at the temp dir.
+    std::env::set_var("LOUPE_HOME", dir.join("home"));
+    let mut harness = harness(corrupt.clone(), Some(View::Gallery));
+    wait_until_idle(&mut harness, "opening the demo project instead");
+    let messages = harness.state().messages();
+    assert!(messages.iter().any(|m| m.contains("broken.ron") && m.contains("left untouched")), "{messages:?}");
+    assert_ne!(harness.state().studio.path, corrupt, "the corrupt file is not the open project");
+    drop(harness);
+    assert_eq!(std::fs::read_to_string(&corrupt).unwrap(), text);
+
+    // One unreadable image among good ones: listed with its reason, the rest imported.
+    let project = tiny_project(&dir);
+    std::fs::write(dir.join("data/train/good/zz_truncated.png"), b"\x89PNG\r\n\x1a\n\0\0").unwrap();
+    let mut harness = self::harness(project, Some(View::Gallery));
+    wait_until_idle(&mut harness, "the import");
+    assert_eq!(harness.state().studio.images.len(), 24 + 8 + 3 * 4);
+    assert_eq!(harness.state().studio.skipped.len(), 1);
+    assert!(harness.state().studio.skipped[0].contains("zz_truncated.png"), "{:?}", harness.state().studio.skipped);
+    harness.get_by_label("1 files could not be read (the rest were imported)");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

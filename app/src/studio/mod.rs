@@ -21,6 +21,7 @@ use eframe::egui;
 use frame_stats::FrameStats;
 use image_loader::ImageLoader;
 use jobs::{Job, JobFailure};
+use loupe_engine::evaluate::EvalReport;
 use project::{relative_to, resolve, Project, Source};
 use saver::Saver;
 use std::collections::HashMap;
@@ -414,8 +415,15 @@ impl StudioApp {
                 let reloaded = *reloaded;
                 let index = reloaded.model_index;
                 if let Some(entry) = self.studio.project.models.get_mut(index) {
-                    let changed = entry.evaluations != reloaded.evaluated.evaluations;
-                    entry.evaluations = reloaded.evaluated.evaluations;
+                    // Throughput and threshold-dependent figures differ run to run; the scores must not. Keep
+                    // the stored evaluation unless a score changed (the model file was replaced, say).
+                    let same_scores = |a: &EvalReport, b: &EvalReport| a.images == b.images;
+                    let fresh = reloaded.evaluated.evaluations;
+                    let changed = fresh.len() != entry.evaluations.len()
+                        || fresh.iter().any(|(k, v)| entry.evaluations.get(k).is_none_or(|old| !same_scores(old, v)));
+                    if changed {
+                        entry.evaluations = fresh;
+                    }
                     let mut runtime = ModelRuntime::from_evaluations(&entry.evaluations);
                     if changed {
                         self.studio.changed();
@@ -671,7 +679,7 @@ impl StudioApp {
         let mut dismissed = None;
         for (index, message) in self.messages.iter().enumerate().rev().take(4) {
             ui.horizontal(|ui| {
-                if ui.small_button("✕").on_hover_text("dismiss").clicked() {
+                if ui.small_button("Dismiss").clicked() {
                     dismissed = Some(index);
                 }
                 let colour = match message.kind {

@@ -79,8 +79,7 @@ pub fn verdict_colour(verdict: Verdict) -> egui::Color32 {
 
 fn filters(ui: &mut egui::Ui, studio: &Studio, state: &mut GalleryState) {
     ui.horizontal_wrapped(|ui| {
-        ui.label("Sort");
-        egui::ComboBox::from_id_salt("sort")
+        egui::ComboBox::from_label("order")
             .selected_text(match state.sort {
                 SortOrder::Name => "name",
                 SortOrder::ScoreHighFirst => "score, highest first",
@@ -107,7 +106,7 @@ fn filters(ui: &mut egui::Ui, studio: &Studio, state: &mut GalleryState) {
             studio.images.iter().filter(|i| i.label.is_anomalous()).map(|i| i.label.type_name()).collect();
         types.sort_unstable();
         types.dedup();
-        egui::ComboBox::from_id_salt("defect type")
+        egui::ComboBox::from_label("defect type")
             .selected_text(state.defect_type.clone().unwrap_or_else(|| "all defect types".into()))
             .show_ui(ui, |ui| {
                 ui.selectable_value(&mut state.defect_type, None, "all defect types");

@@ -107,8 +107,8 @@ fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actio
             changed = true;
         }
         ui.end_row();
-        ui.label("device");
-        egui::ComboBox::from_id_salt("device").selected_text(training.device.clone()).show_ui(ui, |ui| {
+        let label = ui.label("device");
+        let combo = egui::ComboBox::from_id_salt("device").selected_text(training.device.clone()).show_ui(ui, |ui| {
             for device in [DeviceChoice::Cpu, DeviceChoice::Cuda, DeviceChoice::Metal] {
                 let name = device.to_string();
                 let label = if device.is_built() { name.clone() } else { format!("{name} (not in this build)") };
@@ -120,6 +120,7 @@ fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actio
                 }
             }
         });
+        combo.response.labelled_by(label.id);
         ui.end_row();
     });
     if changed {
