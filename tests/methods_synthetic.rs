@@ -34,10 +34,29 @@ fn padim_separates_synthetic_defects_and_round_trips() {
     separates_synthetic_defects_and_round_trips("padim", serde_json::json!({}));
 }
 
+/// Small enough to train in seconds on the tiny set.
+fn small_cflow() -> serde_json::Value {
+    serde_json::json!({"epochs": 3, "steps_per_epoch": 15, "vectors_per_step": 256, "coupling_blocks": 4})
+}
+
+#[test]
+fn cflow_separates_synthetic_defects_and_round_trips() {
+    separates_synthetic_defects_and_round_trips("cflow", small_cflow());
+}
+
+fn small_fastflow() -> serde_json::Value {
+    serde_json::json!({"epochs": 4, "flow_steps": 4, "images_per_step": 4})
+}
+
+#[test]
+fn fastflow_separates_synthetic_defects_and_round_trips() {
+    separates_synthetic_defects_and_round_trips("fastflow", small_fastflow());
+}
+
 #[test]
 fn every_registered_method_is_tested_here() {
     let names: Vec<&str> = loupe_engine::methods::REGISTRY.iter().map(|m| m.name).collect();
-    assert_eq!(names, ["patchcore", "padim"], "add the new method's test above");
+    assert_eq!(names, ["fastflow", "cflow", "patchcore", "padim"], "add the new method's test above");
 }
 
 fn separates_synthetic_defects_and_round_trips(method: &str, settings: serde_json::Value) {
@@ -129,5 +148,87 @@ fn a_cancelled_fit_stops_with_cancelled() {
     let progress = CancelAtOnce(Default::default());
     let error = fit(backbone(), &request, &progress).err().expect("cancelled");
     assert!(error.downcast_ref::<loupe_engine::progress::Cancelled>().is_some(), "{error:#}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Cancels once `after` training steps are done.
+struct CancelDuringTraining {
+    flag: loupe_engine::progress::CancelFlag,
+    training: std::sync::atomic::AtomicBool,
+    steps: std::sync::atomic::AtomicU64,
+    after: u64,
+}
+
+impl loupe_engine::progress::Progress for CancelDuringTraining {
+    fn begin(&self, stage: &str, _total: u64) {
+        self.training.store(stage == "training", std::sync::atomic::Ordering::Relaxed);
+    }
+    fn advance(&self, steps: u64) {
+        if self.training.load(std::sync::atomic::Ordering::Relaxed)
+            && self.steps.fetch_add(steps, std::sync::atomic::Ordering::Relaxed) + steps >= self.after
+        {
+            self.flag.cancel();
+        }
+    }
+    fn is_cancelled(&self) -> bool {
+        self.flag.is_set()
+    }
+}
+
+#[test]
+fn flows_train_by_likelihood_and_a_cancelled_run_keeps_its_best_epoch() {
+    use loupe_engine::methods::flow::cflow::{Cflow, CflowSettings};
+    use loupe_engine::methods::flow::fastflow::{Fastflow, FastflowSettings};
+    use loupe_engine::methods::FitContext;
+    let dir = temp_dir("flow");
+    generate_mvtec(&dir, &SyntheticSpec { train_good: 12, test_good: 0, test_per_defect: 0, ..SyntheticSpec::tiny(5) })
+        .unwrap();
+    let records = loupe_engine::dataset::scan_normal_folder(&dir).unwrap();
+    let (images, _) = loupe_engine::dataset::decode_all(&records, 64, &|_| {});
+    let settings: CflowSettings = serde_json::from_value(small_cflow()).unwrap();
+    let context = |progress: &'static dyn loupe_engine::progress::Progress| FitContext {
+        backbone: backbone(),
+        device: Device::Cpu,
+        batch_size: 4,
+        image_size: 64,
+        progress,
+    };
+    let model = Cflow::fit(&context(&NoProgress), &images, CflowSettings { epochs: 5, ..settings.clone() }).unwrap();
+    let fastflow_settings: FastflowSettings =
+        serde_json::from_value(serde_json::json!({"epochs": 5, "flow_steps": 4, "images_per_step": 4})).unwrap();
+    let fastflow = Fastflow::fit(&context(&NoProgress), &images, fastflow_settings).unwrap();
+    for (name, losses) in [("CFlow", &model.record.epoch_losses), ("FastFlow", &fastflow.record.epoch_losses)] {
+        assert_eq!(losses.len(), 5);
+        assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+        assert!(losses[4] < losses[0], "{name}: the negative log-likelihood falls: {losses:?}");
+    }
+
+    // Cancel in the middle of epoch 3: training stops and the best finished epoch is kept.
+    let progress: &'static CancelDuringTraining = Box::leak(Box::new(CancelDuringTraining {
+        flag: Default::default(),
+        training: Default::default(),
+        steps: Default::default(),
+        after: 2 * 15 + 5,
+    }));
+    let stopped = Cflow::fit(&context(progress), &images, CflowSettings { epochs: 5, ..settings }).unwrap();
+    assert_eq!(stopped.record.epoch_losses.len(), 2);
+    assert!(stopped.record.stopped_early.as_deref().is_some_and(|r| r.contains("cancelled")));
+    let expected_best = if stopped.record.epoch_losses[1] < stopped.record.epoch_losses[0] { 1 } else { 0 };
+    assert_eq!(stopped.record.best_epoch, expected_best);
+
+    // Through the pipeline, a run stopped during training still yields its model, without a threshold.
+    let mut request = FitRequest::new(find_method("cflow").unwrap(), dir.clone());
+    request.image_size = 64;
+    request.settings =
+        serde_json::json!({"epochs": 5, "steps_per_epoch": 15, "vectors_per_step": 256, "coupling_blocks": 4});
+    let progress = CancelDuringTraining {
+        flag: Default::default(),
+        training: Default::default(),
+        steps: Default::default(),
+        after: 20,
+    };
+    let outcome = fit(backbone(), &request, &progress).unwrap();
+    assert_eq!(outcome.manifest.thresholds.decision, None);
+    assert_eq!(outcome.manifest.validation.count, 0);
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -138,9 +138,15 @@ pub fn fit_records(
     };
     let model = (request.method.fit)(&context, &train, &settings)?;
     let fit_seconds = started.elapsed().as_secs_f64();
-    progress.begin("validation", validation.len() as u64);
-    let (outputs, _) = score_images(model.as_ref(), &validation, request.batch_size, &device, progress)?;
-    let scores: Vec<f32> = outputs.iter().map(|o| o.score).collect();
+    // A trained method stopped by the user returns its best epoch: keep that model, without a threshold (the
+    // validation images are not scored once the user asked to stop).
+    let scores: Vec<f32> = if progress.is_cancelled() {
+        Vec::new()
+    } else {
+        progress.begin("validation", validation.len() as u64);
+        let (outputs, _) = score_images(model.as_ref(), &validation, request.batch_size, &device, progress)?;
+        outputs.iter().map(|o| o.score).collect()
+    };
     let thresholds = choose_threshold(&scores, request.target_far);
     let mut manifest = Manifest::for_model(model.as_ref(), &backbone, thresholds);
     manifest.validation = ScoreStats::from_scores(&scores);

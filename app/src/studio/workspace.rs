@@ -313,7 +313,12 @@ pub fn train(
     progress.begin("saving the model", 0);
     model_file::save(&path, outcome.model.as_ref(), &outcome.manifest)?;
     let model: Arc<dyn AnomalyModel> = Arc::from(outcome.model);
-    let evaluated = evaluate_all(model.as_ref(), &outcome.manifest, images, &backbone.device, progress)?;
+    // Stopped early (the user pressed Cancel during training): keep the best epoch's model, unevaluated.
+    let evaluated = if progress.is_cancelled() {
+        Evaluated { evaluations: BTreeMap::new(), maps: HashMap::new() }
+    } else {
+        evaluate_all(model.as_ref(), &outcome.manifest, images, &backbone.device, progress)?
+    };
     let entry = ModelEntry {
         name: format!("{} {}", method.title, file.file_stem().unwrap_or_default().to_string_lossy()),
         method: method.name.to_string(),

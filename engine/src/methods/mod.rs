@@ -24,6 +24,7 @@ macro_rules! method_info {
 }
 
 pub mod features;
+pub mod flow;
 pub mod representation;
 
 use crate::backbone::Backbone;
@@ -111,7 +112,8 @@ pub struct MethodInfo {
 }
 
 /// Every method Loupe can train, in display order.
-pub static REGISTRY: &[&MethodInfo] = &[&representation::patchcore::INFO, &representation::padim::INFO];
+pub static REGISTRY: &[&MethodInfo] =
+    &[&flow::fastflow::INFO, &flow::cflow::INFO, &representation::patchcore::INFO, &representation::padim::INFO];
 
 pub fn find_method(name: &str) -> Result<&'static MethodInfo> {
     match REGISTRY.iter().find(|m| m.name.eq_ignore_ascii_case(name)) {

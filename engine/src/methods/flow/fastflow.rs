@@ -1,0 +1,318 @@
+//! FastFlow — Yu et al. 2021, "FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing
+//! Flows"; reference code: anomalib's `models/image/fastflow`.
+//!
+//! One 2-D flow per backbone level (stride 8: 40 channels, stride 16: 112) over the whole feature map: a chain
+//! of affine coupling blocks whose sub-networks are two convolutions, 3×3 and 1×1 alternating between blocks
+//! (hidden channels = input channels × `hidden_ratio`). Trained by maximum likelihood on the frozen backbone's
+//! maps of normal images. Anomaly map: the negative log-likelihood per dimension at each position, upsampled
+//! and averaged over the levels, Gaussian-blurred; image score: its maximum.
+//! Features are standardised per channel with the training set's statistics (the reference uses a learned
+//! LayerNorm over C×H×W, which ties the model to one input size). Convolutions run as im2col + matrix product
+//! in channels-last rows, which candle differentiates and multiplies fast on the CPU.
+
+use super::{
+    gaussian_log_density, level_rows, level_side, level_statistics, load_varmap, standardise_state, take_standardise,
+    train, training_rows, varmap_state, AffineTail, Standardise, TrainingPlan, TrainingRecord, LEVEL_CHANNELS,
+};
+use crate::backbone::Backbone;
+use crate::dataset::DecodedImage;
+use crate::maps::ScoreMap;
+use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::rng::SplitMix64;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+method_info!(
+    Fastflow,
+    FastflowSettings,
+    name: "fastflow",
+    title: "FastFlow",
+    family: Family::NormalizingFlow,
+    summary: "2-D normalizing flows on feature maps (alternating 3×3 / 1×1 convolution couplings); likelihood.",
+);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FastflowSettings {
+    pub flow_steps: usize,
+    pub hidden_ratio: f64,
+    /// α in exp(α·tanh(·)).
+    pub clamp_alpha: f64,
+    /// Every block 3×3 (otherwise 3×3 and 1×1 alternate).
+    pub conv3x3_only: bool,
+    pub epochs: usize,
+    pub images_per_step: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
+    pub time_budget_seconds: f64,
+    pub seed: u64,
+    pub blur_sigma: f32,
+}
+
+impl Default for FastflowSettings {
+    fn default() -> Self {
+        Self {
+            flow_steps: 8,
+            hidden_ratio: 1.0,
+            clamp_alpha: 2.0,
+            conv3x3_only: false,
+            epochs: 10,
+            images_per_step: 8,
+            learning_rate: 1e-3,
+            weight_decay: 1e-5,
+            time_budget_seconds: 0.0,
+            seed: 0,
+            blur_sigma: 4.0,
+        }
+    }
+}
+
+impl FastflowSettings {
+    /// The published setting (anomalib: 500 epochs, batch 32, Adam lr 1e-3, weight decay 1e-5) for GPU users.
+    pub fn published() -> Self {
+        Self { epochs: 500, images_per_step: 32, ..Self::default() }
+    }
+}
+
+/// `(B·H·W, 9·C)`: each row the 3×3 zero-padded neighbourhood of a position, channels-last `(B, H, W, C)` input.
+fn neighbourhoods(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
+    let mut shifted = Vec::with_capacity(9);
+    for dy in 0..3 {
+        for dx in 0..3 {
+            shifted.push(padded.narrow(1, dy, h)?.narrow(2, dx, w)?);
+        }
+    }
+    Ok(Tensor::cat(&shifted, 3)?.reshape((b * h * w, 9 * c))?)
+}
+
+/// A coupling block over a map held as rows `(B·H·W, C)`: the sub-network is conv → ReLU → conv with `kernel`
+/// 3 or 1 ("same" padding).
+struct MapCoupling {
+    split: usize,
+    kernel: usize,
+    first: Linear,
+    second: Linear,
+    tail: AffineTail,
+}
+
+impl MapCoupling {
+    fn new(vb: VarBuilder, dim: usize, kernel: usize, hidden_ratio: f64, clamp: f64, seed: u64) -> Result<Self> {
+        let split = dim / 2;
+        let hidden = ((split as f64 * hidden_ratio).round() as usize).max(1);
+        let taps = kernel * kernel;
+        let first = candle_nn::linear(taps * split, hidden, vb.pp("first"))?;
+        let second = candle_nn::linear(taps * hidden, 2 * (dim - split), vb.pp("second"))?;
+        let tail = AffineTail::new(&vb, dim, clamp, seed)?;
+        Ok(Self { split, kernel, first, second, tail })
+    }
+
+    fn conv(&self, layer: &Linear, rows: &Tensor, shape: (usize, usize, usize)) -> Result<Tensor> {
+        let (b, h, w) = shape;
+        let input =
+            if self.kernel == 3 { neighbourhoods(&rows.reshape((b, h, w, rows.dim(1)?))?)? } else { rows.clone() };
+        Ok(layer.forward(&input)?)
+    }
+
+    fn forward(&self, x: &Tensor, shape: (usize, usize, usize)) -> Result<(Tensor, Tensor)> {
+        let dim = x.dim(1)?;
+        let x1 = x.narrow(1, 0, self.split)?.contiguous()?;
+        let x2 = x.narrow(1, self.split, dim - self.split)?;
+        let hidden = self.conv(&self.first, &x1, shape)?.relu()?;
+        let a = self.conv(&self.second, &hidden, shape)?;
+        self.tail.apply(&x1, &x2, &a)
+    }
+}
+
+struct MapFlow {
+    blocks: Vec<MapCoupling>,
+}
+
+impl MapFlow {
+    fn new(vb: VarBuilder, dim: usize, settings: &FastflowSettings, seed: u64) -> Result<Self> {
+        let blocks = (0..settings.flow_steps)
+            .map(|i| {
+                let kernel = if i % 2 == 1 && !settings.conv3x3_only { 1 } else { 3 };
+                MapCoupling::new(
+                    vb.pp(format!("block{i}")),
+                    dim,
+                    kernel,
+                    settings.hidden_ratio,
+                    settings.clamp_alpha,
+                    seed + i as u64,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { blocks })
+    }
+
+    /// Per-position log-likelihood divided by the channel count, `(B·H·W)`.
+    fn log_likelihood_per_dim(&self, x: &Tensor, shape: (usize, usize, usize)) -> Result<Tensor> {
+        let mut z = x.clone();
+        let mut log_det = Tensor::zeros(x.dim(0)?, DType::F32, x.device())?;
+        for block in &self.blocks {
+            let (y, block_log_det) = block.forward(&z, shape)?;
+            z = y;
+            log_det = (log_det + block_log_det)?;
+        }
+        Ok(((gaussian_log_density(&z)? + log_det)? / x.dim(1)? as f64)?)
+    }
+}
+
+pub struct Fastflow {
+    backbone: Arc<Backbone>,
+    settings: FastflowSettings,
+    image_size: u32,
+    varmap: VarMap,
+    flows: Vec<MapFlow>,
+    standardise: Vec<Standardise>,
+    pub record: TrainingRecord,
+}
+
+fn build_flows(vb: &VarBuilder, settings: &FastflowSettings) -> Result<Vec<MapFlow>> {
+    LEVEL_CHANNELS
+        .iter()
+        .enumerate()
+        .map(|(level, &channels)| {
+            MapFlow::new(vb.pp(format!("level{level}")), channels, settings, settings.seed * 31 + level as u64 * 1000)
+        })
+        .collect()
+}
+
+fn check_settings(settings: &FastflowSettings) -> Result<()> {
+    if settings.flow_steps == 0 || settings.epochs == 0 || settings.images_per_step == 0 {
+        bail!("flow_steps, epochs and images_per_step must be at least 1");
+    }
+    if !(settings.hidden_ratio > 0.0 && settings.hidden_ratio <= 8.0) {
+        bail!("hidden_ratio must be in (0, 8], got {}", settings.hidden_ratio);
+    }
+    Ok(())
+}
+
+impl Fastflow {
+    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: FastflowSettings) -> Result<Self> {
+        check_settings(&settings)?;
+        if images.is_empty() {
+            bail!("FastFlow needs training images");
+        }
+        let device = context.device.clone();
+        let progress = context.progress;
+        let rows = training_rows(context, images)?;
+        let standardise = level_statistics(&rows, &device)?;
+        let varmap = VarMap::new();
+        let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
+        let mut rng = SplitMix64::new(settings.seed ^ 0xfa57);
+        let steps_per_epoch = images.len().div_ceil(settings.images_per_step);
+        let plan = TrainingPlan {
+            epochs: settings.epochs,
+            steps_per_epoch,
+            learning_rate: settings.learning_rate,
+            weight_decay: settings.weight_decay,
+            time_budget_seconds: settings.time_budget_seconds,
+        };
+        let mut order: Vec<usize> = (0..images.len()).collect();
+        let record = train(&varmap, &plan, progress, |_, step| {
+            if step == 0 {
+                for i in (1..order.len()).rev() {
+                    order.swap(i, rng.below(i + 1));
+                }
+            }
+            let chosen =
+                &order[step * settings.images_per_step..((step + 1) * settings.images_per_step).min(order.len())];
+            let mut total: Option<Tensor> = None;
+            for (level, flow) in flows.iter().enumerate() {
+                let channels = LEVEL_CHANNELS[level];
+                let side = level_side(context.image_size, level);
+                let per_image = side * side * channels;
+                let mut x = Vec::with_capacity(chosen.len() * per_image);
+                for &i in chosen {
+                    x.extend_from_slice(&rows[level][i * per_image..(i + 1) * per_image]);
+                }
+                let x = Tensor::from_vec(x, (chosen.len() * side * side, channels), &device)?;
+                let x = standardise[level].apply(&x)?;
+                let nll = flow.log_likelihood_per_dim(&x, (chosen.len(), side, side))?.mean_all()?.neg()?;
+                total = Some(match total {
+                    None => nll,
+                    Some(t) => (t + nll)?,
+                });
+            }
+            Ok((total.expect("two levels") / LEVEL_CHANNELS.len() as f64)?)
+        })?;
+        Ok(Self {
+            backbone: context.backbone.clone(),
+            settings,
+            image_size: context.image_size,
+            varmap,
+            flows,
+            standardise,
+            record,
+        })
+    }
+
+    pub fn load(
+        backbone: Arc<Backbone>,
+        image_size: u32,
+        settings: FastflowSettings,
+        mut tensors: HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        check_settings(&settings)?;
+        let device = backbone.device.clone();
+        let standardise = take_standardise(&mut tensors, &device)?;
+        let varmap = load_varmap(tensors, &device, "FastFlow", |vb| build_flows(vb, &settings).map(|_| ()))?;
+        let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
+        Ok(Self { backbone, settings, image_size, varmap, flows, standardise, record: TrainingRecord::default() })
+    }
+}
+
+impl AnomalyModel for Fastflow {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).expect("settings serialise")
+    }
+
+    fn image_size(&self) -> u32 {
+        self.image_size
+    }
+
+    fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
+        let batch = images.dim(0)?;
+        let size = self.image_size as usize;
+        let mut sums: Vec<Vec<f32>> = vec![vec![0f32; size * size]; batch];
+        for (level, rows) in level_rows(&self.backbone, images)?.iter().enumerate() {
+            let side = level_side(self.image_size, level);
+            let x = self.standardise[level].apply(rows)?;
+            let nll: Vec<f32> = self.flows[level]
+                .log_likelihood_per_dim(&x, (batch, side, side))?
+                .neg()?
+                .to_device(&Device::Cpu)?
+                .to_vec1()?;
+            for (b, sum) in sums.iter_mut().enumerate() {
+                let map =
+                    ScoreMap::new(side, side, nll[b * side * side..(b + 1) * side * side].to_vec()).resized(size, size);
+                sum.iter_mut().zip(&map.data).for_each(|(t, v)| *t += v / LEVEL_CHANNELS.len() as f32);
+            }
+        }
+        Ok(sums
+            .into_iter()
+            .map(|sum| {
+                let map = ScoreMap::new(size, size, sum).blurred(self.settings.blur_sigma);
+                AnomalyOutput { score: map.max(), map }
+            })
+            .collect())
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut state = varmap_state(&self.varmap)?;
+        state.extend(standardise_state(&self.standardise)?);
+        Ok(state)
+    }
+}
