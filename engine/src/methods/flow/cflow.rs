@@ -10,12 +10,11 @@
 //! alone or in any batch.
 
 use super::{
-    level_rows, level_side, level_statistics, load_varmap, positional_encoding, standardise_state, take_standardise,
+    assemble_outputs, calibration_maps, PositionCalibration, CALIBRATION_IMAGES, level_rows, level_side, level_statistics, load_varmap, positional_encoding, standardise_state, take_standardise,
     train, training_rows, varmap_state, Standardise, TrainingPlan, TrainingRecord, VectorFlow, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
-use crate::maps::ScoreMap;
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -91,6 +90,7 @@ pub struct Cflow {
     /// Per level, the training features' per-channel statistics: the flows see standardised features (raw
     /// backbone projections reach tens, far from the unit Gaussian the flow starts as).
     standardise: Vec<Standardise>,
+    calibration: PositionCalibration,
     pub record: TrainingRecord,
 }
 
@@ -122,7 +122,7 @@ fn position_codes(settings: &CflowSettings, image_size: u32, device: &Device) ->
 }
 
 fn check_settings(settings: &CflowSettings) -> Result<()> {
-    if settings.condition_dim == 0 || settings.condition_dim % 4 != 0 {
+    if settings.condition_dim == 0 || !settings.condition_dim.is_multiple_of(4) {
         bail!("condition_dim must be a positive multiple of 4, got {}", settings.condition_dim);
     }
     if settings.coupling_blocks == 0 || settings.epochs == 0 || settings.steps_per_epoch == 0 {
@@ -188,7 +188,7 @@ impl Cflow {
             Ok((total.expect("two levels") / LEVEL_CHANNELS.len() as f64)?)
         })?;
         let conditions = position_codes(&settings, context.image_size, &device)?;
-        Ok(Self {
+        let mut model = Self {
             backbone: context.backbone.clone(),
             settings,
             image_size: context.image_size,
@@ -196,8 +196,18 @@ impl Cflow {
             flows,
             conditions,
             standardise,
+            calibration: PositionCalibration::from_maps(&[], &[]),
             record,
-        })
+        };
+        let maps = calibration_maps(images.len().min(CALIBRATION_IMAGES), 8, progress, |level, first, count| {
+            let per_image = level_side(model.image_size, level).pow(2) * LEVEL_CHANNELS[level];
+            let x = &rows[level][first * per_image..(first + count) * per_image];
+            let x = Tensor::from_vec(x.to_vec(), (count * per_image / LEVEL_CHANNELS[level], LEVEL_CHANNELS[level]), &device)?;
+            model.level_nll(level, &x, count)
+        })?;
+        let positions: Vec<usize> = (0..LEVEL_CHANNELS.len()).map(|l| level_side(model.image_size, l).pow(2)).collect();
+        model.calibration = PositionCalibration::from_maps(&maps, &positions);
+        Ok(model)
     }
 
     pub fn load(
@@ -209,6 +219,7 @@ impl Cflow {
         check_settings(&settings)?;
         let device = backbone.device.clone();
         let standardise = take_standardise(&mut tensors, &device)?;
+        let calibration = PositionCalibration::take(&mut tensors, image_size)?;
         let varmap = load_varmap(tensors, &device, "CFlow", |vb| build_flows(vb, &settings).map(|_| ()))?;
         let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
         let conditions = position_codes(&settings, image_size, &device)?;
@@ -220,8 +231,18 @@ impl Cflow {
             flows,
             conditions,
             standardise,
+            calibration,
             record: TrainingRecord::default(),
         })
+    }
+}
+
+impl Cflow {
+    /// Negative log-likelihood per dimension of a batch's rows at one level, `batch × positions`.
+    fn level_nll(&self, level: usize, rows: &Tensor, batch: usize) -> Result<Vec<f32>> {
+        let condition = self.conditions[level].repeat((batch, 1))?;
+        let x = self.standardise[level].apply(rows)?;
+        Ok(self.flows[level].log_likelihood_per_dim(&x, Some(&condition))?.neg()?.to_device(&Device::Cpu)?.to_vec1()?)
     }
 }
 
@@ -240,40 +261,15 @@ impl AnomalyModel for Cflow {
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let batch = images.dim(0)?;
-        let size = self.image_size as usize;
-        let mut sums: Vec<Option<ScoreMap>> = vec![None; batch];
-        for (level, rows) in level_rows(&self.backbone, images)?.iter().enumerate() {
-            let side = level_side(self.image_size, level);
-            let condition = self.conditions[level].repeat((batch, 1))?;
-            let nll: Vec<f32> = self.flows[level]
-                .log_likelihood_per_dim(&self.standardise[level].apply(rows)?, Some(&condition))?
-                .neg()?
-                .to_device(&Device::Cpu)?
-                .to_vec1()?;
-            for (b, sum) in sums.iter_mut().enumerate() {
-                let map =
-                    ScoreMap::new(side, side, nll[b * side * side..(b + 1) * side * side].to_vec()).resized(size, size);
-                *sum = Some(match sum.take() {
-                    None => map,
-                    Some(mut total) => {
-                        total.data.iter_mut().zip(&map.data).for_each(|(t, v)| *t += v);
-                        total
-                    }
-                });
-            }
-        }
-        Ok(sums
-            .into_iter()
-            .map(|sum| {
-                let map = sum.expect("two levels").blurred(self.settings.blur_sigma);
-                AnomalyOutput { score: map.max(), map }
-            })
-            .collect())
+        let [fine, coarse] = level_rows(&self.backbone, images)?;
+        let level_nll = [self.level_nll(0, &fine, batch)?, self.level_nll(1, &coarse, batch)?];
+        Ok(assemble_outputs(level_nll, batch, self.image_size, &self.calibration, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut state = varmap_state(&self.varmap)?;
         state.extend(standardise_state(&self.standardise)?);
+        state.extend(self.calibration.state()?);
         Ok(state)
     }
 }

@@ -11,12 +11,11 @@
 //! in channels-last rows, which candle differentiates and multiplies fast on the CPU.
 
 use super::{
-    gaussian_log_density, level_rows, level_side, level_statistics, load_varmap, standardise_state, take_standardise,
+    assemble_outputs, calibration_maps, PositionCalibration, CALIBRATION_IMAGES, gaussian_log_density, level_rows, level_side, level_statistics, load_varmap, standardise_state, take_standardise,
     train, training_rows, varmap_state, AffineTail, Standardise, TrainingPlan, TrainingRecord, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
-use crate::maps::ScoreMap;
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -172,6 +171,7 @@ pub struct Fastflow {
     varmap: VarMap,
     flows: Vec<MapFlow>,
     standardise: Vec<Standardise>,
+    calibration: PositionCalibration,
     pub record: TrainingRecord,
 }
 
@@ -244,15 +244,25 @@ impl Fastflow {
             }
             Ok((total.expect("two levels") / LEVEL_CHANNELS.len() as f64)?)
         })?;
-        Ok(Self {
+        let mut model = Self {
             backbone: context.backbone.clone(),
             settings,
             image_size: context.image_size,
             varmap,
             flows,
             standardise,
+            calibration: PositionCalibration::from_maps(&[], &[]),
             record,
-        })
+        };
+        let maps = calibration_maps(images.len().min(CALIBRATION_IMAGES), 8, progress, |level, first, count| {
+            let per_image = level_side(model.image_size, level).pow(2) * LEVEL_CHANNELS[level];
+            let x = &rows[level][first * per_image..(first + count) * per_image];
+            let x = Tensor::from_vec(x.to_vec(), (count * per_image / LEVEL_CHANNELS[level], LEVEL_CHANNELS[level]), &device)?;
+            model.level_nll(level, &x, count)
+        })?;
+        let positions: Vec<usize> = (0..LEVEL_CHANNELS.len()).map(|l| level_side(model.image_size, l).pow(2)).collect();
+        model.calibration = PositionCalibration::from_maps(&maps, &positions);
+        Ok(model)
     }
 
     pub fn load(
@@ -264,9 +274,28 @@ impl Fastflow {
         check_settings(&settings)?;
         let device = backbone.device.clone();
         let standardise = take_standardise(&mut tensors, &device)?;
+        let calibration = PositionCalibration::take(&mut tensors, image_size)?;
         let varmap = load_varmap(tensors, &device, "FastFlow", |vb| build_flows(vb, &settings).map(|_| ()))?;
         let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
-        Ok(Self { backbone, settings, image_size, varmap, flows, standardise, record: TrainingRecord::default() })
+        Ok(Self {
+            backbone,
+            settings,
+            image_size,
+            varmap,
+            flows,
+            standardise,
+            calibration,
+            record: TrainingRecord::default(),
+        })
+    }
+}
+
+impl Fastflow {
+    /// Negative log-likelihood per dimension of a batch's rows at one level, `batch × positions`.
+    fn level_nll(&self, level: usize, rows: &Tensor, batch: usize) -> Result<Vec<f32>> {
+        let side = level_side(self.image_size, level);
+        let x = self.standardise[level].apply(rows)?;
+        Ok(self.flows[level].log_likelihood_per_dim(&x, (batch, side, side))?.neg()?.to_device(&Device::Cpu)?.to_vec1()?)
     }
 }
 
@@ -285,34 +314,15 @@ impl AnomalyModel for Fastflow {
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let batch = images.dim(0)?;
-        let size = self.image_size as usize;
-        let mut sums: Vec<Vec<f32>> = vec![vec![0f32; size * size]; batch];
-        for (level, rows) in level_rows(&self.backbone, images)?.iter().enumerate() {
-            let side = level_side(self.image_size, level);
-            let x = self.standardise[level].apply(rows)?;
-            let nll: Vec<f32> = self.flows[level]
-                .log_likelihood_per_dim(&x, (batch, side, side))?
-                .neg()?
-                .to_device(&Device::Cpu)?
-                .to_vec1()?;
-            for (b, sum) in sums.iter_mut().enumerate() {
-                let map =
-                    ScoreMap::new(side, side, nll[b * side * side..(b + 1) * side * side].to_vec()).resized(size, size);
-                sum.iter_mut().zip(&map.data).for_each(|(t, v)| *t += v / LEVEL_CHANNELS.len() as f32);
-            }
-        }
-        Ok(sums
-            .into_iter()
-            .map(|sum| {
-                let map = ScoreMap::new(size, size, sum).blurred(self.settings.blur_sigma);
-                AnomalyOutput { score: map.max(), map }
-            })
-            .collect())
+        let [fine, coarse] = level_rows(&self.backbone, images)?;
+        let level_nll = [self.level_nll(0, &fine, batch)?, self.level_nll(1, &coarse, batch)?];
+        Ok(assemble_outputs(level_nll, batch, self.image_size, &self.calibration, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut state = varmap_state(&self.varmap)?;
         state.extend(standardise_state(&self.standardise)?);
+        state.extend(self.calibration.state()?);
         Ok(state)
     }
 }

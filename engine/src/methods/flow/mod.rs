@@ -9,7 +9,8 @@ pub mod fastflow;
 use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
-use crate::methods::{images_to_tensor, FitContext};
+use crate::maps::ScoreMap;
+use crate::methods::{images_to_tensor, AnomalyOutput, FitContext};
 use crate::progress::{check_cancelled, Progress};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -277,6 +278,127 @@ pub fn load_varmap(
         bail!("model file has an unexpected tensor `{extra}`");
     }
     varmap_from(tensors, device)
+}
+
+/// Training images whose NLL maps calibrate the positions (enough for stable per-position statistics).
+pub const CALIBRATION_IMAGES: usize = 200;
+
+/// Per level and position, the mean and 1/std of the negative log-likelihood on training images. A flow's raw
+/// NLL is not comparable across positions: border and corner features (zero padding in the backbone) are rare in
+/// training and keep a high NLL even on good parts, which then decides the image score (the maximum). Scoring the
+/// z-score of the NLL at each position instead makes positions — and the two levels — comparable.
+#[derive(Clone)]
+pub struct PositionCalibration {
+    /// Per level: (mean, 1/std), one value per position.
+    levels: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl PositionCalibration {
+    /// From each level's NLL maps of several images, concatenated (`images × positions`).
+    pub fn from_maps(maps: &[Vec<f32>], positions: &[usize]) -> Self {
+        let levels = maps
+            .iter()
+            .zip(positions)
+            .map(|(values, &positions)| {
+                let images = (values.len() / positions).max(1) as f64;
+                let mut mean = vec![0f64; positions];
+                let mut square = vec![0f64; positions];
+                for map in values.chunks_exact(positions) {
+                    for (p, &v) in map.iter().enumerate() {
+                        mean[p] += v as f64 / images;
+                        square[p] += (v as f64).powi(2) / images;
+                    }
+                }
+                let inverse_std =
+                    mean.iter().zip(&square).map(|(m, s)| (1.0 / (s - m * m).max(0.0).sqrt().max(1e-3)) as f32).collect();
+                (mean.into_iter().map(|m| m as f32).collect(), inverse_std)
+            })
+            .collect();
+        Self { levels }
+    }
+
+    fn calibrate(&self, level: usize, map: &mut [f32]) {
+        let (mean, inverse_std) = &self.levels[level];
+        for ((v, m), s) in map.iter_mut().zip(mean).zip(inverse_std) {
+            *v = (*v - m) * s;
+        }
+    }
+
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut state = Vec::new();
+        for (level, (mean, inverse_std)) in self.levels.iter().enumerate() {
+            state.push((format!("calibration.level{level}.mean"), Tensor::new(mean.as_slice(), &Device::Cpu)?));
+            state.push((format!("calibration.level{level}.inverse_std"), Tensor::new(inverse_std.as_slice(), &Device::Cpu)?));
+        }
+        Ok(state)
+    }
+
+    /// Reads the calibration for `image_size` inputs out of a model file's tensors (removed from `tensors`).
+    pub fn take(tensors: &mut HashMap<String, Tensor>, image_size: u32) -> Result<Self> {
+        let mut levels = Vec::new();
+        for level in 0..LEVEL_CHANNELS.len() {
+            let positions = level_side(image_size, level).pow(2);
+            let mut take = |what: &str| -> Result<Vec<f32>> {
+                let name = format!("calibration.level{level}.{what}");
+                let tensor = tensors.remove(&name).ok_or_else(|| anyhow::anyhow!("model file has no `{name}` tensor"))?;
+                if tensor.dims() != [positions] {
+                    bail!("`{name}` has shape {:?}, expected [{positions}]", tensor.dims());
+                }
+                Ok(tensor.to_dtype(DType::F32)?.to_vec1()?)
+            };
+            levels.push((take("mean")?, take("inverse_std")?));
+        }
+        Ok(Self { levels })
+    }
+}
+
+/// The NLL maps of `images` (per level, `images × positions`, from `level_nll(level, first, count)`), in
+/// batches, for calibration.
+pub fn calibration_maps(
+    images: usize,
+    batch: usize,
+    progress: &dyn Progress,
+    mut level_nll: impl FnMut(usize, usize, usize) -> Result<Vec<f32>>,
+) -> Result<Vec<Vec<f32>>> {
+    progress.begin("calibrating", images as u64);
+    let mut maps = vec![Vec::new(); LEVEL_CHANNELS.len()];
+    let mut first = 0;
+    while first < images {
+        check_cancelled(progress)?;
+        let count = batch.min(images - first);
+        for (level, map) in maps.iter_mut().enumerate() {
+            map.extend(level_nll(level, first, count)?);
+        }
+        progress.advance(count as u64);
+        first += count;
+    }
+    Ok(maps)
+}
+
+/// Anomaly maps and scores from each level's NLL (`batch × positions`, per level): calibrated per position,
+/// upsampled to the input size, averaged over levels, blurred; the score is the map's maximum.
+pub fn assemble_outputs(
+    level_nll: [Vec<f32>; 2],
+    batch: usize,
+    image_size: u32,
+    calibration: &PositionCalibration,
+    blur_sigma: f32,
+) -> Vec<AnomalyOutput> {
+    let size = image_size as usize;
+    (0..batch)
+        .map(|b| {
+            let mut sum = vec![0f32; size * size];
+            for (level, nll) in level_nll.iter().enumerate() {
+                let side = level_side(image_size, level);
+                let mut map = nll[b * side * side..(b + 1) * side * side].to_vec();
+                calibration.calibrate(level, &mut map);
+                let map = ScoreMap::new(side, side, map).resized(size, size);
+                sum.iter_mut().zip(&map.data).for_each(|(t, v)| *t += v / LEVEL_CHANNELS.len() as f32);
+            }
+            let map = ScoreMap::new(size, size, sum).blurred(blur_sigma);
+            AnomalyOutput { score: map.max(), map }
+        })
+        .collect()
 }
 
 /// How a flow trains.
