@@ -137,8 +137,8 @@ pub struct StudioApp {
     view: View,
     /// The view was chosen on the command line: training does not switch away from it.
     fixed_view: bool,
+    /// At most one background job; opening another project cancels it and drops its result.
     job: Option<Job<JobOutput>>,
-    /// Which project revision the running job's results belong to is not tracked: a project switch cancels it.
     messages: Vec<Message>,
     saver: Saver,
     loader: ImageLoader,
@@ -400,6 +400,15 @@ impl StudioApp {
                 self.studio.runtimes.push(runtime);
                 self.studio.project.active_model = Some(self.studio.project.models.len() - 1);
                 self.studio.changed();
+                if self.studio.project.models.last().is_some_and(|m| m.decision.is_none() && m.evaluations.is_empty()) {
+                    self.messages.push(Message {
+                        kind: MessageKind::Info,
+                        text: "training was stopped: the best epoch so far is kept (no threshold yet); evaluating it"
+                            .into(),
+                        details: Vec::new(),
+                    });
+                    self.start_reload(ctx, self.studio.project.models.len() - 1);
+                }
                 if !trained.skipped.is_empty() {
                     self.messages.push(Message {
                         kind: MessageKind::Error,

@@ -15,7 +15,7 @@ pub const PATCH_CHANNELS: usize = STRIDE8_CHANNELS + STRIDE16_CHANNELS;
 pub const PATCH_STRIDE: usize = 8;
 
 /// 3×3 average with zero padding counted in the divisor (PyTorch `AvgPool2d(3, 1, 1)`).
-fn local_average(map: &Tensor) -> Result<Tensor> {
+pub fn local_average(map: &Tensor) -> Result<Tensor> {
     map.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.avg_pool2d_with_stride(3, 1)
 }
 

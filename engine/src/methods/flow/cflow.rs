@@ -10,8 +10,9 @@
 //! alone or in any batch.
 
 use super::{
-    assemble_outputs, calibration_maps, PositionCalibration, CALIBRATION_IMAGES, level_rows, level_side, level_statistics, load_varmap, positional_encoding, standardise_state, take_standardise,
-    train, training_rows, varmap_state, Standardise, TrainingPlan, TrainingRecord, VectorFlow, LEVEL_CHANNELS,
+    assemble_outputs, calibration_maps, level_rows, level_side, level_statistics, load_varmap, positional_encoding,
+    standardise_state, take_standardise, train, training_rows, varmap_state, PositionCalibration, Standardise,
+    TrainingPlan, TrainingRecord, VectorFlow, CALIBRATION_IMAGES, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
@@ -49,6 +50,8 @@ pub struct CflowSettings {
     pub weight_decay: f64,
     /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
     pub time_budget_seconds: f64,
+    /// Model 3×3-averaged features (as PatchCore) instead of the raw maps.
+    pub local_average: bool,
     pub seed: u64,
     pub blur_sigma: f32,
 }
@@ -61,21 +64,14 @@ impl Default for CflowSettings {
             clamp_alpha: 1.9,
             epochs: 12,
             vectors_per_step: 1024,
-            steps_per_epoch: 40,
+            steps_per_epoch: 100,
             learning_rate: 1e-3,
             weight_decay: 1e-5,
             time_budget_seconds: 0.0,
+            local_average: true,
             seed: 0,
             blur_sigma: 4.0,
         }
-    }
-}
-
-impl CflowSettings {
-    /// The published setting (anomalib's defaults: more blocks' worth of steps, small batches, lr 1e-4) for
-    /// GPU users.
-    pub fn published() -> Self {
-        Self { epochs: 50, vectors_per_step: 256, steps_per_epoch: 400, learning_rate: 1e-4, ..Self::default() }
     }
 }
 
@@ -143,7 +139,7 @@ impl Cflow {
         let device = context.device.clone();
         let progress = context.progress;
         // The frozen backbone's features of every training image, once, as rows per level (CPU memory).
-        let rows = training_rows(context, images)?;
+        let rows = training_rows(context, images, settings.local_average)?;
         let standardise = level_statistics(&rows, &device)?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
@@ -202,7 +198,11 @@ impl Cflow {
         let maps = calibration_maps(images.len().min(CALIBRATION_IMAGES), 8, progress, |level, first, count| {
             let per_image = level_side(model.image_size, level).pow(2) * LEVEL_CHANNELS[level];
             let x = &rows[level][first * per_image..(first + count) * per_image];
-            let x = Tensor::from_vec(x.to_vec(), (count * per_image / LEVEL_CHANNELS[level], LEVEL_CHANNELS[level]), &device)?;
+            let x = Tensor::from_vec(
+                x.to_vec(),
+                (count * per_image / LEVEL_CHANNELS[level], LEVEL_CHANNELS[level]),
+                &device,
+            )?;
             model.level_nll(level, &x, count)
         })?;
         let positions: Vec<usize> = (0..LEVEL_CHANNELS.len()).map(|l| level_side(model.image_size, l).pow(2)).collect();
@@ -261,7 +261,7 @@ impl AnomalyModel for Cflow {
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let batch = images.dim(0)?;
-        let [fine, coarse] = level_rows(&self.backbone, images)?;
+        let [fine, coarse] = level_rows(&self.backbone, images, self.settings.local_average)?;
         let level_nll = [self.level_nll(0, &fine, batch)?, self.level_nll(1, &coarse, batch)?];
         Ok(assemble_outputs(level_nll, batch, self.image_size, &self.calibration, self.settings.blur_sigma))
     }

@@ -11,8 +11,9 @@
 //! in channels-last rows, which candle differentiates and multiplies fast on the CPU.
 
 use super::{
-    assemble_outputs, calibration_maps, PositionCalibration, CALIBRATION_IMAGES, gaussian_log_density, level_rows, level_side, level_statistics, load_varmap, standardise_state, take_standardise,
-    train, training_rows, varmap_state, AffineTail, Standardise, TrainingPlan, TrainingRecord, LEVEL_CHANNELS,
+    assemble_outputs, calibration_maps, gaussian_log_density, level_rows, level_side, level_statistics, load_varmap,
+    standardise_state, take_standardise, train, training_rows, varmap_state, AffineTail, PositionCalibration,
+    Standardise, TrainingPlan, TrainingRecord, CALIBRATION_IMAGES, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
@@ -49,6 +50,8 @@ pub struct FastflowSettings {
     pub weight_decay: f64,
     /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
     pub time_budget_seconds: f64,
+    /// Model 3×3-averaged features (as PatchCore) instead of the raw maps.
+    pub local_average: bool,
     pub seed: u64,
     pub blur_sigma: f32,
 }
@@ -60,21 +63,15 @@ impl Default for FastflowSettings {
             hidden_ratio: 1.0,
             clamp_alpha: 2.0,
             conv3x3_only: false,
-            epochs: 10,
+            epochs: 8,
             images_per_step: 8,
             learning_rate: 1e-3,
             weight_decay: 1e-5,
             time_budget_seconds: 0.0,
+            local_average: true,
             seed: 0,
             blur_sigma: 4.0,
         }
-    }
-}
-
-impl FastflowSettings {
-    /// The published setting (anomalib: 500 epochs, batch 32, Adam lr 1e-3, weight decay 1e-5) for GPU users.
-    pub fn published() -> Self {
-        Self { epochs: 500, images_per_step: 32, ..Self::default() }
     }
 }
 
@@ -203,7 +200,7 @@ impl Fastflow {
         }
         let device = context.device.clone();
         let progress = context.progress;
-        let rows = training_rows(context, images)?;
+        let rows = training_rows(context, images, settings.local_average)?;
         let standardise = level_statistics(&rows, &device)?;
         let varmap = VarMap::new();
         let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
@@ -257,7 +254,11 @@ impl Fastflow {
         let maps = calibration_maps(images.len().min(CALIBRATION_IMAGES), 8, progress, |level, first, count| {
             let per_image = level_side(model.image_size, level).pow(2) * LEVEL_CHANNELS[level];
             let x = &rows[level][first * per_image..(first + count) * per_image];
-            let x = Tensor::from_vec(x.to_vec(), (count * per_image / LEVEL_CHANNELS[level], LEVEL_CHANNELS[level]), &device)?;
+            let x = Tensor::from_vec(
+                x.to_vec(),
+                (count * per_image / LEVEL_CHANNELS[level], LEVEL_CHANNELS[level]),
+                &device,
+            )?;
             model.level_nll(level, &x, count)
         })?;
         let positions: Vec<usize> = (0..LEVEL_CHANNELS.len()).map(|l| level_side(model.image_size, l).pow(2)).collect();
@@ -295,7 +296,11 @@ impl Fastflow {
     fn level_nll(&self, level: usize, rows: &Tensor, batch: usize) -> Result<Vec<f32>> {
         let side = level_side(self.image_size, level);
         let x = self.standardise[level].apply(rows)?;
-        Ok(self.flows[level].log_likelihood_per_dim(&x, (batch, side, side))?.neg()?.to_device(&Device::Cpu)?.to_vec1()?)
+        Ok(self.flows[level]
+            .log_likelihood_per_dim(&x, (batch, side, side))?
+            .neg()?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?)
     }
 }
 
@@ -314,7 +319,7 @@ impl AnomalyModel for Fastflow {
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let batch = images.dim(0)?;
-        let [fine, coarse] = level_rows(&self.backbone, images)?;
+        let [fine, coarse] = level_rows(&self.backbone, images, self.settings.local_average)?;
         let level_nll = [self.level_nll(0, &fine, batch)?, self.level_nll(1, &coarse, batch)?];
         Ok(assemble_outputs(level_nll, batch, self.image_size, &self.calibration, self.settings.blur_sigma))
     }

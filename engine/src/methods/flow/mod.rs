@@ -200,10 +200,12 @@ pub fn level_side(image_size: u32, level: usize) -> usize {
     (image_size as usize).div_ceil(LEVEL_STRIDES[level])
 }
 
-/// Per level, a batch's feature maps as channels-last rows `(B·H·W, C)`, image-major then row-major.
-pub fn level_rows(backbone: &Backbone, images: &Tensor) -> Result<[Tensor; 2]> {
+/// Per level, a batch's feature maps as channels-last rows `(B·H·W, C)`, image-major then row-major; with
+/// `local`, each map is first averaged over 3×3 neighbourhoods (PatchCore's locally aware features).
+pub fn level_rows(backbone: &Backbone, images: &Tensor, local: bool) -> Result<[Tensor; 2]> {
     let maps = backbone.features(images)?;
     let rows = |map: &Tensor| -> Result<Tensor> {
+        let map = if local { crate::methods::features::local_average(map)? } else { map.clone() };
         let (b, c, h, w) = map.dims4()?;
         Ok(map.permute((0, 2, 3, 1))?.reshape((b * h * w, c))?)
     };
@@ -211,7 +213,7 @@ pub fn level_rows(backbone: &Backbone, images: &Tensor) -> Result<[Tensor; 2]> {
 }
 
 /// Every training image's rows per level, on the CPU (computed once: the backbone is frozen).
-pub fn training_rows(context: &FitContext, images: &[DecodedImage]) -> Result<[Vec<f32>; 2]> {
+pub fn training_rows(context: &FitContext, images: &[DecodedImage], local: bool) -> Result<[Vec<f32>; 2]> {
     let progress = context.progress;
     progress.begin("features", images.len() as u64);
     let mut rows: [Vec<f32>; 2] = [Vec::new(), Vec::new()];
@@ -219,7 +221,7 @@ pub fn training_rows(context: &FitContext, images: &[DecodedImage]) -> Result<[V
         check_cancelled(progress)?;
         let refs: Vec<&DecodedImage> = batch.iter().collect();
         for (level, tensor) in
-            level_rows(&context.backbone, &images_to_tensor(&refs, &context.device)?)?.iter().enumerate()
+            level_rows(&context.backbone, &images_to_tensor(&refs, &context.device)?, local)?.iter().enumerate()
         {
             rows[level].extend(tensor.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
         }
@@ -309,8 +311,11 @@ impl PositionCalibration {
                         square[p] += (v as f64).powi(2) / images;
                     }
                 }
-                let inverse_std =
-                    mean.iter().zip(&square).map(|(m, s)| (1.0 / (s - m * m).max(0.0).sqrt().max(1e-3)) as f32).collect();
+                let inverse_std = mean
+                    .iter()
+                    .zip(&square)
+                    .map(|(m, s)| (1.0 / (s - m * m).max(0.0).sqrt().max(1e-3)) as f32)
+                    .collect();
                 (mean.into_iter().map(|m| m as f32).collect(), inverse_std)
             })
             .collect();
@@ -328,7 +333,10 @@ impl PositionCalibration {
         let mut state = Vec::new();
         for (level, (mean, inverse_std)) in self.levels.iter().enumerate() {
             state.push((format!("calibration.level{level}.mean"), Tensor::new(mean.as_slice(), &Device::Cpu)?));
-            state.push((format!("calibration.level{level}.inverse_std"), Tensor::new(inverse_std.as_slice(), &Device::Cpu)?));
+            state.push((
+                format!("calibration.level{level}.inverse_std"),
+                Tensor::new(inverse_std.as_slice(), &Device::Cpu)?,
+            ));
         }
         Ok(state)
     }
@@ -340,7 +348,8 @@ impl PositionCalibration {
             let positions = level_side(image_size, level).pow(2);
             let mut take = |what: &str| -> Result<Vec<f32>> {
                 let name = format!("calibration.level{level}.{what}");
-                let tensor = tensors.remove(&name).ok_or_else(|| anyhow::anyhow!("model file has no `{name}` tensor"))?;
+                let tensor =
+                    tensors.remove(&name).ok_or_else(|| anyhow::anyhow!("model file has no `{name}` tensor"))?;
                 if tensor.dims() != [positions] {
                     bail!("`{name}` has shape {:?}, expected [{positions}]", tensor.dims());
                 }
@@ -363,8 +372,8 @@ pub fn calibration_maps(
     progress.begin("calibrating", images as u64);
     let mut maps = vec![Vec::new(); LEVEL_CHANNELS.len()];
     let mut first = 0;
+    // Not cancellable: a run stopped during training still needs this (seconds) to be a usable model.
     while first < images {
-        check_cancelled(progress)?;
         let count = batch.min(images - first);
         for (level, map) in maps.iter_mut().enumerate() {
             map.extend(level_nll(level, first, count)?);
