@@ -884,6 +884,10 @@ pub fn run(options: StudioOptions) -> Result<()> {
         renderer: eframe::Renderer::Wgpu,
         ..Default::default()
     };
-    eframe::run_native("Loupe", native, Box::new(|cc| Ok(Box::new(StudioApp::new(cc, options)))))
-        .map_err(|e| anyhow::anyhow!("cannot open the studio window: {e}"))
+    eframe::run_native("Loupe", native, Box::new(|cc| Ok(Box::new(StudioApp::new(cc, options))))).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the studio window: {e}\n(without a display, `loupe demo` runs the same job on the demo \
+                 data from the command line)"
+        )
+    })
 }
