@@ -209,7 +209,7 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, state: &mut ThresholdState) 
             .x_axis_label("FAR (false-positive rate)")
             .y_axis_label("1 − MAR (true-positive rate)")
             .show(ui, |plot| {
-                plot.line(Line::new("ROC", state.roc.clone()));
+                plot.line(Line::new("ROC", state.roc.clone()).allow_band(false));
                 plot.points(Points::new("this threshold", vec![point]).radius(5.0).color(egui::Color32::WHITE));
             });
     });

@@ -172,7 +172,7 @@ fn progress(ui: &mut egui::Ui, job: &crate::studio::jobs::JobStatus, actions: &m
         .allow_scroll(false)
         .y_axis_label(y_label)
         .show(ui, |plot| {
-            plot.line(Line::new(y_label, curve));
+            plot.line(Line::new(y_label, curve).allow_band(false));
         });
     egui::ScrollArea::vertical().max_height(80.0).stick_to_bottom(true).show(ui, |ui| {
         for note in &job.notes {
