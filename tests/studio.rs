@@ -72,6 +72,8 @@ fn drag(harness: &mut Harness<'_, StudioApp>, from: egui::Pos2, to: egui::Pos2) 
     harness.run_steps(3);
 }
 
+/// The texts the threshold panel must show, written out here from the engine's confusion rather than through the
+/// view's own formatter, so a wrong count or a wrong rate in the view fails the test.
 fn expected_texts(table: &ThresholdTable, threshold: f32) -> Vec<String> {
     let c = table.confusion(threshold);
     let percent = |r: Option<f64>| format!("{:.2} %", r.unwrap() * 100.0);

@@ -10,9 +10,9 @@
 //! alone or in any batch.
 
 use super::{
-    assemble_outputs, calibration_maps, level_rows, level_side, level_statistics, load_varmap, positional_encoding,
-    standardise_state, take_standardise, train, training_rows, varmap_state, PositionCalibration, Standardise,
-    TrainingPlan, TrainingRecord, VectorFlow, CALIBRATION_IMAGES, LEVEL_CHANNELS,
+    assemble_outputs, calibrate, level_rows, level_side, level_statistics, load_varmap, mean_over_levels,
+    normalisation_state, positional_encoding, take_standardise, train, training_rows, varmap_state,
+    PositionCalibration, Standardise, TrainingPlan, TrainingRecord, VectorFlow, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
@@ -160,8 +160,8 @@ impl Cflow {
         };
         let n = settings.vectors_per_step;
         let record = train(&varmap, &plan, progress, |_, _| {
-            let mut total: Option<Tensor> = None;
-            for (level, flow) in flows.iter().enumerate() {
+            mean_over_levels(|level| {
+                let flow = &flows[level];
                 let channels = LEVEL_CHANNELS[level];
                 let positions = level_side(context.image_size, level).pow(2);
                 let count = rows[level].len() / channels;
@@ -176,12 +176,8 @@ impl Cflow {
                 let x = standardise[level].apply(&Tensor::from_vec(x, (n, channels), &device)?)?;
                 let c = Tensor::from_vec(c, (n, settings.condition_dim), &device)?;
                 let nll = flow.log_likelihood_per_dim(&x, Some(&c))?.mean_all()?.neg()?;
-                total = Some(match total {
-                    None => nll,
-                    Some(t) => (t + nll)?,
-                });
-            }
-            Ok((total.expect("two levels") / LEVEL_CHANNELS.len() as f64)?)
+                Ok(nll)
+            })
         })?;
         let conditions = position_codes(&settings, context.image_size, &device)?;
         let mut model = Self {
@@ -192,21 +188,11 @@ impl Cflow {
             flows,
             conditions,
             standardise,
-            calibration: PositionCalibration::from_maps(&[], &[]),
+            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
             record,
         };
-        let maps = calibration_maps(images.len().min(CALIBRATION_IMAGES), 8, progress, |level, first, count| {
-            let per_image = level_side(model.image_size, level).pow(2) * LEVEL_CHANNELS[level];
-            let x = &rows[level][first * per_image..(first + count) * per_image];
-            let x = Tensor::from_vec(
-                x.to_vec(),
-                (count * per_image / LEVEL_CHANNELS[level], LEVEL_CHANNELS[level]),
-                &device,
-            )?;
-            model.level_nll(level, &x, count)
-        })?;
-        let positions: Vec<usize> = (0..LEVEL_CHANNELS.len()).map(|l| level_side(model.image_size, l).pow(2)).collect();
-        model.calibration = PositionCalibration::from_maps(&maps, &positions);
+        model.calibration =
+            calibrate(&rows, model.image_size, &device, progress, |level, x, count| model.level_nll(level, x, count))?;
         Ok(model)
     }
 
@@ -268,8 +254,7 @@ impl AnomalyModel for Cflow {
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut state = varmap_state(&self.varmap)?;
-        state.extend(standardise_state(&self.standardise)?);
-        state.extend(self.calibration.state()?);
+        state.extend(normalisation_state(&self.standardise, &self.calibration)?);
         Ok(state)
     }
 }

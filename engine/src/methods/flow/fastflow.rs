@@ -11,9 +11,9 @@
 //! in channels-last rows, which candle differentiates and multiplies fast on the CPU.
 
 use super::{
-    assemble_outputs, calibration_maps, gaussian_log_density, level_rows, level_side, level_statistics, load_varmap,
-    standardise_state, take_standardise, train, training_rows, varmap_state, AffineTail, PositionCalibration,
-    Standardise, TrainingPlan, TrainingRecord, CALIBRATION_IMAGES, LEVEL_CHANNELS,
+    assemble_outputs, calibrate, gaussian_log_density, level_rows, level_side, level_statistics, load_varmap,
+    mean_over_levels, normalisation_state, take_standardise, train, training_rows, varmap_state, AffineTail,
+    PositionCalibration, Standardise, TrainingPlan, TrainingRecord, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
@@ -222,8 +222,8 @@ impl Fastflow {
             }
             let chosen =
                 &order[step * settings.images_per_step..((step + 1) * settings.images_per_step).min(order.len())];
-            let mut total: Option<Tensor> = None;
-            for (level, flow) in flows.iter().enumerate() {
+            mean_over_levels(|level| {
+                let flow = &flows[level];
                 let channels = LEVEL_CHANNELS[level];
                 let side = level_side(context.image_size, level);
                 let per_image = side * side * channels;
@@ -234,12 +234,8 @@ impl Fastflow {
                 let x = Tensor::from_vec(x, (chosen.len() * side * side, channels), &device)?;
                 let x = standardise[level].apply(&x)?;
                 let nll = flow.log_likelihood_per_dim(&x, (chosen.len(), side, side))?.mean_all()?.neg()?;
-                total = Some(match total {
-                    None => nll,
-                    Some(t) => (t + nll)?,
-                });
-            }
-            Ok((total.expect("two levels") / LEVEL_CHANNELS.len() as f64)?)
+                Ok(nll)
+            })
         })?;
         let mut model = Self {
             backbone: context.backbone.clone(),
@@ -248,21 +244,11 @@ impl Fastflow {
             varmap,
             flows,
             standardise,
-            calibration: PositionCalibration::from_maps(&[], &[]),
+            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
             record,
         };
-        let maps = calibration_maps(images.len().min(CALIBRATION_IMAGES), 8, progress, |level, first, count| {
-            let per_image = level_side(model.image_size, level).pow(2) * LEVEL_CHANNELS[level];
-            let x = &rows[level][first * per_image..(first + count) * per_image];
-            let x = Tensor::from_vec(
-                x.to_vec(),
-                (count * per_image / LEVEL_CHANNELS[level], LEVEL_CHANNELS[level]),
-                &device,
-            )?;
-            model.level_nll(level, &x, count)
-        })?;
-        let positions: Vec<usize> = (0..LEVEL_CHANNELS.len()).map(|l| level_side(model.image_size, l).pow(2)).collect();
-        model.calibration = PositionCalibration::from_maps(&maps, &positions);
+        model.calibration =
+            calibrate(&rows, model.image_size, &device, progress, |level, x, count| model.level_nll(level, x, count))?;
         Ok(model)
     }
 
@@ -326,8 +312,7 @@ impl AnomalyModel for Fastflow {
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut state = varmap_state(&self.varmap)?;
-        state.extend(standardise_state(&self.standardise)?);
-        state.extend(self.calibration.state()?);
+        state.extend(normalisation_state(&self.standardise, &self.calibration)?);
         Ok(state)
     }
 }

@@ -361,27 +361,52 @@ impl PositionCalibration {
     }
 }
 
-/// The NLL maps of `images` (per level, `images × positions`, from `level_nll(level, first, count)`), in
-/// batches, for calibration.
-pub fn calibration_maps(
-    images: usize,
-    batch: usize,
+/// Calibrates a trained flow on the first `CALIBRATION_IMAGES` training images, whose feature rows per level are
+/// `rows`; `level_nll(level, rows, images)` gives the NLL per dimension of those rows, `images × positions`.
+pub fn calibrate(
+    rows: &[Vec<f32>; 2],
+    image_size: u32,
+    device: &Device,
     progress: &dyn Progress,
-    mut level_nll: impl FnMut(usize, usize, usize) -> Result<Vec<f32>>,
-) -> Result<Vec<Vec<f32>>> {
+    level_nll: impl Fn(usize, &Tensor, usize) -> Result<Vec<f32>>,
+) -> Result<PositionCalibration> {
+    const BATCH: usize = 8;
+    let positions: Vec<usize> = (0..LEVEL_CHANNELS.len()).map(|l| level_side(image_size, l).pow(2)).collect();
+    let images = (rows[0].len() / (positions[0] * LEVEL_CHANNELS[0])).min(CALIBRATION_IMAGES);
     progress.begin("calibrating", images as u64);
     let mut maps = vec![Vec::new(); LEVEL_CHANNELS.len()];
     let mut first = 0;
     // Not cancellable: a run stopped during training still needs this (seconds) to be a usable model.
     while first < images {
-        let count = batch.min(images - first);
+        let count = BATCH.min(images - first);
         for (level, map) in maps.iter_mut().enumerate() {
-            map.extend(level_nll(level, first, count)?);
+            let (channels, per_image) = (LEVEL_CHANNELS[level], positions[level] * LEVEL_CHANNELS[level]);
+            let x = rows[level][first * per_image..(first + count) * per_image].to_vec();
+            map.extend(level_nll(level, &Tensor::from_vec(x, (count * positions[level], channels), device)?, count)?);
         }
         progress.advance(count as u64);
         first += count;
     }
-    Ok(maps)
+    Ok(PositionCalibration::from_maps(&maps, &positions))
+}
+
+/// The training loss of both levels: the mean of `level_loss(level)`.
+pub fn mean_over_levels(mut level_loss: impl FnMut(usize) -> Result<Tensor>) -> Result<Tensor> {
+    let mut total = level_loss(0)?;
+    for level in 1..LEVEL_CHANNELS.len() {
+        total = (total + level_loss(level)?)?;
+    }
+    Ok((total / LEVEL_CHANNELS.len() as f64)?)
+}
+
+/// What both flows store besides their variables: feature standardisation and position calibration.
+pub fn normalisation_state(
+    standardise: &[Standardise],
+    calibration: &PositionCalibration,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut state = standardise_state(standardise)?;
+    state.extend(calibration.state()?);
+    Ok(state)
 }
 
 /// Anomaly maps and scores from each level's NLL (`batch × positions`, per level): calibrated per position,
