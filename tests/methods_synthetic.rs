@@ -53,10 +53,31 @@ fn fastflow_separates_synthetic_defects_and_round_trips() {
     separates_synthetic_defects_and_round_trips("fastflow", small_fastflow());
 }
 
+fn small_autoencoder() -> serde_json::Value {
+    serde_json::json!({"epochs": 30, "batch_size": 4, "width": 16, "latent_dim": 32})
+}
+
+#[test]
+fn autoencoder_separates_synthetic_defects_and_round_trips() {
+    separates_synthetic_defects_and_round_trips("autoencoder", small_autoencoder());
+}
+
+#[test]
+fn cutpaste_separates_synthetic_defects_and_round_trips() {
+    separates_synthetic_defects_and_round_trips(
+        "cutpaste",
+        serde_json::json!({"epochs": 4, "steps_per_epoch": 10, "images_per_step": 4}),
+    );
+}
+
 #[test]
 fn every_registered_method_is_tested_here() {
     let names: Vec<&str> = loupe_engine::methods::REGISTRY.iter().map(|m| m.name).collect();
-    assert_eq!(names, ["fastflow", "cflow", "patchcore", "padim"], "add the new method's test above");
+    assert_eq!(
+        names,
+        ["autoencoder", "fastflow", "cflow", "patchcore", "padim", "cutpaste"],
+        "add the new method's test above"
+    );
 }
 
 fn separates_synthetic_defects_and_round_trips(method: &str, settings: serde_json::Value) {
@@ -230,5 +251,36 @@ fn flows_train_by_likelihood_and_a_cancelled_run_keeps_its_best_epoch() {
     let outcome = fit(backbone(), &request, &progress).unwrap();
     assert_eq!(outcome.manifest.thresholds.decision, None);
     assert_eq!(outcome.manifest.validation.count, 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn autoencoder_and_cutpaste_losses_fall() {
+    use loupe_engine::methods::augmentation::cutpaste::{Cutpaste, CutpasteSettings};
+    use loupe_engine::methods::reconstruction::autoencoder::{Autoencoder, AutoencoderSettings};
+    use loupe_engine::methods::FitContext;
+    let dir = temp_dir("losses");
+    generate_mvtec(&dir, &SyntheticSpec { train_good: 12, test_good: 0, test_per_defect: 0, ..SyntheticSpec::tiny(6) })
+        .unwrap();
+    let records = loupe_engine::dataset::scan_normal_folder(&dir).unwrap();
+    let (images, _) = loupe_engine::dataset::decode_all(&records, 64, &|_| {});
+    let context =
+        FitContext { backbone: backbone(), device: Device::Cpu, batch_size: 4, image_size: 64, progress: &NoProgress };
+    let autoencoder_settings: AutoencoderSettings = serde_json::from_value(small_autoencoder()).unwrap();
+    let autoencoder =
+        Autoencoder::fit(&context, &images, AutoencoderSettings { epochs: 6, ..autoencoder_settings }).unwrap();
+    let cutpaste = Cutpaste::fit(
+        &context,
+        &images,
+        CutpasteSettings { epochs: 6, steps_per_epoch: 6, images_per_step: 4, ..Default::default() },
+    )
+    .unwrap();
+    for (name, losses) in
+        [("autoencoder", &autoencoder.record.epoch_losses), ("CutPaste", &cutpaste.record.epoch_losses)]
+    {
+        assert_eq!(losses.len(), 6);
+        assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+        assert!(losses[5] < losses[0], "{name}: the loss falls: {losses:?}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }

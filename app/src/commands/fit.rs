@@ -22,7 +22,10 @@ pub struct FitArgs {
     /// PatchCore: fraction of training patches kept in the memory bank.
     #[arg(long)]
     pub coreset_ratio: Option<f64>,
-    /// Any method setting, as key=value (value in JSON, e.g. num_neighbors=9). Repeatable.
+    /// Start from a named setting of the method instead of its default, e.g. `published` (see `loupe methods`).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Any method setting, as key=value (value in JSON, e.g. num_neighbors=9). Repeatable; applied over the preset.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub settings: Vec<String>,
     #[arg(long, default_value_t = DEFAULT_IMAGE_SIZE)]
@@ -53,7 +56,14 @@ pub fn parse_settings(pairs: &[String]) -> Result<serde_json::Map<String, serde_
 
 pub fn run(args: FitArgs) -> Result<()> {
     let method = find_method(&args.method)?;
-    let mut settings = parse_settings(&args.settings)?;
+    let mut settings = match &args.preset {
+        Some(name) => match method.preset(name)? {
+            serde_json::Value::Object(values) => values,
+            _ => serde_json::Map::new(),
+        },
+        None => serde_json::Map::new(),
+    };
+    settings.extend(parse_settings(&args.settings)?);
     if let Some(ratio) = args.coreset_ratio {
         settings.insert("coreset_ratio".into(), ratio.into());
     }

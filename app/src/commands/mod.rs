@@ -43,6 +43,9 @@ pub fn list_methods() -> Result<()> {
         }
         for method in methods {
             println!("  {:<12} {}", method.name, method.summary);
+            for preset in method.presets {
+                println!("  {:<12}   --preset {}: {}", "", preset.name, preset.about);
+            }
         }
     }
     Ok(())

@@ -6,13 +6,19 @@
 /// `load(backbone, image_size, settings, tensors)`; its settings type has serde and `Default`, and arrives
 /// parsed from the JSON the user and the model file give.
 macro_rules! method_info {
-    ($model:ident, $settings:ty, name: $name:expr, title: $title:expr, family: $family:expr, summary: $summary:expr $(,)?) => {
+    ($model:ident, $settings:ty, name: $name:expr, title: $title:expr, family: $family:expr, summary: $summary:expr
+     $(, presets: [$($preset:literal: $about:literal => $make:path),* $(,)?])? $(,)?) => {
         pub static INFO: $crate::methods::MethodInfo = $crate::methods::MethodInfo {
             name: $name,
             title: $title,
             family: $family,
             summary: $summary,
             default_settings: || serde_json::to_value(<$settings>::default()).expect("settings serialise"),
+            presets: &[$($($crate::methods::Preset {
+                name: $preset,
+                about: $about,
+                settings: || serde_json::to_value($make()).expect("settings serialise"),
+            }),*)?],
             fit: |context, images, settings| {
                 Ok(Box::new($model::fit(context, images, serde_json::from_value(settings.clone())?)?))
             },
@@ -23,9 +29,16 @@ macro_rules! method_info {
     };
 }
 
+pub mod augmentation;
+pub mod calibration;
 pub mod features;
 pub mod flow;
+pub mod gaussian;
+pub mod layers;
+pub mod reconstruction;
 pub mod representation;
+pub mod ssim;
+pub mod training;
 
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
@@ -100,20 +113,35 @@ pub struct FitContext<'a> {
 pub type FitFn = fn(&FitContext, &[DecodedImage], &serde_json::Value) -> Result<Box<dyn AnomalyModel>>;
 pub type LoadFn = fn(Arc<Backbone>, u32, &serde_json::Value, HashMap<String, Tensor>) -> Result<Box<dyn AnomalyModel>>;
 
+/// A named full setting besides the default, e.g. the paper's training schedule for a GPU.
+pub struct Preset {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub settings: fn() -> serde_json::Value,
+}
+
 pub struct MethodInfo {
     /// CLI name, e.g. `patchcore`.
     pub name: &'static str,
     pub title: &'static str,
     pub family: Family,
     pub summary: &'static str,
+    /// The default: what finishes on an MVTec-sized category within 10 minutes on a 2-core CPU.
     pub default_settings: fn() -> serde_json::Value,
+    pub presets: &'static [Preset],
     pub fit: FitFn,
     pub load: LoadFn,
 }
 
 /// Every method Loupe can train, in display order.
-pub static REGISTRY: &[&MethodInfo] =
-    &[&flow::fastflow::INFO, &flow::cflow::INFO, &representation::patchcore::INFO, &representation::padim::INFO];
+pub static REGISTRY: &[&MethodInfo] = &[
+    &reconstruction::autoencoder::INFO,
+    &flow::fastflow::INFO,
+    &flow::cflow::INFO,
+    &representation::patchcore::INFO,
+    &representation::padim::INFO,
+    &augmentation::cutpaste::INFO,
+];
 
 pub fn find_method(name: &str) -> Result<&'static MethodInfo> {
     match REGISTRY.iter().find(|m| m.name.eq_ignore_ascii_case(name)) {
@@ -121,6 +149,22 @@ pub fn find_method(name: &str) -> Result<&'static MethodInfo> {
         None => {
             let known: Vec<&str> = REGISTRY.iter().map(|m| m.name).collect();
             bail!("unknown method `{name}` (available: {})", known.join(", "))
+        }
+    }
+}
+
+impl MethodInfo {
+    /// The settings of preset `name` ("default" is the default).
+    pub fn preset(&self, name: &str) -> Result<serde_json::Value> {
+        if name == "default" {
+            return Ok((self.default_settings)());
+        }
+        match self.presets.iter().find(|p| p.name == name) {
+            Some(preset) => Ok((preset.settings)()),
+            None => {
+                let known: Vec<&str> = std::iter::once("default").chain(self.presets.iter().map(|p| p.name)).collect();
+                bail!("{} has no preset `{name}` (available: {})", self.title, known.join(", "))
+            }
         }
     }
 }

@@ -10,12 +10,13 @@
 //! alone or in any batch.
 
 use super::{
-    assemble_outputs, calibrate, level_rows, level_side, level_statistics, load_varmap, mean_over_levels,
-    normalisation_state, positional_encoding, take_standardise, train, training_rows, varmap_state,
-    PositionCalibration, Standardise, TrainingPlan, TrainingRecord, VectorFlow, LEVEL_CHANNELS,
+    assemble_outputs, calibrate, level_positions, level_rows, level_side, level_statistics, mean_over_levels,
+    normalisation_state, positional_encoding, take_standardise, training_rows, Standardise, VectorFlow, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
+use crate::methods::calibration::PositionCalibration;
+use crate::methods::training::{load_varmap, train, varmap_state, TrainingPlan, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -32,6 +33,7 @@ method_info!(
     title: "CFlow",
     family: Family::NormalizingFlow,
     summary: "Conditional normalizing flows on feature vectors with a position code; negative log-likelihood.",
+    presets: ["published": "the paper's training length, for a GPU" => CflowSettings::published],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -71,6 +73,20 @@ impl Default for CflowSettings {
             local_average: true,
             seed: 0,
             blur_sigma: 4.0,
+        }
+    }
+}
+
+impl CflowSettings {
+    /// anomalib's CFlow schedule (50 epochs, fibre batches of 256, learning rate 1e-4) on the raw feature maps.
+    pub fn published() -> Self {
+        Self {
+            epochs: 50,
+            vectors_per_step: 256,
+            steps_per_epoch: 400,
+            learning_rate: 1e-4,
+            local_average: false,
+            ..Self::default()
         }
     }
 }
@@ -205,7 +221,7 @@ impl Cflow {
         check_settings(&settings)?;
         let device = backbone.device.clone();
         let standardise = take_standardise(&mut tensors, &device)?;
-        let calibration = PositionCalibration::take(&mut tensors, image_size)?;
+        let calibration = PositionCalibration::take(&mut tensors, &level_positions(image_size))?;
         let varmap = load_varmap(tensors, &device, "CFlow", |vb| build_flows(vb, &settings).map(|_| ()))?;
         let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
         let conditions = position_codes(&settings, image_size, &device)?;

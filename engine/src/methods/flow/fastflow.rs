@@ -11,14 +11,14 @@
 //! in channels-last rows, which candle differentiates and multiplies fast on the CPU.
 
 use super::{
-    assemble_outputs, calibrate, gaussian_log_density, level_rows, level_side, level_statistics, load_varmap,
-    mean_over_levels, normalisation_state, take_standardise, train, training_rows, varmap_state, AffineTail,
-    PositionCalibration, Standardise, TrainingPlan, TrainingRecord, LEVEL_CHANNELS,
+    assemble_outputs, calibrate, gaussian_log_density, level_positions, level_rows, level_side, level_statistics,
+    mean_over_levels, normalisation_state, take_standardise, training_rows, AffineTail, Standardise, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
+use crate::methods::calibration::PositionCalibration;
+use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
-use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
@@ -33,6 +33,7 @@ method_info!(
     title: "FastFlow",
     family: Family::NormalizingFlow,
     summary: "2-D normalizing flows on feature maps (alternating 3×3 / 1×1 convolution couplings); likelihood.",
+    presets: ["published": "the paper's training length, for a GPU" => FastflowSettings::published],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -72,6 +73,13 @@ impl Default for FastflowSettings {
             seed: 0,
             blur_sigma: 4.0,
         }
+    }
+}
+
+impl FastflowSettings {
+    /// anomalib's FastFlow schedule (500 epochs, batch 32) on the raw feature maps.
+    pub fn published() -> Self {
+        Self { epochs: 500, images_per_step: 32, local_average: false, ..Self::default() }
     }
 }
 
@@ -204,24 +212,16 @@ impl Fastflow {
         let standardise = level_statistics(&rows, &device)?;
         let varmap = VarMap::new();
         let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
-        let mut rng = SplitMix64::new(settings.seed ^ 0xfa57);
-        let steps_per_epoch = images.len().div_ceil(settings.images_per_step);
+        let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.seed ^ 0xfa57);
         let plan = TrainingPlan {
             epochs: settings.epochs,
-            steps_per_epoch,
+            steps_per_epoch: batches.steps_per_epoch(),
             learning_rate: settings.learning_rate,
             weight_decay: settings.weight_decay,
             time_budget_seconds: settings.time_budget_seconds,
         };
-        let mut order: Vec<usize> = (0..images.len()).collect();
         let record = train(&varmap, &plan, progress, |_, step| {
-            if step == 0 {
-                for i in (1..order.len()).rev() {
-                    order.swap(i, rng.below(i + 1));
-                }
-            }
-            let chosen =
-                &order[step * settings.images_per_step..((step + 1) * settings.images_per_step).min(order.len())];
+            let chosen = batches.batch(step);
             mean_over_levels(|level| {
                 let flow = &flows[level];
                 let channels = LEVEL_CHANNELS[level];
@@ -261,7 +261,7 @@ impl Fastflow {
         check_settings(&settings)?;
         let device = backbone.device.clone();
         let standardise = take_standardise(&mut tensors, &device)?;
-        let calibration = PositionCalibration::take(&mut tensors, image_size)?;
+        let calibration = PositionCalibration::take(&mut tensors, &level_positions(image_size))?;
         let varmap = load_varmap(tensors, &device, "FastFlow", |vb| build_flows(vb, &settings).map(|_| ()))?;
         let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
         Ok(Self {

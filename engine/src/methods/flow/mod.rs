@@ -10,13 +10,13 @@ use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
+use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::{images_to_tensor, AnomalyOutput, FitContext};
 use crate::progress::{check_cancelled, Progress};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{Linear, Module, Optimizer, VarBuilder, VarMap};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, Module, VarBuilder};
 use std::collections::HashMap;
-use std::time::Instant;
 
 /// ln √(2π).
 const LN_SQRT_2PI: f64 = 0.918_938_533_204_672_7;
@@ -168,6 +168,10 @@ pub fn channel_statistics(rows: &[f32], channels: usize, device: &Device) -> Res
 }
 
 impl Standardise {
+    pub fn from_tensors(mean: Tensor, inverse_std: Tensor) -> Self {
+        Self { mean, inverse_std }
+    }
+
     pub fn apply(&self, rows: &Tensor) -> Result<Tensor> {
         Ok(rows.broadcast_sub(&self.mean)?.broadcast_mul(&self.inverse_std)?)
     }
@@ -194,6 +198,11 @@ impl Standardise {
 /// Channels of the two backbone levels both flows model (stride 8 and stride 16).
 pub const LEVEL_CHANNELS: [usize; 2] = [STRIDE8_CHANNELS, STRIDE16_CHANNELS];
 const LEVEL_STRIDES: [usize; 2] = [8, 16];
+
+/// Positions of each level's feature map for `image_size` inputs.
+pub fn level_positions(image_size: u32) -> Vec<usize> {
+    (0..LEVEL_CHANNELS.len()).map(|level| level_side(image_size, level).pow(2)).collect()
+}
 
 /// Side of a level's square feature map for `image_size` inputs.
 pub fn level_side(image_size: u32, level: usize) -> usize {
@@ -253,114 +262,6 @@ pub fn take_standardise(tensors: &mut HashMap<String, Tensor>, device: &Device) 
         .collect()
 }
 
-/// Checks that `tensors` are exactly the variables `build` creates (names and shapes), then loads them.
-pub fn load_varmap(
-    tensors: HashMap<String, Tensor>,
-    device: &Device,
-    method: &str,
-    build: impl Fn(&VarBuilder) -> Result<()>,
-) -> Result<VarMap> {
-    let probe = VarMap::new();
-    build(&VarBuilder::from_varmap(&probe, DType::F32, device))?;
-    let expected: HashMap<String, Vec<usize>> = probe
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("parameter store poisoned"))?
-        .iter()
-        .map(|(name, var)| (name.clone(), var.dims().to_vec()))
-        .collect();
-    for (name, dims) in &expected {
-        match tensors.get(name) {
-            Some(t) if t.dims() == dims.as_slice() => {}
-            Some(t) => bail!("{method} tensor `{name}` has shape {:?}, expected {dims:?}", t.dims()),
-            None => bail!("model file has no `{name}` tensor"),
-        }
-    }
-    if let Some(extra) = tensors.keys().find(|k| !expected.contains_key(*k)) {
-        bail!("model file has an unexpected tensor `{extra}`");
-    }
-    varmap_from(tensors, device)
-}
-
-/// Training images whose NLL maps calibrate the positions (enough for stable per-position statistics).
-pub const CALIBRATION_IMAGES: usize = 200;
-
-/// Per level and position, the mean and 1/std of the negative log-likelihood on training images. A flow's raw
-/// NLL is not comparable across positions: border and corner features (zero padding in the backbone) are rare in
-/// training and keep a high NLL even on good parts, which then decides the image score (the maximum). Scoring the
-/// z-score of the NLL at each position instead makes positions — and the two levels — comparable.
-#[derive(Clone)]
-pub struct PositionCalibration {
-    /// Per level: (mean, 1/std), one value per position.
-    levels: Vec<(Vec<f32>, Vec<f32>)>,
-}
-
-impl PositionCalibration {
-    /// From each level's NLL maps of several images, concatenated (`images × positions`).
-    pub fn from_maps(maps: &[Vec<f32>], positions: &[usize]) -> Self {
-        let levels = maps
-            .iter()
-            .zip(positions)
-            .map(|(values, &positions)| {
-                let images = (values.len() / positions).max(1) as f64;
-                let mut mean = vec![0f64; positions];
-                let mut square = vec![0f64; positions];
-                for map in values.chunks_exact(positions) {
-                    for (p, &v) in map.iter().enumerate() {
-                        mean[p] += v as f64 / images;
-                        square[p] += (v as f64).powi(2) / images;
-                    }
-                }
-                let inverse_std = mean
-                    .iter()
-                    .zip(&square)
-                    .map(|(m, s)| (1.0 / (s - m * m).max(0.0).sqrt().max(1e-3)) as f32)
-                    .collect();
-                (mean.into_iter().map(|m| m as f32).collect(), inverse_std)
-            })
-            .collect();
-        Self { levels }
-    }
-
-    fn calibrate(&self, level: usize, map: &mut [f32]) {
-        let (mean, inverse_std) = &self.levels[level];
-        for ((v, m), s) in map.iter_mut().zip(mean).zip(inverse_std) {
-            *v = (*v - m) * s;
-        }
-    }
-
-    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut state = Vec::new();
-        for (level, (mean, inverse_std)) in self.levels.iter().enumerate() {
-            state.push((format!("calibration.level{level}.mean"), Tensor::new(mean.as_slice(), &Device::Cpu)?));
-            state.push((
-                format!("calibration.level{level}.inverse_std"),
-                Tensor::new(inverse_std.as_slice(), &Device::Cpu)?,
-            ));
-        }
-        Ok(state)
-    }
-
-    /// Reads the calibration for `image_size` inputs out of a model file's tensors (removed from `tensors`).
-    pub fn take(tensors: &mut HashMap<String, Tensor>, image_size: u32) -> Result<Self> {
-        let mut levels = Vec::new();
-        for level in 0..LEVEL_CHANNELS.len() {
-            let positions = level_side(image_size, level).pow(2);
-            let mut take = |what: &str| -> Result<Vec<f32>> {
-                let name = format!("calibration.level{level}.{what}");
-                let tensor =
-                    tensors.remove(&name).ok_or_else(|| anyhow::anyhow!("model file has no `{name}` tensor"))?;
-                if tensor.dims() != [positions] {
-                    bail!("`{name}` has shape {:?}, expected [{positions}]", tensor.dims());
-                }
-                Ok(tensor.to_dtype(DType::F32)?.to_vec1()?)
-            };
-            levels.push((take("mean")?, take("inverse_std")?));
-        }
-        Ok(Self { levels })
-    }
-}
-
 /// Calibrates a trained flow on the first `CALIBRATION_IMAGES` training images, whose feature rows per level are
 /// `rows`; `level_nll(level, rows, images)` gives the NLL per dimension of those rows, `images × positions`.
 pub fn calibrate(
@@ -371,7 +272,7 @@ pub fn calibrate(
     level_nll: impl Fn(usize, &Tensor, usize) -> Result<Vec<f32>>,
 ) -> Result<PositionCalibration> {
     const BATCH: usize = 8;
-    let positions: Vec<usize> = (0..LEVEL_CHANNELS.len()).map(|l| level_side(image_size, l).pow(2)).collect();
+    let positions = level_positions(image_size);
     let images = (rows[0].len() / (positions[0] * LEVEL_CHANNELS[0])).min(CALIBRATION_IMAGES);
     progress.begin("calibrating", images as u64);
     let mut maps = vec![Vec::new(); LEVEL_CHANNELS.len()];
@@ -435,120 +336,6 @@ pub fn assemble_outputs(
         .collect()
 }
 
-/// How a flow trains.
-#[derive(Debug, Clone)]
-pub struct TrainingPlan {
-    pub epochs: usize,
-    pub steps_per_epoch: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Stop starting new epochs after this many seconds (0: no limit).
-    pub time_budget_seconds: f64,
-}
-
-/// What happened during training.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct TrainingRecord {
-    /// Mean loss of each finished epoch.
-    pub epoch_losses: Vec<f64>,
-    /// The epoch whose parameters were kept (the lowest mean loss).
-    pub best_epoch: usize,
-    pub stopped_early: Option<String>,
-}
-
-fn snapshot(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
-    let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("parameter store poisoned"))?;
-    data.iter().map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?))).collect()
-}
-
-fn restore(varmap: &VarMap, saved: &HashMap<String, Tensor>) -> Result<()> {
-    let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("parameter store poisoned"))?;
-    for (name, var) in data.iter() {
-        if let Some(tensor) = saved.get(name) {
-            var.set(tensor)?;
-        }
-    }
-    Ok(())
-}
-
-/// Minimises `loss(epoch, step)` with AdamW over the variables of `varmap`. Reports `loss <value>` notes per
-/// epoch; when the user cancels (or the time budget ends) it stops and keeps the best epoch's parameters, so a
-/// stopped run still yields a usable model.
-pub fn train(
-    varmap: &VarMap,
-    plan: &TrainingPlan,
-    progress: &dyn Progress,
-    mut loss: impl FnMut(usize, usize) -> Result<Tensor>,
-) -> Result<TrainingRecord> {
-    let mut optimizer = candle_nn::AdamW::new(
-        varmap.all_vars(),
-        candle_nn::ParamsAdamW { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() },
-    )?;
-    let mut record = TrainingRecord::default();
-    let mut best: Option<(f64, HashMap<String, Tensor>)> = None;
-    let started = Instant::now();
-    progress.begin("training", (plan.epochs * plan.steps_per_epoch) as u64);
-    'epochs: for epoch in 0..plan.epochs {
-        let mut total = 0.0;
-        for step in 0..plan.steps_per_epoch {
-            if progress.is_cancelled() {
-                record.stopped_early = Some(format!("cancelled in epoch {}", epoch + 1));
-                break 'epochs;
-            }
-            let value = loss(epoch, step)?;
-            optimizer.backward_step(&value)?;
-            let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !scalar.is_finite() {
-                bail!("the training loss became {scalar} in epoch {} (lower the learning rate)", epoch + 1);
-            }
-            total += scalar;
-            progress.advance(1);
-        }
-        let mean = total / plan.steps_per_epoch.max(1) as f64;
-        record.epoch_losses.push(mean);
-        progress.note(&format!("loss {mean:.5} (epoch {} of {})", epoch + 1, plan.epochs));
-        if best.as_ref().is_none_or(|(b, _)| mean < *b) {
-            best = Some((mean, snapshot(varmap)?));
-            record.best_epoch = epoch;
-        }
-        if plan.time_budget_seconds > 0.0 && epoch + 1 < plan.epochs {
-            let per_epoch = started.elapsed().as_secs_f64() / (epoch + 1) as f64;
-            if started.elapsed().as_secs_f64() + per_epoch > plan.time_budget_seconds {
-                record.stopped_early = Some(format!("time budget reached after epoch {}", epoch + 1));
-                break;
-            }
-        }
-    }
-    match best {
-        Some((_, saved)) => restore(varmap, &saved)?,
-        None => bail!("training stopped before the first epoch finished: no model to keep"),
-    }
-    if let Some(reason) = &record.stopped_early {
-        progress.note(&format!("stopped early ({reason}); kept epoch {}", record.best_epoch + 1));
-    }
-    Ok(record)
-}
-
-/// Every variable of `varmap` as named tensors on the CPU, for the model file.
-pub fn varmap_state(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
-    let mut state: Vec<(String, Tensor)> =
-        snapshot(varmap)?.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
-    state.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(state)
-}
-
-/// A VarMap holding exactly `tensors` (a loaded model), on `device`.
-pub fn varmap_from(tensors: HashMap<String, Tensor>, device: &Device) -> Result<VarMap> {
-    let varmap = VarMap::new();
-    {
-        let mut data = varmap.data().lock().map_err(|_| anyhow::anyhow!("parameter store poisoned"))?;
-        for (name, tensor) in tensors {
-            data.insert(name, Var::from_tensor(&tensor.to_device(device)?.to_dtype(DType::F32)?)?);
-        }
-    }
-    Ok(varmap)
-}
-
 /// Sinusoidal 2-D position code, `(height·width, dim)` row-major (CFlow's condition): the first half of the
 /// channels encodes the column, the second half the row, alternating sin and cos at geometric frequencies.
 pub fn positional_encoding(dim: usize, height: usize, width: usize) -> Vec<f32> {
@@ -572,6 +359,7 @@ pub fn positional_encoding(dim: usize, height: usize, width: usize) -> Vec<f32> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_nn::VarMap;
 
     #[test]
     fn coupling_log_determinant_matches_the_jacobian() {

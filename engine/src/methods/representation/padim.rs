@@ -13,6 +13,7 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::features::{plain_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
+use crate::methods::gaussian::whitening_matrix;
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
@@ -134,15 +135,8 @@ impl Padim {
                         value
                     }
                 });
-                let lower = covariance
-                    .cholesky()
-                    .context("a covariance is not positive definite (raise `regularization`)")?
-                    .l();
-                let whitening = lower
-                    .solve_lower_triangular(&nalgebra::DMatrix::identity(d, d))
-                    .context("a covariance factor is singular (raise `regularization`)")?;
-                let row_major = (0..d).flat_map(|i| (0..d).map(move |j| (i, j))).map(|(i, j)| whitening[(i, j)] as f32);
-                Ok((mean.iter().map(|&m| m as f32).collect(), row_major.collect()))
+                let row_major = whitening_matrix(&covariance)?;
+                Ok((mean.iter().map(|&m| m as f32).collect(), row_major))
             })
             .collect();
         let mut mean = Vec::with_capacity(positions * d);

@@ -1,0 +1,4 @@
+//! The data-augmentation family: models that learn from synthetic anomalies made out of normal images.
+
+pub mod cutpaste;
+pub mod synthetic_anomalies;

@@ -1,0 +1,349 @@
+//! Convolutional autoencoder — the survey's reconstruction baseline (Cui, Liu & Lian 2023, Fig. 3), with the
+//! structural-similarity loss and map of Bergmann et al. 2019 ("Improving Unsupervised Defect Segmentation by
+//! Applying Structural Similarity to Autoencoders").
+//!
+//! The network sees the image average-pooled by `downsample` (default 256 → 128 px): an encoder of stride-2
+//! 3×3 convolutions down to 1/16 of its side (8×8), a dense bottleneck of `latent_dim` values (so it cannot
+//! learn the identity), and a mirrored decoder (nearest ×2 upsampling + 3×3 convolutions, a pixel shuffle
+//! last) ending in a sigmoid. Trained on normal images with L2 + (1 − SSIM).
+//! Anomaly map: (1 − SSIM) + squared error, averaged over the colour channels, z-scored per pixel against the
+//! maps of training images (see [`PositionCalibration`]), resized to the input and Gaussian-blurred; image
+//! score: the map's maximum.
+
+use crate::backbone::Backbone;
+use crate::dataset::DecodedImage;
+use crate::maps::ScoreMap;
+use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
+use crate::methods::layers::{channels_last, leaky_relu, upsample2x, Conv};
+use crate::methods::ssim::{mean_ssim, ssim_map};
+use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::progress::check_cancelled;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Linear, Module, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+method_info!(
+    Autoencoder,
+    AutoencoderSettings,
+    name: "autoencoder",
+    title: "Autoencoder (SSIM)",
+    family: Family::Reconstruction,
+    summary: "Convolutional autoencoder trained on good images; reconstruction error + SSIM map.",
+    presets: ["published": "the paper's training length, for a GPU" => AutoencoderSettings::published],
+);
+
+/// Stride-2 stages of the encoder: the dense bottleneck sees the network's input side / 16 (8×8 at 128 px).
+const STAGES: usize = 4;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoencoderSettings {
+    /// The network works on the image average-pooled by this factor (1, 2 or 4).
+    pub downsample: usize,
+    /// Channels of the first encoder stage; later stages double it (at most 4×).
+    pub width: usize,
+    pub latent_dim: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
+    pub time_budget_seconds: f64,
+    pub seed: u64,
+    /// σ of the map's Gaussian blur, in input pixels.
+    pub blur_sigma: f32,
+}
+
+impl Default for AutoencoderSettings {
+    fn default() -> Self {
+        Self {
+            downsample: 2,
+            width: 16,
+            latent_dim: 100,
+            epochs: 8,
+            batch_size: 16,
+            learning_rate: 2e-3,
+            weight_decay: 1e-5,
+            time_budget_seconds: 0.0,
+            seed: 0,
+            blur_sigma: 4.0,
+        }
+    }
+}
+
+impl AutoencoderSettings {
+    /// Bergmann et al.'s setting for a GPU: 200 epochs at learning rate 2e-4.
+    pub fn published() -> Self {
+        Self { epochs: 200, learning_rate: 2e-4, ..Self::default() }
+    }
+}
+
+/// The encoder–decoder, channels-last. The decoder ends at half the input side with a convolution to 2·2·3
+/// channels that a pixel shuffle (Shi et al. 2016) rearranges into the full-size image: no convolution runs at
+/// full resolution, where im2col rows would be 4× as many (the costliest part of a step on a CPU).
+struct Network {
+    encoder: Vec<Conv>,
+    to_latent: Linear,
+    from_latent: Linear,
+    /// Per stage: the convolution after the ×2 upsampling, then one at the same size.
+    decoder: Vec<(Conv, Conv)>,
+    output: Conv,
+    bottleneck_side: usize,
+    bottleneck_channels: usize,
+}
+
+/// Channels of encoder/decoder stage `stage` (0 = half the input side): the width doubling per stage, ≤ 4×.
+fn stage_channels(width: usize, stage: usize) -> usize {
+    width << stage.min(2)
+}
+
+impl Network {
+    fn new(vb: VarBuilder, side: usize, settings: &AutoencoderSettings) -> Result<Self> {
+        let w = settings.width;
+        let mut encoder = Vec::new();
+        let mut channels = 3;
+        for stage in 0..STAGES {
+            let out = stage_channels(w, stage);
+            encoder.push(Conv::new(vb.pp(format!("encoder{stage}a")), channels, out, 3, 2)?);
+            encoder.push(Conv::new(vb.pp(format!("encoder{stage}b")), out, out, 3, 1)?);
+            channels = out;
+        }
+        let bottleneck_channels = w;
+        encoder.push(Conv::new(vb.pp("encoder_out"), channels, bottleneck_channels, 3, 1)?);
+        let bottleneck_side = side >> STAGES;
+        let flat = bottleneck_side * bottleneck_side * bottleneck_channels;
+        let to_latent = candle_nn::linear(flat, settings.latent_dim, vb.pp("to_latent"))?;
+        let from_latent = candle_nn::linear(settings.latent_dim, flat, vb.pp("from_latent"))?;
+        let mut decoder = Vec::new();
+        channels = bottleneck_channels;
+        // The bottleneck is at stage STAGES − 1's size; each decoder stage doubles the side up to stage 0's.
+        for stage in (0..STAGES - 1).rev() {
+            let out = stage_channels(w, stage);
+            decoder.push((
+                Conv::new(vb.pp(format!("decoder{stage}a")), channels, out, 3, 1)?,
+                Conv::new(vb.pp(format!("decoder{stage}b")), out, out, 3, 1)?,
+            ));
+            channels = out;
+        }
+        let output = Conv::new(vb.pp("output"), channels, 4 * 3, 3, 1)?;
+        Ok(Self { encoder, to_latent, from_latent, decoder, output, bottleneck_side, bottleneck_channels })
+    }
+
+    /// `(B, S, S, 3)` in [0, 1] → its reconstruction, same shape.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        let mut h = x.clone();
+        for conv in &self.encoder {
+            h = leaky_relu(&conv.forward(&h)?)?;
+        }
+        let latent = self.to_latent.forward(&h.reshape((batch, ()))?)?;
+        let side = self.bottleneck_side;
+        let mut h =
+            leaky_relu(&self.from_latent.forward(&latent)?)?.reshape((batch, side, side, self.bottleneck_channels))?;
+        for (after_upsampling, same_size) in &self.decoder {
+            h = leaky_relu(&after_upsampling.forward(&upsample2x(&h)?)?)?;
+            h = leaky_relu(&same_size.forward(&h)?)?;
+        }
+        Ok(candle_nn::ops::sigmoid(&pixel_shuffle(&self.output.forward(&h)?)?)?)
+    }
+}
+
+/// `(B, H, W, 2·2·C)` → `(B, 2H, 2W, C)`: channel group `(dy, dx)` becomes the pixel at offset (dy, dx).
+fn pixel_shuffle(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let c = c / 4;
+    Ok(x.reshape((b, h, w, 2, 2, c))?.permute((0, 1, 3, 2, 4, 5))?.contiguous()?.reshape((b, 2 * h, 2 * w, c))?)
+}
+
+pub struct Autoencoder {
+    settings: AutoencoderSettings,
+    image_size: u32,
+    varmap: VarMap,
+    network: Network,
+    calibration: PositionCalibration,
+    pub record: TrainingRecord,
+}
+
+fn check_settings(settings: &AutoencoderSettings, image_size: u32) -> Result<usize> {
+    if ![1, 2, 4].contains(&settings.downsample) {
+        bail!("downsample must be 1, 2 or 4, got {}", settings.downsample);
+    }
+    if settings.epochs == 0 || settings.batch_size == 0 || settings.latent_dim == 0 || settings.width == 0 {
+        bail!("epochs, batch_size, latent_dim and width must be at least 1");
+    }
+    let side = image_size as usize / settings.downsample;
+    if image_size as usize % settings.downsample != 0 || side % (1 << STAGES) != 0 {
+        bail!(
+            "the autoencoder needs image size / downsample to be a multiple of 16 (e.g. 256 / 2 = 128); got {image_size} / {}",
+            settings.downsample
+        );
+    }
+    Ok(side)
+}
+
+/// `(B, 3, S, S)` images → the network's channels-last input at `S / downsample`.
+fn network_input(images: &Tensor, downsample: usize) -> Result<Tensor> {
+    let pooled = if downsample > 1 { images.avg_pool2d(downsample)? } else { images.clone() };
+    channels_last(&pooled)
+}
+
+/// (1 − SSIM) + squared error per pixel, averaged over the colour channels: `(B, S, S)`.
+fn pixel_anomaly(input: &Tensor, reconstruction: &Tensor) -> Result<Tensor> {
+    let dissimilarity = ssim_map(input, reconstruction)?.affine(-1.0, 1.0)?;
+    let error = (input - reconstruction)?.sqr()?;
+    Ok((dissimilarity + error)?.mean(3)?)
+}
+
+impl Autoencoder {
+    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: AutoencoderSettings) -> Result<Self> {
+        let side = check_settings(&settings, context.image_size)?;
+        if images.is_empty() {
+            bail!("the autoencoder needs training images");
+        }
+        let device = context.device.clone();
+        let progress = context.progress;
+        // Every training image once, pooled to the network's size (CPU memory: 761 MTD images at 128² ≈ 150 MB).
+        progress.begin("preparing images", images.len() as u64);
+        let mut inputs = Vec::new();
+        for chunk in images.chunks(32) {
+            check_cancelled(progress)?;
+            let refs: Vec<&DecodedImage> = chunk.iter().collect();
+            inputs.push(network_input(&images_to_tensor(&refs, &Device::Cpu)?, settings.downsample)?);
+            progress.advance(chunk.len() as u64);
+        }
+        let inputs = Tensor::cat(&inputs, 0)?;
+        let varmap = VarMap::new();
+        let network = Network::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), side, &settings)?;
+        let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0xae);
+        let plan = TrainingPlan {
+            epochs: settings.epochs,
+            steps_per_epoch: batches.steps_per_epoch(),
+            learning_rate: settings.learning_rate,
+            weight_decay: settings.weight_decay,
+            time_budget_seconds: settings.time_budget_seconds,
+        };
+        let record = train(&varmap, &plan, progress, |_, step| {
+            let chosen: Vec<u32> = batches.batch(step).iter().map(|&i| i as u32).collect();
+            let x = inputs.index_select(&Tensor::new(chosen.as_slice(), &Device::Cpu)?, 0)?.to_device(&device)?;
+            let reconstruction = network.forward(&x)?;
+            let l2 = (&x - &reconstruction)?.sqr()?.mean_all()?;
+            let ssim = mean_ssim(&x, &reconstruction)?.mean_all()?;
+            Ok((l2 + ssim.affine(-1.0, 1.0)?)?)
+        })?;
+        let mut model = Self {
+            settings,
+            image_size: context.image_size,
+            varmap,
+            network,
+            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
+            record,
+        };
+        let count = images.len().min(CALIBRATION_IMAGES);
+        progress.begin("calibrating", count as u64);
+        let mut maps = Vec::new();
+        for first in (0..count).step_by(16) {
+            let batch = 16.min(count - first);
+            let x = inputs.narrow(0, first, batch)?.to_device(&device)?;
+            maps.extend(model.raw_maps(&x)?.flatten_all()?.to_vec1::<f32>()?);
+            progress.advance(batch as u64);
+        }
+        model.calibration = PositionCalibration::from_maps(&[maps], &[side * side]);
+        Ok(model)
+    }
+
+    pub fn load(
+        backbone: Arc<Backbone>,
+        image_size: u32,
+        settings: AutoencoderSettings,
+        mut tensors: HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        let side = check_settings(&settings, image_size)?;
+        let device = backbone.device.clone();
+        let calibration = PositionCalibration::take(&mut tensors, &[side * side])?;
+        let varmap =
+            load_varmap(tensors, &device, "autoencoder", |vb| Network::new(vb.clone(), side, &settings).map(|_| ()))?;
+        let network = Network::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), side, &settings)?;
+        Ok(Self { settings, image_size, varmap, network, calibration, record: TrainingRecord::default() })
+    }
+
+    /// The reconstruction of a batch `(B, 3, S, S)`, at the network's size, channels-last.
+    pub fn reconstruct(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let input = network_input(images, self.settings.downsample)?;
+        let reconstruction = self.network.forward(&input)?;
+        Ok((input, reconstruction))
+    }
+
+    /// Uncalibrated maps `(B, s, s)` on the CPU of network inputs `(B, s, s, 3)`.
+    fn raw_maps(&self, input: &Tensor) -> Result<Tensor> {
+        let reconstruction = self.network.forward(input)?;
+        Ok(pixel_anomaly(input, &reconstruction)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl AnomalyModel for Autoencoder {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).expect("settings serialise")
+    }
+
+    fn image_size(&self) -> u32 {
+        self.image_size
+    }
+
+    fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
+        let maps = self.raw_maps(&network_input(images, self.settings.downsample)?)?;
+        let (batch, side, _) = maps.dims3()?;
+        let size = self.image_size as usize;
+        (0..batch)
+            .map(|b| {
+                let mut values = maps.get(b)?.flatten_all()?.to_vec1::<f32>()?;
+                self.calibration.calibrate(0, &mut values);
+                let map = ScoreMap::new(side, side, values).resized(size, size).blurred(self.settings.blur_sigma);
+                Ok(AnomalyOutput { score: map.max(), map })
+            })
+            .collect()
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut state = varmap_state(&self.varmap)?;
+        state.extend(self.calibration.state()?);
+        Ok(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn step_timing() {
+        let settings = AutoencoderSettings::default();
+        let varmap = VarMap::new();
+        let network = Network::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), 128, &settings).unwrap();
+        let x = Tensor::rand(0f32, 1f32, (16, 128, 128, 3), &Device::Cpu).unwrap();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let r = network.forward(&x).unwrap();
+            let l2 = (&x - &r).unwrap().sqr().unwrap().mean_all().unwrap();
+            let t1 = t.elapsed();
+            let ssim = mean_ssim(&x, &r).unwrap().mean_all().unwrap();
+            let loss = (l2.clone() + ssim.affine(-1.0, 1.0).unwrap()).unwrap();
+            let t2 = t.elapsed();
+            let g = l2.backward().unwrap();
+            let t3 = t.elapsed();
+            drop(g);
+            let g = loss.backward().unwrap();
+            let t4 = t.elapsed();
+            drop(g);
+            eprintln!("forward {t1:?} +ssim {t2:?} backward(l2) {:?} backward(all) {:?}", t3 - t2, t4 - t3);
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Training shared by every method that learns parameters (the flows, the reconstruction, augmentation and
+//! one-class methods): AdamW over a VarMap with progress notes, cancel and a time budget that keep the best
+//! epoch's parameters, and the VarMap ⇄ model-file conversions.
+
+use crate::progress::Progress;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
+use std::collections::HashMap;
+use std::time::Instant;
+
+/// How a method trains.
+#[derive(Debug, Clone)]
+pub struct TrainingPlan {
+    pub epochs: usize,
+    pub steps_per_epoch: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Stop starting new epochs after this many seconds (0: no limit).
+    pub time_budget_seconds: f64,
+}
+
+/// What happened during training.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct TrainingRecord {
+    /// Mean loss of each finished epoch.
+    pub epoch_losses: Vec<f64>,
+    /// The epoch whose parameters were kept (the lowest mean loss).
+    pub best_epoch: usize,
+    pub stopped_early: Option<String>,
+}
+
+fn snapshot(varmap: &VarMap) -> Result<HashMap<String, Tensor>> {
+    let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("parameter store poisoned"))?;
+    data.iter().map(|(name, var)| Ok((name.clone(), var.as_tensor().copy()?))).collect()
+}
+
+fn restore(varmap: &VarMap, saved: &HashMap<String, Tensor>) -> Result<()> {
+    let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("parameter store poisoned"))?;
+    for (name, var) in data.iter() {
+        if let Some(tensor) = saved.get(name) {
+            var.set(tensor)?;
+        }
+    }
+    Ok(())
+}
+
+/// Minimises `loss(epoch, step)` with AdamW over the variables of `varmap`. Reports `loss <value>` notes per
+/// epoch; when the user cancels (or the time budget ends) it stops and keeps the best epoch's parameters, so a
+/// stopped run still yields a usable model.
+pub fn train(
+    varmap: &VarMap,
+    plan: &TrainingPlan,
+    progress: &dyn Progress,
+    mut loss: impl FnMut(usize, usize) -> Result<Tensor>,
+) -> Result<TrainingRecord> {
+    let mut optimizer = candle_nn::AdamW::new(
+        varmap.all_vars(),
+        candle_nn::ParamsAdamW { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() },
+    )?;
+    let mut record = TrainingRecord::default();
+    let mut best: Option<(f64, HashMap<String, Tensor>)> = None;
+    let started = Instant::now();
+    progress.begin("training", (plan.epochs * plan.steps_per_epoch) as u64);
+    'epochs: for epoch in 0..plan.epochs {
+        let mut total = 0.0;
+        for step in 0..plan.steps_per_epoch {
+            if progress.is_cancelled() {
+                record.stopped_early = Some(format!("cancelled in epoch {}", epoch + 1));
+                break 'epochs;
+            }
+            let value = loss(epoch, step)?;
+            optimizer.backward_step(&value)?;
+            let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !scalar.is_finite() {
+                bail!("the training loss became {scalar} in epoch {} (lower the learning rate)", epoch + 1);
+            }
+            total += scalar;
+            progress.advance(1);
+        }
+        let mean = total / plan.steps_per_epoch.max(1) as f64;
+        record.epoch_losses.push(mean);
+        progress.note(&format!("loss {mean:.5} (epoch {} of {})", epoch + 1, plan.epochs));
+        if best.as_ref().is_none_or(|(b, _)| mean < *b) {
+            best = Some((mean, snapshot(varmap)?));
+            record.best_epoch = epoch;
+        }
+        if plan.time_budget_seconds > 0.0 && epoch + 1 < plan.epochs {
+            let per_epoch = started.elapsed().as_secs_f64() / (epoch + 1) as f64;
+            if started.elapsed().as_secs_f64() + per_epoch > plan.time_budget_seconds {
+                record.stopped_early = Some(format!("time budget reached after epoch {}", epoch + 1));
+                break;
+            }
+        }
+    }
+    match best {
+        Some((_, saved)) => restore(varmap, &saved)?,
+        None => bail!("training stopped before the first epoch finished: no model to keep"),
+    }
+    if let Some(reason) = &record.stopped_early {
+        progress.note(&format!("stopped early ({reason}); kept epoch {}", record.best_epoch + 1));
+    }
+    Ok(record)
+}
+
+/// Every variable of `varmap` as named tensors on the CPU, for the model file.
+pub fn varmap_state(varmap: &VarMap) -> Result<Vec<(String, Tensor)>> {
+    let mut state: Vec<(String, Tensor)> =
+        snapshot(varmap)?.into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    state.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(state)
+}
+
+/// A VarMap holding exactly `tensors` (a loaded model), on `device`.
+pub fn varmap_from(tensors: HashMap<String, Tensor>, device: &Device) -> Result<VarMap> {
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().map_err(|_| anyhow::anyhow!("parameter store poisoned"))?;
+        for (name, tensor) in tensors {
+            data.insert(name, Var::from_tensor(&tensor.to_device(device)?.to_dtype(DType::F32)?)?);
+        }
+    }
+    Ok(varmap)
+}
+
+/// Checks that `tensors` are exactly the variables `build` creates (names and shapes), then loads them.
+pub fn load_varmap(
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+    method: &str,
+    build: impl Fn(&VarBuilder) -> Result<()>,
+) -> Result<VarMap> {
+    let probe = VarMap::new();
+    build(&VarBuilder::from_varmap(&probe, DType::F32, device))?;
+    let expected: HashMap<String, Vec<usize>> = probe
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("parameter store poisoned"))?
+        .iter()
+        .map(|(name, var)| (name.clone(), var.dims().to_vec()))
+        .collect();
+    for (name, dims) in &expected {
+        match tensors.get(name) {
+            Some(t) if t.dims() == dims.as_slice() => {}
+            Some(t) => bail!("{method} tensor `{name}` has shape {:?}, expected {dims:?}", t.dims()),
+            None => bail!("model file has no `{name}` tensor"),
+        }
+    }
+    if let Some(extra) = tensors.keys().find(|k| !expected.contains_key(*k)) {
+        bail!("model file has an unexpected tensor `{extra}`");
+    }
+    varmap_from(tensors, device)
+}
+
+/// Visits `count` training items in a fresh seeded order every epoch, `per_step` at a time.
+pub struct ShuffledBatches {
+    order: Vec<usize>,
+    per_step: usize,
+    rng: crate::rng::SplitMix64,
+}
+
+impl ShuffledBatches {
+    pub fn new(count: usize, per_step: usize, seed: u64) -> Self {
+        Self { order: (0..count).collect(), per_step: per_step.max(1), rng: crate::rng::SplitMix64::new(seed) }
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.order.len().div_ceil(self.per_step)
+    }
+
+    /// The items of `step` in the current epoch; step 0 draws a new order.
+    pub fn batch(&mut self, step: usize) -> &[usize] {
+        if step == 0 {
+            for i in (1..self.order.len()).rev() {
+                self.order.swap(i, self.rng.below(i + 1));
+            }
+        }
+        let start = (step * self.per_step).min(self.order.len());
+        &self.order[start..(start + self.per_step).min(self.order.len())]
+    }
+}
