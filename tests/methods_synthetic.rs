@@ -71,11 +71,19 @@ fn cutpaste_separates_synthetic_defects_and_round_trips() {
 }
 
 #[test]
+fn stfpm_separates_synthetic_defects_and_round_trips() {
+    separates_synthetic_defects_and_round_trips(
+        "stfpm",
+        serde_json::json!({"epochs": 15, "batch_size": 4, "width": 16}),
+    );
+}
+
+#[test]
 fn every_registered_method_is_tested_here() {
     let names: Vec<&str> = loupe_engine::methods::REGISTRY.iter().map(|m| m.name).collect();
     assert_eq!(
         names,
-        ["autoencoder", "fastflow", "cflow", "patchcore", "padim", "cutpaste"],
+        ["autoencoder", "stfpm", "fastflow", "cflow", "patchcore", "padim", "cutpaste"],
         "add the new method's test above"
     );
 }

@@ -199,6 +199,13 @@ pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
     Ok(x.reshape((b, h, 1, w, 1, c))?.broadcast_as((b, h, 2, w, 2, c))?.contiguous()?.reshape((b, 2 * h, 2 * w, c))?)
 }
 
+/// `(B, H, W, 2·2·C)` → `(B, 2H, 2W, C)`: channel group `(dy, dx)` becomes the pixel at offset (dy, dx).
+pub fn pixel_shuffle(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    let c = c / 4;
+    Ok(x.reshape((b, h, w, 2, 2, c))?.permute((0, 1, 3, 2, 4, 5))?.contiguous()?.reshape((b, 2 * h, 2 * w, c))?)
+}
+
 /// max(x, 0.2·x).
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
     Ok(x.maximum(&(x * 0.2)?)?)

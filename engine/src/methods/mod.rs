@@ -136,6 +136,7 @@ pub struct MethodInfo {
 /// Every method Loupe can train, in display order.
 pub static REGISTRY: &[&MethodInfo] = &[
     &reconstruction::autoencoder::INFO,
+    &reconstruction::stfpm::INFO,
     &flow::fastflow::INFO,
     &flow::cflow::INFO,
     &representation::patchcore::INFO,

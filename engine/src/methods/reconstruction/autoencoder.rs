@@ -14,7 +14,7 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
-use crate::methods::layers::{channels_last, leaky_relu, upsample2x, Conv};
+use crate::methods::layers::{channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::{mean_ssim, ssim_map};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
@@ -150,13 +150,6 @@ impl Network {
         }
         Ok(candle_nn::ops::sigmoid(&pixel_shuffle(&self.output.forward(&h)?)?)?)
     }
-}
-
-/// `(B, H, W, 2·2·C)` → `(B, 2H, 2W, C)`: channel group `(dy, dx)` becomes the pixel at offset (dy, dx).
-fn pixel_shuffle(x: &Tensor) -> Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
-    let c = c / 4;
-    Ok(x.reshape((b, h, w, 2, 2, c))?.permute((0, 1, 3, 2, 4, 5))?.contiguous()?.reshape((b, 2 * h, 2 * w, c))?)
 }
 
 pub struct Autoencoder {

@@ -2,3 +2,4 @@
 //! reproduce.
 
 pub mod autoencoder;
+pub mod stfpm;

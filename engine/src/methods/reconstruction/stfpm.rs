@@ -1,0 +1,287 @@
+//! STFPM — Wang et al. 2021, "Student-Teacher Feature Pyramid Matching for Anomaly Detection" (BMVC);
+//! reference code: anomalib's `models/image/stfpm`.
+//!
+//! The teacher is the frozen ImageNet Lite0; a student from random initialisation learns, on normal images
+//! only, to reproduce the teacher's stride-8 (40 channels) and stride-16 (112 channels) maps after both are
+//! L2-normalised along the channels; loss: ½·|t̂ − ŝ|² summed over channels, averaged over positions and levels.
+//! Where the student was never taught — anomalies — the two disagree. Anomaly map: per level ½·|t̂ − ŝ|²
+//! (= 1 − cosine similarity) upsampled to the stride-8 grid, multiplied over the levels (as anomalib), z-scored
+//! per position against training images (see [`PositionCalibration`]), resized to the input and blurred;
+//! image score: its maximum.
+//!
+//! The student is not a second Lite0, as in the paper (student = teacher architecture): a Lite0 student would
+//! run its 96-channel expansion at 128² and 5×5 depthwise convolutions through candle's autograd, several
+//! seconds a step on a CPU — a handful of epochs in 10 minutes. It is a compact plain convolutional network
+//! instead (3×3 convolutions, stride 2 to the two teacher strides, 1×1 heads to the teacher's channels), the
+//! choice EfficientAD (Batzner et al. 2024) made for its student-teacher "patch description network".
+
+use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
+use crate::backbone::Backbone;
+use crate::dataset::DecodedImage;
+use crate::maps::ScoreMap;
+use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
+use crate::methods::layers::{channels_last, leaky_relu, Conv};
+use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::progress::check_cancelled;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+method_info!(
+    Stfpm,
+    StfpmSettings,
+    name: "stfpm",
+    title: "STFPM",
+    family: Family::Reconstruction,
+    summary: "A student network learns the pretrained teacher's feature pyramid on good images; discrepancy map.",
+    presets: ["published": "the paper's training length, for a GPU" => StfpmSettings::published],
+);
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StfpmSettings {
+    /// Channels of the student's first stage; later stages double it (at most 4×).
+    pub width: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
+    pub time_budget_seconds: f64,
+    pub seed: u64,
+    pub blur_sigma: f32,
+}
+
+impl Default for StfpmSettings {
+    fn default() -> Self {
+        Self {
+            width: 32,
+            epochs: 9,
+            batch_size: 8,
+            learning_rate: 2e-3,
+            weight_decay: 1e-5,
+            time_budget_seconds: 0.0,
+            seed: 0,
+            blur_sigma: 4.0,
+        }
+    }
+}
+
+impl StfpmSettings {
+    /// The paper's length for a GPU: 100 epochs of batch 32 (SGD at 0.4 there; AdamW here).
+    pub fn published() -> Self {
+        Self { epochs: 100, batch_size: 32, learning_rate: 1e-3, ..Self::default() }
+    }
+}
+
+/// The student: stride 2 to 1/8 (→ 40 channels), then 1/16 (→ 112 channels). Channels-last.
+struct Student {
+    to_stride8: Vec<Conv>,
+    head8: Conv,
+    to_stride16: Vec<Conv>,
+    head16: Conv,
+}
+
+impl Student {
+    fn new(vb: VarBuilder, width: usize) -> Result<Self> {
+        let (w1, w2, w4) = (width, 2 * width, 4 * width);
+        let to_stride8 = vec![
+            Conv::new(vb.pp("conv1"), 3, w1, 3, 2)?,
+            Conv::new(vb.pp("conv2"), w1, w2, 3, 2)?,
+            Conv::new(vb.pp("conv3"), w2, w2, 3, 1)?,
+            Conv::new(vb.pp("conv4"), w2, w4, 3, 2)?,
+            Conv::new(vb.pp("conv5"), w4, w4, 3, 1)?,
+        ];
+        let to_stride16 = vec![Conv::new(vb.pp("conv6"), w4, w4, 3, 2)?, Conv::new(vb.pp("conv7"), w4, w4, 3, 1)?];
+        Ok(Self {
+            to_stride8,
+            head8: Conv::new(vb.pp("head8"), w4, STRIDE8_CHANNELS, 1, 1)?,
+            to_stride16,
+            head16: Conv::new(vb.pp("head16"), w4, STRIDE16_CHANNELS, 1, 1)?,
+        })
+    }
+
+    /// `(B, S, S, 3)` images in [0, 1] → stride-8 and stride-16 maps, channels-last.
+    fn forward(&self, x: &Tensor) -> Result<[Tensor; 2]> {
+        let mut h = x.affine(2.0, -1.0)?;
+        for conv in &self.to_stride8 {
+            h = leaky_relu(&conv.forward(&h)?)?;
+        }
+        let stride8 = self.head8.forward(&h)?;
+        for conv in &self.to_stride16 {
+            h = leaky_relu(&conv.forward(&h)?)?;
+        }
+        Ok([stride8, self.head16.forward(&h)?])
+    }
+}
+
+/// Unit length along the last axis.
+fn normalise(x: &Tensor) -> Result<Tensor> {
+    let norm = (x.sqr()?.sum_keepdim(3)? + 1e-12)?.sqrt()?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+/// ½·|t̂ − ŝ|² per position, `(B, H, W)`.
+fn discrepancy(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
+    Ok(((normalise(teacher)? - normalise(student)?)?.sqr()?.sum(3)? * 0.5)?)
+}
+
+/// The teacher's two maps, channels-last.
+fn teacher_maps(backbone: &Backbone, images: &Tensor) -> Result<[Tensor; 2]> {
+    let maps = backbone.features(images)?;
+    Ok([channels_last(&maps.stride8)?, channels_last(&maps.stride16)?])
+}
+
+pub struct Stfpm {
+    backbone: Arc<Backbone>,
+    settings: StfpmSettings,
+    image_size: u32,
+    varmap: VarMap,
+    student: Student,
+    calibration: PositionCalibration,
+    pub record: TrainingRecord,
+}
+
+fn check_settings(settings: &StfpmSettings, image_size: u32) -> Result<()> {
+    if settings.epochs == 0 || settings.batch_size == 0 || settings.width == 0 {
+        bail!("epochs, batch_size and width must be at least 1");
+    }
+    if image_size % 16 != 0 {
+        bail!("STFPM needs an image size that is a multiple of 16, got {image_size}");
+    }
+    Ok(())
+}
+
+fn grid_side(image_size: u32) -> usize {
+    image_size as usize / 8
+}
+
+impl Stfpm {
+    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: StfpmSettings) -> Result<Self> {
+        check_settings(&settings, context.image_size)?;
+        if images.is_empty() {
+            bail!("STFPM needs training images");
+        }
+        let device = context.device.clone();
+        let progress = context.progress;
+        // The frozen teacher's maps of every training image, once (MTD at 256 px: ≈ 190 MB).
+        progress.begin("teacher features", images.len() as u64);
+        let mut teacher = [Vec::new(), Vec::new()];
+        for batch in images.chunks(context.batch_size.max(1)) {
+            check_cancelled(progress)?;
+            let refs: Vec<&DecodedImage> = batch.iter().collect();
+            let maps = teacher_maps(&context.backbone, &images_to_tensor(&refs, &device)?)?;
+            for (level, map) in maps.iter().enumerate() {
+                teacher[level].push(map.to_device(&Device::Cpu)?);
+            }
+            progress.advance(batch.len() as u64);
+        }
+        let teacher = [Tensor::cat(&teacher[0], 0)?, Tensor::cat(&teacher[1], 0)?];
+        let varmap = VarMap::new();
+        let student = Student::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
+        let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0x57f);
+        let plan = TrainingPlan {
+            epochs: settings.epochs,
+            steps_per_epoch: batches.steps_per_epoch(),
+            learning_rate: settings.learning_rate,
+            weight_decay: settings.weight_decay,
+            time_budget_seconds: settings.time_budget_seconds,
+        };
+        let record = train(&varmap, &plan, progress, |_, step| {
+            let chosen: Vec<u32> = batches.batch(step).iter().map(|&i| i as u32).collect();
+            let index = Tensor::new(chosen.as_slice(), &Device::Cpu)?;
+            let refs: Vec<&DecodedImage> = chosen.iter().map(|&i| &images[i as usize]).collect();
+            let input = channels_last(&images_to_tensor(&refs, &device)?)?;
+            let student_maps = student.forward(&input)?;
+            let mut loss = Tensor::zeros((), DType::F32, &device)?;
+            for (level, student_map) in student_maps.iter().enumerate() {
+                let target = teacher[level].index_select(&index, 0)?.to_device(&device)?;
+                loss = (loss + discrepancy(&target, student_map)?.mean_all()?)?;
+            }
+            Ok((loss / 2.0)?)
+        })?;
+        let mut model = Self {
+            backbone: context.backbone.clone(),
+            settings,
+            image_size: context.image_size,
+            varmap,
+            student,
+            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
+            record,
+        };
+        let count = images.len().min(CALIBRATION_IMAGES);
+        progress.begin("calibrating", count as u64);
+        let mut maps = Vec::new();
+        for batch in images[..count].chunks(context.batch_size.max(1)) {
+            let refs: Vec<&DecodedImage> = batch.iter().collect();
+            maps.extend(model.raw_maps(&images_to_tensor(&refs, &device)?)?);
+            progress.advance(batch.len() as u64);
+        }
+        model.calibration = PositionCalibration::from_maps(&[maps], &[grid_side(model.image_size).pow(2)]);
+        Ok(model)
+    }
+
+    pub fn load(
+        backbone: Arc<Backbone>,
+        image_size: u32,
+        settings: StfpmSettings,
+        mut tensors: HashMap<String, Tensor>,
+    ) -> Result<Self> {
+        check_settings(&settings, image_size)?;
+        let device = backbone.device.clone();
+        let calibration = PositionCalibration::take(&mut tensors, &[grid_side(image_size).pow(2)])?;
+        let varmap = load_varmap(tensors, &device, "STFPM", |vb| Student::new(vb.clone(), settings.width).map(|_| ()))?;
+        let student = Student::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
+        Ok(Self { backbone, settings, image_size, varmap, student, calibration, record: TrainingRecord::default() })
+    }
+
+    /// The product of the two levels' discrepancy maps on the stride-8 grid, images after images.
+    fn raw_maps(&self, images: &Tensor) -> Result<Vec<f32>> {
+        let teacher = teacher_maps(&self.backbone, images)?;
+        let student = self.student.forward(&channels_last(images)?)?;
+        let fine = discrepancy(&teacher[0], &student[0])?;
+        let coarse = discrepancy(&teacher[1], &student[1])?;
+        let (_, h, w) = fine.dims3()?;
+        let coarse = coarse.unsqueeze(1)?.upsample_nearest2d(h, w)?.squeeze(1)?;
+        Ok(fine.mul(&coarse)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+    }
+}
+
+impl AnomalyModel for Stfpm {
+    fn info(&self) -> &'static MethodInfo {
+        &INFO
+    }
+
+    fn settings(&self) -> serde_json::Value {
+        serde_json::to_value(&self.settings).expect("settings serialise")
+    }
+
+    fn image_size(&self) -> u32 {
+        self.image_size
+    }
+
+    fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
+        let side = grid_side(self.image_size);
+        let size = self.image_size as usize;
+        let maps = self.raw_maps(images)?;
+        Ok(maps
+            .chunks_exact(side * side)
+            .map(|values| {
+                let mut values = values.to_vec();
+                self.calibration.calibrate(0, &mut values);
+                let map = ScoreMap::new(side, side, values).resized(size, size).blurred(self.settings.blur_sigma);
+                AnomalyOutput { score: map.max(), map }
+            })
+            .collect())
+    }
+
+    fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut state = varmap_state(&self.varmap)?;
+        state.extend(self.calibration.state()?);
+        Ok(state)
+    }
+}
