@@ -292,3 +292,20 @@ fn autoencoder_and_cutpaste_losses_fall() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn every_preset_is_a_valid_setting_of_its_method() {
+    for method in loupe_engine::methods::REGISTRY {
+        for preset in method.presets {
+            let values = method.preset(preset.name).unwrap();
+            assert_ne!(values, (method.default_settings)(), "{} preset {} is the default", method.name, preset.name);
+            loupe_engine::methods::merge_settings((method.default_settings)(), &values).unwrap();
+        }
+        assert!(method.preset("no-such-preset").is_err());
+    }
+    let trained = ["autoencoder", "stfpm", "fastflow", "cflow", "cutpaste"];
+    for name in trained {
+        let method = find_method(name).unwrap();
+        assert!(method.presets.iter().any(|p| p.name == "published"), "{name} has a published preset");
+    }
+}

@@ -20,14 +20,12 @@ impl MomentSums {
 
     pub fn add(&mut self, x: &[f32]) {
         let d = self.d;
+        let x: Vec<f64> = x[..d].iter().map(|&v| v as f64).collect();
         self.count += 1.0;
-        for i in 0..d {
-            let xi = x[i] as f64;
+        for (i, &xi) in x.iter().enumerate() {
             self.sum[i] += xi;
-            let row = &mut self.products[i * d..(i + 1) * d];
-            for j in i..d {
-                row[j] += xi * x[j] as f64;
-            }
+            let row = &mut self.products[i * d + i..(i + 1) * d];
+            row.iter_mut().zip(&x[i..]).for_each(|(product, &xj)| *product += xi * xj);
         }
     }
 

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 /// `(y, x)`, taken every `stride` pixels; the columns are ordered tap-major `(dy, dx, c)`.
 pub fn patches(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
     let (b, h, w, c) = x.dims4()?;
-    if kernel % 2 == 0 || !(1..=2).contains(&stride) {
+    if kernel.is_multiple_of(2) || !(1..=2).contains(&stride) {
         bail!("patches: kernel must be odd and stride 1 or 2 (got {kernel}, {stride})");
     }
     if kernel == 1 && stride == 1 {

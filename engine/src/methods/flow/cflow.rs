@@ -10,8 +10,9 @@
 //! alone or in any batch.
 
 use super::{
-    assemble_outputs, calibrate, level_positions, level_rows, level_side, level_statistics, mean_over_levels,
-    normalisation_state, positional_encoding, take_standardise, training_rows, Standardise, VectorFlow, LEVEL_CHANNELS,
+    both_levels, calibrate, check_levels, level_side, level_statistics, mean_over_levels, normalisation_state,
+    positional_encoding, take_calibration, take_standardise, training_rows, LevelScoring, Standardise, VectorFlow,
+    LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
@@ -54,6 +55,10 @@ pub struct CflowSettings {
     pub time_budget_seconds: f64,
     /// Model 3×3-averaged features (as PatchCore) instead of the raw maps.
     pub local_average: bool,
+    /// Backbone levels modelled: 0 = stride 8 (40 channels), 1 = stride 16 (112 channels). On MTD the stride-16
+    /// level alone scores better than both (see ARCHITECTURE.md) and trains in two thirds of the time.
+    #[serde(default = "both_levels")]
+    pub levels: Vec<usize>,
     pub seed: u64,
     pub blur_sigma: f32,
 }
@@ -71,6 +76,7 @@ impl Default for CflowSettings {
             weight_decay: 1e-5,
             time_budget_seconds: 0.0,
             local_average: true,
+            levels: vec![1],
             seed: 0,
             blur_sigma: 4.0,
         }
@@ -96,7 +102,8 @@ pub struct Cflow {
     settings: CflowSettings,
     image_size: u32,
     varmap: VarMap,
-    flows: Vec<VectorFlow>,
+    /// Per backbone level, its flow when the level is modelled.
+    flows: Vec<Option<VectorFlow>>,
     /// Per level, `(H·W, condition_dim)` position codes on the model's device.
     conditions: Vec<Tensor>,
     /// Per level, the training features' per-channel statistics: the flows see standardised features (raw
@@ -106,11 +113,14 @@ pub struct Cflow {
     pub record: TrainingRecord,
 }
 
-fn build_flows(vb: &VarBuilder, settings: &CflowSettings) -> Result<Vec<VectorFlow>> {
+fn build_flows(vb: &VarBuilder, settings: &CflowSettings) -> Result<Vec<Option<VectorFlow>>> {
     LEVEL_CHANNELS
         .iter()
         .enumerate()
         .map(|(level, &channels)| {
+            if !settings.levels.contains(&level) {
+                return Ok(None);
+            }
             VectorFlow::new(
                 vb.pp(format!("level{level}")),
                 channels,
@@ -119,6 +129,7 @@ fn build_flows(vb: &VarBuilder, settings: &CflowSettings) -> Result<Vec<VectorFl
                 settings.clamp_alpha,
                 settings.seed.wrapping_mul(31).wrapping_add(level as u64 * 1000),
             )
+            .map(Some)
         })
         .collect()
 }
@@ -140,6 +151,7 @@ fn check_settings(settings: &CflowSettings) -> Result<()> {
     if settings.coupling_blocks == 0 || settings.epochs == 0 || settings.steps_per_epoch == 0 {
         bail!("coupling_blocks, epochs and steps_per_epoch must be at least 1");
     }
+    check_levels(&settings.levels)?;
     if settings.vectors_per_step < 2 {
         bail!("vectors_per_step must be at least 2");
     }
@@ -176,8 +188,8 @@ impl Cflow {
         };
         let n = settings.vectors_per_step;
         let record = train(&varmap, &plan, progress, |_, _| {
-            mean_over_levels(|level| {
-                let flow = &flows[level];
+            mean_over_levels(&settings.levels, |level| {
+                let flow = flows[level].as_ref().expect("a flow for every modelled level");
                 let channels = LEVEL_CHANNELS[level];
                 let positions = level_side(context.image_size, level).pow(2);
                 let count = rows[level].len() / channels;
@@ -208,7 +220,9 @@ impl Cflow {
             record,
         };
         model.calibration =
-            calibrate(&rows, model.image_size, &device, progress, |level, x, count| model.level_nll(level, x, count))?;
+            calibrate(&rows, &model.settings.levels, model.image_size, &device, progress, |level, x, count| {
+                model.level_nll(level, x, count)
+            })?;
         Ok(model)
     }
 
@@ -221,7 +235,7 @@ impl Cflow {
         check_settings(&settings)?;
         let device = backbone.device.clone();
         let standardise = take_standardise(&mut tensors, &device)?;
-        let calibration = PositionCalibration::take(&mut tensors, &level_positions(image_size))?;
+        let calibration = take_calibration(&mut tensors, &settings.levels, image_size)?;
         let varmap = load_varmap(tensors, &device, "CFlow", |vb| build_flows(vb, &settings).map(|_| ()))?;
         let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
         let conditions = position_codes(&settings, image_size, &device)?;
@@ -244,7 +258,8 @@ impl Cflow {
     fn level_nll(&self, level: usize, rows: &Tensor, batch: usize) -> Result<Vec<f32>> {
         let condition = self.conditions[level].repeat((batch, 1))?;
         let x = self.standardise[level].apply(rows)?;
-        Ok(self.flows[level].log_likelihood_per_dim(&x, Some(&condition))?.neg()?.to_device(&Device::Cpu)?.to_vec1()?)
+        let Some(flow) = &self.flows[level] else { bail!("level {level} is not modelled") };
+        Ok(flow.log_likelihood_per_dim(&x, Some(&condition))?.neg()?.to_device(&Device::Cpu)?.to_vec1()?)
     }
 }
 
@@ -262,10 +277,15 @@ impl AnomalyModel for Cflow {
     }
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
-        let batch = images.dim(0)?;
-        let [fine, coarse] = level_rows(&self.backbone, images, self.settings.local_average)?;
-        let level_nll = [self.level_nll(0, &fine, batch)?, self.level_nll(1, &coarse, batch)?];
-        Ok(assemble_outputs(level_nll, batch, self.image_size, &self.calibration, self.settings.blur_sigma))
+        let scoring = LevelScoring {
+            backbone: &self.backbone,
+            local_average: self.settings.local_average,
+            levels: &self.settings.levels,
+            image_size: self.image_size,
+            calibration: &self.calibration,
+            blur_sigma: self.settings.blur_sigma,
+        };
+        scoring.score(images, |level, rows, batch| self.level_nll(level, rows, batch))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

@@ -264,8 +264,10 @@ pub fn take_standardise(tensors: &mut HashMap<String, Tensor>, device: &Device) 
 
 /// Calibrates a trained flow on the first `CALIBRATION_IMAGES` training images, whose feature rows per level are
 /// `rows`; `level_nll(level, rows, images)` gives the NLL per dimension of those rows, `images × positions`.
+/// Entry k of the calibration belongs to `levels[k]`.
 pub fn calibrate(
     rows: &[Vec<f32>; 2],
+    levels: &[usize],
     image_size: u32,
     device: &Device,
     progress: &dyn Progress,
@@ -275,12 +277,12 @@ pub fn calibrate(
     let positions = level_positions(image_size);
     let images = (rows[0].len() / (positions[0] * LEVEL_CHANNELS[0])).min(CALIBRATION_IMAGES);
     progress.begin("calibrating", images as u64);
-    let mut maps = vec![Vec::new(); LEVEL_CHANNELS.len()];
+    let mut maps = vec![Vec::new(); levels.len()];
     let mut first = 0;
     // Not cancellable: a run stopped during training still needs this (seconds) to be a usable model.
     while first < images {
         let count = BATCH.min(images - first);
-        for (level, map) in maps.iter_mut().enumerate() {
+        for (map, &level) in maps.iter_mut().zip(levels) {
             let (channels, per_image) = (LEVEL_CHANNELS[level], positions[level] * LEVEL_CHANNELS[level]);
             let x = rows[level][first * per_image..(first + count) * per_image].to_vec();
             map.extend(level_nll(level, &Tensor::from_vec(x, (count * positions[level], channels), device)?, count)?);
@@ -288,16 +290,41 @@ pub fn calibrate(
         progress.advance(count as u64);
         first += count;
     }
-    Ok(PositionCalibration::from_maps(&maps, &positions))
+    let active_positions: Vec<usize> = levels.iter().map(|&level| positions[level]).collect();
+    Ok(PositionCalibration::from_maps(&maps, &active_positions))
 }
 
-/// The training loss of both levels: the mean of `level_loss(level)`.
-pub fn mean_over_levels(mut level_loss: impl FnMut(usize) -> Result<Tensor>) -> Result<Tensor> {
-    let mut total = level_loss(0)?;
-    for level in 1..LEVEL_CHANNELS.len() {
+/// The calibration of `levels` out of a model file's tensors (entry k belongs to `levels[k]`).
+pub fn take_calibration(
+    tensors: &mut HashMap<String, Tensor>,
+    levels: &[usize],
+    image_size: u32,
+) -> Result<PositionCalibration> {
+    let positions = level_positions(image_size);
+    PositionCalibration::take(tensors, &levels.iter().map(|&level| positions[level]).collect::<Vec<_>>())
+}
+
+/// The training loss over the modelled levels: the mean of `level_loss(level)`.
+pub fn mean_over_levels(levels: &[usize], mut level_loss: impl FnMut(usize) -> Result<Tensor>) -> Result<Tensor> {
+    let mut total = level_loss(levels[0])?;
+    for &level in &levels[1..] {
         total = (total + level_loss(level)?)?;
     }
-    Ok((total / LEVEL_CHANNELS.len() as f64)?)
+    Ok((total / levels.len() as f64)?)
+}
+
+/// Which backbone levels a flow models: 0 = stride 8 (40 channels), 1 = stride 16 (112 channels).
+pub fn check_levels(levels: &[usize]) -> Result<()> {
+    let valid = !levels.is_empty() && levels.windows(2).all(|w| w[0] < w[1]) && levels.iter().all(|&l| l < 2);
+    if !valid {
+        bail!("levels must be [0], [1] or [0, 1] (0 = stride 8, 1 = stride 16), got {levels:?}");
+    }
+    Ok(())
+}
+
+/// What settings files written before `levels` existed meant: both levels.
+pub fn both_levels() -> Vec<usize> {
+    vec![0, 1]
 }
 
 /// What both flows store besides their variables: feature standardisation and position calibration.
@@ -310,10 +337,39 @@ pub fn normalisation_state(
     Ok(state)
 }
 
-/// Anomaly maps and scores from each level's NLL (`batch × positions`, per level): calibrated per position,
-/// upsampled to the input size, averaged over levels, blurred; the score is the map's maximum.
+/// What a flow's `score_batch` does: the backbone rows of `images`, each modelled level's NLL from
+/// `level_nll(level, rows, batch)`, assembled into calibrated maps and scores.
+pub struct LevelScoring<'a> {
+    pub backbone: &'a Backbone,
+    pub local_average: bool,
+    pub levels: &'a [usize],
+    pub image_size: u32,
+    pub calibration: &'a PositionCalibration,
+    pub blur_sigma: f32,
+}
+
+impl LevelScoring<'_> {
+    pub fn score(
+        &self,
+        images: &Tensor,
+        level_nll: impl Fn(usize, &Tensor, usize) -> Result<Vec<f32>>,
+    ) -> Result<Vec<AnomalyOutput>> {
+        let batch = images.dim(0)?;
+        let rows = level_rows(self.backbone, images, self.local_average)?;
+        let nll = self
+            .levels
+            .iter()
+            .map(|&level| Ok((level, level_nll(level, &rows[level], batch)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(assemble_outputs(&nll, batch, self.image_size, self.calibration, self.blur_sigma))
+    }
+}
+
+/// Anomaly maps and scores from the modelled levels' NLL (`(level, batch × positions)`, in the calibration's
+/// order): calibrated per position, upsampled to the input size, averaged over levels, blurred; the score is the
+/// map's maximum.
 pub fn assemble_outputs(
-    level_nll: [Vec<f32>; 2],
+    level_nll: &[(usize, Vec<f32>)],
     batch: usize,
     image_size: u32,
     calibration: &PositionCalibration,
@@ -323,12 +379,12 @@ pub fn assemble_outputs(
     (0..batch)
         .map(|b| {
             let mut sum = vec![0f32; size * size];
-            for (level, nll) in level_nll.iter().enumerate() {
-                let side = level_side(image_size, level);
+            for (entry, (level, nll)) in level_nll.iter().enumerate() {
+                let side = level_side(image_size, *level);
                 let mut map = nll[b * side * side..(b + 1) * side * side].to_vec();
-                calibration.calibrate(level, &mut map);
+                calibration.calibrate(entry, &mut map);
                 let map = ScoreMap::new(side, side, map).resized(size, size);
-                sum.iter_mut().zip(&map.data).for_each(|(t, v)| *t += v / LEVEL_CHANNELS.len() as f32);
+                sum.iter_mut().zip(&map.data).for_each(|(t, v)| *t += v / level_nll.len() as f32);
             }
             let map = ScoreMap::new(size, size, sum).blurred(blur_sigma);
             AnomalyOutput { score: map.max(), map }

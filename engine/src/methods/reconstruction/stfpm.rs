@@ -150,7 +150,7 @@ fn check_settings(settings: &StfpmSettings, image_size: u32) -> Result<()> {
     if settings.epochs == 0 || settings.batch_size == 0 || settings.width == 0 {
         bail!("epochs, batch_size and width must be at least 1");
     }
-    if image_size % 16 != 0 {
+    if !image_size.is_multiple_of(16) {
         bail!("STFPM needs an image size that is a multiple of 16, got {image_size}");
     }
     Ok(())

@@ -13,7 +13,7 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::features::{plain_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
-use crate::methods::gaussian::whitening_matrix;
+use crate::methods::gaussian::{whitening_matrix, MomentSums};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
@@ -90,9 +90,7 @@ impl Padim {
         let d = channels.len();
         let side = grid_size(context.image_size);
         let positions = side * side;
-        // Per position: Σx (d) and the upper triangle of Σxxᵀ, in f64.
-        let mut sums = vec![0f64; positions * d];
-        let mut products = vec![0f64; positions * d * d];
+        let mut moments = vec![MomentSums::new(d); positions];
         let progress = context.progress;
         progress.begin("features", images.len() as u64);
         for batch in images.chunks(context.batch_size.max(1)) {
@@ -105,38 +103,22 @@ impl Padim {
             if rows.len() != batch.len() * positions * PATCH_CHANNELS {
                 bail!("feature grid does not match image size {}", context.image_size);
             }
-            sums.par_chunks_mut(d).zip(products.par_chunks_mut(d * d)).enumerate().for_each(|(p, (sum, product))| {
+            moments.par_iter_mut().enumerate().for_each(|(p, moments)| {
+                let mut x = vec![0f32; d];
                 for b in 0..batch.len() {
                     let row = &rows[(b * positions + p) * PATCH_CHANNELS..][..PATCH_CHANNELS];
-                    let x: Vec<f64> = channels.iter().map(|&c| row[c] as f64).collect();
-                    for i in 0..d {
-                        sum[i] += x[i];
-                        for j in i..d {
-                            product[i * d + j] += x[i] * x[j];
-                        }
-                    }
+                    x.iter_mut().zip(&channels).for_each(|(value, &c)| *value = row[c]);
+                    moments.add(&x);
                 }
             });
             progress.advance(batch.len() as u64);
         }
         progress.begin("inverting covariances", 1);
-        let n = images.len() as f64;
-        let per_position: Vec<Result<(Vec<f32>, Vec<f32>)>> = sums
-            .par_chunks(d)
-            .zip(products.par_chunks(d * d))
-            .map(|(sum, product)| {
-                let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-                let covariance = nalgebra::DMatrix::from_fn(d, d, |i, j| {
-                    let (a, b) = if i <= j { (i, j) } else { (j, i) };
-                    let value = (product[a * d + b] - n * mean[a] * mean[b]) / (n - 1.0);
-                    if i == j {
-                        value + settings.regularization
-                    } else {
-                        value
-                    }
-                });
-                let row_major = whitening_matrix(&covariance)?;
-                Ok((mean.iter().map(|&m| m as f32).collect(), row_major))
+        let per_position: Vec<Result<(Vec<f32>, Vec<f32>)>> = moments
+            .par_iter()
+            .map(|moments| {
+                let whitening = whitening_matrix(&moments.covariance(settings.regularization))?;
+                Ok((moments.mean().iter().map(|&m| m as f32).collect(), whitening))
             })
             .collect();
         let mut mean = Vec::with_capacity(positions * d);
