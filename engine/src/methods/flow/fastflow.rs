@@ -1,11 +1,12 @@
 //! FastFlow — Yu et al. 2021, "FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing
 //! Flows"; reference code: anomalib's `models/image/fastflow`.
 //!
-//! One 2-D flow per backbone level (stride 8: 40 channels, stride 16: 112) over the whole feature map: a chain
-//! of affine coupling blocks whose sub-networks are two convolutions, 3×3 and 1×1 alternating between blocks
+//! One 2-D flow per modelled backbone level (`levels`: stride 8, 40 channels; stride 16, 112 channels — by
+//! default stride 16 alone) over the whole feature map: a chain of affine coupling blocks whose sub-networks
+//! are two convolutions, 3×3 in every block (the paper's "3-3" variant, default) or 3×3 and 1×1 alternating
 //! (hidden channels = input channels × `hidden_ratio`). Trained by maximum likelihood on the frozen backbone's
-//! maps of normal images. Anomaly map: the negative log-likelihood per dimension at each position, upsampled
-//! and averaged over the levels, Gaussian-blurred; image score: its maximum.
+//! maps of normal images. Anomaly map: the negative log-likelihood per dimension at each position, calibrated
+//! per position, upsampled and averaged over the levels, Gaussian-blurred; image score: its maximum.
 //! Features are standardised per channel with the training set's statistics (the reference uses a learned
 //! LayerNorm over C×H×W, which ties the model to one input size). Convolutions run as im2col + matrix product
 //! in channels-last rows, which candle differentiates and multiplies fast on the CPU.
@@ -44,7 +45,8 @@ pub struct FastflowSettings {
     pub hidden_ratio: f64,
     /// α in exp(α·tanh(·)).
     pub clamp_alpha: f64,
-    /// Every block 3×3 (otherwise 3×3 and 1×1 alternate).
+    /// Every block 3×3 — the paper's "3-3" variant, which it reports for ResNet-18 next to the alternating
+    /// "3-1" one (used when false). On MTD (stride 16, 12 epochs) 3-3 scores 0.917 image AUROC, 3-1 0.896.
     pub conv3x3_only: bool,
     pub epochs: usize,
     pub images_per_step: usize,
@@ -68,7 +70,7 @@ impl Default for FastflowSettings {
             flow_steps: 8,
             hidden_ratio: 1.0,
             clamp_alpha: 2.0,
-            conv3x3_only: false,
+            conv3x3_only: true,
             epochs: 12,
             images_per_step: 8,
             learning_rate: 1e-3,
