@@ -54,7 +54,7 @@ fn fastflow_separates_synthetic_defects_and_round_trips() {
 }
 
 fn small_autoencoder() -> serde_json::Value {
-    serde_json::json!({"epochs": 30, "batch_size": 4, "width": 16, "latent_dim": 32})
+    serde_json::json!({"epochs": 30, "batch_size": 4, "width": 16, "latent_dim": 32, "downsample": 1})
 }
 
 #[test]

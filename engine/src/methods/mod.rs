@@ -29,6 +29,24 @@ macro_rules! method_info {
     };
 }
 
+/// The `AnomalyModel` methods every model implements the same way, from its `settings` and `image_size` fields
+/// and its file's `INFO`.
+macro_rules! model_basics {
+    () => {
+        fn info(&self) -> &'static $crate::methods::MethodInfo {
+            &INFO
+        }
+
+        fn settings(&self) -> serde_json::Value {
+            serde_json::to_value(&self.settings).expect("settings serialise")
+        }
+
+        fn image_size(&self) -> u32 {
+            self.image_size
+        }
+    };
+}
+
 pub mod augmentation;
 pub mod calibration;
 pub mod features;

@@ -20,7 +20,7 @@ use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE}
 use crate::methods::flow::{channel_statistics, Standardise};
 use crate::methods::gaussian::{whitening_matrix, MomentSums};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -289,17 +289,7 @@ fn gde(moments: &MomentSums, shrinkage: f64, device: &Device) -> Result<(Tensor,
 }
 
 impl AnomalyModel for Cutpaste {
-    fn info(&self) -> &'static MethodInfo {
-        &INFO
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.settings).expect("settings serialise")
-    }
-
-    fn image_size(&self) -> u32 {
-        self.image_size
-    }
+    model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let batch = images.dim(0)?;

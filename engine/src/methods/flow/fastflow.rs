@@ -20,7 +20,7 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
-use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
@@ -304,17 +304,7 @@ impl Fastflow {
 }
 
 impl AnomalyModel for Fastflow {
-    fn info(&self) -> &'static MethodInfo {
-        &INFO
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.settings).expect("settings serialise")
-    }
-
-    fn image_size(&self) -> u32 {
-        self.image_size
-    }
+    model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let scoring = LevelScoring {

@@ -17,7 +17,7 @@ use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::layers::{channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::{mean_ssim, ssim_map};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -278,17 +278,7 @@ impl Autoencoder {
 }
 
 impl AnomalyModel for Autoencoder {
-    fn info(&self) -> &'static MethodInfo {
-        &INFO
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.settings).expect("settings serialise")
-    }
-
-    fn image_size(&self) -> u32 {
-        self.image_size
-    }
+    model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let maps = self.raw_maps(&network_input(images, self.settings.downsample)?)?;

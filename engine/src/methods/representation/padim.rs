@@ -14,7 +14,7 @@ use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::features::{plain_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::gaussian::{whitening_matrix, MomentSums};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Context, Result};
@@ -165,17 +165,7 @@ impl Padim {
 }
 
 impl AnomalyModel for Padim {
-    fn info(&self) -> &'static MethodInfo {
-        &INFO
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.settings).expect("settings serialise")
-    }
-
-    fn image_size(&self) -> u32 {
-        self.image_size
-    }
+    model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let rows: Vec<f32> =

@@ -11,7 +11,7 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, MethodInfo};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -268,17 +268,7 @@ fn nearest_on_cpu(rows: &[f32], bank: &[f32], bank_norms: &[f32]) -> (Vec<f32>, 
 }
 
 impl AnomalyModel for PatchCore {
-    fn info(&self) -> &'static MethodInfo {
-        &INFO
-    }
-
-    fn settings(&self) -> serde_json::Value {
-        serde_json::to_value(&self.settings).expect("settings serialise")
-    }
-
-    fn image_size(&self) -> u32 {
-        self.image_size
-    }
+    model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let (batch, _, height, width) = images.dims4()?;
