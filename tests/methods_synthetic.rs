@@ -71,6 +71,37 @@ fn cutpaste_separates_synthetic_defects_and_round_trips() {
 }
 
 #[test]
+fn draem_separates_synthetic_defects_and_round_trips() {
+    // At 96 px the patch grid (12 × 12) is too coarse for the U-Net (halved twice); the set's images upscaled
+    // to 192 px give it 24 × 24 cells.
+    separates_synthetic_defects_at_size_and_round_trips("draem", small_draem(), 192);
+}
+
+fn small_draem() -> serde_json::Value {
+    serde_json::json!({"epochs": 8, "steps_per_epoch": 10, "batch_size": 4, "discriminative_width": 32})
+}
+
+#[test]
+fn fcdd_separates_synthetic_defects_and_round_trips() {
+    separates_synthetic_defects_and_round_trips("fcdd", small_fcdd());
+}
+
+fn small_fcdd() -> serde_json::Value {
+    serde_json::json!({"epochs": 4, "steps_per_epoch": 10, "images_per_step": 4, "width": 64})
+}
+
+#[test]
+fn mean_shifted_separates_synthetic_defects_and_round_trips() {
+    separates_synthetic_defects_and_round_trips("mean-shifted", small_mean_shifted());
+}
+
+fn small_mean_shifted() -> serde_json::Value {
+    serde_json::json!({
+        "epochs": 4, "steps_per_epoch": 10, "images_per_step": 4, "positions_per_step": 256, "learning_rate": 1e-3
+    })
+}
+
+#[test]
 fn stfpm_separates_synthetic_defects_and_round_trips() {
     separates_synthetic_defects_and_round_trips(
         "stfpm",
@@ -83,12 +114,27 @@ fn every_registered_method_is_tested_here() {
     let names: Vec<&str> = loupe_engine::methods::REGISTRY.iter().map(|m| m.name).collect();
     assert_eq!(
         names,
-        ["autoencoder", "stfpm", "fastflow", "cflow", "patchcore", "padim", "cutpaste"],
+        [
+            "autoencoder",
+            "stfpm",
+            "fastflow",
+            "cflow",
+            "patchcore",
+            "padim",
+            "draem",
+            "cutpaste",
+            "fcdd",
+            "mean-shifted"
+        ],
         "add the new method's test above"
     );
 }
 
 fn separates_synthetic_defects_and_round_trips(method: &str, settings: serde_json::Value) {
+    separates_synthetic_defects_at_size_and_round_trips(method, settings, 96);
+}
+
+fn separates_synthetic_defects_at_size_and_round_trips(method: &str, settings: serde_json::Value, image_size: u32) {
     let dir = temp_dir(method);
     let data = dir.join("data");
     generate_mvtec(&data, &SyntheticSpec::tiny(1)).unwrap();
@@ -97,7 +143,7 @@ fn separates_synthetic_defects_and_round_trips(method: &str, settings: serde_jso
     std::fs::write(data.join("train/good/notes.jpg"), b"not an image").unwrap();
     let backbone = backbone();
     let mut request = FitRequest::new(find_method(method).unwrap(), data.clone());
-    request.image_size = 96;
+    request.image_size = image_size;
     request.settings = settings;
     let outcome = fit(backbone.clone(), &request, &NoProgress).unwrap();
     assert_eq!(outcome.skipped.len(), 2, "{:?}", outcome.skipped);
@@ -106,7 +152,7 @@ fn separates_synthetic_defects_and_round_trips(method: &str, settings: serde_jso
 
     let benchmark = scan_mvtec(&data).unwrap();
     let report = evaluate(outcome.model.as_ref(), &outcome.manifest, &benchmark, 4, &Device::Cpu, &NoProgress).unwrap();
-    assert!(report.image_auroc > 0.9, "{method}: image AUROC {}", report.image_auroc);
+    assert!(report.image_auroc > 0.9, "{method}: image AUROC {} ({:?})", report.image_auroc, report.per_defect_type);
     assert!(report.pixel_auroc.unwrap() > 0.85, "{method}: pixel AUROC {:?}", report.pixel_auroc);
     assert!(report.aupro.unwrap() > 0.5, "{method}: AUPRO {:?}", report.aupro);
     assert_eq!(report.per_defect_type.len(), 3);
@@ -115,7 +161,7 @@ fn separates_synthetic_defects_and_round_trips(method: &str, settings: serde_jso
     model_file::save(&path, outcome.model.as_ref(), &outcome.manifest).unwrap();
     let loaded = model_file::load(&path, backbone).unwrap();
     assert_eq!(loaded.manifest, outcome.manifest);
-    let (images, _) = loupe_engine::dataset::decode_all(&benchmark.test, 96, &|_| {});
+    let (images, _) = loupe_engine::dataset::decode_all(&benchmark.test, image_size, &|_| {});
     let (before, _) = score_images(outcome.model.as_ref(), &images, 4, &Device::Cpu, &NoProgress).unwrap();
     let (after, _) = score_images(loaded.model.as_ref(), &images, 4, &Device::Cpu, &NoProgress).unwrap();
     for (a, b) in before.iter().zip(&after) {
@@ -263,8 +309,11 @@ fn flows_train_by_likelihood_and_a_cancelled_run_keeps_its_best_epoch() {
 }
 
 #[test]
-fn autoencoder_and_cutpaste_losses_fall() {
+fn trained_losses_fall() {
     use loupe_engine::methods::augmentation::cutpaste::{Cutpaste, CutpasteSettings};
+    use loupe_engine::methods::augmentation::draem::{Draem, DraemSettings};
+    use loupe_engine::methods::enhancement::fcdd::{Fcdd, FcddSettings};
+    use loupe_engine::methods::enhancement::mean_shifted::{MeanShifted, MeanShiftedSettings};
     use loupe_engine::methods::reconstruction::autoencoder::{Autoencoder, AutoencoderSettings};
     use loupe_engine::methods::FitContext;
     let dir = temp_dir("losses");
@@ -283,9 +332,22 @@ fn autoencoder_and_cutpaste_losses_fall() {
         CutpasteSettings { epochs: 6, steps_per_epoch: 6, images_per_step: 4, ..Default::default() },
     )
     .unwrap();
-    for (name, losses) in
-        [("autoencoder", &autoencoder.record.epoch_losses), ("CutPaste", &cutpaste.record.epoch_losses)]
-    {
+    let draem_settings: DraemSettings = serde_json::from_value(small_draem()).unwrap();
+    let draem =
+        Draem::fit(&context, &images, DraemSettings { epochs: 6, steps_per_epoch: 6, ..draem_settings }).unwrap();
+    let fcdd_settings: FcddSettings = serde_json::from_value(small_fcdd()).unwrap();
+    let fcdd = Fcdd::fit(&context, &images, FcddSettings { epochs: 6, steps_per_epoch: 6, ..fcdd_settings }).unwrap();
+    let msc_settings: MeanShiftedSettings = serde_json::from_value(small_mean_shifted()).unwrap();
+    let mean_shifted =
+        MeanShifted::fit(&context, &images, MeanShiftedSettings { epochs: 6, steps_per_epoch: 6, ..msc_settings })
+            .unwrap();
+    for (name, losses) in [
+        ("autoencoder", &autoencoder.record.epoch_losses),
+        ("CutPaste", &cutpaste.record.epoch_losses),
+        ("DRAEM", &draem.record.epoch_losses),
+        ("FCDD", &fcdd.record.epoch_losses),
+        ("mean-shifted", &mean_shifted.record.epoch_losses),
+    ] {
         assert_eq!(losses.len(), 6);
         assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
         assert!(losses[5] < losses[0], "{name}: the loss falls: {losses:?}");
@@ -303,9 +365,67 @@ fn every_preset_is_a_valid_setting_of_its_method() {
         }
         assert!(method.preset("no-such-preset").is_err());
     }
-    let trained = ["autoencoder", "stfpm", "fastflow", "cflow", "cutpaste"];
+    let trained = ["autoencoder", "stfpm", "fastflow", "cflow", "draem", "cutpaste", "fcdd", "mean-shifted"];
     for name in trained {
         let method = find_method(name).unwrap();
         assert!(method.presets.iter().any(|p| p.name == "published"), "{name} has a published preset");
     }
+}
+
+/// The one-class objectives must not reach their minimum by mapping everything to one point: mean-shifted
+/// training pulls normal patches towards their centre but keeps them apart around it (the representations
+/// shifted by the centre stay spread over the sphere), and FCDD keeps telling outliers from normal images.
+#[test]
+fn one_class_embeddings_do_not_collapse() {
+    use loupe_engine::methods::augmentation::synthetic_anomalies::random_anomaly;
+    use loupe_engine::methods::enhancement::fcdd::{Fcdd, FcddSettings};
+    use loupe_engine::methods::enhancement::mean_shifted::{MeanShifted, MeanShiftedSettings};
+    use loupe_engine::methods::features::patch_feature_rows;
+    use loupe_engine::methods::{images_to_tensor, FitContext};
+    use loupe_engine::rng::SplitMix64;
+    let dir = temp_dir("collapse");
+    generate_mvtec(&dir, &SyntheticSpec { train_good: 12, test_good: 0, test_per_defect: 0, ..SyntheticSpec::tiny(8) })
+        .unwrap();
+    let records = loupe_engine::dataset::scan_normal_folder(&dir).unwrap();
+    let (images, _) = loupe_engine::dataset::decode_all(&records, 64, &|_| {});
+    let backbone = backbone();
+    let context = FitContext {
+        backbone: backbone.clone(),
+        device: Device::Cpu,
+        batch_size: 4,
+        image_size: 64,
+        progress: &NoProgress,
+    };
+    let refs: Vec<_> = images.iter().collect();
+    let batch = images_to_tensor(&refs, &Device::Cpu).unwrap();
+
+    // Spread of unit rows: 1 − ‖mean‖² (0 when all rows are the same point).
+    let spread = |rows: &candle_core::Tensor| -> f32 {
+        let norms = rows.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
+        let unit = rows.broadcast_div(&norms).unwrap();
+        1.0 - unit.mean(0).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    let pretrained = spread(&patch_feature_rows(&backbone, &batch).unwrap());
+    let settings: MeanShiftedSettings = serde_json::from_value(small_mean_shifted()).unwrap();
+    let mean_shifted = MeanShifted::fit(&context, &images, MeanShiftedSettings { epochs: 8, ..settings }).unwrap();
+    let z = mean_shifted.embeddings(&batch).unwrap();
+    let trained = spread(&z);
+    let shifted = spread(&z.broadcast_sub(&z.mean_keepdim(0).unwrap()).unwrap());
+    assert!(trained > 0.01, "embeddings collapsed: spread {trained} (pretrained features {pretrained})");
+    assert!(shifted > 0.5, "mean-shifted representations collapsed: spread {shifted}");
+
+    let settings: FcddSettings = serde_json::from_value(small_fcdd()).unwrap();
+    let fcdd = Fcdd::fit(&context, &images, FcddSettings { epochs: 8, ..settings }).unwrap();
+    let mut rng = SplitMix64::new(5);
+    let outliers: Vec<f32> = images
+        .iter()
+        .zip(images.iter().skip(1).cycle())
+        .flat_map(|(image, other)| random_anomaly(&image.to_chw_f32(), &other.to_chw_f32(), 64, &mut rng).image)
+        .collect();
+    let outliers = candle_core::Tensor::from_vec(outliers, (images.len(), 3, 64, 64), &Device::Cpu).unwrap();
+    let mean_anomaly =
+        |t: &candle_core::Tensor| fcdd.cell_anomalies(t).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let (normal, outlier) = (mean_anomaly(&batch), mean_anomaly(&outliers));
+    assert!(outlier > 2.0 * normal && outlier > 0.05, "FCDD mean anomaly: normal {normal}, outliers {outlier}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

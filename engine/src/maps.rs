@@ -49,6 +49,29 @@ impl ScoreMap {
         ScoreMap::new(width, height, data)
     }
 
+    /// FCDD's receptive-field upsampling (Liznerski et al. 2021): each cell of a `width × height` grid with the
+    /// given stride spreads its value over the input pixels with a Gaussian of `sigma` centred on the cell — a
+    /// transposed convolution with a fixed Gaussian kernel, computed here as one impulse per cell centre,
+    /// blurred. Divided by the same blur of the impulses alone (a normalised convolution), so a constant grid
+    /// upsamples to exactly that constant, borders included.
+    pub fn receptive_upsample(width: usize, height: usize, cells: &[f32], stride: usize, sigma: f32) -> ScoreMap {
+        assert_eq!(cells.len(), width * height, "cells must be width × height");
+        let (out_width, out_height) = (width * stride, height * stride);
+        let mut impulses = vec![0f32; out_width * out_height];
+        let mut weights = vec![0f32; out_width * out_height];
+        for (y, row) in cells.chunks_exact(width).enumerate() {
+            for (x, &value) in row.iter().enumerate() {
+                let at = (y * stride + stride / 2) * out_width + x * stride + stride / 2;
+                impulses[at] = value;
+                weights[at] = 1.0;
+            }
+        }
+        let spread = ScoreMap::new(out_width, out_height, impulses).blurred(sigma);
+        let weight = ScoreMap::new(out_width, out_height, weights).blurred(sigma);
+        let data = spread.data.iter().zip(&weight.data).map(|(v, w)| v / w.max(f32::MIN_POSITIVE)).collect();
+        ScoreMap::new(out_width, out_height, data)
+    }
+
     /// Separable Gaussian blur, kernel size `2·⌊4σ + 0.5⌋ + 1`, reflected borders (as anomalib/kornia).
     pub fn blurred(&self, sigma: f32) -> ScoreMap {
         if sigma <= 0.0 {
@@ -129,5 +152,17 @@ mod tests {
         let blurred = ScoreMap::new(9, 9, peak).blurred(1.0);
         assert!(blurred.data[40] < 1.0 && blurred.data[40] > blurred.data[41] && blurred.data[41] > 0.0);
         assert!((blurred.data[39] - blurred.data[41]).abs() < 1e-7, "symmetric");
+    }
+
+    #[test]
+    fn receptive_upsampling_keeps_a_constant_and_centres_each_cell() {
+        let flat = ScoreMap::receptive_upsample(8, 8, &[3.0; 64], 8, 14.0);
+        assert_eq!((flat.width, flat.height), (64, 64));
+        assert!(flat.data.iter().all(|v| (v - 3.0).abs() < 1e-4), "{:?}", &flat.data[..8]);
+        let mut cells = vec![0.0; 64];
+        cells[2 * 8 + 5] = 1.0;
+        let spot = ScoreMap::receptive_upsample(8, 8, &cells, 8, 4.0);
+        let peak = spot.data.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!((peak % 64, peak / 64), (5 * 8 + 4, 2 * 8 + 4));
     }
 }

@@ -111,3 +111,16 @@ fn feature_rows(backbone: &Backbone, images: &Tensor, local: bool) -> anyhow::Re
     }
     Ok(Tensor::from_vec(rows, (batch * pixels, channels), &backbone.device)?)
 }
+
+/// Per-channel standardisation of the patch features, from the first 32 training images: the heads trained on
+/// the frozen features (CutPaste, DRAEM, FCDD) start from unit-scale inputs.
+pub fn patch_standardisation(
+    backbone: &Backbone,
+    images: &[crate::dataset::DecodedImage],
+    device: &candle_core::Device,
+) -> anyhow::Result<crate::methods::flow::Standardise> {
+    let sample: Vec<&crate::dataset::DecodedImage> = images.iter().take(32).collect();
+    let rows = patch_feature_rows(backbone, &crate::methods::images_to_tensor(&sample, device)?)?;
+    let rows = rows.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+    crate::methods::flow::channel_statistics(&rows, PATCH_CHANNELS, device)
+}

@@ -49,6 +49,7 @@ macro_rules! model_basics {
 
 pub mod augmentation;
 pub mod calibration;
+pub mod enhancement;
 pub mod features;
 pub mod flow;
 pub mod gaussian;
@@ -159,7 +160,10 @@ pub static REGISTRY: &[&MethodInfo] = &[
     &flow::cflow::INFO,
     &representation::patchcore::INFO,
     &representation::padim::INFO,
+    &augmentation::draem::INFO,
     &augmentation::cutpaste::INFO,
+    &enhancement::fcdd::INFO,
+    &enhancement::mean_shifted::INFO,
 ];
 
 pub fn find_method(name: &str) -> Result<&'static MethodInfo> {
@@ -201,6 +205,24 @@ pub fn merge_settings(defaults: serde_json::Value, overrides: &serde_json::Value
         }
     }
     Ok(merged)
+}
+
+/// Outputs of images from their square grids of cell values (one `grid × grid` block per image, row-major,
+/// blocks after one another): each grid resized to `size²` and blurred is the map; its maximum is the score.
+pub fn outputs_from_cells(values: &[f32], grid: usize, size: usize, blur_sigma: f32) -> Vec<AnomalyOutput> {
+    values
+        .chunks_exact(grid * grid)
+        .map(|cells| {
+            let map = ScoreMap::new(grid, grid, cells.to_vec()).resized(size, size).blurred(blur_sigma);
+            AnomalyOutput { score: map.max(), map }
+        })
+        .collect()
+}
+
+/// Stacks channel-planar images (`3 × S × S` values each, e.g. augmented copies) into a `(B, 3, S, S)` tensor.
+pub fn planar_to_tensor(planar: &[Vec<f32>], size: usize, device: &Device) -> Result<Tensor> {
+    let data: Vec<f32> = planar.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(data, (planar.len(), 3, size, size), device)?)
 }
 
 /// Stacks decoded images into a `(B, 3, S, S)` tensor in [0, 1].

@@ -152,6 +152,20 @@ pub fn load_varmap(
     varmap_from(tensors, device)
 }
 
+/// Removes tensor `name` from a model file's tensors, checking its shape, as f32 on `device`.
+pub fn take_tensor(
+    tensors: &mut HashMap<String, Tensor>,
+    name: &str,
+    dims: &[usize],
+    device: &Device,
+) -> Result<Tensor> {
+    let tensor = tensors.remove(name).ok_or_else(|| anyhow::anyhow!("model file has no `{name}` tensor"))?;
+    if tensor.dims() != dims {
+        bail!("`{name}` has shape {:?}, expected {dims:?}", tensor.dims());
+    }
+    Ok(tensor.to_device(device)?.to_dtype(DType::F32)?)
+}
+
 /// Visits `count` training items in a fresh seeded order every epoch, `per_step` at a time.
 pub struct ShuffledBatches {
     order: Vec<usize>,
@@ -166,6 +180,13 @@ impl ShuffledBatches {
 
     pub fn steps_per_epoch(&self) -> usize {
         self.order.len().div_ceil(self.per_step)
+    }
+
+    /// For schedules with their own number of steps per epoch: step `step` of epoch `epoch` takes the next
+    /// batch, going through the items in a fresh order each time they have all been seen.
+    pub fn cycling(&mut self, epoch: usize, steps_per_epoch: usize, step: usize) -> &[usize] {
+        let step = (epoch * steps_per_epoch + step) % self.steps_per_epoch();
+        self.batch(step)
     }
 
     /// The items of `step` in the current epoch; step 0 draws a new order.

@@ -12,15 +12,18 @@
 //! Score: the GDE (one Gaussian over the normal patches' embeddings, shrunk towards a scaled identity) gives
 //! each patch its Mahalanobis distance: the map (upsampled, Gaussian σ = 4); image score: its maximum.
 
-use super::synthetic_anomalies::{cutpaste, scar};
+use super::synthetic_anomalies::{cutpaste, patch_labels, scar};
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
-use crate::maps::ScoreMap;
-use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
-use crate::methods::flow::{channel_statistics, Standardise};
+use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
+use crate::methods::flow::Standardise;
 use crate::methods::gaussian::{whitening_matrix, MomentSums};
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::training::{
+    load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord,
+};
+use crate::methods::{
+    images_to_tensor, outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext,
+};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -113,20 +116,6 @@ impl Head {
     }
 }
 
-/// Per patch of an `S × S` mask: 1 if any of its pixels is set.
-fn patch_labels(mask: &[u8], size: usize, class: u32) -> Vec<u32> {
-    let grid = size.div_ceil(PATCH_STRIDE);
-    let mut labels = vec![NORMAL; grid * grid];
-    for y in 0..size {
-        for x in 0..size {
-            if mask[y * size + x] != 0 {
-                labels[(y / PATCH_STRIDE) * grid + x / PATCH_STRIDE] = class;
-            }
-        }
-    }
-    labels
-}
-
 pub struct Cutpaste {
     backbone: Arc<Backbone>,
     settings: CutpasteSettings,
@@ -162,17 +151,8 @@ impl Cutpaste {
         let device = context.device.clone();
         let progress = context.progress;
         let size = context.image_size as usize;
-        let features = |batch: &[Vec<f32>]| -> Result<Tensor> {
-            let mut data = Vec::with_capacity(batch.len() * 3 * size * size);
-            batch.iter().for_each(|image| data.extend_from_slice(image));
-            let tensor = Tensor::from_vec(data, (batch.len(), 3, size, size), &device)?;
-            patch_feature_rows(&context.backbone, &tensor)
-        };
-        // Per-channel standardisation from a sample of normal images.
         progress.begin("feature statistics", 1);
-        let sample: Vec<Vec<f32>> = images.iter().take(32).map(|i| i.to_chw_f32()).collect();
-        let sample_rows = features(&sample)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-        let standardise = channel_statistics(&sample_rows, PATCH_CHANNELS, &device)?;
+        let standardise = patch_standardisation(&context.backbone, images, &device)?;
         progress.advance(1);
 
         let varmap = VarMap::new();
@@ -186,9 +166,8 @@ impl Cutpaste {
             weight_decay: settings.weight_decay,
             time_budget_seconds: settings.time_budget_seconds,
         };
-        let per_epoch = batches.steps_per_epoch();
         let record = train(&varmap, &plan, progress, |epoch, step| {
-            let chosen = batches.batch((epoch * settings.steps_per_epoch + step) % per_epoch).to_vec();
+            let chosen = batches.cycling(epoch, settings.steps_per_epoch, step).to_vec();
             let mut inputs = Vec::with_capacity(3 * chosen.len());
             let mut labels = Vec::new();
             for &i in &chosen {
@@ -201,7 +180,8 @@ impl Cutpaste {
                 labels.extend(patch_labels(&scarred.mask, size, SCAR));
                 inputs.extend([image, pasted.image, scarred.image]);
             }
-            let rows = standardise.apply(&features(&inputs)?)?;
+            let rows = standardise
+                .apply(&patch_feature_rows(&context.backbone, &planar_to_tensor(&inputs, size, &device)?)?)?;
             let logits = head.logits(&head.embed(&rows)?)?;
             // Changed and unchanged patches weigh half each.
             let changed = labels.iter().filter(|&&l| l != NORMAL).count().max(1) as f32;
@@ -248,19 +228,9 @@ impl Cutpaste {
         check_settings(&settings)?;
         let device = backbone.device.clone();
         let d = settings.embedding_dim;
-        let mut take = |name: &str, dims: &[usize]| -> Result<Tensor> {
-            let tensor = tensors.remove(name).ok_or_else(|| anyhow::anyhow!("model file has no `{name}` tensor"))?;
-            if tensor.dims() != dims {
-                bail!("`{name}` has shape {:?}, expected {dims:?}", tensor.dims());
-            }
-            Ok(tensor.to_device(&device)?.to_dtype(DType::F32)?)
-        };
-        let standardise = Standardise::from_tensors(
-            take("standardise.mean", &[PATCH_CHANNELS])?,
-            take("standardise.inverse_std", &[PATCH_CHANNELS])?,
-        );
-        let mean = take("gde.mean", &[1, d])?;
-        let whitening_t = take("gde.whitening_t", &[d, d])?;
+        let standardise = Standardise::take(&mut tensors, "standardise", PATCH_CHANNELS, &device)?;
+        let mean = take_tensor(&mut tensors, "gde.mean", &[1, d], &device)?;
+        let whitening_t = take_tensor(&mut tensors, "gde.whitening_t", &[d, d], &device)?;
         let varmap = load_varmap(tensors, &device, "CutPaste", |vb| Head::new(vb.clone(), d).map(|_| ()))?;
         let head = Head::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), d)?;
         Ok(Self {
@@ -305,37 +275,14 @@ impl AnomalyModel for Cutpaste {
             .to_vec1::<f32>()?;
         let size = self.image_size as usize;
         let grid = size.div_ceil(PATCH_STRIDE);
-        Ok(distances
-            .chunks_exact(grid * grid)
-            .take(batch)
-            .map(|patches| {
-                let map =
-                    ScoreMap::new(grid, grid, patches.to_vec()).resized(size, size).blurred(self.settings.blur_sigma);
-                AnomalyOutput { score: map.max(), map }
-            })
-            .collect())
+        Ok(outputs_from_cells(&distances[..batch * grid * grid], grid, size, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut state = varmap_state(&self.varmap)?;
-        let (mean, inverse_std) = self.standardise.tensors()?;
-        state.push(("standardise.mean".into(), mean));
-        state.push(("standardise.inverse_std".into(), inverse_std));
+        state.extend(self.standardise.state("standardise")?);
         state.push(("gde.mean".into(), self.mean.to_device(&Device::Cpu)?));
         state.push(("gde.whitening_t".into(), self.whitening_t.to_device(&Device::Cpu)?));
         Ok(state)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_patch_is_changed_when_any_of_its_pixels_is() {
-        let size = 16;
-        let mut mask = vec![0u8; size * size];
-        mask[9 * size + 3] = 1; // patch (row 1, column 0)
-        assert_eq!(patch_labels(&mask, size, SCAR), vec![NORMAL, NORMAL, SCAR, NORMAL]);
     }
 }

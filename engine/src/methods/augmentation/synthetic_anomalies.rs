@@ -4,6 +4,7 @@
 //!
 //! Images are `3 × S × S` channel-planar f32 in [0, 1] (as [`crate::dataset::DecodedImage::to_chw_f32`]).
 
+use crate::methods::features::PATCH_STRIDE;
 use crate::rng::SplitMix64;
 
 /// An image with the mask (`S × S`, 1 = changed) of what a generator pasted into it.
@@ -130,14 +131,35 @@ pub fn perlin(size: usize, cells: usize, rng: &mut SplitMix64) -> Vec<f32> {
 /// DRAEM-style anomaly: a Perlin-noise blob mask (2–64 lattice cells, thresholded at 0.5) through which a
 /// foreign texture is blended in with opacity β ∈ [0.1, 1).
 pub fn perlin_blend(image: &[f32], texture: &[f32], size: usize, rng: &mut SplitMix64) -> Augmented {
-    let plane = size * size;
     let cells = 1 << (1 + rng.below(6));
     let noise = perlin(size, cells, rng);
+    blend_where(image, texture, size, rng, noise.iter().map(|&n| n > 0.5))
+}
+
+/// Like [`perlin_blend`], but the mask is a thin band along the zero level of Perlin noise (2–16 lattice
+/// cells, half-width 0.02–0.05 in noise units): winding lines a few pixels wide, like cracks and scratches,
+/// which blob masks never are.
+pub fn perlin_contour_blend(image: &[f32], texture: &[f32], size: usize, rng: &mut SplitMix64) -> Augmented {
+    let cells = 1 << (1 + rng.below(4));
+    let noise = perlin(size, cells, rng);
+    let half_width = rng.range_f32(0.02, 0.05);
+    blend_where(image, texture, size, rng, noise.iter().map(|&n| n.abs() < half_width))
+}
+
+/// Blends `texture` into `image` with a random opacity β ∈ [0.1, 1) wherever `inside` says.
+fn blend_where(
+    image: &[f32],
+    texture: &[f32],
+    size: usize,
+    rng: &mut SplitMix64,
+    inside: impl Iterator<Item = bool>,
+) -> Augmented {
+    let plane = size * size;
     let opacity = rng.range_f32(0.1, 1.0);
     let mut out = image.to_vec();
     let mut mask = vec![0u8; plane];
-    for (p, &n) in noise.iter().enumerate() {
-        if n > 0.5 {
+    for (p, inside) in inside.enumerate() {
+        if inside {
             mask[p] = 1;
             for c in 0..3 {
                 let i = c * plane + p;
@@ -146,6 +168,72 @@ pub fn perlin_blend(image: &[f32], texture: &[f32], size: usize, rng: &mut Split
         }
     }
     Augmented { image: out, mask }
+}
+
+/// A texture for [`perlin_blend`] that is the image itself with its intensity rescaled (×0.5–0.8 or ×1.2–1.5,
+/// ±0.1): blended through a Perlin mask it makes a brighter or darker blob of the part's own surface.
+pub fn brightness_changed(image: &[f32], rng: &mut SplitMix64) -> Vec<f32> {
+    let gain = if rng.below(2) == 0 { rng.range_f32(0.5, 0.8) } else { rng.range_f32(1.2, 1.5) };
+    let offset = rng.range_f32(-0.1, 0.1);
+    image.iter().map(|v| (v * gain + offset).clamp(0.0, 1.0)).collect()
+}
+
+/// A foreign texture for [`perlin_blend`] made from another normal image (there is no texture set such as DTD
+/// here): rotated by 90°, 180° or 270°, optionally mirrored,
+/// intensity-rescaled and optionally inverted. Channel-planar `3 × s × s`.
+pub fn foreign_texture(image: &[f32], side: usize, rng: &mut SplitMix64) -> Vec<f32> {
+    let quarter_turns = 1 + rng.below(3);
+    let mirror = rng.below(2) == 1;
+    let (gain, offset) = (rng.range_f32(0.5, 1.5), rng.range_f32(-0.3, 0.3));
+    let invert = rng.below(2) == 1;
+    let plane = side * side;
+    let mut out = vec![0f32; 3 * plane];
+    for y in 0..side {
+        for x in 0..side {
+            let (mut sx, mut sy) = (if mirror { side - 1 - x } else { x }, y);
+            for _ in 0..quarter_turns {
+                (sx, sy) = (sy, side - 1 - sx);
+            }
+            for c in 0..3 {
+                let v = (image[c * plane + sy * side + sx] * gain + offset).clamp(0.0, 1.0);
+                out[c * plane + y * side + x] = if invert { 1.0 - v } else { v };
+            }
+        }
+    }
+    out
+}
+
+/// One synthetic outlier for outlier exposure, one third each: CutPaste, CutPaste-Scar, or a Perlin blend of a
+/// foreign texture made from `other` (another normal image). Drawn again (up to 8 times) when the Perlin mask
+/// came out empty, so the outlier always differs from `image`.
+pub fn random_anomaly(image: &[f32], other: &[f32], size: usize, rng: &mut SplitMix64) -> Augmented {
+    let mut attempt = 0;
+    loop {
+        let augmented = match rng.below(3) {
+            0 => cutpaste(image, size, rng),
+            1 => scar(image, size, rng),
+            _ => perlin_blend(image, &foreign_texture(other, size, rng), size, rng),
+        };
+        attempt += 1;
+        if attempt == 8 || augmented.mask.contains(&1) {
+            return augmented;
+        }
+    }
+}
+
+/// Per 8×8 patch of an `S × S` mask (row-major over the patch grid): `class` if any of its pixels is set,
+/// 0 otherwise — the patch-level target of the models that learn from these masks.
+pub fn patch_labels(mask: &[u8], size: usize, class: u32) -> Vec<u32> {
+    let grid = size.div_ceil(PATCH_STRIDE);
+    let mut labels = vec![0; grid * grid];
+    for y in 0..size {
+        for x in 0..size {
+            if mask[y * size + x] != 0 {
+                labels[(y / PATCH_STRIDE) * grid + x / PATCH_STRIDE] = class;
+            }
+        }
+    }
+    labels
 }
 
 #[cfg(test)]
@@ -189,6 +277,11 @@ mod tests {
             if blend.mask.contains(&1) {
                 assert_mask_matches_changes("perlin", &image, &blend, size);
             }
+            let contour = perlin_contour_blend(&image, &other, size, &mut rng);
+            assert_mask_matches_changes("perlin contour", &image, &contour, size);
+            // Thin: most marked pixels have an unmarked pixel within two pixels across.
+            let marked = contour.mask.iter().filter(|&&m| m == 1).count();
+            assert!(marked < size * size / 4, "contour mask covers {marked} of {} pixels", size * size);
         }
     }
 
@@ -222,5 +315,24 @@ mod tests {
             }
         }
         assert!(steepest < 0.25, "steepest step {steepest}");
+    }
+
+    #[test]
+    fn a_patch_is_labelled_when_any_of_its_pixels_is_masked() {
+        let size = 16;
+        let mut mask = vec![0u8; size * size];
+        mask[9 * size + 3] = 1; // patch (row 1, column 0)
+        assert_eq!(patch_labels(&mask, size, 2), vec![0, 0, 2, 0]);
+    }
+
+    #[test]
+    fn foreign_texture_is_a_seeded_rearrangement() {
+        let side = 8;
+        let image: Vec<f32> = (0..3 * side * side).map(|i| (i % 97) as f32 / 97.0).collect();
+        let a = foreign_texture(&image, side, &mut SplitMix64::new(1));
+        let b = foreign_texture(&image, side, &mut SplitMix64::new(1));
+        assert_eq!(a, b);
+        assert_ne!(a, image);
+        assert!(a.iter().all(|v| (0.0..=1.0).contains(v)));
     }
 }

@@ -34,7 +34,7 @@ method_info!(
     name: "fastflow",
     title: "FastFlow",
     family: Family::NormalizingFlow,
-    summary: "2-D normalizing flows on feature maps (alternating 3×3 / 1×1 convolution couplings); likelihood.",
+    summary: "2-D normalizing flows on feature maps (convolutional couplings); likelihood.",
     presets: ["published": "the paper's training length, for a GPU" => FastflowSettings::published],
 );
 

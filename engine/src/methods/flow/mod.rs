@@ -11,6 +11,7 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
+use crate::methods::training::take_tensor;
 use crate::methods::{images_to_tensor, AnomalyOutput, FitContext};
 use crate::progress::{check_cancelled, Progress};
 use anyhow::{bail, Result};
@@ -176,21 +177,17 @@ impl Standardise {
         Ok(rows.broadcast_sub(&self.mean)?.broadcast_mul(&self.inverse_std)?)
     }
 
-    /// `(mean, inverse_std)` on the CPU, for the model file.
-    pub fn tensors(&self) -> Result<(Tensor, Tensor)> {
-        Ok((self.mean.to_device(&Device::Cpu)?, self.inverse_std.to_device(&Device::Cpu)?))
+    /// `{prefix}.mean` and `{prefix}.inverse_std` on the CPU, for the model file (read back by [`Self::take`]).
+    pub fn state(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
+        Ok(vec![
+            (format!("{prefix}.mean"), self.mean.to_device(&Device::Cpu)?),
+            (format!("{prefix}.inverse_std"), self.inverse_std.to_device(&Device::Cpu)?),
+        ])
     }
 
     /// Reads `{prefix}.mean` and `{prefix}.inverse_std` of `channels` values out of a model file's tensors.
     pub fn take(tensors: &mut HashMap<String, Tensor>, prefix: &str, channels: usize, device: &Device) -> Result<Self> {
-        let mut take = |what: &str| -> Result<Tensor> {
-            let name = format!("{prefix}.{what}");
-            let tensor = tensors.remove(&name).ok_or_else(|| anyhow::anyhow!("model file has no `{name}` tensor"))?;
-            if tensor.dims() != [channels] {
-                bail!("`{name}` has shape {:?}, expected [{channels}]", tensor.dims());
-            }
-            Ok(tensor.to_device(device)?.to_dtype(DType::F32)?)
-        };
+        let mut take = |what: &str| take_tensor(tensors, &format!("{prefix}.{what}"), &[channels], device);
         Ok(Self { mean: take("mean")?, inverse_std: take("inverse_std")? })
     }
 }
@@ -248,9 +245,7 @@ pub fn level_statistics(rows: &[Vec<f32>; 2], device: &Device) -> Result<Vec<Sta
 pub fn standardise_state(levels: &[Standardise]) -> Result<Vec<(String, Tensor)>> {
     let mut state = Vec::new();
     for (level, standardise) in levels.iter().enumerate() {
-        let (mean, inverse_std) = standardise.tensors()?;
-        state.push((format!("standardise.level{level}.mean"), mean));
-        state.push((format!("standardise.level{level}.inverse_std"), inverse_std));
+        state.extend(standardise.state(&format!("standardise.level{level}"))?);
     }
     Ok(state)
 }

@@ -329,4 +329,102 @@ mod tests {
             eprintln!("forward {t1:?} +ssim {t2:?} backward(l2) {:?} backward(all) {:?}", t3 - t2, t4 - t3);
         }
     }
+
+    /// Image AUROC of map variants of a trained model on a benchmark folder, each z-scored per pixel against
+    /// the first 200 training images: which terms and which smoothing make the image score.
+    #[test]
+    #[ignore = "diagnostic: LOUPE_AE_MODEL=model.safetensors LOUPE_AE_DATA=mvtec-folder"]
+    fn map_variants_on_a_benchmark() {
+        use crate::dataset::{decode_all, scan_mvtec};
+        let path = std::path::PathBuf::from(std::env::var("LOUPE_AE_MODEL").unwrap());
+        let data = std::path::PathBuf::from(std::env::var("LOUPE_AE_DATA").unwrap());
+        let backbone =
+            Arc::new(Backbone::load(&crate::backbone::weights::default_weights_path(), &Device::Cpu).unwrap());
+        let manifest = crate::model_file::load(&path, backbone.clone()).unwrap().manifest;
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let settings: AutoencoderSettings = serde_json::from_value(manifest.settings).unwrap();
+        let model_backbone = backbone.clone();
+        let model = Autoencoder::load(backbone, manifest.image_size, settings, tensors).unwrap();
+        let benchmark = scan_mvtec(&data).unwrap();
+        let train_records = &benchmark.train[..benchmark.train.len().min(CALIBRATION_IMAGES)];
+        let (train_images, _) = decode_all(train_records, manifest.image_size, &|_| {});
+        let (test_images, _) = decode_all(&benchmark.test, manifest.image_size, &|_| {});
+        let labels: Vec<bool> = test_images.iter().map(|i| benchmark.test[i.index].label.is_anomalous()).collect();
+        // Per image: (1 − SSIM) and squared error maps, channel-averaged, at the network's size.
+        let terms = |images: &[DecodedImage]| -> Vec<[Vec<f32>; 3]> {
+            let mut out = Vec::new();
+            for chunk in images.chunks(16) {
+                let refs: Vec<&DecodedImage> = chunk.iter().collect();
+                let (input, reconstruction) =
+                    model.reconstruct(&images_to_tensor(&refs, &Device::Cpu).unwrap()).unwrap();
+                let dissimilarity =
+                    ssim_map(&input, &reconstruction).unwrap().affine(-1.0, 1.0).unwrap().mean(3).unwrap();
+                let error = (&input - &reconstruction).unwrap().sqr().unwrap().mean(3).unwrap();
+                // Perceptual: squared distance of the Lite0 patch features of input and reconstruction, both
+                // at the network's resolution brought back to the model's image size.
+                let up = |t: &Tensor| {
+                    let factor = model.settings.downsample;
+                    let (_, h, w, _) = t.dims4().unwrap();
+                    crate::methods::layers::channels_first(t)
+                        .unwrap()
+                        .upsample_nearest2d(h * factor, w * factor)
+                        .unwrap()
+                };
+                let features =
+                    |t: &Tensor| crate::methods::features::patch_feature_rows(&model_backbone, &up(t)).unwrap();
+                let grid = (manifest.image_size as usize) / 8;
+                let perceptual = (features(&input) - features(&reconstruction))
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum(1)
+                    .unwrap()
+                    .reshape((chunk.len(), grid, grid))
+                    .unwrap();
+                for b in 0..chunk.len() {
+                    let flat = |t: &Tensor| t.get(b).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    out.push([flat(&dissimilarity), flat(&error), flat(&perceptual)]);
+                }
+            }
+            out
+        };
+        let (train_terms, test_terms) = (terms(&train_images), terms(&test_images));
+        let side = (train_terms[0][0].len() as f64).sqrt() as usize;
+        let size = manifest.image_size as usize;
+        let grid = size / 8;
+        let train_perceptual: Vec<f32> = train_terms.iter().flat_map(|t| t[2].clone()).collect();
+        let calibration = PositionCalibration::from_maps(&[train_perceptual], &[grid * grid]);
+        for sigma in [0.0, 4.0, 8.0] {
+            let maxima: Vec<f32> = test_terms
+                .iter()
+                .map(|t| {
+                    let mut values = t[2].clone();
+                    calibration.calibrate(0, &mut values);
+                    ScoreMap::new(grid, grid, values).resized(size, size).blurred(sigma).max()
+                })
+                .collect();
+            eprintln!("perceptual sigma {sigma}: max {:.4}", crate::metrics::roc::auroc(&maxima, &labels).unwrap());
+        }
+        let combine = |t: &[Vec<f32>; 3], weights: [f32; 2]| -> Vec<f32> {
+            t[0].iter().zip(&t[1]).map(|(a, b)| weights[0] * a + weights[1] * b).collect()
+        };
+        for (name, weights) in [("ssim+l2", [1.0, 1.0]), ("ssim", [1.0, 0.0]), ("l2", [0.0, 1.0])] {
+            let train_maps: Vec<f32> = train_terms.iter().flat_map(|t| combine(t, weights)).collect();
+            let calibration = PositionCalibration::from_maps(&[train_maps], &[side * side]);
+            for sigma in [0.0, 4.0, 8.0, 16.0] {
+                let mut maxima = Vec::new();
+                let mut means = Vec::new();
+                for t in &test_terms {
+                    let mut values = combine(t, weights);
+                    calibration.calibrate(0, &mut values);
+                    let map = ScoreMap::new(side, side, values).resized(size, size).blurred(sigma);
+                    maxima.push(map.max());
+                    means.push(map.data.iter().sum::<f32>() / map.data.len() as f32);
+                }
+                let max_auroc = crate::metrics::roc::auroc(&maxima, &labels).unwrap();
+                let mean_auroc = crate::metrics::roc::auroc(&means, &labels).unwrap();
+                eprintln!("{name:8} sigma {sigma:4}: max {max_auroc:.4}  mean {mean_auroc:.4}");
+            }
+        }
+    }
 }
