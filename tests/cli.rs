@@ -98,3 +98,62 @@ fn errors_name_the_problem_and_exit_non_zero() {
     assert_eq!(usage.status.code(), Some(2));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A hand-written labelme file (a polygon and a rectangle on one test image, a point that has no area) comes
+/// into a project as a defect label with its mask; the project's labels go out in MVTec layout and read back as
+/// a benchmark with that mask.
+#[test]
+fn labelme_import_then_mvtec_export() {
+    let dir = temp_dir("labels");
+    let data = dir.join("data");
+    generate_mvtec(&data, &SyntheticSpec::tiny(9)).unwrap();
+    let mut project = loupe::studio::project::Project::new("labels");
+    project.sources.push(loupe::studio::project::Source::Benchmark("data".into()));
+    let project_path = dir.join("labels.ron");
+    project.save(&project_path).unwrap();
+    let image = std::fs::read_dir(data.join("test/good")).unwrap().next().unwrap().unwrap().path();
+    let name = image.file_name().unwrap().to_str().unwrap().to_string();
+    let json = format!(
+        r#"{{"version": "5.4.1", "flags": {{}}, "imagePath": "{name}", "imageData": null,
+            "imageWidth": 96, "imageHeight": 96,
+            "shapes": [
+              {{"label": "crack", "points": [[10, 10], [40, 12], [38, 30]], "shape_type": "polygon", "flags": {{}}}},
+              {{"label": "blowhole", "points": [[60, 60], [70, 72]], "shape_type": "rectangle"}},
+              {{"label": "crack", "points": [[5, 5]], "shape_type": "point"}}
+            ]}}"#
+    );
+    std::fs::write(data.join("test/good").join(format!("{name}.json")), json).unwrap();
+    std::fs::write(dir.join("broken.json"), "{ not json").unwrap();
+
+    let import = loupe(&[
+        "labels",
+        "import-labelme",
+        text(&project_path),
+        text(&data.join("test/good")),
+        text(&dir.join("broken.json")),
+    ]);
+    let stderr = String::from_utf8_lossy(&import.stderr);
+    assert!(import.status.success(), "{stderr}");
+    assert!(stderr.contains("broken.json"), "a bad file is named: {stderr}");
+    assert!(stderr.contains("crack (point)"), "a shape without area is reported: {stderr}");
+    let project = loupe::studio::project::Project::load(&project_path).unwrap();
+    let key = format!("data/test/good/{name}");
+    let label = project.labels.get(&key).unwrap_or_else(|| panic!("no label under {key}: {:?}", project.labels));
+    assert_eq!(label.verdict, Some(loupe_engine::labels::Verdict::Defect));
+    assert_eq!(label.defect_types, ["crack", "blowhole"]);
+    let mask = image::open(dir.join(label.mask.as_ref().unwrap())).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), (96, 96));
+    assert_eq!(mask.get_pixel(65, 66).0[0], 255, "inside the rectangle");
+    assert_eq!(mask.get_pixel(30, 16).0[0], 255, "inside the polygon");
+    assert_eq!(mask.get_pixel(80, 20).0[0], 0, "outside both");
+
+    let out = dir.join("exported");
+    let export = loupe(&["labels", "export-mvtec", text(&project_path), text(&out)]);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let written = out.join("test/crack").join(&name);
+    assert!(written.is_file(), "{} exists", written.display());
+    let stem = Path::new(&name).file_stem().unwrap().to_str().unwrap();
+    let exported_mask = image::open(out.join("ground_truth/crack").join(format!("{stem}_mask.png"))).unwrap();
+    assert_eq!(exported_mask.to_luma8(), mask);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -255,3 +255,36 @@ fn the_inspector_overlay_is_drawn_by_the_paint_callback() {
     harness.snapshot_options("inspector_overlay", &options);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Labelling by keyboard in the inspector: G, D and U label the image shown and move on to the next; the labels
+/// are autosaved into the project (keyed by source and path inside it) and are there when it is reopened.
+#[test]
+fn label_images_by_keyboard_and_find_the_labels_after_reopening() {
+    use loupe_engine::labels::Verdict;
+    let dir = temp_dir("labelling");
+    let project = tiny_project(&dir);
+    let mut harness = harness(project.clone(), Some(View::Inspector));
+    wait_until_idle(&mut harness, "the import");
+    let mut expected = Vec::new();
+    for (key, verdict) in
+        [(egui::Key::G, Verdict::Good), (egui::Key::D, Verdict::Defect), (egui::Key::U, Verdict::Unsure)]
+    {
+        let shown = harness.state().studio.selected.expect("the inspector shows an image");
+        expected.push((harness.state().studio.images[shown].label_key.clone(), verdict));
+        harness.key_press(key);
+        harness.run_steps(2);
+        assert_ne!(harness.state().studio.selected, Some(shown), "a key moves on to the next image");
+    }
+    let keys: Vec<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(keys.iter().all(|k| k.starts_with("data/")), "keys name the source and the path inside it: {keys:?}");
+    wait_until_idle(&mut harness, "the autosave");
+    drop(harness);
+
+    let mut reopened = self::harness(project, Some(View::Gallery));
+    wait_until_idle(&mut reopened, "reopening");
+    for (key, verdict) in &expected {
+        let labels = &reopened.state().studio.project.labels;
+        assert_eq!(labels.get(key).and_then(|l| l.verdict), Some(*verdict), "{key}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -36,6 +36,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Open the studio window (the default when no command is given).
     Studio(commands::studio::StudioArgs),
+    /// Import labelme annotations into a project; export its labels in MVTec AD layout.
+    Labels(commands::labels::LabelsArgs),
 }
 
 fn main() {
@@ -51,6 +53,7 @@ fn main() {
         Command::Methods => commands::list_methods(),
         Command::Bench(args) => commands::bench::run(args),
         Command::Studio(args) => commands::studio::run(args),
+        Command::Labels(args) => commands::labels::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

@@ -5,6 +5,7 @@ pub mod demo;
 pub mod eval;
 pub mod fit;
 pub mod infer;
+pub mod labels;
 pub mod studio;
 pub mod weights;
 

@@ -10,7 +10,7 @@ mod frame_stats;
 mod image_loader;
 pub mod jobs;
 pub mod project;
-mod saver;
+pub mod saver;
 pub mod verdict;
 pub mod views;
 pub mod widgets;
@@ -23,16 +23,13 @@ use image_loader::ImageLoader;
 use jobs::{Job, JobFailure};
 use loupe_engine::evaluate::EvalReport;
 use project::{relative_to, resolve, Project, Source};
-use saver::Saver;
+use saver::{AutosavePolicy, Saver};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 pub use views::View;
 use workspace::{BackboneCache, Imported, ModelRuntime, Reloaded, StudioImage, Trained};
-
-/// How long edits may sit in memory before the autosave writes them.
-const AUTOSAVE_AFTER: Duration = Duration::from_millis(300);
 
 pub struct StudioOptions {
     /// The project to open; `None` opens the last one, else the demo project.
@@ -62,7 +59,7 @@ pub struct Studio {
     pub selected: Option<usize>,
     /// Bumped on every change; the autosave writes when it differs from what was saved.
     pub revision: u64,
-    pub last_change: Instant,
+    pub autosave: AutosavePolicy,
 }
 
 impl Studio {
@@ -76,7 +73,7 @@ impl Studio {
             runtimes,
             selected: None,
             revision: 0,
-            last_change: Instant::now(),
+            autosave: AutosavePolicy::default(),
         }
     }
 
@@ -86,7 +83,12 @@ impl Studio {
 
     pub fn changed(&mut self) {
         self.revision += 1;
-        self.last_change = Instant::now();
+        self.autosave.changed();
+    }
+
+    /// The labeller's label of image `index`, if any.
+    pub fn label_of(&self, index: usize) -> Option<&loupe_engine::labels::ImageLabel> {
+        self.images.get(index).and_then(|image| self.project.labels.get(&image.label_key))
     }
 
     pub fn active_runtime(&self) -> Option<&ModelRuntime> {
@@ -462,15 +464,11 @@ impl StudioApp {
                 self.error(format!("could not save ({error}); your changes are kept in memory and saving is retried"));
             }
         }
-        let due = self.studio.revision != self.saver.saved_revision()
-            && self.studio.last_change.elapsed() >= AUTOSAVE_AFTER
-            && !self.saver.is_busy()
-            && !self.saver.recently_failed();
-        if due {
+        if self.studio.autosave.due(&self.saver, self.studio.revision) {
             self.queue_save();
         } else if self.studio.revision != self.saver.saved_revision() {
             // Nothing else may wake the UI: make sure a frame comes when the save is due.
-            ctx.request_repaint_after(AUTOSAVE_AFTER);
+            ctx.request_repaint_after(AutosavePolicy::wake_after());
         }
     }
 

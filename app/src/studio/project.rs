@@ -5,6 +5,7 @@
 use anyhow::{bail, Context, Result};
 use loupe_engine::atomic_file::write_atomic;
 use loupe_engine::evaluate::EvalReport;
+use loupe_engine::labels::LabelSet;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,12 @@ pub struct Project {
     pub active_model: Option<usize>,
     #[serde(default)]
     pub training: TrainingChoice,
+    /// The labeller's verdicts, defect types and masks, by `labels::label_key`.
+    #[serde(default)]
+    pub labels: LabelSet,
+    /// The project's defect types, in the order the labeller made them.
+    #[serde(default)]
+    pub defect_types: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +125,8 @@ impl Project {
             models: Vec::new(),
             active_model: None,
             training: TrainingChoice::default(),
+            labels: LabelSet::new(),
+            defect_types: Vec::new(),
         }
     }
 
@@ -201,6 +210,16 @@ mod tests {
         });
         project.active_model = Some(0);
         project.training.settings_json = r#"{"coreset_ratio":0.01}"#.into();
+        project.defect_types = vec!["crack".into(), "blowhole".into()];
+        project.labels.insert(
+            "tiles/test/crack/000.png".into(),
+            loupe_engine::labels::ImageLabel {
+                verdict: Some(loupe_engine::labels::Verdict::Defect),
+                defect_types: vec!["crack".into()],
+                mask: Some("masks/tiles/test/crack/000.png".into()),
+                review: Some(loupe_engine::labels::ReviewAnswer::Accepted),
+            },
+        );
         project
     }
 

@@ -13,6 +13,42 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const RETRY_AFTER: Duration = Duration::from_secs(5);
+/// A save waits for this much quiet after the last change, so a burst of edits is written once …
+const QUIET_BEFORE_SAVE: Duration = Duration::from_millis(300);
+/// … but no change waits longer than this to be written, however long the burst.
+const LONGEST_UNSAVED: Duration = Duration::from_millis(700);
+
+/// When the project is due to be written: after a short quiet spell, and at the latest `LONGEST_UNSAVED`
+/// after the first change not yet written — so every change is on disk within a second while edits go on.
+#[derive(Debug, Default)]
+pub struct AutosavePolicy {
+    last_change: Option<Instant>,
+    unsaved_since: Option<Instant>,
+}
+
+impl AutosavePolicy {
+    pub fn changed(&mut self) {
+        let now = Instant::now();
+        self.last_change = Some(now);
+        self.unsaved_since.get_or_insert(now);
+    }
+
+    /// Whether to queue a save now, given the saver's state; the caller queues it at once when true.
+    pub fn due(&mut self, saver: &Saver, revision: u64) -> bool {
+        if revision == saver.saved_revision() {
+            self.unsaved_since = None;
+            return false;
+        }
+        let quiet = self.last_change.is_none_or(|t| t.elapsed() >= QUIET_BEFORE_SAVE);
+        let overdue = self.unsaved_since.is_some_and(|t| t.elapsed() >= LONGEST_UNSAVED);
+        (quiet || overdue) && !saver.is_busy() && !saver.recently_failed()
+    }
+
+    /// How long until `due` can turn true, for a repaint request (nothing else may wake the UI).
+    pub fn wake_after() -> Duration {
+        QUIET_BEFORE_SAVE
+    }
+}
 
 enum Request {
     Project { path: PathBuf, text: String, revision: u64 },

@@ -12,6 +12,7 @@ use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::dataset::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label};
 use loupe_engine::device::DeviceChoice;
 use loupe_engine::evaluate::{evaluate_with_maps, EvalReport};
+use loupe_engine::labels::label_key;
 use loupe_engine::maps::ScoreMap;
 use loupe_engine::methods::{find_method, AnomalyModel};
 use loupe_engine::metrics::ThresholdTable;
@@ -42,6 +43,8 @@ pub struct StudioImage {
     pub mask: Option<PathBuf>,
     /// The source's category name (benchmark panel rows).
     pub category: String,
+    /// Where the project's labels for this image are (`labels::label_key`: follows a relinked folder).
+    pub label_key: String,
     pub thumbnail: Arc<ColorImage>,
     pub original_size: [usize; 2],
 }
@@ -98,12 +101,38 @@ fn source_records(project_dir: &Path, source: &Source) -> Result<Vec<(ImageRecor
     })
 }
 
+/// An image's path below its source's root — or below the root's parent (a Folder source's good images sit
+/// beside its defect folder) — else its file name.
+fn path_in_source(path: &Path, root: &Path) -> PathBuf {
+    let parent = root.parent().unwrap_or(root);
+    match path.strip_prefix(root).or_else(|_| path.strip_prefix(parent)) {
+        Ok(inside) => inside.to_path_buf(),
+        Err(_) => PathBuf::from(path.file_name().unwrap_or(path.as_os_str())),
+    }
+}
+
 fn thumbnail_of(path: &Path) -> Result<(ColorImage, [usize; 2]), String> {
     let image = open_image(path)?;
     let original_size = [image.width() as usize, image.height() as usize];
     let small = image.thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE).to_rgba8();
     let size = [small.width() as usize, small.height() as usize];
     Ok((ColorImage::from_rgba_unmultiplied(size, small.as_raw()), original_size))
+}
+
+/// Every image of `sources` with its label key, without reading the images (labels import and export).
+pub fn labelled_paths(project_dir: &Path, sources: &[Source]) -> Result<Vec<(String, PathBuf)>> {
+    let mut listed = Vec::new();
+    for source in sources {
+        let records = source_records(project_dir, source)
+            .with_context(|| format!("cannot list {} ({})", source.root().display(), source.kind_label()))?;
+        let (category, root) = (source.category(), resolve(project_dir, source.root()));
+        listed.extend(
+            records
+                .into_iter()
+                .map(|(record, _)| (label_key(&category, &path_in_source(&record.path, &root)), record.path)),
+        );
+    }
+    Ok(listed)
 }
 
 /// Lists and reads every image of `sources`; unreadable files are listed, never fatal. A source that cannot be
@@ -115,12 +144,16 @@ pub fn import(project_dir: &Path, sources: &[Source], progress: &dyn Progress) -
         let records = source_records(project_dir, source)
             .with_context(|| format!("cannot import {} ({})", source.root().display(), source.kind_label()))?;
         let category = source.category();
-        listed.extend(records.into_iter().map(|(record, split)| (record, split, category.clone())));
+        let root = resolve(project_dir, source.root());
+        listed.extend(records.into_iter().map(|(record, split)| {
+            let key = label_key(&category, &path_in_source(&record.path, &root));
+            (record, split, category.clone(), key)
+        }));
     }
     progress.begin("reading images", listed.len() as u64);
     let results: Vec<Result<StudioImage, String>> = listed
         .into_par_iter()
-        .map(|(record, split, category)| {
+        .map(|(record, split, category, label_key)| {
             if progress.is_cancelled() {
                 return Err(format!("{}: not read (cancelled)", record.path.display()));
             }
@@ -131,6 +164,7 @@ pub fn import(project_dir: &Path, sources: &[Source], progress: &dyn Progress) -
                     label: record.label,
                     mask: record.mask,
                     category,
+                    label_key,
                     thumbnail: Arc::new(thumbnail),
                     original_size,
                 })

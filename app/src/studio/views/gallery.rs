@@ -16,6 +16,8 @@ pub enum SortOrder {
     Name,
     ScoreHighFirst,
     ScoreLowFirst,
+    /// Images without the labeller's verdict first, the most suspicious (highest score) first among them.
+    Triage,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,6 +66,10 @@ impl GalleryState {
             SortOrder::Name => shown.sort_by(|a, b| studio.images[a.0].path.cmp(&studio.images[b.0].path)),
             SortOrder::ScoreHighFirst => shown.sort_by(|a, b| by_score(&b.1, &a.1)),
             SortOrder::ScoreLowFirst => shown.sort_by(|a, b| by_score(&a.1, &b.1)),
+            SortOrder::Triage => {
+                let labelled = |index: usize| studio.label_of(index).and_then(|l| l.verdict).is_some();
+                shown.sort_by(|a, b| labelled(a.0).cmp(&labelled(b.0)).then_with(|| by_score(&b.1, &a.1)));
+            }
         }
         shown.into_iter().map(|(index, _)| index).collect()
     }
@@ -84,11 +90,13 @@ fn filters(ui: &mut egui::Ui, studio: &Studio, state: &mut GalleryState) {
                 SortOrder::Name => "name",
                 SortOrder::ScoreHighFirst => "score, highest first",
                 SortOrder::ScoreLowFirst => "score, lowest first",
+                SortOrder::Triage => "unlabelled, most suspicious first",
             })
             .show_ui(ui, |ui| {
                 ui.selectable_value(&mut state.sort, SortOrder::Name, "name");
                 ui.selectable_value(&mut state.sort, SortOrder::ScoreHighFirst, "score, highest first");
                 ui.selectable_value(&mut state.sort, SortOrder::ScoreLowFirst, "score, lowest first");
+                ui.selectable_value(&mut state.sort, SortOrder::Triage, "unlabelled, most suspicious first");
             });
         ui.separator();
         ui.label("Label");
@@ -164,7 +172,13 @@ pub fn show(
                             actions.push(Action::Inspect(index));
                         }
                         let label = image.label.type_name();
-                        ui.label(egui::RichText::new(image.file_name()).small());
+                        let labelled = studio.label_of(index).and_then(|l| l.verdict);
+                        ui.horizontal(|ui| {
+                            ui.label(egui::RichText::new(image.file_name()).small());
+                            if let Some(verdict) = labelled {
+                                ui.label(egui::RichText::new(format!("labelled {}", verdict.name())).small().strong());
+                            }
+                        });
                         ui.horizontal(|ui| {
                             ui.label(egui::RichText::new(label).small().weak());
                             if let Some(score) = score {

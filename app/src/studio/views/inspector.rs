@@ -6,6 +6,7 @@ use super::ViewContext;
 use crate::studio::image_loader::{ImageLoader, ImageState};
 use crate::studio::verdict::verdict;
 use crate::studio::widgets::heatmap::{paint_overlay, Colormap, OverlayData, OverlayStyle};
+use crate::studio::widgets::verdict_bar;
 use crate::studio::Studio;
 use eframe::egui;
 use std::hash::{Hash, Hasher};
@@ -99,10 +100,9 @@ pub fn show(
         let next = (position as i32 + step).clamp(0, order.len() as i32 - 1) as usize;
         studio.selected = Some(order[next]);
     }
-    let image = studio.images[studio.selected.unwrap_or(index)].clone();
+    let shown = studio.selected.unwrap_or(index);
+    let image = studio.images[shown].clone();
     let score = studio.score_of(&image);
-    let runtime = studio.active_runtime();
-    let map = runtime.and_then(|r| r.maps.get(&image.key()).cloned());
     ui.horizontal(|ui| {
         ui.strong(image.file_name());
         ui.label(format!("· {} · {}×{}", image.label.type_name(), image.original_size[0], image.original_size[1]));
@@ -117,6 +117,14 @@ pub fn show(
             ui.label(format!("· {} of {} (left/right arrow keys)", position + 1, order.len()));
         }
     });
+    if verdict_bar::show(ui, studio, shown) {
+        if let Some(next) = order.iter().position(|&i| i == shown).and_then(|p| order.get(p + 1)) {
+            studio.selected = Some(*next);
+            ui.ctx().request_repaint();
+        }
+    }
+    let runtime = studio.active_runtime();
+    let map = runtime.and_then(|r| r.maps.get(&image.key()).cloned());
     toolbar(ui, state);
     if !context.gpu_overlay {
         ui.colored_label(ui.visuals().warn_fg_color, "This renderer has no wgpu: heatmaps cannot be drawn.");

@@ -86,8 +86,8 @@ impl Default for DraemSettings {
             time_budget_seconds: 0.0,
             seed: 0,
             blur_sigma: 4.0,
-            brightness_anomalies: false,
-            contour_masks: true,
+            brightness_anomalies: true,
+            contour_masks: false,
         }
     }
 }
