@@ -275,6 +275,20 @@ fn label_images_by_keyboard_and_find_the_labels_after_reopening() {
         harness.run_steps(2);
         assert_ne!(harness.state().studio.selected, Some(shown), "a key moves on to the next image");
     }
+    // A new defect type typed into the field tags the image shown (and makes it a defect).
+    let shown = harness.state().studio.selected.unwrap();
+    let shown_key = harness.state().studio.images[shown].label_key.clone();
+    harness.get_by_role(accesskit::Role::TextInput).click();
+    harness.run_steps(2);
+    harness.get_by_role(accesskit::Role::TextInput).type_text("crack");
+    harness.run_steps(1);
+    harness.key_press(egui::Key::Enter);
+    harness.run_steps(2);
+    let tagged = harness.state().studio.project.labels.get(&shown_key).cloned().unwrap_or_default();
+    assert_eq!(tagged.defect_types, ["crack"], "{tagged:?}");
+    assert_eq!(tagged.verdict, Some(Verdict::Defect));
+    assert_eq!(harness.state().studio.selected, Some(shown), "typing does not label or move on");
+    expected.push((shown_key, Verdict::Defect));
     let keys: Vec<&str> = expected.iter().map(|(k, _)| k.as_str()).collect();
     assert!(keys.iter().all(|k| k.starts_with("data/")), "keys name the source and the path inside it: {keys:?}");
     wait_until_idle(&mut harness, "the autosave");

@@ -1,6 +1,7 @@
 //! The labeller's verdict for one image: three toggle buttons and one key each (G good, D defect, U unsure;
-//! X clears), so a person can label a gallery without the mouse. Changes go into the project's labels and
-//! mark the studio changed (the autosave writes them within a second).
+//! X clears), so a person can label a gallery without the mouse; and its defect types, toggled from the
+//! project's list, which a text field extends. Changes go into the project's labels and mark the studio
+//! changed (the autosave writes them within a second).
 
 use crate::studio::Studio;
 use eframe::egui;
@@ -27,7 +28,10 @@ fn key_name(verdict: Option<Verdict>) -> &'static str {
 pub fn show(ui: &mut egui::Ui, studio: &mut Studio, index: usize) -> bool {
     let key = studio.images[index].label_key.clone();
     let current = studio.project.labels.get(&key).and_then(|label| label.verdict);
-    let pressed = ui.input(|i| KEYS.iter().find(|(k, _)| i.key_pressed(*k)).map(|(_, verdict)| *verdict));
+    // Keys label only when no text field has the keyboard (typing a new defect type must not label).
+    let typing = ui.ctx().egui_wants_keyboard_input();
+    let pressed =
+        ui.input(|i| KEYS.iter().find(|(k, _)| i.key_pressed(*k)).map(|(_, verdict)| *verdict)).filter(|_| !typing);
     let mut chosen = pressed;
     ui.horizontal(|ui| {
         ui.label("Label");
@@ -39,6 +43,7 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, index: usize) -> bool {
         }
         ui.label(egui::RichText::new("X clears · the next image follows a key").weak());
     });
+    defect_types(ui, studio, &key);
     match chosen {
         Some(verdict) if verdict != current => {
             set_verdict(studio, &key, verdict);
@@ -55,4 +60,51 @@ fn set_verdict(studio: &mut Studio, key: &str, verdict: Option<Verdict>) {
         studio.project.labels.remove(key);
     }
     studio.changed();
+}
+
+/// Toggle buttons for the project's defect types on this image, and a field that adds a new type.
+fn defect_types(ui: &mut egui::Ui, studio: &mut Studio, key: &str) {
+    let id = egui::Id::unique("loupe: new defect type");
+    let mut new_type: String = ui.data_mut(|d| d.get_temp(id).unwrap_or_default());
+    let mut toggled = None;
+    let mut added = None;
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Defect types");
+        let current = studio.project.labels.get(key).map(|l| l.defect_types.clone()).unwrap_or_default();
+        for kind in &studio.project.defect_types {
+            if ui.selectable_label(current.contains(kind), kind).clicked() {
+                toggled = Some(kind.clone());
+            }
+        }
+        let field = ui.add(egui::TextEdit::singleline(&mut new_type).hint_text("new type").desired_width(110.0));
+        if field.lost_focus() && ui.input(|i| i.key_pressed(egui::Key::Enter)) && !new_type.trim().is_empty() {
+            added = Some(new_type.trim().to_string());
+            new_type.clear();
+        }
+    });
+    ui.data_mut(|d| d.insert_temp(id, new_type));
+    if let Some(kind) = &added {
+        if !studio.project.defect_types.contains(kind) {
+            studio.project.defect_types.push(kind.clone());
+        }
+        toggled = Some(kind.clone());
+    }
+    if let Some(kind) = toggled {
+        let label = studio.project.labels.entry(key.to_string()).or_default();
+        match label.defect_types.iter().position(|k| *k == kind) {
+            Some(at) if added.is_none() => {
+                label.defect_types.remove(at);
+            }
+            Some(_) => {}
+            None => {
+                label.defect_types.push(kind);
+                // A defect type implies the verdict.
+                label.verdict.get_or_insert(Verdict::Defect);
+            }
+        }
+        if label.is_empty() {
+            studio.project.labels.remove(key);
+        }
+        studio.changed();
+    }
 }

@@ -1,13 +1,17 @@
 //! DRAEM — Zavrtanik et al. 2021, "DRAEM — A discriminatively trained reconstruction embedding for surface
 //! anomaly detection" (ICCV); reference code: the authors' `DRAEM` repository and anomalib's `models/image/draem`.
 //!
-//! Training images get synthetic anomalies: a Perlin-noise blob mask through which a foreign texture is
-//! blended in (see [`perlin_blend`]); half the samples stay clean. There is no DTD texture set here, so the
-//! foreign texture is another training image, strongly augmented: rotated by a multiple of 90°, mirrored,
-//! its intensities rescaled (×0.5–1.5, ±0.3) and, half the time, inverted. A reconstructive sub-network (a
-//! fully convolutional encoder–decoder on the image average-pooled by `downsample`) learns to restore the
-//! clean image (L2 + 1 − SSIM), and a discriminative sub-network — a small U-Net — learns the anomaly mask
-//! (focal loss, γ = 2); all three losses train both networks jointly.
+//! Training images get synthetic anomalies: a Perlin-noise blob mask through which a texture is blended in
+//! (see [`perlin_blend`]); half the samples stay clean. There is no DTD texture set here, so the texture is
+//! another training image, strongly augmented (rotated by a multiple of 90°, mirrored, intensities rescaled,
+//! half the time inverted) — or, for half of the anomalies by default (`brightness_anomalies`), the image's
+//! own surface made brighter or darker, since uneven-brightness defects have no foreign texture (MTD: image
+//! AUROC 0.663 without, 0.737 with). `contour_masks` makes half of the masks thin bands along a level line of
+//! the noise instead of blobs (crack-like; off by default: on MTD it lost more on blowholes than it gained on
+//! cracks, 0.693 vs 0.737). A reconstructive sub-network (a fully convolutional encoder–decoder on the image
+//! average-pooled by `downsample`) learns to restore the clean image (L2 + 1 − SSIM), and a discriminative
+//! sub-network — a small U-Net — learns the anomaly mask (focal loss, γ = 2); all three losses train both
+//! networks jointly.
 //!
 //! Where this differs from the paper, and why: the paper's discriminative U-Net learns from raw pixels of
 //! the augmented image and its reconstruction, over 700 epochs on a GPU. Trained from scratch that way for
@@ -15,20 +19,25 @@
 //! AUROC 0.38–0.54). Here its input at each 8×8 patch is the frozen Lite0's locally aware patch features of
 //! the augmented image (as PatchCore's) next to the augmented image and its reconstruction average-pooled
 //! to the same grid, so it predicts the mask per patch (a patch is anomalous if any of its pixels is).
-//! Anomaly map: the discriminative probability of "anomalous", upsampled and blurred; image score: its
-//! maximum. (Its log-odds instead scored the same on MTD: image AUROC 0.663 vs 0.665.)
+//! Anomaly map: the discriminative probability of "anomalous", z-scored per position against 200 training
+//! images (see [`PositionCalibration`]), upsampled and blurred; image score: its maximum. (Its log-odds
+//! instead of the probability scored the same on MTD: 0.663 vs 0.665.)
 
 use super::synthetic_anomalies::{
     brightness_changed, foreign_texture, patch_labels, perlin_blend, perlin_contour_blend,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
+use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::flow::Standardise;
 use crate::methods::layers::{channels_first, channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::mean_ssim;
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
-use crate::methods::{outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{
+    images_to_tensor, outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext,
+};
+use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -228,6 +237,7 @@ pub struct Draem {
     reconstructive: Reconstructive,
     discriminative: Discriminative,
     standardise: Standardise,
+    calibration: PositionCalibration,
     pub record: TrainingRecord,
 }
 
@@ -330,7 +340,7 @@ impl Draem {
             let focal = focal_loss(&logits, &Tensor::new(labels.as_slice(), &device)?)?;
             Ok(((l2 + ssim)? + focal)?)
         })?;
-        Ok(Self {
+        let mut model = Self {
             backbone: context.backbone.clone(),
             settings,
             image_size: context.image_size,
@@ -338,8 +348,37 @@ impl Draem {
             reconstructive,
             discriminative,
             standardise,
+            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
             record,
-        })
+        };
+        let count = images.len().min(CALIBRATION_IMAGES);
+        progress.begin("calibrating", count as u64);
+        let mut maps = Vec::new();
+        for chunk in images[..count].chunks(context.batch_size.max(1)) {
+            check_cancelled(progress)?;
+            let refs: Vec<&DecodedImage> = chunk.iter().collect();
+            maps.extend(model.probability_cells(&images_to_tensor(&refs, &device)?)?);
+            progress.advance(chunk.len() as u64);
+        }
+        let grid = size / PATCH_STRIDE;
+        model.calibration = PositionCalibration::from_maps(&[maps], &[grid * grid]);
+        Ok(model)
+    }
+
+    /// The discriminative probability of "anomalous" per patch, `grid × grid` per image, on the CPU.
+    fn probability_cells(&self, images: &Tensor) -> Result<Vec<f32>> {
+        let input = pooled_channels_last(images, self.settings.downsample)?;
+        let reconstruction = self.reconstructive.forward(&input)?;
+        let logits = discriminate(
+            &self.backbone,
+            &self.standardise,
+            &self.discriminative,
+            images,
+            &reconstruction,
+            self.settings.downsample,
+        )?;
+        let probability = candle_nn::ops::softmax_last_dim(&logits)?.narrow(3, 1, 1)?;
+        Ok(probability.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     pub fn load(
@@ -351,6 +390,8 @@ impl Draem {
         check_settings(&settings, image_size)?;
         let device = backbone.device.clone();
         let standardise = Standardise::take(&mut tensors, "standardise", PATCH_CHANNELS, &device)?;
+        let grid = image_size as usize / PATCH_STRIDE;
+        let calibration = PositionCalibration::take(&mut tensors, &[grid * grid])?;
         let varmap = load_varmap(tensors, &device, "DRAEM", |vb| build(vb, &settings).map(|_| ()))?;
         let (reconstructive, discriminative) =
             build(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
@@ -362,6 +403,7 @@ impl Draem {
             reconstructive,
             discriminative,
             standardise,
+            calibration,
             record: TrainingRecord::default(),
         })
     }
@@ -389,26 +431,17 @@ impl AnomalyModel for Draem {
     model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
-        let input = pooled_channels_last(images, self.settings.downsample)?;
-        let reconstruction = self.reconstructive.forward(&input)?;
-        let logits = discriminate(
-            &self.backbone,
-            &self.standardise,
-            &self.discriminative,
-            images,
-            &reconstruction,
-            self.settings.downsample,
-        )?;
-        let (batch, grid, _, _) = logits.dims4()?;
-        let probability = candle_nn::ops::softmax_last_dim(&logits)?.narrow(3, 1, 1)?;
-        let values = probability.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut cells = self.probability_cells(images)?;
         let size = self.image_size as usize;
-        Ok(outputs_from_cells(&values[..batch * grid * grid], grid, size, self.settings.blur_sigma))
+        let grid = size / PATCH_STRIDE;
+        cells.chunks_exact_mut(grid * grid).for_each(|map| self.calibration.calibrate(0, map));
+        Ok(outputs_from_cells(&cells, grid, size, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut state = varmap_state(&self.varmap)?;
         state.extend(self.standardise.state("standardise")?);
+        state.extend(self.calibration.state()?);
         Ok(state)
     }
 }
