@@ -29,6 +29,20 @@ macro_rules! method_info {
     };
 }
 
+/// The `TrainingPlan` of a trained method's settings (fields `epochs`, `learning_rate`, `weight_decay`,
+/// `time_budget_seconds`), with `steps` steps per epoch.
+macro_rules! training_plan {
+    ($settings:expr, $steps:expr) => {
+        $crate::methods::training::TrainingPlan {
+            epochs: $settings.epochs,
+            steps_per_epoch: $steps,
+            learning_rate: $settings.learning_rate,
+            weight_decay: $settings.weight_decay,
+            time_budget_seconds: $settings.time_budget_seconds,
+        }
+    };
+}
+
 /// The `AnomalyModel` methods every model implements the same way, from its `settings` and `image_size` fields
 /// and its file's `INFO`.
 macro_rules! model_basics {

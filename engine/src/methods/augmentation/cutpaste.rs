@@ -18,9 +18,7 @@ use crate::dataset::DecodedImage;
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::flow::Standardise;
 use crate::methods::gaussian::{whitening_matrix, MomentSums};
-use crate::methods::training::{
-    load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord,
-};
+use crate::methods::training::{load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{
     images_to_tensor, outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext,
 };
@@ -159,13 +157,7 @@ impl Cutpaste {
         let head = Head::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.embedding_dim)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.seed ^ 0xc7);
         let mut rng = SplitMix64::new(settings.seed ^ 0xc0ffee);
-        let plan = TrainingPlan {
-            epochs: settings.epochs,
-            steps_per_epoch: settings.steps_per_epoch,
-            learning_rate: settings.learning_rate,
-            weight_decay: settings.weight_decay,
-            time_budget_seconds: settings.time_budget_seconds,
-        };
+        let plan = training_plan!(settings, settings.steps_per_epoch);
         let record = train(&varmap, &plan, progress, |epoch, step| {
             let chosen = batches.cycling(epoch, settings.steps_per_epoch, step).to_vec();
             let mut inputs = Vec::with_capacity(3 * chosen.len());

@@ -33,7 +33,7 @@ use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_
 use crate::methods::flow::Standardise;
 use crate::methods::layers::{channels_first, channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::mean_ssim;
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{
     images_to_tensor, outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext,
 };
@@ -289,13 +289,7 @@ impl Draem {
             build(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0xd7);
         let mut rng = SplitMix64::new(settings.seed ^ 0xd7ae);
-        let plan = TrainingPlan {
-            epochs: settings.epochs,
-            steps_per_epoch: settings.steps_per_epoch,
-            learning_rate: settings.learning_rate,
-            weight_decay: settings.weight_decay,
-            time_budget_seconds: settings.time_budget_seconds,
-        };
+        let plan = training_plan!(settings, settings.steps_per_epoch);
         let record = train(&varmap, &plan, progress, |epoch, step| {
             let chosen = batches.cycling(epoch, settings.steps_per_epoch, step).to_vec();
             let (mut clean, mut augmented, mut labels) = (Vec::new(), Vec::new(), Vec::new());

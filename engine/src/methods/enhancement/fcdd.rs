@@ -21,7 +21,7 @@ use crate::methods::augmentation::synthetic_anomalies::random_anomaly;
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::flow::Standardise;
 use crate::methods::layers::{leaky_relu, Conv};
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -184,13 +184,7 @@ impl Fcdd {
         let head = Head::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.seed ^ 0xfc);
         let mut rng = SplitMix64::new(settings.seed ^ 0xfcdd);
-        let plan = TrainingPlan {
-            epochs: settings.epochs,
-            steps_per_epoch: settings.steps_per_epoch,
-            learning_rate: settings.learning_rate,
-            weight_decay: settings.weight_decay,
-            time_budget_seconds: settings.time_budget_seconds,
-        };
+        let plan = training_plan!(settings, settings.steps_per_epoch);
         let record = train(&varmap, &plan, progress, |epoch, step| {
             let chosen = batches.cycling(epoch, settings.steps_per_epoch, step).to_vec();
             let mut inputs = Vec::with_capacity(2 * chosen.len());

@@ -26,9 +26,7 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
-use crate::methods::training::{
-    load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord,
-};
+use crate::methods::training::{load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, outputs_from_cells, AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
@@ -204,13 +202,7 @@ impl MeanShifted {
 
         let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.seed ^ 0x5e);
         let mut rng = SplitMix64::new(settings.seed ^ 0x3ea7);
-        let plan = TrainingPlan {
-            epochs: settings.epochs,
-            steps_per_epoch: settings.steps_per_epoch,
-            learning_rate: settings.learning_rate,
-            weight_decay: settings.weight_decay,
-            time_budget_seconds: settings.time_budget_seconds,
-        };
+        let plan = training_plan!(settings, settings.steps_per_epoch);
         let mirrored_columns: Vec<u32> = (0..grid as u32).rev().collect();
         let mirrored_columns = Tensor::new(mirrored_columns.as_slice(), &device)?;
         let record = train(&varmap, &plan, progress, |epoch, step| {

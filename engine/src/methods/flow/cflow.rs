@@ -17,7 +17,7 @@ use super::{
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::methods::calibration::PositionCalibration;
-use crate::methods::training::{load_varmap, train, varmap_state, TrainingPlan, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -179,13 +179,7 @@ impl Cflow {
             })
             .collect();
         let mut rng = SplitMix64::new(settings.seed ^ 0xcf10);
-        let plan = TrainingPlan {
-            epochs: settings.epochs,
-            steps_per_epoch: settings.steps_per_epoch,
-            learning_rate: settings.learning_rate,
-            weight_decay: settings.weight_decay,
-            time_budget_seconds: settings.time_budget_seconds,
-        };
+        let plan = training_plan!(settings, settings.steps_per_epoch);
         let n = settings.vectors_per_step;
         let record = train(&varmap, &plan, progress, |_, _| {
             mean_over_levels(&settings.levels, |level| {

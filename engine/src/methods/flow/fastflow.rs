@@ -19,7 +19,7 @@ use super::{
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::methods::calibration::PositionCalibration;
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -227,13 +227,7 @@ impl Fastflow {
         let varmap = VarMap::new();
         let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.seed ^ 0xfa57);
-        let plan = TrainingPlan {
-            epochs: settings.epochs,
-            steps_per_epoch: batches.steps_per_epoch(),
-            learning_rate: settings.learning_rate,
-            weight_decay: settings.weight_decay,
-            time_budget_seconds: settings.time_budget_seconds,
-        };
+        let plan = training_plan!(settings, batches.steps_per_epoch());
         let record = train(&varmap, &plan, progress, |_, step| {
             let chosen = batches.batch(step);
             mean_over_levels(&settings.levels, |level| {

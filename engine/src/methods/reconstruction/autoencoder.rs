@@ -16,7 +16,7 @@ use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::layers::{channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::{mean_ssim, ssim_map};
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
@@ -212,13 +212,7 @@ impl Autoencoder {
         let varmap = VarMap::new();
         let network = Network::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), side, &settings)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0xae);
-        let plan = TrainingPlan {
-            epochs: settings.epochs,
-            steps_per_epoch: batches.steps_per_epoch(),
-            learning_rate: settings.learning_rate,
-            weight_decay: settings.weight_decay,
-            time_budget_seconds: settings.time_budget_seconds,
-        };
+        let plan = training_plan!(settings, batches.steps_per_epoch());
         let record = train(&varmap, &plan, progress, |_, step| {
             let chosen: Vec<u32> = batches.batch(step).iter().map(|&i| i as u32).collect();
             let x = inputs.index_select(&Tensor::new(chosen.as_slice(), &Device::Cpu)?, 0)?.to_device(&device)?;

@@ -21,7 +21,7 @@ use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::layers::{channels_last, leaky_relu, Conv};
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingPlan, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
@@ -184,13 +184,7 @@ impl Stfpm {
         let varmap = VarMap::new();
         let student = Student::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0x57f);
-        let plan = TrainingPlan {
-            epochs: settings.epochs,
-            steps_per_epoch: batches.steps_per_epoch(),
-            learning_rate: settings.learning_rate,
-            weight_decay: settings.weight_decay,
-            time_budget_seconds: settings.time_budget_seconds,
-        };
+        let plan = training_plan!(settings, batches.steps_per_epoch());
         let record = train(&varmap, &plan, progress, |_, step| {
             let chosen: Vec<u32> = batches.batch(step).iter().map(|&i| i as u32).collect();
             let index = Tensor::new(chosen.as_slice(), &Device::Cpu)?;
