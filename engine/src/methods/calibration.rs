@@ -6,6 +6,9 @@
 //! where the parts themselves always differ most (tile edges). Those positions then decide the image score
 //! (the maximum). Scoring the z-score instead makes positions — and a flow's two levels — comparable.
 
+use crate::dataset::DecodedImage;
+use crate::methods::{images_to_tensor, FitContext};
+use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -45,6 +48,26 @@ impl PositionCalibration {
             })
             .collect();
         Self { levels }
+    }
+
+    /// A one-level calibration from the raw maps (`positions` values per image) that `raw_maps` gives for the
+    /// first [`CALIBRATION_IMAGES`] training images, in batches, with progress and cancellation.
+    pub fn from_training_images(
+        context: &FitContext,
+        images: &[DecodedImage],
+        positions: usize,
+        mut raw_maps: impl FnMut(&Tensor) -> Result<Vec<f32>>,
+    ) -> Result<Self> {
+        let count = images.len().min(CALIBRATION_IMAGES);
+        context.progress.begin("calibrating", count as u64);
+        let mut maps = Vec::new();
+        for chunk in images[..count].chunks(context.batch_size.max(1)) {
+            check_cancelled(context.progress)?;
+            let refs: Vec<&DecodedImage> = chunk.iter().collect();
+            maps.extend(raw_maps(&images_to_tensor(&refs, &context.device)?)?);
+            context.progress.advance(chunk.len() as u64);
+        }
+        Ok(Self::from_maps(&[maps], &[positions]))
     }
 
     /// Replaces a raw map of `level` by its z-scores.

@@ -28,16 +28,13 @@ use super::synthetic_anomalies::{
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
-use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
+use crate::methods::calibration::PositionCalibration;
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::flow::Standardise;
 use crate::methods::layers::{channels_first, channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::mean_ssim;
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
-use crate::methods::{
-    images_to_tensor, outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext,
-};
-use crate::progress::check_cancelled;
+use crate::methods::{outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -345,17 +342,10 @@ impl Draem {
             calibration: PositionCalibration::from_maps(&[], &[]), // set right below
             record,
         };
-        let count = images.len().min(CALIBRATION_IMAGES);
-        progress.begin("calibrating", count as u64);
-        let mut maps = Vec::new();
-        for chunk in images[..count].chunks(context.batch_size.max(1)) {
-            check_cancelled(progress)?;
-            let refs: Vec<&DecodedImage> = chunk.iter().collect();
-            maps.extend(model.probability_cells(&images_to_tensor(&refs, &device)?)?);
-            progress.advance(chunk.len() as u64);
-        }
-        let grid = size / PATCH_STRIDE;
-        model.calibration = PositionCalibration::from_maps(&[maps], &[grid * grid]);
+        let positions = (size / PATCH_STRIDE).pow(2);
+        model.calibration = PositionCalibration::from_training_images(context, images, positions, |batch| {
+            model.probability_cells(batch)
+        })?;
         Ok(model)
     }
 

@@ -19,7 +19,7 @@ use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
-use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
+use crate::methods::calibration::PositionCalibration;
 use crate::methods::layers::{channels_last, leaky_relu, Conv};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
@@ -207,15 +207,9 @@ impl Stfpm {
             calibration: PositionCalibration::from_maps(&[], &[]), // set right below
             record,
         };
-        let count = images.len().min(CALIBRATION_IMAGES);
-        progress.begin("calibrating", count as u64);
-        let mut maps = Vec::new();
-        for batch in images[..count].chunks(context.batch_size.max(1)) {
-            let refs: Vec<&DecodedImage> = batch.iter().collect();
-            maps.extend(model.raw_maps(&images_to_tensor(&refs, &device)?)?);
-            progress.advance(batch.len() as u64);
-        }
-        model.calibration = PositionCalibration::from_maps(&[maps], &[grid_side(model.image_size).pow(2)]);
+        let positions = grid_side(model.image_size).pow(2);
+        model.calibration =
+            PositionCalibration::from_training_images(context, images, positions, |batch| model.raw_maps(batch))?;
         Ok(model)
     }
 
