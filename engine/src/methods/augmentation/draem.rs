@@ -76,6 +76,9 @@ pub struct DraemSettings {
     pub brightness_anomalies: bool,
     /// Half of the Perlin masks are thin bands along a level line of the noise (crack-like) instead of blobs.
     pub contour_masks: bool,
+    /// z-score the map per position against 200 training images. It needs that many: on MTD (761 images) it
+    /// raised image AUROC from 0.737 to 0.765; on a set of a few dozen the per-position spread is too noisy.
+    pub calibrate: bool,
 }
 
 impl Default for DraemSettings {
@@ -94,6 +97,7 @@ impl Default for DraemSettings {
             blur_sigma: 4.0,
             brightness_anomalies: true,
             contour_masks: false,
+            calibrate: true,
         }
     }
 }
@@ -342,10 +346,12 @@ impl Draem {
             calibration: PositionCalibration::from_maps(&[], &[]), // set right below
             record,
         };
-        let positions = (size / PATCH_STRIDE).pow(2);
-        model.calibration = PositionCalibration::from_training_images(context, images, positions, |batch| {
-            model.probability_cells(batch)
-        })?;
+        if model.settings.calibrate {
+            let positions = (size / PATCH_STRIDE).pow(2);
+            model.calibration = PositionCalibration::from_training_images(context, images, positions, |batch| {
+                model.probability_cells(batch)
+            })?;
+        }
         Ok(model)
     }
 
@@ -375,7 +381,8 @@ impl Draem {
         let device = backbone.device.clone();
         let standardise = Standardise::take(&mut tensors, "standardise", PATCH_CHANNELS, &device)?;
         let grid = image_size as usize / PATCH_STRIDE;
-        let calibration = PositionCalibration::take(&mut tensors, &[grid * grid])?;
+        let calibrated_positions = if settings.calibrate { vec![grid * grid] } else { Vec::new() };
+        let calibration = PositionCalibration::take(&mut tensors, &calibrated_positions)?;
         let varmap = load_varmap(tensors, &device, "DRAEM", |vb| build(vb, &settings).map(|_| ()))?;
         let (reconstructive, discriminative) =
             build(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
@@ -418,7 +425,9 @@ impl AnomalyModel for Draem {
         let mut cells = self.probability_cells(images)?;
         let size = self.image_size as usize;
         let grid = size / PATCH_STRIDE;
-        cells.chunks_exact_mut(grid * grid).for_each(|map| self.calibration.calibrate(0, map));
+        if self.settings.calibrate {
+            cells.chunks_exact_mut(grid * grid).for_each(|map| self.calibration.calibrate(0, map));
+        }
         Ok(outputs_from_cells(&cells, grid, size, self.settings.blur_sigma))
     }
 
