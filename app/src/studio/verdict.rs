@@ -58,6 +58,27 @@ pub fn band_counts(table: &ThresholdTable, decision: f32, review: Option<f32>) -
     BandCounts { pass: total - flagged, review: flagged - reject, reject }
 }
 
+/// Agreement between the model and the labeller at a decision threshold: over images with a score and a
+/// good / defect label (unsure ones do not count), how many the model rejects exactly when the labeller says
+/// defect. Returns (agreeing, counted).
+pub fn agreement(
+    labelled: impl Iterator<Item = (f32, loupe_engine::labels::Verdict)>,
+    decision: f32,
+) -> (usize, usize) {
+    use loupe_engine::labels::Verdict as Label;
+    let (mut agreeing, mut counted) = (0, 0);
+    for (score, label) in labelled {
+        let says_defect = match label {
+            Label::Good => false,
+            Label::Defect => true,
+            Label::Unsure => continue,
+        };
+        counted += 1;
+        agreeing += usize::from((score >= decision) == says_defect);
+    }
+    (agreeing, counted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +100,15 @@ mod tests {
             }
             assert_eq!(band_counts(&table, decision, review), expected, "decision {decision}, review {review:?}");
         }
+    }
+
+    #[test]
+    fn agreement_counts_matching_verdicts_and_skips_unsure() {
+        use loupe_engine::labels::Verdict as Label;
+        let labelled =
+            [(0.9, Label::Defect), (0.2, Label::Good), (0.6, Label::Good), (0.4, Label::Defect), (0.8, Label::Unsure)];
+        assert_eq!(agreement(labelled.into_iter(), 0.5), (2, 4));
+        assert_eq!(agreement(labelled.into_iter(), 0.3), (3, 4));
+        assert_eq!(agreement(std::iter::empty(), 0.5), (0, 0));
     }
 }

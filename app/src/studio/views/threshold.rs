@@ -4,7 +4,7 @@
 //! sorted once, so a drag costs microseconds even for 100,000 images.
 
 use super::percent;
-use crate::studio::verdict::band_counts;
+use crate::studio::verdict::{agreement, band_counts};
 use crate::studio::Studio;
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Line, Plot, Points, VLine};
@@ -195,6 +195,19 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, state: &mut ThresholdState) 
         let bands = band_counts(&table, decision, review);
         ui.label(format!("pass {} · review {} · reject {}", bands.pass, bands.review, bands.reject));
         ui.label(format!("F1 at this threshold {:.3}", confusion.f1()));
+        let labelled = studio.images.iter().filter_map(|image| {
+            let verdict = studio.project.labels.get(&image.label_key)?.verdict?;
+            Some((studio.score_of(image)?, verdict))
+        });
+        match agreement(labelled, decision) {
+            (_, 0) => {
+                ui.label("Agreement with your labels: no labelled image has a score yet (label in the inspector).")
+            }
+            (agreeing, counted) => ui.label(format!(
+                "Agreement with your labels {} ({agreeing} of {counted} labelled images)",
+                percent(Some(agreeing as f64 / counted as f64))
+            )),
+        };
         let ui = &mut columns[1];
         let point = [confusion.far().unwrap_or(0.0), 1.0 - confusion.mar().unwrap_or(0.0)];
         Plot::new("roc")
