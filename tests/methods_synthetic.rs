@@ -59,7 +59,9 @@ fn small_autoencoder() -> serde_json::Value {
 
 #[test]
 fn autoencoder_separates_synthetic_defects_and_round_trips() {
-    separates_synthetic_defects_and_round_trips("autoencoder", small_autoencoder());
+    // Its image AUROC here is 0.9–1.0 from run to run (training is not bit-reproducible; one run of many gave
+    // 0.896 while its pixel AUROC stayed ≥ 0.97): the image floor has that margin.
+    separates_synthetic_defects_at_size_and_round_trips("autoencoder", small_autoencoder(), 96, Some([0.8, 0.85, 0.5]));
 }
 
 #[test]

@@ -156,6 +156,8 @@ pub struct StudioApp {
     exit_when_idle: bool,
     dialogs: (mpsc::Sender<DialogResult>, mpsc::Receiver<DialogResult>),
     path_input: String,
+    /// The source being relinked and the folder typed for it.
+    relinking: Option<(usize, String)>,
     views: views::ViewStates,
 }
 
@@ -220,6 +222,7 @@ impl StudioApp {
             exit_when_idle: options.exit_when_idle,
             dialogs: mpsc::channel(),
             path_input: String::new(),
+            relinking: None,
             views: views::ViewStates::default(),
         };
         app.start_import(&cc.egui_ctx);
@@ -758,8 +761,37 @@ impl StudioApp {
         ui.label(egui::RichText::new(self.studio.path.display().to_string()).small().weak());
         ui.separator();
         ui.strong("Sources");
-        for source in &self.studio.project.sources {
-            ui.label(format!("{} — {}", source.root().display(), source.kind_label()));
+        let mut relink = None;
+        for (index, source) in self.studio.project.sources.iter().enumerate() {
+            ui.horizontal_wrapped(|ui| {
+                ui.label(format!("{} — {}", source.root().display(), source.kind_label()));
+                if !matches!(source, Source::Folder { .. }) && ui.small_button("Relink…").clicked() {
+                    self.relinking = Some((index, String::new()));
+                }
+            });
+            if let Some((at, typed)) = self.relinking.as_mut().filter(|(at, _)| *at == index) {
+                ui.horizontal(|ui| {
+                    ui.add(egui::TextEdit::singleline(typed).hint_text("the folder's new place").desired_width(220.0));
+                    if ui.button("Apply").clicked() {
+                        relink = Some((*at, PathBuf::from(typed.trim())));
+                    }
+                });
+            }
+        }
+        if let Some((index, new_root)) = relink {
+            self.relinking = None;
+            if !new_root.is_dir() {
+                self.error(format!("{}: no such folder; the source is unchanged", new_root.display()));
+            } else {
+                let stored = relative_to(&self.studio.dir(), &new_root);
+                match self.studio.project.relink_source(index, stored) {
+                    Ok(()) => {
+                        self.studio.changed();
+                        self.start_import(ui.ctx());
+                    }
+                    Err(error) => self.error(format!("{error:#}")),
+                }
+            }
         }
         if self.studio.project.sources.is_empty() {
             ui.label("none: use Import to add a folder, or drop one here");

@@ -164,6 +164,28 @@ impl Project {
         write_atomic(path, self.to_ron()?.as_bytes())
     }
 
+    /// Points source `index` at `new_root` (a moved folder). Labels are keyed by the source's name, the
+    /// folder's name: when that changes too, the source's label keys (and nothing else) move with it.
+    pub fn relink_source(&mut self, index: usize, new_root: PathBuf) -> Result<()> {
+        let Some(source) = self.sources.get_mut(index) else { bail!("there is no source {index}") };
+        let old_name = source.category();
+        match source {
+            Source::NormalFolder(path) | Source::Benchmark(path) | Source::Synthetic { path, .. } => *path = new_root,
+            Source::Folder { .. } => bail!("a Folder source has several folders: remove it and import them again"),
+        }
+        let new_name = source.category();
+        if new_name != old_name {
+            let (old_prefix, new_prefix) = (format!("{old_name}/"), format!("{new_name}/"));
+            let moved: Vec<String> = self.labels.keys().filter(|k| k.starts_with(&old_prefix)).cloned().collect();
+            for key in moved {
+                if let Some(label) = self.labels.remove(&key) {
+                    self.labels.insert(format!("{new_prefix}{}", &key[old_prefix.len()..]), label);
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn active(&self) -> Option<&ModelEntry> {
         self.active_model.and_then(|i| self.models.get(i))
     }
@@ -242,6 +264,17 @@ mod tests {
         project.format_version = 99;
         let message = format!("{:#}", Project::from_ron(&project.to_ron().unwrap()).unwrap_err());
         assert!(message.contains("newer Loupe"), "{message}");
+    }
+
+    #[test]
+    fn relinking_a_renamed_folder_moves_its_labels() {
+        let mut project = sample();
+        project.relink_source(0, "/mnt/moved/tiles-2024".into()).unwrap();
+        assert_eq!(project.sources[0], Source::Benchmark("/mnt/moved/tiles-2024".into()));
+        let keys: Vec<&String> = project.labels.keys().collect();
+        assert_eq!(keys, ["tiles-2024/test/crack/000.png"]);
+        assert!(project.relink_source(1, "/x".into()).is_err(), "Folder sources are not relinked");
+        assert!(project.relink_source(7, "/x".into()).is_err());
     }
 
     #[test]
