@@ -113,14 +113,21 @@ fn feature_rows(backbone: &Backbone, images: &Tensor, local: bool) -> anyhow::Re
 }
 
 /// Per-channel standardisation of the patch features, from the first 32 training images: the heads trained on
-/// the frozen features (CutPaste, DRAEM, FCDD) start from unit-scale inputs.
+/// the frozen features (CutPaste, DRAEM, FCDD) start from unit-scale inputs. Those methods pair images (an
+/// image and another one's texture), so fewer than two training images is an error naming `method`.
 pub fn patch_standardisation(
-    backbone: &Backbone,
+    context: &crate::methods::FitContext,
     images: &[crate::dataset::DecodedImage],
-    device: &candle_core::Device,
+    method: &str,
 ) -> anyhow::Result<crate::methods::flow::Standardise> {
+    if images.len() < 2 {
+        anyhow::bail!("{method} needs at least two training images, got {}", images.len());
+    }
+    context.progress.begin("feature statistics", 1);
     let sample: Vec<&crate::dataset::DecodedImage> = images.iter().take(32).collect();
-    let rows = patch_feature_rows(backbone, &crate::methods::images_to_tensor(&sample, device)?)?;
+    let rows = patch_feature_rows(&context.backbone, &crate::methods::images_to_tensor(&sample, &context.device)?)?;
     let rows = rows.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-    crate::methods::flow::channel_statistics(&rows, PATCH_CHANNELS, device)
+    let standardise = crate::methods::flow::channel_statistics(&rows, PATCH_CHANNELS, &context.device)?;
+    context.progress.advance(1);
+    Ok(standardise)
 }

@@ -143,15 +143,10 @@ fn check_settings(settings: &CutpasteSettings) -> Result<()> {
 impl Cutpaste {
     pub fn fit(context: &FitContext, images: &[DecodedImage], settings: CutpasteSettings) -> Result<Self> {
         check_settings(&settings)?;
-        if images.len() < 2 {
-            bail!("CutPaste needs at least two training images, got {}", images.len());
-        }
+        let standardise = patch_standardisation(context, images, "CutPaste")?;
         let device = context.device.clone();
         let progress = context.progress;
         let size = context.image_size as usize;
-        progress.begin("feature statistics", 1);
-        let standardise = patch_standardisation(&context.backbone, images, &device)?;
-        progress.advance(1);
 
         let varmap = VarMap::new();
         let head = Head::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.embedding_dim)?;

@@ -275,15 +275,10 @@ fn pooled_channels_last(images: &Tensor, factor: usize) -> Result<Tensor> {
 impl Draem {
     pub fn fit(context: &FitContext, images: &[DecodedImage], settings: DraemSettings) -> Result<Self> {
         check_settings(&settings, context.image_size)?;
-        if images.len() < 2 {
-            bail!("DRAEM needs at least two training images, got {}", images.len());
-        }
+        let standardise = patch_standardisation(context, images, "DRAEM")?;
         let device = context.device.clone();
         let progress = context.progress;
         let size = context.image_size as usize;
-        progress.begin("feature statistics", 1);
-        let standardise = patch_standardisation(&context.backbone, images, &device)?;
-        progress.advance(1);
 
         let varmap = VarMap::new();
         let (reconstructive, discriminative) =

@@ -170,15 +170,10 @@ fn phi(backbone: &Backbone, standardise: &Standardise, head: &Head, images: &Ten
 impl Fcdd {
     pub fn fit(context: &FitContext, images: &[DecodedImage], settings: FcddSettings) -> Result<Self> {
         check_settings(&settings, context.image_size)?;
-        if images.len() < 2 {
-            bail!("FCDD needs at least two training images, got {}", images.len());
-        }
+        let standardise = patch_standardisation(context, images, "FCDD")?;
         let device = context.device.clone();
         let progress = context.progress;
         let size = context.image_size as usize;
-        progress.begin("feature statistics", 1);
-        let standardise = patch_standardisation(&context.backbone, images, &device)?;
-        progress.advance(1);
 
         let varmap = VarMap::new();
         let head = Head::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
