@@ -4,6 +4,7 @@
 //! have no area and are listed as skipped. The file is untrusted: sizes and point counts are bounded, and
 //! `imageData` (an embedded image) is ignored.
 
+use super::mask::DefectMask;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -66,7 +67,7 @@ pub fn parse(text: &str) -> Result<LabelmeAnnotation> {
     if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
         bail!("image size {width}×{height} is out of range (1–{MAX_SIDE} pixels a side)");
     }
-    let mut mask = vec![0u8; width as usize * height as usize];
+    let mut mask = DefectMask::new(width, height);
     let mut defect_types: Vec<String> = Vec::new();
     let mut skipped = Vec::new();
     for (index, shape) in file.shapes.iter().enumerate() {
@@ -93,37 +94,19 @@ pub fn parse(text: &str) -> Result<LabelmeAnnotation> {
                 continue;
             }
         };
-        fill_polygon(&mut mask, width as usize, height as usize, &outline);
+        mask.fill_polygon(&outline, true);
         if !defect_types.contains(&shape.label) {
             defect_types.push(shape.label.clone());
         }
     }
-    Ok(LabelmeAnnotation { image_path: file.image_path, width, height, defect_types, mask, skipped })
-}
-
-/// Sets the pixels whose centres lie inside `outline` (even–odd rule), in labelme's pixel coordinates
-/// (x right, y down, the first pixel's centre at (0.5, 0.5)).
-fn fill_polygon(mask: &mut [u8], width: usize, height: usize, outline: &[[f64; 2]]) {
-    let mut crossings = Vec::new();
-    for y in 0..height {
-        let centre_y = y as f64 + 0.5;
-        crossings.clear();
-        for (i, a) in outline.iter().enumerate() {
-            let b = outline[(i + 1) % outline.len()];
-            if (a[1] <= centre_y) != (b[1] <= centre_y) {
-                crossings.push(a[0] + (centre_y - a[1]) / (b[1] - a[1]) * (b[0] - a[0]));
-            }
-        }
-        crossings.sort_by(f64::total_cmp);
-        for span in crossings.chunks_exact(2) {
-            // Pixels x with span[0] ≤ x + 0.5 < span[1].
-            let first = (span[0] - 0.5).ceil().max(0.0) as usize;
-            let end = ((span[1] - 0.5).ceil().max(0.0) as usize).min(width);
-            for pixel in &mut mask[y * width + first.min(end)..y * width + end] {
-                *pixel = 1;
-            }
-        }
-    }
+    Ok(LabelmeAnnotation {
+        image_path: file.image_path,
+        width,
+        height,
+        defect_types,
+        mask: mask.into_pixels(),
+        skipped,
+    })
 }
 
 #[cfg(test)]

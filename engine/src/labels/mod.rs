@@ -5,6 +5,7 @@
 
 pub mod export;
 pub mod labelme;
+pub mod mask;
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
