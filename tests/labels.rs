@@ -50,7 +50,7 @@ fn label_burst_child() {
         project.labels.insert(key(revision), ImageLabel { verdict: Some(verdict(revision)), ..Default::default() });
         policy.changed();
         if policy.due(&saver, revision) {
-            saver.save_project(path.clone(), project.to_ron().unwrap(), revision);
+            saver.save_project(path.clone(), project.to_ron().unwrap(), revision, Vec::new());
         }
         report(&mut saver, &mut reported);
         std::thread::sleep(Duration::from_millis(2));
@@ -58,7 +58,7 @@ fn label_burst_child() {
     let finished = Instant::now();
     while reported < EDITS && finished.elapsed() < Duration::from_secs(10) {
         if policy.due(&saver, revision) {
-            saver.save_project(path.clone(), project.to_ron().unwrap(), revision);
+            saver.save_project(path.clone(), project.to_ron().unwrap(), revision, Vec::new());
         }
         report(&mut saver, &mut reported);
         std::thread::sleep(Duration::from_millis(5));

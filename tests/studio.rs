@@ -302,3 +302,114 @@ fn label_images_by_keyboard_and_find_the_labels_after_reopening() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The mask of image `index` as the studio holds it, waiting for it to be read from disk when it must be.
+fn mask_in_studio(harness: &mut Harness<'_, StudioApp>, index: usize) -> loupe_engine::labels::mask::DefectMask {
+    use loupe::studio::mask_edits::MaskState;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let studio = &mut harness.state_mut().studio;
+        let image = &studio.images[index];
+        let (key, size) = (image.label_key.clone(), [image.original_size[0] as u32, image.original_size[1] as u32]);
+        let file = studio.label_of(index).and_then(|l| l.mask.as_ref()).map(|m| studio.dir().join(m));
+        match studio.masks.get(&key, file, size, || {}) {
+            MaskState::Ready(edited) => return edited.mask.clone(),
+            MaskState::Failed(reason) => panic!("the mask of {key} cannot be read: {reason}"),
+            MaskState::Loading => {}
+        }
+        assert!(Instant::now() < deadline, "the mask of {key} did not load");
+        harness.step();
+    }
+}
+
+fn click(harness: &mut Harness<'_, StudioApp>, at: egui::Pos2) {
+    harness.hover_at(at);
+    harness.step();
+    harness.drag_at(at);
+    harness.step();
+    harness.drop_at(at);
+    // More than egui's double-click interval passes before the next click.
+    harness.run_steps(2);
+}
+
+/// Rows of the mask with at least one defect pixel.
+fn painted_rows(mask: &loupe_engine::labels::mask::DefectMask) -> Vec<u32> {
+    (0..mask.height()).filter(|&y| (0..mask.width()).any(|x| mask.get(x, y))).collect()
+}
+
+/// Paint a defect mask with simulated drags and clicks (brush, fill, polygon), walk the undo/redo history by
+/// keyboard, and find the mask — as a PNG at the image's resolution, referenced from the label — after reopening.
+#[test]
+fn paint_a_mask_undo_redo_and_find_it_after_reopening() {
+    use loupe_engine::labels::Verdict;
+    let dir = temp_dir("mask-painting");
+    let project = tiny_project(&dir);
+    let mut harness = harness(project.clone(), Some(View::Inspector));
+    wait_until_idle(&mut harness, "the import");
+    let shown = harness.state().studio.selected.expect("the inspector shows an image");
+    let key = harness.state().studio.images[shown].label_key.clone();
+    while !harness.state().is_image_loaded(shown) {
+        harness.step();
+    }
+    harness.run_steps(2);
+    let size = harness.state().studio.images[shown].original_size;
+
+    // A brush stroke right across the window, through the middle of the image.
+    harness.key_press(egui::Key::B);
+    harness.run_steps(1);
+    let middle = 470.0;
+    drag(&mut harness, egui::pos2(250.0, middle), egui::pos2(1275.0, middle));
+    let stroke = mask_in_studio(&mut harness, shown);
+    assert_eq!((stroke.width() as usize, stroke.height() as usize), (size[0], size[1]), "full resolution");
+    let rows = painted_rows(&stroke);
+    assert!(!rows.is_empty(), "the stroke painted");
+    assert!(rows.len() <= 16, "a band about the brush's width: rows {rows:?}");
+    let row = rows[rows.len() / 2];
+    assert!((0..stroke.width()).all(|x| stroke.get(x, row)), "the band crosses the whole image");
+    let label = harness.state().studio.project.labels.get(&key).cloned().unwrap_or_default();
+    assert_eq!(label.verdict, Some(Verdict::Defect), "a painted mask makes the image a defect");
+
+    // Fill above the band: everything above it is one region.
+    harness.key_press(egui::Key::F);
+    harness.run_steps(1);
+    click(&mut harness, egui::pos2(760.0, middle - 100.0));
+    let filled = mask_in_studio(&mut harness, shown);
+    assert!((0..rows[0]).all(|y| filled.get(0, y) && filled.get(filled.width() - 1, y)), "the region above filled");
+    assert!(!filled.get(0, filled.height() - 1), "the region below the band is another one");
+
+    // Undo the fill; draw a triangle below the band with the polygon tool (closing on its first corner).
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    harness.run_steps(1);
+    assert_eq!(mask_in_studio(&mut harness, shown), stroke, "undo takes the fill back");
+    harness.key_press(egui::Key::P);
+    harness.run_steps(1);
+    let corners =
+        [egui::pos2(700.0, middle + 60.0), egui::pos2(820.0, middle + 60.0), egui::pos2(760.0, middle + 160.0)];
+    for corner in corners.iter().chain(&corners[..1]) {
+        click(&mut harness, *corner);
+    }
+    let with_triangle = mask_in_studio(&mut harness, shown);
+    let triangle = with_triangle.defect_pixels() - stroke.defect_pixels();
+    assert!(triangle > 20, "the triangle filled {triangle} pixels");
+    assert!(painted_rows(&with_triangle).iter().any(|&y| y > rows[rows.len() - 1] + 5), "below the band");
+
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Z);
+    harness.run_steps(1);
+    assert_eq!(mask_in_studio(&mut harness, shown), stroke, "undo takes the triangle back");
+    harness.key_press_modifiers(egui::Modifiers::COMMAND | egui::Modifiers::SHIFT, egui::Key::Z);
+    harness.run_steps(1);
+    assert_eq!(mask_in_studio(&mut harness, shown), with_triangle, "redo brings it again");
+    wait_until_idle(&mut harness, "the autosave");
+    drop(harness);
+
+    let saved = Project::load(&project).unwrap();
+    let file = saved.labels.get(&key).and_then(|l| l.mask.clone()).expect("the label refers to its mask");
+    assert!(file.is_relative() && file.starts_with("masks"), "{}", file.display());
+    let on_disk = loupe_engine::labels::mask::DefectMask::read(&dir.join(&file)).unwrap();
+    assert_eq!(on_disk, with_triangle, "the PNG holds the mask as painted");
+
+    let mut reopened = self::harness(project, Some(View::Inspector));
+    wait_until_idle(&mut reopened, "reopening");
+    assert_eq!(mask_in_studio(&mut reopened, shown), with_triangle, "the reopened studio shows the same mask");
+    let _ = std::fs::remove_dir_all(&dir);
+}

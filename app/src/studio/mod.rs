@@ -9,6 +9,7 @@ pub mod demo;
 mod frame_stats;
 mod image_loader;
 pub mod jobs;
+pub mod mask_edits;
 pub mod project;
 pub mod saver;
 pub mod verdict;
@@ -60,6 +61,8 @@ pub struct Studio {
     /// Bumped on every change; the autosave writes when it differs from what was saved.
     pub revision: u64,
     pub autosave: AutosavePolicy,
+    /// Defect masks being painted, and those not yet written.
+    pub masks: mask_edits::MaskEdits,
 }
 
 impl Studio {
@@ -74,6 +77,7 @@ impl Studio {
             selected: None,
             revision: 0,
             autosave: AutosavePolicy::default(),
+            masks: mask_edits::MaskEdits::default(),
         }
     }
 
@@ -467,6 +471,7 @@ impl StudioApp {
                 self.error(format!("could not save ({error}); your changes are kept in memory and saving is retried"));
             }
         }
+        self.studio.masks.saved(self.saver.saved_revision());
         if self.studio.autosave.due(&self.saver, self.studio.revision) {
             self.queue_save();
         } else if self.studio.revision != self.saver.saved_revision() {
@@ -477,7 +482,10 @@ impl StudioApp {
 
     fn queue_save(&mut self) {
         match self.studio.project.to_ron() {
-            Ok(text) => self.saver.save_project(self.studio.path.clone(), text, self.studio.revision),
+            Ok(text) => {
+                let masks = self.studio.masks.unsaved(&self.studio.dir());
+                self.saver.save_project(self.studio.path.clone(), text, self.studio.revision, masks)
+            }
             Err(error) => self.error(format!("{error:#}")),
         }
         let studio = &self.studio;
@@ -549,6 +557,8 @@ impl StudioApp {
 
     /// Moves the project to `path`, re-rooting relative paths so they still point at the same files.
     fn save_as(&mut self, path: PathBuf) {
+        // Painted masks not yet written go to the old folder first, where the labels still point.
+        self.flush_save();
         let old_dir = self.studio.dir();
         let new_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut project = self.studio.project.clone();
@@ -567,6 +577,9 @@ impl StudioApp {
         }
         for model in &mut project.models {
             reroot(&mut model.file);
+        }
+        for mask in project.labels.values_mut().filter_map(|label| label.mask.as_mut()) {
+            reroot(mask);
         }
         match project.save(&path) {
             Ok(()) => {

@@ -4,10 +4,12 @@
 
 use super::project::ModelEntry;
 use super::workspace::write_thresholds;
+use anyhow::Context;
 use eframe::egui;
+use loupe_engine::labels::mask::DefectMask;
 use loupe_engine::methods::AnomalyModel;
 use loupe_engine::model_file::Manifest;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,8 +53,30 @@ impl AutosavePolicy {
 }
 
 enum Request {
-    Project { path: PathBuf, text: String, revision: u64 },
-    Model { path: PathBuf, model: Arc<dyn AnomalyModel>, manifest: Box<Manifest>, entry: Box<ModelEntry> },
+    /// The masks are written first: the project file refers to them.
+    Project {
+        path: PathBuf,
+        text: String,
+        revision: u64,
+        masks: Vec<(PathBuf, Arc<DefectMask>)>,
+    },
+    Model {
+        path: PathBuf,
+        model: Arc<dyn AnomalyModel>,
+        manifest: Box<Manifest>,
+        entry: Box<ModelEntry>,
+    },
+}
+
+fn write_project(path: &Path, text: &str, masks: &[(PathBuf, Arc<DefectMask>)]) -> anyhow::Result<()> {
+    for (mask_path, mask) in masks {
+        if let Some(folder) = mask_path.parent() {
+            std::fs::create_dir_all(folder)
+                .with_context(|| format!("{}: cannot create the folder", folder.display()))?;
+        }
+        mask.write(mask_path)?;
+    }
+    loupe_engine::atomic_file::write_atomic(path, text.as_bytes())
 }
 
 enum Done {
@@ -77,10 +101,9 @@ impl Saver {
             .spawn(move || {
                 for request in inbox {
                     let finished = match request {
-                        Request::Project { path, text, revision } => Done::Project {
+                        Request::Project { path, text, revision, masks } => Done::Project {
                             revision,
-                            result: loupe_engine::atomic_file::write_atomic(&path, text.as_bytes())
-                                .map_err(|e| format!("{e:#}")),
+                            result: write_project(&path, &text, &masks).map_err(|e| format!("{e:#}")),
                         },
                         Request::Model { path, model, manifest, entry } => Done::Model {
                             result: write_thresholds(&path, model.as_ref(), &manifest, &entry)
@@ -97,8 +120,9 @@ impl Saver {
         Self { requests, done, in_flight: 0, saved_revision: 0, failed_at: None }
     }
 
-    pub fn save_project(&mut self, path: PathBuf, text: String, revision: u64) {
-        self.send(Request::Project { path, text, revision });
+    /// Writes `masks` (each atomically), then the project text; a failure leaves the project file as it was.
+    pub fn save_project(&mut self, path: PathBuf, text: String, revision: u64, masks: Vec<(PathBuf, Arc<DefectMask>)>) {
+        self.send(Request::Project { path, text, revision, masks });
     }
 
     pub fn save_model(&mut self, path: PathBuf, model: Arc<dyn AnomalyModel>, manifest: Manifest, entry: ModelEntry) {

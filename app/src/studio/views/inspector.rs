@@ -1,11 +1,15 @@
 //! Inspector: one image with the active model's anomaly map overlaid by the WGSL shader — colormap, opacity,
 //! threshold gate, threshold contour, ground-truth outline — with zoom (wheel), pan (drag), fit (double-click),
-//! side-by-side original / overlay, and ←/→ through the gallery's order.
+//! side-by-side original / overlay, and ←/→ through the gallery's order. The labeller gives a verdict and defect
+//! types (`widgets::verdict_bar`) and paints a defect mask over the image (`widgets::mask_painter`).
 
 use super::ViewContext;
 use crate::studio::image_loader::{ImageLoader, ImageState};
+use crate::studio::mask_edits::{EditedMask, MaskState};
+use crate::studio::project::resolve;
 use crate::studio::verdict::verdict;
 use crate::studio::widgets::heatmap::{paint_overlay, Colormap, OverlayData, OverlayStyle};
+use crate::studio::widgets::mask_painter::MaskPainter;
 use crate::studio::widgets::verdict_bar;
 use crate::studio::Studio;
 use eframe::egui;
@@ -21,6 +25,7 @@ pub struct InspectorState {
     pub zoom: f32,
     /// Offset of the image centre from the view centre, in points.
     pub pan: egui::Vec2,
+    pub mask: MaskPainter,
 }
 
 impl Default for InspectorState {
@@ -34,6 +39,7 @@ impl Default for InspectorState {
             side_by_side: false,
             zoom: 1.0,
             pan: egui::Vec2::ZERO,
+            mask: MaskPainter::default(),
         }
     }
 }
@@ -72,6 +78,34 @@ fn visible_part(view: egui::Rect, image: egui::Rect) -> Option<(egui::Rect, egui
     }
     let to_uv = |p: egui::Pos2| egui::pos2((p.x - image.min.x) / image.width(), (p.y - image.min.y) / image.height());
     Some((visible, egui::Rect::from_min_max(to_uv(visible.min), to_uv(visible.max))))
+}
+
+/// The labeller's mask of image `index` (read in the background on first use), and `use_mask` applied to it;
+/// when it changed the mask, the label and the autosave learn of it.
+fn with_mask(
+    ctx: &egui::Context,
+    studio: &mut Studio,
+    index: usize,
+    use_mask: impl FnOnce(Result<&mut EditedMask, Option<&str>>) -> bool,
+) {
+    let image = &studio.images[index];
+    let key = image.label_key.clone();
+    let size = [image.original_size[0] as u32, image.original_size[1] as u32];
+    let file = studio.label_of(index).and_then(|label| label.mask.as_ref()).map(|m| resolve(&studio.dir(), m));
+    let ctx = ctx.clone();
+    let changed = match studio.masks.get(&key, file, size, move || ctx.request_repaint()) {
+        MaskState::Ready(edited) => use_mask(Ok(edited)),
+        MaskState::Loading => use_mask(Err(None)),
+        MaskState::Failed(reason) => use_mask(Err(Some(reason))),
+    };
+    if changed {
+        studio.changed();
+        let label = studio.project.labels.entry(key.clone()).or_default();
+        studio.masks.changed(&key, studio.revision, label);
+        if label.is_empty() {
+            studio.project.labels.remove(&key);
+        }
+    }
 }
 
 fn overlay_key(studio: &Studio, image_key: &str) -> u64 {
@@ -125,14 +159,35 @@ pub fn show(
     }
     let runtime = studio.active_runtime();
     let map = runtime.and_then(|r| r.maps.get(&image.key()).cloned());
+    let map_range = runtime.and_then(|r| r.map_range);
+    let model_loading = runtime.is_some_and(|r| r.model.is_none());
+    let ctx = ui.ctx().clone();
     toolbar(ui, state);
+    let mut start_empty = false;
+    with_mask(&ctx, studio, shown, |mask| match mask {
+        Ok(edited) => state.mask.toolbar(ui, Some(edited)),
+        Err(reason) => {
+            state.mask.toolbar(ui, None);
+            if let Some(reason) = reason {
+                ui.horizontal(|ui| {
+                    ui.colored_label(ui.visuals().error_fg_color, format!("The defect mask cannot be read: {reason}"));
+                    start_empty = ui.button("Start an empty mask").clicked();
+                });
+            }
+            false
+        }
+    });
+    if start_empty {
+        let size = [image.original_size[0] as u32, image.original_size[1] as u32];
+        studio.masks.start_empty(&image.label_key, size);
+    }
     if !context.gpu_overlay {
         ui.colored_label(ui.visuals().warn_fg_color, "This renderer has no wgpu: heatmaps cannot be drawn.");
     }
     let map_note = match (&map, studio.project.active_model) {
         (Some(_), _) => None,
         (None, None) => Some("No model yet: train one to see heatmaps."),
-        (None, Some(_)) if runtime.is_some_and(|r| r.model.is_none()) => Some("The model is loading…"),
+        (None, Some(_)) if model_loading => Some("The model is loading…"),
         (None, Some(_)) => Some("This image has no heatmap: only test images are scored."),
     };
     if let Some(note) = map_note {
@@ -150,11 +205,17 @@ pub fn show(
         }
         ImageState::Ready(loaded) => loaded,
     };
-    if response.double_clicked() {
+    let primary_pans = state.mask.pans_with_primary();
+    if response.double_clicked() && primary_pans {
         state.zoom = 1.0;
         state.pan = egui::Vec2::ZERO;
     }
-    state.pan += response.drag_delta();
+    let pans = (primary_pans && response.dragged_by(egui::PointerButton::Primary))
+        || response.dragged_by(egui::PointerButton::Secondary)
+        || response.dragged_by(egui::PointerButton::Middle);
+    if pans {
+        state.pan += response.drag_delta();
+    }
     if response.hovered() {
         let scroll = ui.input(|i| i.smooth_scroll_delta.y);
         if scroll != 0.0 {
@@ -176,6 +237,15 @@ pub fn show(
     };
     let image_size = egui::vec2(loaded.size[0] as f32, loaded.size[1] as f32);
     let (threshold, _) = studio.thresholds().unwrap_or((f32::NEG_INFINITY, None));
+    // The pane a stroke started in (or the pointer is over) maps the pointer to image pixels.
+    let pointer = ui.input(|i| if i.pointer.any_down() { i.pointer.press_origin() } else { i.pointer.hover_pos() });
+    let active_pane = panes.iter().map(|(pane, _)| *pane).find(|pane| pointer.is_some_and(|p| pane.contains(p)));
+    if let Some(pane) = active_pane {
+        let whole = image_rect(pane, image_size, state);
+        with_mask(&ctx, studio, shown, |mask| {
+            mask.is_ok_and(|edited| state.mask.interact(ui, &response, whole, edited))
+        });
+    }
     for (pane, with_overlay) in panes {
         let painter = ui.painter_at(pane);
         painter.rect_filled(pane, 0.0, egui::Color32::from_gray(20));
@@ -189,24 +259,31 @@ pub fn show(
                 painter.image(tile.texture.id(), tile_visible, tile_uv, egui::Color32::WHITE);
             }
         }
-        let (Some(map), true, true) = (&map, with_overlay, context.gpu_overlay) else { continue };
-        let range = runtime
-            .and_then(|r| r.map_range)
-            .unwrap_or((map.data.iter().copied().fold(f32::INFINITY, f32::min), map.max()));
-        let style = OverlayStyle {
-            threshold,
-            range: if state.hide_below_threshold && threshold.is_finite() {
-                (threshold, range.1.max(threshold))
-            } else {
-                range
-            },
-            opacity: state.opacity,
-            colormap: state.colormap,
-            contour: state.contour && threshold.is_finite(),
-            mask_outline: state.mask_outline,
-            hide_below_threshold: state.hide_below_threshold && threshold.is_finite(),
-        };
-        let data = OverlayData { key: overlay_key(studio, &image.key()), map: map.clone(), mask: loaded.mask.clone() };
-        paint_overlay(&painter, visible, uv, &data, &style);
+        if let (Some(map), true, true) = (&map, with_overlay, context.gpu_overlay) {
+            let range = map_range.unwrap_or((map.data.iter().copied().fold(f32::INFINITY, f32::min), map.max()));
+            let style = OverlayStyle {
+                threshold,
+                range: if state.hide_below_threshold && threshold.is_finite() {
+                    (threshold, range.1.max(threshold))
+                } else {
+                    range
+                },
+                opacity: state.opacity,
+                colormap: state.colormap,
+                contour: state.contour && threshold.is_finite(),
+                mask_outline: state.mask_outline,
+                hide_below_threshold: state.hide_below_threshold && threshold.is_finite(),
+            };
+            let data =
+                OverlayData { key: overlay_key(studio, &image.key()), map: map.clone(), mask: loaded.mask.clone() };
+            paint_overlay(&painter, visible, uv, &data, &style);
+        }
+        // The labeller's mask goes over the heatmap: it is what they are working on.
+        with_mask(&ctx, studio, shown, |mask| {
+            if let Ok(edited) = mask {
+                state.mask.paint(&painter, &response, whole, edited, &image.label_key);
+            }
+            false
+        });
     }
 }

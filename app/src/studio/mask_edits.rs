@@ -1,0 +1,177 @@
+//! The labeller's defect masks while they are painted: the mask of the image on screen (read from its PNG on
+//! rayon's pool, never on the UI thread), its undo history, and every mask changed since the last save. The
+//! saver writes those PNGs (atomically) before the project file that refers to them, so a project on disk never
+//! names a mask that is not there.
+
+use loupe_engine::labels::mask::{DefectMask, Dirty, MaskHistory};
+use loupe_engine::labels::{ImageLabel, Verdict};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc};
+
+/// Masks kept in memory (with their undo history) besides the unsaved ones; older saved ones are dropped.
+const KEPT_MASKS: usize = 8;
+
+/// The file a painted mask is written to, relative to the project folder.
+pub fn mask_file(key: &str) -> PathBuf {
+    Path::new("masks").join(format!("{key}.png"))
+}
+
+pub struct EditedMask {
+    pub mask: DefectMask,
+    pub history: MaskHistory,
+    /// The part changed since the screen's texture was last updated (`None`: nothing).
+    pub dirty: Option<Dirty>,
+    /// Bumped on every change, so a texture built from another version is rebuilt.
+    pub version: u64,
+    /// Studio revision of the last change, and of the last change written to disk.
+    changed: u64,
+    written: u64,
+    last_used: u64,
+}
+
+impl EditedMask {
+    fn new(mask: DefectMask) -> Self {
+        Self { mask, history: MaskHistory::default(), dirty: None, version: 0, changed: 0, written: 0, last_used: 0 }
+    }
+}
+
+pub enum MaskState<'a> {
+    Loading,
+    Failed(&'a str),
+    Ready(&'a mut EditedMask),
+}
+
+type Loaded = (String, Result<DefectMask, String>);
+
+pub struct MaskEdits {
+    masks: HashMap<String, EditedMask>,
+    failed: HashMap<String, String>,
+    loading: Vec<String>,
+    sender: mpsc::Sender<Loaded>,
+    receiver: mpsc::Receiver<Loaded>,
+    uses: u64,
+}
+
+impl Default for MaskEdits {
+    fn default() -> Self {
+        let (sender, receiver) = mpsc::channel();
+        Self { masks: HashMap::new(), failed: HashMap::new(), loading: Vec::new(), sender, receiver, uses: 0 }
+    }
+}
+
+impl MaskEdits {
+    /// The mask of the image labelled `key`: the one in memory, else read from `file` (started on first request;
+    /// `repaint` wakes the UI when done), else an empty mask of `size` (the image's full resolution).
+    pub fn get(
+        &mut self,
+        key: &str,
+        file: Option<PathBuf>,
+        size: [u32; 2],
+        repaint: impl Fn() + Send + 'static,
+    ) -> MaskState<'_> {
+        while let Ok((loaded_key, result)) = self.receiver.try_recv() {
+            self.loading.retain(|k| *k != loaded_key);
+            match result {
+                Ok(mask) => {
+                    self.masks.entry(loaded_key).or_insert_with(|| EditedMask::new(mask));
+                }
+                Err(reason) => {
+                    self.failed.insert(loaded_key, reason);
+                }
+            }
+        }
+        if let Some(reason) = self.failed.get(key) {
+            return MaskState::Failed(reason);
+        }
+        if !self.masks.contains_key(key) {
+            match file {
+                Some(path) => {
+                    if !self.loading.iter().any(|k| k == key) {
+                        self.loading.push(key.to_string());
+                        let (sender, key) = (self.sender.clone(), key.to_string());
+                        rayon::spawn(move || {
+                            let _ = sender.send((key, DefectMask::read(&path).map_err(|e| format!("{e:#}"))));
+                            repaint();
+                        });
+                    }
+                    return MaskState::Loading;
+                }
+                None => {
+                    self.masks.insert(key.to_string(), EditedMask::new(DefectMask::new(size[0], size[1])));
+                }
+            }
+        }
+        self.uses += 1;
+        let uses = self.uses;
+        let edited = self.masks.get_mut(key).expect("inserted above");
+        edited.last_used = uses;
+        MaskState::Ready(edited)
+    }
+
+    /// Replaces a mask that could not be read with an empty one (the broken file is overwritten on the next save).
+    pub fn start_empty(&mut self, key: &str, size: [u32; 2]) {
+        self.failed.remove(key);
+        self.masks.insert(key.to_string(), EditedMask::new(DefectMask::new(size[0], size[1])));
+    }
+
+    /// Records that the mask of `key` changed (in the studio revision `revision`) and updates its label: a
+    /// painted mask makes the image a defect and is referenced from the label; an emptied one is not.
+    pub fn changed(&mut self, key: &str, revision: u64, label: &mut ImageLabel) {
+        let Some(edited) = self.masks.get_mut(key) else { return };
+        edited.changed = revision;
+        edited.version += 1;
+        if edited.mask.is_empty() {
+            label.mask = None;
+        } else {
+            label.mask = Some(mask_file(key));
+            label.verdict = Some(Verdict::Defect);
+        }
+        self.forget_old();
+    }
+
+    /// The masks changed since they were last written, with the file (under `project_dir`) each goes to.
+    pub fn unsaved(&self, project_dir: &Path) -> Vec<(PathBuf, Arc<DefectMask>)> {
+        self.masks
+            .iter()
+            .filter(|(_, edited)| edited.changed > edited.written)
+            .map(|(key, edited)| (project_dir.join(mask_file(key)), Arc::new(edited.mask.clone())))
+            .collect()
+    }
+
+    /// The project revision `revision` is on disk: every mask change up to it is too.
+    pub fn saved(&mut self, revision: u64) {
+        for edited in self.masks.values_mut() {
+            if edited.changed <= revision {
+                edited.written = edited.changed;
+            }
+        }
+        self.forget_old();
+    }
+
+    pub fn has_unsaved(&self) -> bool {
+        self.masks.values().any(|edited| edited.changed > edited.written)
+    }
+
+    /// Forgets everything (another project was opened).
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+
+    fn forget_old(&mut self) {
+        if self.masks.len() <= KEPT_MASKS {
+            return;
+        }
+        let mut saved: Vec<(u64, String)> = self
+            .masks
+            .iter()
+            .filter(|(_, edited)| edited.changed <= edited.written)
+            .map(|(key, edited)| (edited.last_used, key.clone()))
+            .collect();
+        saved.sort();
+        let excess = self.masks.len() - KEPT_MASKS;
+        for (_, key) in saved.into_iter().take(excess) {
+            self.masks.remove(&key);
+        }
+    }
+}
