@@ -413,3 +413,83 @@ fn paint_a_mask_undo_redo_and_find_it_after_reopening() {
     assert_eq!(mask_in_studio(&mut reopened, shown), with_triangle, "the reopened studio shows the same mask");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The labeller's verdicts — given by key and by accepting or rejecting the model's verdict in review — become
+/// a ground truth of their own: re-evaluating judges the model against them ("your labels"), and the threshold
+/// panel computes FAR and MAR from them when chosen.
+#[test]
+fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
+    use loupe::studio::workspace::YOUR_LABELS;
+    use loupe_engine::labels::{ReviewAnswer, Verdict};
+    let dir = temp_dir("your-labels");
+    let mut harness = harness(tiny_project(&dir), Some(View::Inspector));
+    wait_until_idle(&mut harness, "the import");
+    let ctx = harness.ctx.clone();
+    harness.state_mut().start_training(&ctx);
+    wait_until_idle(&mut harness, "training");
+    let decision = harness.state().studio.project.models[0].decision.expect("a threshold");
+    let test_images: Vec<(usize, bool, f32)> = {
+        let studio = &harness.state().studio;
+        studio
+            .images
+            .iter()
+            .enumerate()
+            .filter_map(|(i, image)| Some((i, image.label.is_anomalous(), studio.score_of(image)?)))
+            .collect()
+    };
+    let goods: Vec<_> = test_images.iter().filter(|t| !t.1).take(3).copied().collect();
+    let defects: Vec<_> = test_images.iter().filter(|t| t.1).take(3).copied().collect();
+    let key_of =
+        |harness: &Harness<'_, StudioApp>, index: usize| harness.state().studio.images[index].label_key.clone();
+    let mut press = |harness: &mut Harness<'_, StudioApp>, index: usize, key: egui::Key| {
+        harness.state_mut().studio.selected = Some(index);
+        harness.run_steps(1);
+        harness.key_press(key);
+        harness.run_steps(2);
+    };
+    // The second good image is labelled good through review: accept the model's pass or reject its reject.
+    let (g2, _, g2_score) = goods[1];
+    let answer = if g2_score >= decision { egui::Key::R } else { egui::Key::A };
+    press(&mut harness, g2, answer);
+    let label = harness.state().studio.project.labels.get(&key_of(&harness, g2)).cloned().unwrap_or_default();
+    assert_eq!(label.verdict, Some(Verdict::Good), "{label:?}");
+    let expected_answer = if answer == egui::Key::A { ReviewAnswer::Accepted } else { ReviewAnswer::Rejected };
+    assert_eq!(label.review, Some(expected_answer));
+    // The labeller disagrees with the folders about goods[2] and defects[2].
+    let verdicts = [
+        (goods[0].0, egui::Key::G, false),
+        (goods[2].0, egui::Key::D, true),
+        (defects[0].0, egui::Key::D, true),
+        (defects[1].0, egui::Key::D, true),
+        (defects[2].0, egui::Key::G, false),
+    ];
+    for (index, key, _) in verdicts {
+        press(&mut harness, index, key);
+    }
+
+    harness.get_by_label("Threshold").click();
+    harness.run_steps(2);
+    harness.get_by_label("Re-evaluate with your labels").click();
+    harness.run_steps(1);
+    wait_until_idle(&mut harness, "re-evaluating");
+    let report = harness.state().studio.project.models[0].evaluations.get(YOUR_LABELS).cloned().expect("evaluated");
+    let mut expected: Vec<(String, &str)> = verdicts
+        .iter()
+        .map(|&(index, _, defect)| (index, defect))
+        .chain([(g2, false)])
+        .map(|(index, defect)| (harness.state().studio.images[index].key(), if defect { "untyped" } else { "good" }))
+        .collect();
+    let mut got: Vec<(String, &str)> = report.images.iter().map(|i| (i.path.clone(), i.defect_type.as_str())).collect();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected, "the labeller's verdicts are the ground truth");
+
+    harness.get_by_label("your labels (3 good, 3 defective)").click();
+    harness.run_steps(2);
+    let table = harness.state().studio.active_runtime().unwrap().labels_table.clone();
+    let decision = harness.state().studio.project.models[0].decision.unwrap();
+    for text in expected_texts(&table, decision) {
+        harness.get_by_label(&text);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

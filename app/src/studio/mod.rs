@@ -286,11 +286,12 @@ impl StudioApp {
         let dir = self.studio.dir();
         let choice = self.studio.project.training.clone();
         let images = self.studio.images.clone();
+        let labels = self.studio.project.labels.clone();
         let backbones = self.backbones.clone();
         let weights = self.weights.clone();
         let title = format!("Training {}", choice.method);
         self.spawn_job(ctx, &title, move |progress| {
-            let trained = workspace::train(&dir, &choice, &images, &backbones, &weights, progress)?;
+            let trained = workspace::train(&dir, &choice, &images, &labels, &backbones, &weights, progress)?;
             Ok(JobOutput::Trained(Box::new(trained)))
         });
     }
@@ -905,6 +906,11 @@ impl eframe::App for StudioApp {
                 views::Action::Inspect(index) => {
                     self.studio.selected = Some(index);
                     self.view = View::Inspector;
+                }
+                views::Action::Reevaluate => {
+                    if let Some(active) = self.studio.project.active_model.filter(|_| self.job.is_none()) {
+                        self.start_reload(ui.ctx(), active);
+                    }
                 }
             }
         }

@@ -79,6 +79,40 @@ pub fn agreement(
     (agreeing, counted)
 }
 
+/// Agreement (share of labelled images on which model and labeller agree) at every threshold that changes it:
+/// points (threshold, agreement) from below the lowest score (everything rejected) to above the highest.
+pub fn agreement_curve(labelled: impl Iterator<Item = (f32, loupe_engine::labels::Verdict)>) -> Vec<[f64; 2]> {
+    use loupe_engine::labels::Verdict as Label;
+    let mut scored: Vec<(f32, bool)> = labelled
+        .filter_map(|(score, label)| match label {
+            Label::Good => Some((score, false)),
+            Label::Defect => Some((score, true)),
+            Label::Unsure => None,
+        })
+        .collect();
+    if scored.is_empty() {
+        return Vec::new();
+    }
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = scored.len() as f64;
+    // At a threshold at or below the lowest score every image is rejected: the defects agree.
+    let mut agreeing = scored.iter().filter(|s| s.1).count() as i64;
+    let span = (scored[scored.len() - 1].0 - scored[0].0).max(1e-6);
+    let mut curve = vec![[(scored[0].0 - 0.05 * span) as f64, agreeing as f64 / total]];
+    let mut i = 0;
+    while i < scored.len() {
+        let score = scored[i].0;
+        // Raising the threshold just above `score` passes every image with that score.
+        while i < scored.len() && scored[i].0 == score {
+            agreeing += if scored[i].1 { -1 } else { 1 };
+            i += 1;
+        }
+        let next = scored.get(i).map_or(score + 0.05 * span, |s| s.0);
+        curve.push([((score + next) / 2.0) as f64, agreeing as f64 / total]);
+    }
+    curve
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +144,25 @@ mod tests {
         assert_eq!(agreement(labelled.into_iter(), 0.5), (2, 4));
         assert_eq!(agreement(labelled.into_iter(), 0.3), (3, 4));
         assert_eq!(agreement(std::iter::empty(), 0.5), (0, 0));
+    }
+
+    #[test]
+    fn the_agreement_curve_matches_agreement_at_each_of_its_thresholds() {
+        use loupe_engine::labels::Verdict as Label;
+        let labelled = [
+            (0.9, Label::Defect),
+            (0.2, Label::Good),
+            (0.6, Label::Good),
+            (0.4, Label::Defect),
+            (0.6, Label::Defect),
+            (0.8, Label::Unsure),
+        ];
+        let curve = agreement_curve(labelled.into_iter());
+        assert_eq!(curve.len(), 5, "one point below all scores and one after each distinct score: {curve:?}");
+        for [threshold, share] in curve {
+            let (agreeing, counted) = agreement(labelled.into_iter(), threshold as f32);
+            assert!((share - agreeing as f64 / counted as f64).abs() < 1e-12, "at {threshold}");
+        }
+        assert!(agreement_curve(std::iter::empty()).is_empty());
     }
 }

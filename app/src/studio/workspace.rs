@@ -12,7 +12,7 @@ use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::dataset::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label};
 use loupe_engine::device::DeviceChoice;
 use loupe_engine::evaluate::{evaluate_with_maps, EvalReport};
-use loupe_engine::labels::label_key;
+use loupe_engine::labels::{label_key, LabelSet, Verdict};
 use loupe_engine::maps::ScoreMap;
 use loupe_engine::methods::{find_method, AnomalyModel};
 use loupe_engine::metrics::ThresholdTable;
@@ -193,8 +193,11 @@ pub struct ModelRuntime {
     pub maps: HashMap<String, Arc<ScoreMap>>,
     /// Image scores by image key.
     pub scores: HashMap<String, f32>,
-    /// Every evaluated image's score, split by label and sorted: FAR/MAR at any threshold by binary search.
+    /// Every evaluated image's score, split by its folder's label and sorted: FAR/MAR at any threshold by
+    /// binary search.
     pub table: Arc<ThresholdTable>,
+    /// The same for the labelled images, split by the labeller's verdict (empty without an evaluation on them).
+    pub labels_table: Arc<ThresholdTable>,
     /// The score range of all maps, for the colour scale.
     pub map_range: Option<(f32, f32)>,
 }
@@ -202,16 +205,18 @@ pub struct ModelRuntime {
 impl ModelRuntime {
     pub fn from_evaluations(evaluations: &BTreeMap<String, EvalReport>) -> Self {
         let mut runtime = Self::default();
-        let mut scores = Vec::new();
-        let mut anomalous = Vec::new();
-        for report in evaluations.values() {
+        // The labelled images are also in their folders' categories: each table counts an image once.
+        let (mut folders, mut labelled) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+        for (category, report) in evaluations {
+            let (scores, anomalous) = if category == YOUR_LABELS { &mut labelled } else { &mut folders };
             for image in &report.images {
                 runtime.scores.insert(image.path.clone(), image.score);
                 scores.push(image.score);
                 anomalous.push(image.defect_type != loupe_engine::dataset::GOOD);
             }
         }
-        runtime.table = Arc::new(ThresholdTable::new(&scores, &anomalous));
+        runtime.table = Arc::new(ThresholdTable::new(&folders.0, &folders.1));
+        runtime.labels_table = Arc::new(ThresholdTable::new(&labelled.0, &labelled.1));
         runtime
     }
 
@@ -223,6 +228,41 @@ impl ModelRuntime {
         self.map_range = range;
         self.maps = maps;
     }
+}
+
+/// The evaluation category whose ground truth is the labeller's, not a folder's.
+pub const YOUR_LABELS: &str = "your labels";
+/// The defect type of a labelled defect without a type.
+const UNTYPED: &str = "untyped";
+
+/// The labelled images (good or defect; unsure ones are left out) as a benchmark whose ground truth is the
+/// labeller's: the verdict, the first defect type, the painted mask (or the folder's mask where the folder also
+/// calls it a defect). Images that trained are left out too: a model is not judged on what it learnt from.
+/// Returns the set and how many labelled training images were left out.
+pub fn labelled_test_set(project_dir: &Path, labels: &LabelSet, images: &[StudioImage]) -> (Vec<ImageRecord>, usize) {
+    let (mut records, mut trained_on) = (Vec::new(), 0);
+    for image in images {
+        let Some(label) = labels.get(&image.label_key) else { continue };
+        let anomalous = match label.verdict {
+            Some(Verdict::Good) => false,
+            Some(Verdict::Defect) => true,
+            Some(Verdict::Unsure) | None => continue,
+        };
+        if image.split == Split::Train {
+            trained_on += 1;
+            continue;
+        }
+        let (label_truth, mask) = if anomalous {
+            let defect_type = label.defect_types.first().cloned().unwrap_or_else(|| UNTYPED.into());
+            let folder_mask = image.mask.clone().filter(|_| image.label.is_anomalous());
+            let mask = label.mask.as_ref().map(|m| resolve(project_dir, m)).or(folder_mask);
+            (Label::Anomalous { defect_type }, mask)
+        } else {
+            (Label::Normal, None)
+        };
+        records.push(ImageRecord { path: image.path.clone(), label: label_truth, mask });
+    }
+    (records, trained_on)
 }
 
 /// The test images of each category, as the engine's benchmark shape.
@@ -243,17 +283,26 @@ pub struct Evaluated {
     pub maps: HashMap<String, Arc<ScoreMap>>,
 }
 
-/// Scores every test image with `model`, per category (categories with a single class are skipped: AUROC needs
-/// both good and defective images).
+/// Scores every test image with `model`, per category, and the labelled images against the labeller's ground
+/// truth (as [`YOUR_LABELS`]); categories with a single class are skipped: AUROC needs good and defective images.
 pub fn evaluate_all(
     model: &dyn AnomalyModel,
     manifest: &Manifest,
     images: &[StudioImage],
+    (project_dir, labels): (&Path, &LabelSet),
     device: &candle_core::Device,
     progress: &dyn Progress,
 ) -> Result<Evaluated> {
     let mut evaluated = Evaluated { evaluations: BTreeMap::new(), maps: HashMap::new() };
-    for (category, benchmark) in test_sets(images) {
+    let mut sets = test_sets(images);
+    let (labelled, trained_on) = labelled_test_set(project_dir, labels, images);
+    if trained_on > 0 {
+        progress.note(&format!("{trained_on} labelled training images are not evaluated: the model learnt from them"));
+    }
+    if !labelled.is_empty() {
+        sets.insert(YOUR_LABELS.to_string(), Benchmark { train: Vec::new(), test: labelled });
+    }
+    for (category, benchmark) in sets {
         let has_both = benchmark.test.iter().any(|r| r.label.is_anomalous())
             && benchmark.test.iter().any(|r| !r.label.is_anomalous());
         if !has_both {
@@ -317,6 +366,7 @@ pub fn train(
     project_dir: &Path,
     choice: &TrainingChoice,
     images: &[StudioImage],
+    labels: &LabelSet,
     backbones: &BackboneCache,
     weights: &Path,
     progress: &dyn Progress,
@@ -351,7 +401,7 @@ pub fn train(
     let evaluated = if progress.is_cancelled() {
         Evaluated { evaluations: BTreeMap::new(), maps: HashMap::new() }
     } else {
-        evaluate_all(model.as_ref(), &outcome.manifest, images, &backbone.device, progress)?
+        evaluate_all(model.as_ref(), &outcome.manifest, images, (project_dir, labels), &backbone.device, progress)?
     };
     let entry = ModelEntry {
         name: format!("{} {}", method.title, file.file_stem().unwrap_or_default().to_string_lossy()),
@@ -390,7 +440,8 @@ pub fn reload(
     progress.begin("loading the model", 0);
     let loaded = model_file::load(&resolve(project_dir, &entry.file), backbone.clone())?;
     let model: Arc<dyn AnomalyModel> = Arc::from(loaded.model);
-    let evaluated = evaluate_all(model.as_ref(), &loaded.manifest, images, &backbone.device, progress)?;
+    let labels = (project_dir, &project.labels);
+    let evaluated = evaluate_all(model.as_ref(), &loaded.manifest, images, labels, &backbone.device, progress)?;
     Ok(Reloaded { model_index, model, manifest: loaded.manifest, evaluated })
 }
 

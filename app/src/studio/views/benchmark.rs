@@ -1,8 +1,10 @@
 //! Benchmark view: per category, one row per trained model (image AUROC, pixel AUROC, AUPRO@0.3, F1-max, FAR/MAR
 //! at its threshold, fit time, throughput) so methods compare side by side; per defect type below; the active
-//! model's worst false alarms and worst misses open in the inspector with one click.
+//! model's worst false alarms and worst misses open in the inspector with one click. The category "your labels"
+//! judges the models against the labeller's verdicts, defect types and masks.
 
-use super::{metric, percent, Action};
+use super::{metric, percent, Action, ViewContext};
+use crate::studio::workspace::{labelled_test_set, YOUR_LABELS};
 use crate::studio::Studio;
 use eframe::egui;
 use loupe_engine::dataset::GOOD;
@@ -12,16 +14,57 @@ use std::collections::BTreeSet;
 
 const WORST: usize = 6;
 
-pub fn show(ui: &mut egui::Ui, studio: &mut Studio, actions: &mut Vec<Action>) {
+/// Whether the labels changed (verdicts, types, images) since `report` was evaluated on them.
+fn labels_changed_since(studio: &Studio, report: &EvalReport) -> bool {
+    let (records, _) = labelled_test_set(&studio.dir(), &studio.project.labels, &studio.images);
+    let now: BTreeSet<(String, &str)> =
+        records.iter().map(|r| (r.path.display().to_string(), r.label.type_name())).collect();
+    let then: BTreeSet<(String, &str)> =
+        report.images.iter().map(|i| (i.path.clone(), i.defect_type.as_str())).collect();
+    now.len() != then.len() + report.skipped.len() || !then.is_subset(&now)
+}
+
+fn your_labels_note(ui: &mut egui::Ui, studio: &Studio, context: &ViewContext, actions: &mut Vec<Action>) {
+    ui.horizontal_wrapped(|ui| {
+        let changed = studio
+            .project
+            .active()
+            .and_then(|e| e.evaluations.get(YOUR_LABELS))
+            .map(|report| labels_changed_since(studio, report));
+        let note = match changed {
+            Some(true) => "Your labels changed since this evaluation.",
+            Some(false) => {
+                "Judged against your verdicts, first defect types and masks (unsure and training images left out)."
+            }
+            None => {
+                "Label test images good and defective in the inspector to judge the models against your own labels."
+            }
+        };
+        ui.label(note);
+        let enabled = context.job.is_none() && studio.project.active_model.is_some();
+        if ui.add_enabled(enabled, egui::Button::new("Re-evaluate with your labels")).clicked() {
+            actions.push(Action::Reevaluate);
+        }
+    });
+}
+
+pub fn show(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
     let categories: BTreeSet<String> =
         studio.project.models.iter().flat_map(|m| m.evaluations.keys().cloned()).collect();
     if categories.is_empty() {
         ui.label("Nothing evaluated yet: import a benchmark folder (MVTec or Folder layout) and train a model.");
+        your_labels_note(ui, studio, context, actions);
         return;
     }
     egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+        if !categories.contains(YOUR_LABELS) {
+            your_labels_note(ui, studio, context, actions);
+        }
         for category in &categories {
             ui.heading(category);
+            if category == YOUR_LABELS {
+                your_labels_note(ui, studio, context, actions);
+            }
             egui::Grid::new(("models", category)).num_columns(10).striped(true).show(ui, |ui| {
                 for title in [
                     "model",

@@ -42,6 +42,8 @@ pub enum Action {
     Train,
     CancelJob,
     Inspect(usize),
+    /// Score the active model again, on the folders and on the labeller's current labels.
+    Reevaluate,
 }
 
 /// Read-only facts about the app a view may show.
@@ -77,8 +79,8 @@ pub fn show(
             let order = states.gallery.order(studio);
             inspector::show(ui, studio, &mut states.inspector, loader, &order, context)
         }
-        View::Threshold => threshold::show(ui, studio, &mut states.threshold),
-        View::Benchmark => benchmark::show(ui, studio, actions),
+        View::Threshold => threshold::show(ui, studio, &mut states.threshold, context, actions),
+        View::Benchmark => benchmark::show(ui, studio, context, actions),
     }
 }
 

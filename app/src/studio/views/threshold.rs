@@ -1,10 +1,11 @@
 //! Threshold view: the score histograms of good and defective test images with the decision threshold (drag it
 //! in the plot or on the slider) and an optional review band; FAR, MAR, the confusion matrix, pass / review /
 //! reject counts and the point on the ROC curve follow live — each recomputed by binary search over scores
-//! sorted once, so a drag costs microseconds even for 100,000 images.
+//! sorted once, so a drag costs microseconds even for 100,000 images. The ground truth is the folders' (MVTec or
+//! Folder layout) or the labeller's own verdicts; the agreement between model and labeller is drawn per threshold.
 
-use super::percent;
-use crate::studio::verdict::{agreement, band_counts};
+use super::{percent, Action, ViewContext};
+use crate::studio::verdict::{agreement, agreement_curve, band_counts};
 use crate::studio::Studio;
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Line, Plot, Points, VLine};
@@ -12,17 +13,77 @@ use loupe_engine::metrics::{roc_curve, ThresholdTable};
 
 const BINS: usize = 40;
 
+/// Whose word says which test images are defective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroundTruth {
+    /// The benchmark folders' layout (test/<type>, Folder layout's abnormal folder).
+    Folders,
+    /// The labeller's verdicts on the images that did not train.
+    YourLabels,
+}
+
 pub struct ThresholdState {
     pub target_far: f64,
     pub target_mar: f64,
-    /// (active model, number of scores) the cached curve belongs to.
-    cached_for: Option<(usize, usize)>,
+    pub ground_truth: GroundTruth,
+    /// (active model, number of scores, ground truth) the cached curve belongs to.
+    cached_for: Option<(usize, usize, GroundTruth)>,
     roc: Vec<[f64; 2]>,
 }
 
 impl Default for ThresholdState {
     fn default() -> Self {
-        Self { target_far: 0.01, target_mar: 0.05, cached_for: None, roc: Vec::new() }
+        Self {
+            target_far: 0.01,
+            target_mar: 0.05,
+            ground_truth: GroundTruth::Folders,
+            cached_for: None,
+            roc: Vec::new(),
+        }
+    }
+}
+
+fn has_both_classes(table: &ThresholdTable) -> bool {
+    !table.normal_scores().is_empty() && !table.anomalous_scores().is_empty()
+}
+
+/// The ground-truth choice, and the table of the chosen one.
+fn ground_truth_bar(
+    ui: &mut egui::Ui,
+    studio: &Studio,
+    model_index: usize,
+    state: &mut ThresholdState,
+    context: &ViewContext,
+    actions: &mut Vec<Action>,
+) -> std::sync::Arc<ThresholdTable> {
+    let runtime = &studio.runtimes[model_index];
+    let (folders, labels) = (&runtime.table, &runtime.labels_table);
+    if !has_both_classes(labels) || (state.ground_truth == GroundTruth::Folders && !has_both_classes(folders)) {
+        state.ground_truth = if has_both_classes(labels) { GroundTruth::YourLabels } else { GroundTruth::Folders };
+    }
+    ui.horizontal_wrapped(|ui| {
+        ui.label("Ground truth");
+        ui.add_enabled_ui(has_both_classes(folders), |ui| {
+            ui.selectable_value(&mut state.ground_truth, GroundTruth::Folders, "benchmark folders")
+                .on_disabled_hover_text("no benchmark folder with good and defective test images");
+        });
+        let text = format!(
+            "your labels ({} good, {} defective)",
+            labels.normal_scores().len(),
+            labels.anomalous_scores().len()
+        );
+        ui.add_enabled_ui(has_both_classes(labels), |ui| {
+            ui.selectable_value(&mut state.ground_truth, GroundTruth::YourLabels, text)
+                .on_disabled_hover_text("label good and defective test images in the inspector, then re-evaluate");
+        });
+        let idle = context.job.is_none();
+        if ui.add_enabled(idle, egui::Button::new("Re-evaluate with your labels")).clicked() {
+            actions.push(Action::Reevaluate);
+        }
+    });
+    match state.ground_truth {
+        GroundTruth::Folders => folders.clone(),
+        GroundTruth::YourLabels => labels.clone(),
     }
 }
 
@@ -67,20 +128,27 @@ fn histogram(scores: &[f32], lo: f32, width: f32, name: &str, colour: egui::Colo
     BarChart::new(name, bars).color(colour)
 }
 
-pub fn show(ui: &mut egui::Ui, studio: &mut Studio, state: &mut ThresholdState) {
+pub fn show(
+    ui: &mut egui::Ui,
+    studio: &mut Studio,
+    state: &mut ThresholdState,
+    context: &ViewContext,
+    actions: &mut Vec<Action>,
+) {
     let Some(model_index) = studio.project.active_model else {
         ui.label("No model yet: train one (open Train) to choose its threshold.");
         return;
     };
-    let table = studio.runtimes[model_index].table.clone();
+    let table = ground_truth_bar(ui, studio, model_index, state, context, actions);
     let (normal, anomalous) = (table.normal_scores(), table.anomalous_scores());
     if normal.is_empty() || anomalous.is_empty() {
         ui.label(
-            "The threshold panel needs scored good and defective test images: import a benchmark folder and train.",
+            "The threshold panel needs scored good and defective test images: import a benchmark folder and train, \
+             or label test images good and defective in the inspector.",
         );
         return;
     }
-    let key = (model_index, normal.len() + anomalous.len());
+    let key = (model_index, normal.len() + anomalous.len(), state.ground_truth);
     if state.cached_for != Some(key) {
         let scores: Vec<f32> = normal.iter().chain(anomalous).copied().collect();
         let labels: Vec<bool> = normal.iter().map(|_| false).chain(anomalous.iter().map(|_| true)).collect();
@@ -195,11 +263,15 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, state: &mut ThresholdState) 
         let bands = band_counts(&table, decision, review);
         ui.label(format!("pass {} · review {} · reject {}", bands.pass, bands.review, bands.reject));
         ui.label(format!("F1 at this threshold {:.3}", confusion.f1()));
-        let labelled = studio.images.iter().filter_map(|image| {
-            let verdict = studio.project.labels.get(&image.label_key)?.verdict?;
-            Some((studio.score_of(image)?, verdict))
-        });
-        match agreement(labelled, decision) {
+        let labelled: Vec<_> = studio
+            .images
+            .iter()
+            .filter_map(|image| {
+                let verdict = studio.project.labels.get(&image.label_key)?.verdict?;
+                Some((studio.score_of(image)?, verdict))
+            })
+            .collect();
+        match agreement(labelled.iter().copied(), decision) {
             (_, 0) => {
                 ui.label("Agreement with your labels: no labelled image has a score yet (label in the inspector).")
             }
@@ -208,6 +280,12 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, state: &mut ThresholdState) 
                 percent(Some(agreeing as f64 / counted as f64))
             )),
         };
+        let answers = studio.project.labels.values().filter_map(|label| label.review);
+        let accepted = answers.clone().filter(|a| *a == loupe_engine::labels::ReviewAnswer::Accepted).count();
+        let rejected = answers.count() - accepted;
+        if accepted + rejected > 0 {
+            ui.label(format!("In review you accepted {accepted} and rejected {rejected} of the model's verdicts"));
+        }
         let ui = &mut columns[1];
         let point = [confusion.far().unwrap_or(0.0), 1.0 - confusion.mar().unwrap_or(0.0)];
         Plot::new("roc")
@@ -225,5 +303,21 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, state: &mut ThresholdState) 
                 plot.line(Line::new("ROC", state.roc.clone()).allow_band(false));
                 plot.points(Points::new("this threshold", vec![point]).radius(5.0).color(egui::Color32::WHITE));
             });
+        let curve = agreement_curve(labelled.iter().copied());
+        if !curve.is_empty() {
+            Plot::new("agreement")
+                .height(140.0)
+                .include_y(0.0)
+                .include_y(1.0)
+                .allow_drag(false)
+                .allow_zoom(false)
+                .allow_scroll(false)
+                .x_axis_label("decision threshold")
+                .y_axis_label("agreement")
+                .show(ui, |plot| {
+                    plot.line(Line::new("agreement with your labels", curve).allow_band(false));
+                    plot.vline(VLine::new("decision threshold", decision as f64).color(egui::Color32::WHITE));
+                });
+        }
     });
 }

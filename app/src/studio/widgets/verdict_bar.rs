@@ -1,11 +1,13 @@
 //! The labeller's verdict for one image: three toggle buttons and one key each (G good, D defect, U unsure;
 //! X clears), so a person can label a gallery without the mouse; and its defect types, toggled from the
 //! project's list, which a text field extends. Changes go into the project's labels and mark the studio
-//! changed (the autosave writes them within a second).
+//! changed (the autosave writes them within a second). In review, the model's verdict on the image can be
+//! accepted (A) or rejected (R): the label becomes the model's verdict or its opposite, and the answer is kept.
 
+use crate::studio::verdict::{verdict, Verdict as ModelVerdict};
 use crate::studio::Studio;
 use eframe::egui;
-use loupe_engine::labels::Verdict;
+use loupe_engine::labels::{ReviewAnswer, Verdict};
 
 const KEYS: [(egui::Key, Option<Verdict>); 4] = [
     (egui::Key::G, Some(Verdict::Good)),
@@ -44,18 +46,68 @@ pub fn show(ui: &mut egui::Ui, studio: &mut Studio, index: usize) -> bool {
         ui.label(egui::RichText::new("X clears · the next image follows a key").weak());
     });
     defect_types(ui, studio, &key);
+    let reviewed = review(ui, studio, index, typing);
     match chosen {
         Some(verdict) if verdict != current => {
             set_verdict(studio, &key, verdict);
             pressed.is_some()
         }
-        _ => false,
+        _ => reviewed,
     }
+}
+
+/// The model's verdict on image `index` with accept / reject (buttons, A / R keys); true when answered by key.
+fn review(ui: &mut egui::Ui, studio: &mut Studio, index: usize, typing: bool) -> bool {
+    let image = &studio.images[index];
+    let (Some(score), Some((decision, band))) = (studio.score_of(image), studio.thresholds()) else { return false };
+    let key = image.label_key.clone();
+    let says_defect = match verdict(score, decision, band) {
+        ModelVerdict::Reject => Some(true),
+        ModelVerdict::Pass => Some(false),
+        ModelVerdict::Review => None,
+    };
+    let answered = studio.project.labels.get(&key).and_then(|label| label.review);
+    let mut answer = ui
+        .input(|i| {
+            if i.key_pressed(egui::Key::A) {
+                Some(ReviewAnswer::Accepted)
+            } else if i.key_pressed(egui::Key::R) {
+                Some(ReviewAnswer::Rejected)
+            } else {
+                None
+            }
+        })
+        .filter(|_| !typing && says_defect.is_some());
+    let by_key = answer.is_some();
+    ui.horizontal(|ui| {
+        let said = match says_defect {
+            Some(true) => "the model rejects this part (defect)",
+            Some(false) => "the model passes this part (good)",
+            None => "the model sends this part to review: give a verdict above",
+        };
+        ui.label(format!("Review: {said}"));
+        ui.add_enabled_ui(says_defect.is_some(), |ui| {
+            for (choice, text) in [(ReviewAnswer::Accepted, "accept (A)"), (ReviewAnswer::Rejected, "reject (R)")] {
+                if ui.selectable_label(answered == Some(choice), text).clicked() {
+                    answer = Some(choice);
+                }
+            }
+        });
+    });
+    let (Some(answer), Some(says_defect)) = (answer, says_defect) else { return false };
+    let label = studio.project.labels.entry(key).or_default();
+    label.review = Some(answer);
+    label.verdict =
+        Some(if says_defect == (answer == ReviewAnswer::Accepted) { Verdict::Defect } else { Verdict::Good });
+    studio.changed();
+    by_key
 }
 
 fn set_verdict(studio: &mut Studio, key: &str, verdict: Option<Verdict>) {
     let label = studio.project.labels.entry(key.to_string()).or_default();
     label.verdict = verdict;
+    // An answer in review described the verdict it set; a verdict given by hand replaces it.
+    label.review = None;
     if label.is_empty() {
         studio.project.labels.remove(key);
     }
