@@ -441,7 +441,7 @@ fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
     let defects: Vec<_> = test_images.iter().filter(|t| t.1).take(3).copied().collect();
     let key_of =
         |harness: &Harness<'_, StudioApp>, index: usize| harness.state().studio.images[index].label_key.clone();
-    let mut press = |harness: &mut Harness<'_, StudioApp>, index: usize, key: egui::Key| {
+    let press = |harness: &mut Harness<'_, StudioApp>, index: usize, key: egui::Key| {
         harness.state_mut().studio.selected = Some(index);
         harness.run_steps(1);
         harness.key_press(key);
@@ -491,5 +491,43 @@ fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
     for text in expected_texts(&table, decision) {
         harness.get_by_label(&text);
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A project folder that refuses the write (here the save's temp file cannot be created: a folder stands where it
+/// goes — unlike file permissions, this also stops a test run as root): the studio says so, the previous file
+/// stays as it was, the edit stays in memory, and the retry writes it once the folder accepts writes again.
+#[test]
+fn a_refused_save_is_reported_keeps_the_edit_and_the_old_file_and_is_retried() {
+    use loupe_engine::labels::Verdict;
+    let dir = temp_dir("refused-save");
+    let project = tiny_project(&dir);
+    let mut harness = harness(project.clone(), Some(View::Inspector));
+    wait_until_idle(&mut harness, "the import");
+    let before = std::fs::read(&project).unwrap();
+    let blocker = dir.join(format!(".tiny.ron.tmp{}", std::process::id()));
+    std::fs::create_dir_all(blocker.join("keep")).unwrap();
+
+    let shown = harness.state().studio.selected.expect("an image is shown");
+    let key = harness.state().studio.images[shown].label_key.clone();
+    harness.key_press(egui::Key::G);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !harness.state().messages().iter().any(|m| m.contains("could not save")) {
+        assert!(Instant::now() < deadline, "no message; messages: {:?}", harness.state().messages());
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    harness.run_steps(2);
+    harness.get_by_label_contains("could not save");
+    let text = harness.state().messages().into_iter().find(|m| m.contains("could not save")).unwrap();
+    assert!(text.contains("kept in memory") && text.contains(".tiny.ron.tmp"), "names the file: {text}");
+    assert_eq!(std::fs::read(&project).unwrap(), before, "the previous file is intact");
+    let in_memory = harness.state().studio.project.labels.get(&key).and_then(|l| l.verdict);
+    assert_eq!(in_memory, Some(Verdict::Good), "the edit is kept in memory");
+
+    std::fs::remove_dir_all(&blocker).unwrap();
+    wait_until_idle(&mut harness, "the retried save");
+    let saved = Project::load(&project).unwrap();
+    assert_eq!(saved.labels.get(&key).and_then(|l| l.verdict), Some(Verdict::Good), "written once possible");
     let _ = std::fs::remove_dir_all(&dir);
 }
