@@ -531,3 +531,55 @@ fn a_refused_save_is_reported_keeps_the_edit_and_the_old_file_and_is_retried() {
     assert_eq!(saved.labels.get(&key).and_then(|l| l.verdict), Some(Verdict::Good), "written once possible");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The images' folder moved (and was renamed): the import says so, the user relinks the source from the project
+/// panel, the images come back and the labels follow them.
+#[test]
+fn relink_a_moved_folder_and_the_labels_follow() {
+    use loupe_engine::labels::Verdict;
+    let dir = temp_dir("relink");
+    let project = tiny_project(&dir);
+    let mut harness = harness(project.clone(), Some(View::Inspector));
+    wait_until_idle(&mut harness, "the import");
+    let shown = harness.state().studio.selected.expect("an image is shown");
+    let path_in_source =
+        harness.state().studio.images[shown].path.strip_prefix(dir.join("data")).unwrap().to_path_buf();
+    harness.key_press(egui::Key::D);
+    harness.run_steps(2);
+    wait_until_idle(&mut harness, "the autosave");
+    drop(harness);
+
+    std::fs::rename(dir.join("data"), dir.join("tiles-2026")).unwrap();
+    let mut reopened = self::harness(project.clone(), Some(View::Gallery));
+    wait_until_idle(&mut reopened, "the failed import");
+    assert!(reopened.state().studio.images.is_empty());
+    assert!(
+        reopened.state().messages().iter().any(|m| m.contains("cannot import data")),
+        "{:?}",
+        reopened.state().messages()
+    );
+
+    reopened.get_by_label("Relink…").click();
+    reopened.run_steps(2);
+    // The field has the keyboard as soon as it opens.
+    assert!(reopened.get_by_role(accesskit::Role::TextInput).is_focused());
+    reopened.get_by_role(accesskit::Role::TextInput).type_text(&dir.join("tiles-2026").display().to_string());
+    reopened.run_steps(2);
+    reopened.get_by_label("Apply").click();
+    reopened.run_steps(2);
+    wait_until_idle(&mut reopened, "the import after relinking");
+    assert_eq!(
+        reopened.state().studio.images.len(),
+        24 + 8 + 3 * 4,
+        "the images are back; {:?}",
+        reopened.state().messages()
+    );
+    let key = format!("tiles-2026/{}", path_in_source.display());
+    let studio = &reopened.state().studio;
+    let index = studio.images.iter().position(|i| i.label_key == key).expect("the image under its new key");
+    assert_eq!(studio.label_of(index).and_then(|l| l.verdict), Some(Verdict::Defect), "the label followed");
+    let saved = Project::load(&project).unwrap();
+    assert_eq!(saved.sources, [Source::Benchmark("tiles-2026".into())]);
+    assert!(saved.labels.contains_key(&key));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -777,15 +777,25 @@ impl StudioApp {
         ui.strong("Sources");
         let mut relink = None;
         for (index, source) in self.studio.project.sources.iter().enumerate() {
+            let mut opened_now = false;
             ui.horizontal_wrapped(|ui| {
                 ui.label(format!("{} — {}", source.root().display(), source.kind_label()));
-                if !matches!(source, Source::Folder { .. }) && ui.small_button("Relink…").clicked() {
+                let hint = format!("point {} at its new place (the folder moved)", source.place().display());
+                if ui.small_button("Relink…").on_hover_text(hint).clicked() {
                     self.relinking = Some((index, String::new()));
+                    opened_now = true;
                 }
             });
             if let Some((at, typed)) = self.relinking.as_mut().filter(|(at, _)| *at == index) {
                 ui.horizontal(|ui| {
-                    ui.add(egui::TextEdit::singleline(typed).hint_text("the folder's new place").desired_width(220.0));
+                    let field = egui::TextEdit::singleline(typed)
+                        .id_salt(("relink", index))
+                        .hint_text("the folder's new place")
+                        .desired_width(220.0);
+                    let field = ui.add(field);
+                    if opened_now {
+                        field.request_focus();
+                    }
                     if ui.button("Apply").clicked() {
                         relink = Some((*at, PathBuf::from(typed.trim())));
                     }

@@ -48,6 +48,14 @@ pub enum Source {
 }
 
 impl Source {
+    /// The folder that moves when this source is relinked: the root, or a Folder layout's common parent.
+    pub fn place(&self) -> &Path {
+        match self {
+            Source::Folder { abnormal, .. } => abnormal.parent().unwrap_or(abnormal),
+            other => other.root(),
+        }
+    }
+
     /// The folder that names this source in lists and in the benchmark panel.
     pub fn root(&self) -> &Path {
         match self {
@@ -67,10 +75,7 @@ impl Source {
 
     /// A short name for the benchmark panel's category column.
     pub fn category(&self) -> String {
-        let root = match self {
-            Source::Folder { abnormal, .. } => abnormal.parent().unwrap_or(abnormal),
-            other => other.root(),
-        };
+        let root = self.place();
         root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| root.display().to_string())
     }
 }
@@ -164,14 +169,31 @@ impl Project {
         write_atomic(path, self.to_ron()?.as_bytes())
     }
 
-    /// Points source `index` at `new_root` (a moved folder). Labels are keyed by the source's name, the
-    /// folder's name: when that changes too, the source's label keys (and nothing else) move with it.
+    /// Points source `index` at `new_root`, the moved folder ([`Source::place`]): a Folder-layout source's
+    /// folders move with their common parent. Labels are keyed by the source's name, the folder's name: when
+    /// that changes too, the source's label keys (and nothing else) move with it.
     pub fn relink_source(&mut self, index: usize, new_root: PathBuf) -> Result<()> {
         let Some(source) = self.sources.get_mut(index) else { bail!("there is no source {index}") };
         let old_name = source.category();
         match source {
             Source::NormalFolder(path) | Source::Benchmark(path) | Source::Synthetic { path, .. } => *path = new_root,
-            Source::Folder { .. } => bail!("a Folder source has several folders: remove it and import them again"),
+            Source::Folder { normal, abnormal, mask } => {
+                let old_parent = abnormal.parent().unwrap_or(Path::new("")).to_path_buf();
+                let moved = |path: &Path| -> Result<PathBuf> {
+                    match path.strip_prefix(&old_parent) {
+                        Ok(inside) => Ok(new_root.join(inside)),
+                        Err(_) => bail!(
+                            "{} is not inside {}: this Folder source's folders do not share a parent; remove it and \
+                             import them again",
+                            path.display(),
+                            old_parent.display()
+                        ),
+                    }
+                };
+                let (new_normal, new_abnormal) = (moved(normal)?, moved(abnormal)?);
+                let new_mask = mask.as_deref().map(moved).transpose()?;
+                (*normal, *abnormal, *mask) = (new_normal, new_abnormal, new_mask);
+            }
         }
         let new_name = source.category();
         if new_name != old_name {
@@ -273,8 +295,29 @@ mod tests {
         assert_eq!(project.sources[0], Source::Benchmark("/mnt/moved/tiles-2024".into()));
         let keys: Vec<&String> = project.labels.keys().collect();
         assert_eq!(keys, ["tiles-2024/test/crack/000.png"]);
-        assert!(project.relink_source(1, "/x".into()).is_err(), "Folder sources are not relinked");
         assert!(project.relink_source(7, "/x".into()).is_err());
+        // A Folder layout moves with its parent folder.
+        project.sources[1] = Source::Folder {
+            normal: "/abs/tiles-b/good".into(),
+            abnormal: "/abs/tiles-b/bad".into(),
+            mask: Some("/abs/tiles-b/masks".into()),
+        };
+        project.labels.insert("tiles-b/bad/3.png".into(), Default::default());
+        project.relink_source(1, "/new/tiles-c".into()).unwrap();
+        let expected = Source::Folder {
+            normal: "/new/tiles-c/good".into(),
+            abnormal: "/new/tiles-c/bad".into(),
+            mask: Some("/new/tiles-c/masks".into()),
+        };
+        assert_eq!(project.sources[1], expected);
+        assert!(project.labels.contains_key("tiles-c/bad/3.png"));
+        // Folders without a common parent cannot move as one.
+        project.sources[1] = Source::Folder { normal: "/a/good".into(), abnormal: "/b/bad".into(), mask: None };
+        assert!(project.relink_source(1, "/x".into()).is_err());
+        assert_eq!(
+            project.sources[1],
+            Source::Folder { normal: "/a/good".into(), abnormal: "/b/bad".into(), mask: None }
+        );
     }
 
     #[test]
