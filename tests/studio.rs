@@ -7,6 +7,7 @@ use eframe::egui;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions};
 use loupe::studio::project::{Project, Source};
+use loupe::studio::workspace::Split;
 use loupe::studio::{StudioApp, StudioOptions, View};
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::metrics::ThresholdTable;
@@ -414,19 +415,58 @@ fn paint_a_mask_undo_redo_and_find_it_after_reopening() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The labeller's verdicts — given by key and by accepting or rejecting the model's verdict in review — become
-/// a ground truth of their own: re-evaluating judges the model against them ("your labels"), and the threshold
-/// panel computes FAR and MAR from them when chosen.
+/// Images to inspect (a folder of new parts) are scored but not trained on, and triage puts the most suspicious
+/// first. The labeller's verdicts — given by key and by accepting or rejecting the model's verdict in review —
+/// become a ground truth of their own: re-evaluating judges the model against them ("your labels", new parts
+/// included), and the threshold panel computes FAR and MAR from them when chosen.
 #[test]
 fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
     use loupe::studio::workspace::YOUR_LABELS;
     use loupe_engine::labels::{ReviewAnswer, Verdict};
     let dir = temp_dir("your-labels");
-    let mut harness = harness(tiny_project(&dir), Some(View::Inspector));
+    let project = tiny_project(&dir);
+    // New parts to inspect: copies of two good and two defective test images, without their folders' names.
+    let new_parts = dir.join("new-parts");
+    std::fs::create_dir_all(&new_parts).unwrap();
+    let test_dir = dir.join("data/test");
+    let mut copied = Vec::new();
+    for folder in std::fs::read_dir(&test_dir).unwrap().map(|e| e.unwrap().path()) {
+        let defective = !folder.ends_with("good");
+        let first = std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+        if copied.iter().filter(|(_, d)| *d == defective).count() < 2 {
+            let to = new_parts.join(format!("part-{}.png", copied.len()));
+            std::fs::copy(&first, &to).unwrap();
+            copied.push((to, defective));
+        }
+    }
+    let mut with_parts = Project::load(&project).unwrap();
+    with_parts.sources.push(Source::Inspect("new-parts".into()));
+    with_parts.save(&project).unwrap();
+    let mut harness = harness(project, Some(View::Inspector));
     wait_until_idle(&mut harness, "the import");
     let ctx = harness.ctx.clone();
     harness.state_mut().start_training(&ctx);
     wait_until_idle(&mut harness, "training");
+
+    // The images to inspect are scored (not trained on, in no folder evaluation) and triage puts the most
+    // suspicious unlabelled one first.
+    let inspected = harness.state().studio.project.models[0].inspected.clone();
+    assert_eq!(inspected.len(), copied.len(), "{inspected:?}");
+    let trained_on = harness.state().studio.project.models[0].images_used;
+    assert!(trained_on <= 24, "only the training images trained ({trained_on})");
+    let most_suspicious = inspected.iter().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0.clone();
+    let defect_scores: Vec<f32> =
+        copied.iter().filter(|c| c.1).map(|c| inspected[&c.0.display().to_string()]).collect();
+    let good_scores: Vec<f32> = copied.iter().filter(|c| !c.1).map(|c| inspected[&c.0.display().to_string()]).collect();
+    assert!(defect_scores.iter().all(|d| good_scores.iter().all(|g| d > g)), "{defect_scores:?} vs {good_scores:?}");
+    {
+        let app = harness.state();
+        use loupe::studio::views::gallery::{GalleryState, SortOrder};
+        let gallery = GalleryState { sort: SortOrder::Triage, split: Some(Split::Inspect), ..Default::default() };
+        let order = gallery.order(&app.studio);
+        assert_eq!(order.len(), copied.len());
+        assert_eq!(app.studio.images[order[0]].key(), most_suspicious);
+    }
     let decision = harness.state().studio.project.models[0].decision.expect("a threshold");
     let test_images: Vec<(usize, bool, f32)> = {
         let studio = &harness.state().studio;
@@ -467,6 +507,11 @@ fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
         press(&mut harness, index, key);
     }
 
+    // The labeller calls the first defective new part a defect.
+    let part = copied.iter().find(|c| c.1).unwrap().0.display().to_string();
+    let part_index = harness.state().studio.images.iter().position(|i| i.key() == part).unwrap();
+    press(&mut harness, part_index, egui::Key::D);
+
     harness.get_by_label("Threshold").click();
     harness.run_steps(2);
     harness.get_by_label("Re-evaluate with your labels").click();
@@ -476,7 +521,7 @@ fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
     let mut expected: Vec<(String, &str)> = verdicts
         .iter()
         .map(|&(index, _, defect)| (index, defect))
-        .chain([(g2, false)])
+        .chain([(g2, false), (part_index, true)])
         .map(|(index, defect)| (harness.state().studio.images[index].key(), if defect { "untyped" } else { "good" }))
         .collect();
     let mut got: Vec<(String, &str)> = report.images.iter().map(|i| (i.path.clone(), i.defect_type.as_str())).collect();
@@ -484,7 +529,7 @@ fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
     got.sort();
     assert_eq!(got, expected, "the labeller's verdicts are the ground truth");
 
-    harness.get_by_label("your labels (3 good, 3 defective)").click();
+    harness.get_by_label("your labels (3 good, 4 defective)").click();
     harness.run_steps(2);
     let table = harness.state().studio.active_runtime().unwrap().labels_table.clone();
     let decision = harness.state().studio.project.models[0].decision.unwrap();

@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 pub use views::View;
 use workspace::{BackboneCache, Imported, ModelRuntime, Reloaded, StudioImage, Trained};
 
+const INSPECT_HINT: &str = "New parts: scored by the active model and labelled by you, never trained on";
+
 pub struct StudioOptions {
     /// The project to open; `None` opens the last one, else the demo project.
     pub project: Option<PathBuf>,
@@ -67,7 +69,7 @@ pub struct Studio {
 
 impl Studio {
     fn new(project: Project, path: PathBuf) -> Self {
-        let runtimes = project.models.iter().map(|m| ModelRuntime::from_evaluations(&m.evaluations)).collect();
+        let runtimes = project.models.iter().map(ModelRuntime::from_entry).collect();
         Self {
             project,
             path,
@@ -135,6 +137,7 @@ enum DialogResult {
     SaveAs(PathBuf),
     ImportNormal(PathBuf),
     ImportBenchmark(PathBuf),
+    ImportToInspect(PathBuf),
     ExportModel(PathBuf),
 }
 
@@ -402,7 +405,7 @@ impl StudioApp {
             }
             Ok(JobOutput::Trained(trained)) => {
                 let trained = *trained;
-                let mut runtime = ModelRuntime::from_evaluations(&trained.entry.evaluations);
+                let mut runtime = ModelRuntime::from_entry(&trained.entry);
                 runtime.model = Some(trained.model);
                 runtime.manifest = Some(trained.manifest);
                 runtime.set_maps(trained.maps);
@@ -439,11 +442,13 @@ impl StudioApp {
                     let same_scores = |a: &EvalReport, b: &EvalReport| a.images == b.images;
                     let fresh = reloaded.evaluated.evaluations;
                     let changed = fresh.len() != entry.evaluations.len()
-                        || fresh.iter().any(|(k, v)| entry.evaluations.get(k).is_none_or(|old| !same_scores(old, v)));
+                        || fresh.iter().any(|(k, v)| entry.evaluations.get(k).is_none_or(|old| !same_scores(old, v)))
+                        || reloaded.evaluated.inspected != entry.inspected;
                     if changed {
                         entry.evaluations = fresh;
+                        entry.inspected = reloaded.evaluated.inspected;
                     }
-                    let mut runtime = ModelRuntime::from_evaluations(&entry.evaluations);
+                    let mut runtime = ModelRuntime::from_entry(entry);
                     if changed {
                         self.studio.changed();
                     }
@@ -551,6 +556,7 @@ impl StudioApp {
                 DialogResult::SaveAs(path) => self.save_as(path),
                 DialogResult::ImportNormal(path) => self.add_source(ctx, Source::NormalFolder(path)),
                 DialogResult::ImportBenchmark(path) => self.add_folder(ctx, path),
+                DialogResult::ImportToInspect(path) => self.add_source(ctx, Source::Inspect(path)),
                 DialogResult::ExportModel(path) => self.export_model(path),
             }
         }
@@ -566,7 +572,10 @@ impl StudioApp {
         let reroot = |p: &mut PathBuf| *p = relative_to(&new_dir, &resolve(&old_dir, p));
         for source in &mut project.sources {
             match source {
-                Source::NormalFolder(p) | Source::Benchmark(p) | Source::Synthetic { path: p, .. } => reroot(p),
+                Source::NormalFolder(p)
+                | Source::Benchmark(p)
+                | Source::Inspect(p)
+                | Source::Synthetic { path: p, .. } => reroot(p),
                 Source::Folder { normal, abnormal, mask } => {
                     reroot(normal);
                     reroot(abnormal);
@@ -660,12 +669,23 @@ impl StudioApp {
                 if ui.button("Benchmark folder (MVTec layout)…").clicked() {
                     self.spawn_dialog(|| rfd::FileDialog::new().pick_folder().map(DialogResult::ImportBenchmark));
                 }
+                if ui.button("Folder of images to inspect…").on_hover_text(INSPECT_HINT).clicked() {
+                    self.spawn_dialog(|| rfd::FileDialog::new().pick_folder().map(DialogResult::ImportToInspect));
+                }
                 ui.separator();
                 ui.label("or type a folder path:");
                 ui.text_edit_singleline(&mut self.path_input);
+                let typed = PathBuf::from(self.path_input.trim());
                 if ui.button("Import this folder").clicked() && !self.path_input.trim().is_empty() {
-                    let folder = PathBuf::from(self.path_input.trim());
-                    self.add_folder(ui.ctx(), folder);
+                    self.add_folder(ui.ctx(), typed);
+                } else if ui.button("Import it as images to inspect").on_hover_text(INSPECT_HINT).clicked()
+                    && !self.path_input.trim().is_empty()
+                {
+                    if typed.is_dir() {
+                        self.add_source(ui.ctx(), Source::Inspect(typed));
+                    } else {
+                        self.error(format!("{}: not a folder", typed.display()));
+                    }
                 }
                 ui.label("Folders can also be dropped on the window.");
             });
@@ -820,8 +840,13 @@ impl StudioApp {
         if self.studio.project.sources.is_empty() {
             ui.label("none: use Import to add a folder, or drop one here");
         }
-        let train = self.studio.images.iter().filter(|i| i.split == workspace::Split::Train).count();
-        ui.label(format!("{train} training images, {} test images", self.studio.images.len() - train));
+        let count = |split| self.studio.images.iter().filter(|i| i.split == split).count();
+        let (train, test, inspect) =
+            (count(workspace::Split::Train), count(workspace::Split::Test), count(workspace::Split::Inspect));
+        ui.label(format!("{train} training images, {test} test images"));
+        if inspect > 0 {
+            ui.label(format!("{inspect} images to inspect"));
+        }
         ui.separator();
         ui.strong("Models");
         let mut activate = None;

@@ -43,6 +43,9 @@ pub enum Source {
     Benchmark(PathBuf),
     /// anomalib's Folder shape: good, defective and optional mask folders, all for evaluation.
     Folder { normal: PathBuf, abnormal: PathBuf, mask: Option<PathBuf> },
+    /// A folder of new images to inspect (searched recursively): scored by the active model, labelled by the user,
+    /// never trained on. Their only ground truth is the labeller's.
+    Inspect(PathBuf),
     /// The engine's seeded synthetic set in MVTec layout, generated into `path` when it is missing.
     Synthetic { path: PathBuf, seed: u64, size: u32, train_good: usize, test_good: usize, test_per_defect: usize },
 }
@@ -59,7 +62,10 @@ impl Source {
     /// The folder that names this source in lists and in the benchmark panel.
     pub fn root(&self) -> &Path {
         match self {
-            Source::NormalFolder(path) | Source::Benchmark(path) | Source::Synthetic { path, .. } => path,
+            Source::NormalFolder(path)
+            | Source::Benchmark(path)
+            | Source::Inspect(path)
+            | Source::Synthetic { path, .. } => path,
             Source::Folder { abnormal, .. } => abnormal,
         }
     }
@@ -69,6 +75,7 @@ impl Source {
             Source::NormalFolder(_) => "normal images",
             Source::Benchmark(_) => "benchmark (MVTec layout)",
             Source::Folder { .. } => "benchmark (Folder layout)",
+            Source::Inspect(_) => "images to inspect",
             Source::Synthetic { .. } => "synthetic demo set",
         }
     }
@@ -93,6 +100,10 @@ pub struct ModelEntry {
     /// Latest evaluation per benchmark category (source), with every test image's score.
     #[serde(default)]
     pub evaluations: BTreeMap<String, EvalReport>,
+    /// Scores of the images to inspect ([`Source::Inspect`]), by image key: they have no folder ground truth,
+    /// so they are in no evaluation, but the gallery sorts them for triage.
+    #[serde(default)]
+    pub inspected: BTreeMap<String, f32>,
     #[serde(default)]
     pub fit_seconds: f64,
     #[serde(default)]
@@ -176,7 +187,10 @@ impl Project {
         let Some(source) = self.sources.get_mut(index) else { bail!("there is no source {index}") };
         let old_name = source.category();
         match source {
-            Source::NormalFolder(path) | Source::Benchmark(path) | Source::Synthetic { path, .. } => *path = new_root,
+            Source::NormalFolder(path)
+            | Source::Benchmark(path)
+            | Source::Inspect(path)
+            | Source::Synthetic { path, .. } => *path = new_root,
             Source::Folder { normal, abnormal, mask } => {
                 let old_parent = abnormal.parent().unwrap_or(Path::new("")).to_path_buf();
                 let moved = |path: &Path| -> Result<PathBuf> {
@@ -249,6 +263,7 @@ mod tests {
             decision: Some(1.25),
             review: Some(0.5),
             evaluations: BTreeMap::new(),
+            inspected: BTreeMap::from([("/data/new/1.png".to_string(), 0.75)]),
             fit_seconds: 3.5,
             images_used: 40,
         });

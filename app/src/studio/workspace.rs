@@ -9,7 +9,9 @@ use eframe::egui::ColorImage;
 use loupe_engine::backbone::Backbone;
 use loupe_engine::dataset::decode::open_image;
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
-use loupe_engine::dataset::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label};
+use loupe_engine::dataset::{
+    decode_all, scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label,
+};
 use loupe_engine::device::DeviceChoice;
 use loupe_engine::evaluate::{evaluate_with_maps, EvalReport};
 use loupe_engine::labels::{label_key, LabelSet, Verdict};
@@ -17,7 +19,7 @@ use loupe_engine::maps::ScoreMap;
 use loupe_engine::methods::{find_method, AnomalyModel};
 use loupe_engine::metrics::ThresholdTable;
 use loupe_engine::model_file::{self, Manifest};
-use loupe_engine::pipeline::{fit_records, FitRequest};
+use loupe_engine::pipeline::{fit_records, score_images, FitRequest};
 use loupe_engine::progress::{check_cancelled, Progress};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -32,7 +34,10 @@ const FOLDER_TEST_FRACTION: f64 = 0.2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
     Train,
+    /// A benchmark's test image: its folder says whether it is good.
     Test,
+    /// An image to inspect: scored, never trained on, without a folder's word on it.
+    Inspect,
 }
 
 #[derive(Clone)]
@@ -57,6 +62,14 @@ impl StudioImage {
     pub fn file_name(&self) -> String {
         self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
+
+    /// What the image's folder says: "good", its defect type, or "to inspect" when no folder says anything.
+    pub fn folder_truth(&self) -> &str {
+        match self.split {
+            Split::Inspect => "to inspect",
+            _ => self.label.type_name(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -75,6 +88,9 @@ fn source_records(project_dir: &Path, source: &Source) -> Result<Vec<(ImageRecor
     Ok(match source {
         Source::NormalFolder(path) => {
             scan_normal_folder(&resolve(project_dir, path))?.into_iter().map(|r| (r, Split::Train)).collect()
+        }
+        Source::Inspect(path) => {
+            scan_normal_folder(&resolve(project_dir, path))?.into_iter().map(|r| (r, Split::Inspect)).collect()
         }
         Source::Benchmark(path) => with_split(scan_mvtec(&resolve(project_dir, path))?),
         Source::Folder { normal, abnormal, mask } => with_split(scan_folder_layout(
@@ -203,8 +219,10 @@ pub struct ModelRuntime {
 }
 
 impl ModelRuntime {
-    pub fn from_evaluations(evaluations: &BTreeMap<String, EvalReport>) -> Self {
+    pub fn from_entry(entry: &ModelEntry) -> Self {
+        let evaluations = &entry.evaluations;
         let mut runtime = Self::default();
+        runtime.scores.extend(entry.inspected.iter().map(|(key, score)| (key.clone(), *score)));
         // The labelled images are also in their folders' categories: each table counts an image once.
         let (mut folders, mut labelled) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
         for (category, report) in evaluations {
@@ -280,6 +298,8 @@ fn test_sets(images: &[StudioImage]) -> BTreeMap<String, Benchmark> {
 
 pub struct Evaluated {
     pub evaluations: BTreeMap<String, EvalReport>,
+    /// Scores of the images to inspect, by image key.
+    pub inspected: BTreeMap<String, f32>,
     pub maps: HashMap<String, Arc<ScoreMap>>,
 }
 
@@ -293,7 +313,23 @@ pub fn evaluate_all(
     device: &candle_core::Device,
     progress: &dyn Progress,
 ) -> Result<Evaluated> {
-    let mut evaluated = Evaluated { evaluations: BTreeMap::new(), maps: HashMap::new() };
+    let mut evaluated = Evaluated { evaluations: BTreeMap::new(), inspected: BTreeMap::new(), maps: HashMap::new() };
+    let to_inspect: Vec<ImageRecord> =
+        images.iter().filter(|i| i.split == Split::Inspect).map(|i| ImageRecord::normal(i.path.clone())).collect();
+    if !to_inspect.is_empty() {
+        progress.begin("decoding the images to inspect", to_inspect.len() as u64);
+        let (decoded, skipped) = decode_all(&to_inspect, model.image_size(), &|n| progress.advance(n as u64));
+        for file in &skipped {
+            progress.note(&file.to_string());
+        }
+        progress.begin("scoring the images to inspect", decoded.len() as u64);
+        let (outputs, _) = score_images(model, &decoded, 8, device, progress)?;
+        for (image, output) in decoded.iter().zip(outputs) {
+            let key = to_inspect[image.index].path.display().to_string();
+            evaluated.inspected.insert(key.clone(), output.score);
+            evaluated.maps.insert(key, Arc::new(output.map));
+        }
+    }
     let mut sets = test_sets(images);
     let (labelled, trained_on) = labelled_test_set(project_dir, labels, images);
     if trained_on > 0 {
@@ -399,7 +435,7 @@ pub fn train(
     let model: Arc<dyn AnomalyModel> = Arc::from(outcome.model);
     // Stopped early (the user pressed Cancel during training): keep the best epoch's model, unevaluated.
     let evaluated = if progress.is_cancelled() {
-        Evaluated { evaluations: BTreeMap::new(), maps: HashMap::new() }
+        Evaluated { evaluations: BTreeMap::new(), inspected: BTreeMap::new(), maps: HashMap::new() }
     } else {
         evaluate_all(model.as_ref(), &outcome.manifest, images, (project_dir, labels), &backbone.device, progress)?
     };
@@ -410,6 +446,7 @@ pub fn train(
         decision: outcome.manifest.thresholds.decision,
         review: outcome.manifest.thresholds.review,
         evaluations: evaluated.evaluations,
+        inspected: evaluated.inspected,
         fit_seconds: outcome.manifest.training.fit_seconds,
         images_used: outcome.manifest.training.images_used,
     };

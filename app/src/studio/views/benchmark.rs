@@ -4,7 +4,7 @@
 //! judges the models against the labeller's verdicts, defect types and masks.
 
 use super::{metric, percent, Action, ViewContext};
-use crate::studio::workspace::{labelled_test_set, YOUR_LABELS};
+use crate::studio::workspace::{labelled_test_set, Split, YOUR_LABELS};
 use crate::studio::Studio;
 use eframe::egui;
 use loupe_engine::dataset::GOOD;
@@ -149,6 +149,7 @@ fn worst_cases(ui: &mut egui::Ui, studio: &Studio, actions: &mut Vec<Action>) {
         .images
         .iter()
         .enumerate()
+        .filter(|(_, image)| image.split == Split::Test)
         .filter_map(|(i, image)| studio.score_of(image).map(|s| (i, s, image.label.is_anomalous())))
         .collect();
     let mut false_alarms: Vec<_> = scored.iter().filter(|s| !s.2).collect();

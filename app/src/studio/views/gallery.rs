@@ -47,7 +47,7 @@ impl GalleryState {
             .enumerate()
             .filter(|(_, image)| match self.label {
                 LabelFilter::All => true,
-                LabelFilter::Good => !image.label.is_anomalous(),
+                LabelFilter::Good => image.split != Split::Inspect && !image.label.is_anomalous(),
                 LabelFilter::Defect => image.label.is_anomalous(),
             })
             .filter(|(_, image)| self.defect_type.as_deref().is_none_or(|t| image.label.type_name() == t))
@@ -123,9 +123,12 @@ fn filters(ui: &mut egui::Ui, studio: &Studio, state: &mut GalleryState) {
                 }
             });
         ui.separator();
-        ui.selectable_value(&mut state.split, None, "train + test");
+        ui.selectable_value(&mut state.split, None, "all images");
         ui.selectable_value(&mut state.split, Some(Split::Train), "train");
         ui.selectable_value(&mut state.split, Some(Split::Test), "test");
+        if studio.images.iter().any(|i| i.split == Split::Inspect) {
+            ui.selectable_value(&mut state.split, Some(Split::Inspect), "to inspect");
+        }
     });
 }
 
@@ -171,7 +174,7 @@ pub fn show(
                         if response.clicked() {
                             actions.push(Action::Inspect(index));
                         }
-                        let label = image.label.type_name();
+                        let label = image.folder_truth();
                         let labelled = studio.label_of(index).and_then(|l| l.verdict);
                         ui.horizontal(|ui| {
                             ui.label(egui::RichText::new(image.file_name()).small());

@@ -139,7 +139,7 @@ pub fn show(
     let score = studio.score_of(&image);
     ui.horizontal(|ui| {
         ui.strong(image.file_name());
-        ui.label(format!("· {} · {}×{}", image.label.type_name(), image.original_size[0], image.original_size[1]));
+        ui.label(format!("· {} · {}×{}", image.folder_truth(), image.original_size[0], image.original_size[1]));
         if let Some(score) = score {
             ui.label(format!("· score {score:.4}"));
             if let Some((decision, review)) = studio.thresholds() {

@@ -2,7 +2,7 @@
 //! app for anything that starts background work through [`Action`]s.
 
 mod benchmark;
-mod gallery;
+pub mod gallery;
 mod inspector;
 mod threshold;
 mod train;
