@@ -628,3 +628,49 @@ fn relink_a_moved_folder_and_the_labels_follow() {
     assert!(saved.labels.contains_key(&key));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The Labels menu's labelme import (the job behind the dialog): the labels join the project, the masks show in
+/// the inspector, and the export writes them back out in MVTec layout.
+#[test]
+fn labelme_files_imported_in_the_studio_show_their_masks() {
+    use loupe_engine::labels::Verdict;
+    let dir = temp_dir("labelme-studio");
+    let project = tiny_project(&dir);
+    let good = dir.join("data/test/good");
+    let image = std::fs::read_dir(&good).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    let name = image.file_name().unwrap().to_str().unwrap().to_string();
+    let annotations = dir.join("annotations");
+    std::fs::create_dir_all(&annotations).unwrap();
+    let json = format!(
+        r#"{{"version": "5.4.1", "flags": {{}}, "imagePath": "../data/test/good/{name}", "imageData": null,
+            "imageWidth": 96, "imageHeight": 96,
+            "shapes": [{{"label": "stain", "points": [[20, 20], [50, 44]], "shape_type": "rectangle"}}]}}"#
+    );
+    std::fs::write(annotations.join("a.json"), json).unwrap();
+    std::fs::write(annotations.join("b.json"), "{ not json").unwrap();
+    let mut harness = harness(project.clone(), Some(View::Inspector));
+    wait_until_idle(&mut harness, "the import");
+    let ctx = harness.ctx.clone();
+    harness.state_mut().start_labelme_import(&ctx, annotations);
+    wait_until_idle(&mut harness, "the labelme import");
+    let messages = harness.state().messages();
+    assert!(messages.iter().any(|m| m.contains("imported 1 labelme files")), "{messages:?}");
+    let index = harness.state().studio.images.iter().position(|i| i.path == image).unwrap();
+    let label = harness.state().studio.label_of(index).cloned().unwrap();
+    assert_eq!(
+        (label.verdict, label.defect_types.as_slice()),
+        (Some(Verdict::Defect), ["stain".to_string()].as_slice())
+    );
+    assert!(harness.state().studio.project.defect_types.contains(&"stain".to_string()));
+    let mask = mask_in_studio(&mut harness, index);
+    assert_eq!(mask.defect_pixels(), 30 * 24, "the rectangle's pixels");
+    assert!(mask.get(20, 20) && mask.get(49, 43) && !mask.get(50, 44));
+
+    let out = dir.join("exported");
+    harness.state_mut().start_labels_export(&ctx, out.clone());
+    wait_until_idle(&mut harness, "the export");
+    let exported_mask =
+        out.join("ground_truth/stain").join(format!("{}_mask.png", image.file_stem().unwrap().to_str().unwrap()));
+    assert!(exported_mask.is_file(), "{}", exported_mask.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}

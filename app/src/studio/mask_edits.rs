@@ -153,9 +153,12 @@ impl MaskEdits {
         self.masks.values().any(|edited| edited.changed > edited.written)
     }
 
-    /// Forgets everything (another project was opened).
-    pub fn clear(&mut self) {
-        *self = Self::default();
+    /// Drops the mask of `key` from memory (its file was replaced), unless it has unsaved strokes.
+    pub fn forget(&mut self, key: &str) {
+        if self.masks.get(key).is_some_and(|edited| edited.changed <= edited.written) {
+            self.masks.remove(key);
+        }
+        self.failed.remove(key);
     }
 
     fn forget_old(&mut self) {

@@ -9,6 +9,7 @@ pub mod demo;
 mod frame_stats;
 mod image_loader;
 pub mod jobs;
+pub mod label_files;
 pub mod mask_edits;
 pub mod project;
 pub mod saver;
@@ -129,6 +130,8 @@ enum JobOutput {
     Trained(Box<Trained>),
     Reloaded(Box<Reloaded>),
     WeightsFetched,
+    LabelmeImported(label_files::LabelmeImport),
+    LabelsExported(String),
 }
 
 enum DialogResult {
@@ -138,6 +141,8 @@ enum DialogResult {
     ImportNormal(PathBuf),
     ImportBenchmark(PathBuf),
     ImportToInspect(PathBuf),
+    ImportLabelme(PathBuf),
+    ExportLabels(PathBuf),
     ExportModel(PathBuf),
 }
 
@@ -314,6 +319,25 @@ impl StudioApp {
         });
     }
 
+    pub fn start_labelme_import(&mut self, ctx: &egui::Context, folder: PathBuf) {
+        let (project, dir) = (self.studio.project.clone(), self.studio.dir());
+        self.spawn_job(ctx, "Importing labelme files", move |progress| {
+            let files = label_files::json_files(&[folder])?;
+            Ok(JobOutput::LabelmeImported(label_files::import_labelme(&project, &dir, &files, progress)?))
+        });
+    }
+
+    pub fn start_labels_export(&mut self, ctx: &egui::Context, out: PathBuf) {
+        // Masks being painted are written first: the export reads them from disk.
+        self.flush_save();
+        let (project, dir) = (self.studio.project.clone(), self.studio.dir());
+        self.spawn_job(ctx, "Exporting the labels (MVTec layout)", move |progress| {
+            progress.begin("copying images and masks", 0);
+            let (summary, missing) = label_files::export_labels(&project, &dir, &out)?;
+            Ok(JobOutput::LabelsExported(label_files::export_report(&summary, missing, &out)))
+        });
+    }
+
     fn start_weights_fetch(&mut self, ctx: &egui::Context) {
         let weights = self.weights.clone();
         self.spawn_job(ctx, "Fetching the backbone weights", move |progress| {
@@ -458,6 +482,27 @@ impl StudioApp {
                     self.studio.runtimes[index] = runtime;
                 }
             }
+            Ok(JobOutput::LabelmeImported(imported)) => {
+                imported.merge_into(&mut self.studio.project);
+                // Masks the import rewrote are read again from disk when next shown.
+                for key in imported.labels.keys() {
+                    self.studio.masks.forget(key);
+                }
+                self.studio.changed();
+                self.messages.push(Message {
+                    kind: if imported.problems.is_empty() { MessageKind::Info } else { MessageKind::Error },
+                    text: format!(
+                        "imported {} labelme files ({} images labelled); {} problems",
+                        imported.files,
+                        imported.labels.len(),
+                        imported.problems.len()
+                    ),
+                    details: imported.problems,
+                });
+            }
+            Ok(JobOutput::LabelsExported(report)) => {
+                self.messages.push(Message { kind: MessageKind::Info, text: report, details: Vec::new() });
+            }
             Ok(JobOutput::WeightsFetched) => {
                 self.messages.push(Message {
                     kind: MessageKind::Info,
@@ -557,6 +602,8 @@ impl StudioApp {
                 DialogResult::ImportNormal(path) => self.add_source(ctx, Source::NormalFolder(path)),
                 DialogResult::ImportBenchmark(path) => self.add_folder(ctx, path),
                 DialogResult::ImportToInspect(path) => self.add_source(ctx, Source::Inspect(path)),
+                DialogResult::ImportLabelme(folder) => self.start_labelme_import(ctx, folder),
+                DialogResult::ExportLabels(folder) => self.start_labels_export(ctx, folder),
                 DialogResult::ExportModel(path) => self.export_model(path),
             }
         }
@@ -688,6 +735,14 @@ impl StudioApp {
                     }
                 }
                 ui.label("Folders can also be dropped on the window.");
+            });
+            ui.menu_button("Labels", |ui| {
+                if ui.button("Import labelme files (a folder of .json)…").clicked() {
+                    self.spawn_dialog(|| rfd::FileDialog::new().pick_folder().map(DialogResult::ImportLabelme));
+                }
+                if ui.button("Export labelled images (MVTec layout)…").clicked() {
+                    self.spawn_dialog(|| rfd::FileDialog::new().pick_folder().map(DialogResult::ExportLabels));
+                }
             });
             ui.menu_button("Model", |ui| {
                 let has_model = self.studio.project.active_model.is_some();

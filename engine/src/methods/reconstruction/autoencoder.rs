@@ -2,10 +2,16 @@
 //! structural-similarity loss and map of Bergmann et al. 2019 ("Improving Unsupervised Defect Segmentation by
 //! Applying Structural Similarity to Autoencoders").
 //!
-//! The network sees the image average-pooled by `downsample` (default 256 → 128 px): an encoder of stride-2
-//! 3×3 convolutions down to 1/16 of its side (8×8), a dense bottleneck of `latent_dim` values (so it cannot
+//! The network sees the image average-pooled by `downsample` (default 256 → 64 px): an encoder of stride-2
+//! 3×3 convolutions down to 1/16 of its side (4×4), a dense bottleneck of `latent_dim` values (so it cannot
 //! learn the identity), and a mirrored decoder (nearest ×2 upsampling + 3×3 convolutions, a pixel shuffle
 //! last) ending in a sigmoid. Trained on normal images with L2 + (1 − SSIM).
+//!
+//! Why 64 px and 32 epochs by default: on MTD, at 128 px the network spends the CPU budget on reconstructing
+//! fine texture it never gets right, and good tiles' texture then scores as high as defects (image AUROC 0.651
+//! at 8 epochs, 0.685 at 16); pooled to 64 px a step is 4× cheaper, the texture is averaged away before the
+//! network sees it, and 32 epochs fit the same budget: 0.803. Small defects lose pixels (pixel AUROC of
+//! blowholes 0.945 → 0.921) but every type's image AUROC rises.
 //! Anomaly map: (1 − SSIM) + squared error, averaged over the colour channels, z-scored per pixel against the
 //! maps of training images (see [`PositionCalibration`]), resized to the input and Gaussian-blurred; image
 //! score: the map's maximum.
@@ -61,10 +67,10 @@ pub struct AutoencoderSettings {
 impl Default for AutoencoderSettings {
     fn default() -> Self {
         Self {
-            downsample: 2,
+            downsample: 4,
             width: 16,
             latent_dim: 100,
-            epochs: 8,
+            epochs: 32,
             batch_size: 16,
             learning_rate: 2e-3,
             weight_decay: 1e-5,
@@ -76,9 +82,10 @@ impl Default for AutoencoderSettings {
 }
 
 impl AutoencoderSettings {
-    /// A GPU-length schedule in the range Bergmann et al. train for: 200 epochs at learning rate 2e-4.
+    /// A GPU-length schedule in the range Bergmann et al. train for: 200 epochs at learning rate 2e-4, on their
+    /// 128 px inputs.
     pub fn published() -> Self {
-        Self { epochs: 200, learning_rate: 2e-4, ..Self::default() }
+        Self { downsample: 2, epochs: 200, learning_rate: 2e-4, ..Self::default() }
     }
 }
 
