@@ -24,6 +24,11 @@ pub struct EditedMask {
     pub dirty: Option<Dirty>,
     /// Bumped on every change, so a texture built from another version is rebuilt.
     pub version: u64,
+    /// Defect pixels, counted when the mask arrives and after each change (not every frame: a mask can be
+    /// 4096² or more).
+    pub marked: usize,
+    /// Read from a file (so there is something to draw even before the first change).
+    pub from_file: bool,
     /// Studio revision of the last change, and of the last change written to disk.
     changed: u64,
     written: u64,
@@ -31,8 +36,24 @@ pub struct EditedMask {
 }
 
 impl EditedMask {
-    fn new(mask: DefectMask) -> Self {
-        Self { mask, history: MaskHistory::default(), dirty: None, version: 0, changed: 0, written: 0, last_used: 0 }
+    fn new(mask: DefectMask, from_file: bool) -> Self {
+        let marked = mask.defect_pixels();
+        Self {
+            mask,
+            history: MaskHistory::default(),
+            dirty: None,
+            version: 0,
+            marked,
+            from_file,
+            changed: 0,
+            written: 0,
+            last_used: 0,
+        }
+    }
+
+    /// Whether there is anything to draw: a mask that was read or painted (an untouched new mask is empty).
+    pub fn has_content(&self) -> bool {
+        self.from_file || self.version > 0
     }
 }
 
@@ -74,7 +95,7 @@ impl MaskEdits {
             self.loading.retain(|k| *k != loaded_key);
             match result {
                 Ok(mask) => {
-                    self.masks.entry(loaded_key).or_insert_with(|| EditedMask::new(mask));
+                    self.masks.entry(loaded_key).or_insert_with(|| EditedMask::new(mask, true));
                 }
                 Err(reason) => {
                     self.failed.insert(loaded_key, reason);
@@ -98,7 +119,7 @@ impl MaskEdits {
                     return MaskState::Loading;
                 }
                 None => {
-                    self.masks.insert(key.to_string(), EditedMask::new(DefectMask::new(size[0], size[1])));
+                    self.masks.insert(key.to_string(), EditedMask::new(DefectMask::new(size[0], size[1]), false));
                 }
             }
         }
@@ -112,7 +133,7 @@ impl MaskEdits {
     /// Replaces a mask that could not be read with an empty one (the broken file is overwritten on the next save).
     pub fn start_empty(&mut self, key: &str, size: [u32; 2]) {
         self.failed.remove(key);
-        self.masks.insert(key.to_string(), EditedMask::new(DefectMask::new(size[0], size[1])));
+        self.masks.insert(key.to_string(), EditedMask::new(DefectMask::new(size[0], size[1]), false));
     }
 
     /// Records that the mask of `key` changed (in the studio revision `revision`) and updates its label: a
@@ -121,7 +142,8 @@ impl MaskEdits {
         let Some(edited) = self.masks.get_mut(key) else { return };
         edited.changed = revision;
         edited.version += 1;
-        if edited.mask.is_empty() {
+        edited.marked = edited.mask.defect_pixels();
+        if edited.marked == 0 {
             label.mask = None;
         } else {
             label.mask = Some(mask_file(key));

@@ -108,8 +108,7 @@ impl MaskPainter {
                 ui.add_enabled(can_redo, egui::Button::new("redo")).on_hover_text("Ctrl+Shift+Z or Ctrl+Y").clicked();
             ui.checkbox(&mut self.show_mask, "show mask");
             if let Some(edited) = edited.as_ref() {
-                let area = edited.mask.defect_pixels();
-                ui.label(egui::RichText::new(format!("{area} px marked")).weak());
+                ui.label(egui::RichText::new(format!("{} px marked", edited.marked)).weak());
             }
         });
         if self.tool != MaskTool::Polygon {
@@ -220,7 +219,8 @@ impl MaskPainter {
         key: &str,
     ) {
         let size = [edited.mask.width() as f32, edited.mask.height() as f32];
-        if self.show_mask {
+        // An untouched new mask is empty: no texture upload for every image browsed.
+        if self.show_mask && edited.has_content() {
             self.layer.sync(painter.ctx(), key, edited.version, &edited.mask, edited.dirty.take());
             self.layer.paint(painter, image, [edited.mask.width(), edited.mask.height()]);
         }
