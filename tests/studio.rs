@@ -425,7 +425,8 @@ fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
     use loupe_engine::labels::{ReviewAnswer, Verdict};
     let dir = temp_dir("your-labels");
     let project = tiny_project(&dir);
-    // New parts to inspect: copies of two good and two defective test images, without their folders' names.
+    // New parts to inspect: copies of the first image of each test folder (at most two of either class: here one
+    // good, two defective), without their folders' names.
     let new_parts = dir.join("new-parts");
     std::fs::create_dir_all(&new_parts).unwrap();
     let test_dir = dir.join("data/test");

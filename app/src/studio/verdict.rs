@@ -79,8 +79,10 @@ pub fn agreement(
     (agreeing, counted)
 }
 
-/// Agreement (share of labelled images on which model and labeller agree) at every threshold that changes it:
-/// points (threshold, agreement) from below the lowest score (everything rejected) to above the highest.
+/// Agreement (share of labelled images on which model and labeller agree) over all thresholds, as the corners
+/// of a staircase: it is constant between consecutive scores and steps at each score (an image is rejected at
+/// thresholds up to and including its score). From below the lowest score (everything rejected) to above the
+/// highest (everything passed).
 pub fn agreement_curve(labelled: impl Iterator<Item = (f32, loupe_engine::labels::Verdict)>) -> Vec<[f64; 2]> {
     use loupe_engine::labels::Verdict as Label;
     let mut scored: Vec<(f32, bool)> = labelled
@@ -97,19 +99,20 @@ pub fn agreement_curve(labelled: impl Iterator<Item = (f32, loupe_engine::labels
     let total = scored.len() as f64;
     // At a threshold at or below the lowest score every image is rejected: the defects agree.
     let mut agreeing = scored.iter().filter(|s| s.1).count() as i64;
-    let span = (scored[scored.len() - 1].0 - scored[0].0).max(1e-6);
-    let mut curve = vec![[(scored[0].0 - 0.05 * span) as f64, agreeing as f64 / total]];
+    let margin = 0.05 * (scored[scored.len() - 1].0 - scored[0].0).max(1e-6);
+    let mut curve = vec![[(scored[0].0 - margin) as f64, agreeing as f64 / total]];
     let mut i = 0;
     while i < scored.len() {
         let score = scored[i].0;
-        // Raising the threshold just above `score` passes every image with that score.
+        curve.push([score as f64, agreeing as f64 / total]);
+        // Just above `score`, every image with that score passes.
         while i < scored.len() && scored[i].0 == score {
             agreeing += if scored[i].1 { -1 } else { 1 };
             i += 1;
         }
-        let next = scored.get(i).map_or(score + 0.05 * span, |s| s.0);
-        curve.push([((score + next) / 2.0) as f64, agreeing as f64 / total]);
+        curve.push([score as f64, agreeing as f64 / total]);
     }
+    curve.push([(scored[scored.len() - 1].0 + margin) as f64, agreeing as f64 / total]);
     curve
 }
 
@@ -158,11 +161,16 @@ mod tests {
             (0.8, Label::Unsure),
         ];
         let curve = agreement_curve(labelled.into_iter());
-        assert_eq!(curve.len(), 5, "one point below all scores and one after each distinct score: {curve:?}");
-        for [threshold, share] in curve {
-            let (agreeing, counted) = agreement(labelled.into_iter(), threshold as f32);
-            assert!((share - agreeing as f64 / counted as f64).abs() < 1e-12, "at {threshold}");
+        assert_eq!(curve.len(), 2 + 2 * 4, "two corners at each distinct score, plus both ends: {curve:?}");
+        // Each flat stretch of the staircase holds the agreement at any threshold inside it.
+        for pair in curve.windows(2).filter(|p| p[0][1] == p[1][1] && p[0][0] < p[1][0]) {
+            let inside = ((pair[0][0] + pair[1][0]) / 2.0) as f32;
+            let (agreeing, counted) = agreement(labelled.into_iter(), inside);
+            assert!((pair[0][1] - agreeing as f64 / counted as f64).abs() < 1e-12, "at {inside}");
         }
+        // At a score itself the image is still rejected: the corner before the step.
+        let (agreeing, counted) = agreement(labelled.into_iter(), 0.4);
+        assert_eq!(curve[3], [0.4f32 as f64, agreeing as f64 / counted as f64]);
         assert!(agreement_curve(std::iter::empty()).is_empty());
     }
 }
