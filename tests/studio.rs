@@ -675,3 +675,38 @@ fn labelme_files_imported_in_the_studio_show_their_masks() {
     assert!(exported_mask.is_file(), "{}", exported_mask.display());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A folder dropped on the window, as the windowing layer hands it over.
+#[derive(Debug)]
+struct DroppedFolder(PathBuf);
+
+impl egui::DroppedFile for DroppedFolder {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        Err("a folder has no bytes".into())
+    }
+}
+
+/// A folder without usable images is refused when it is added (dropped on the window), with a message naming
+/// it; the project keeps its sources and its images.
+#[test]
+fn an_empty_folder_is_refused_with_a_message_and_the_project_keeps_its_images() {
+    let dir = temp_dir("empty-folder");
+    let project = tiny_project(&dir);
+    let empty = dir.join("no-parts-yet");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut harness = harness(project.clone(), Some(View::Gallery));
+    wait_until_idle(&mut harness, "the import");
+    harness.input_mut().dropped_files.push(std::sync::Arc::new(DroppedFolder(empty.clone())));
+    harness.run_steps(2);
+    wait_until_idle(&mut harness, "after the refusal");
+    let messages = harness.state().messages();
+    let message = messages.iter().find(|m| m.contains("was not added")).unwrap_or_else(|| panic!("{messages:?}"));
+    assert!(message.contains("no-parts-yet") && message.contains("no images"), "names folder and reason: {message}");
+    assert_eq!(harness.state().studio.project.sources, [Source::Benchmark("data".into())]);
+    assert_eq!(harness.state().studio.images.len(), 24 + 8 + 3 * 4, "the images stay");
+    let _ = std::fs::remove_dir_all(&dir);
+}

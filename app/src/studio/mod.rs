@@ -305,6 +305,7 @@ impl StudioApp {
     }
 
     fn start_reload(&mut self, ctx: &egui::Context, model_index: usize) {
+        // Without weights the banner offers to fetch them; the reload follows the fetch.
         if !self.weights_present() {
             return;
         }
@@ -371,10 +372,16 @@ impl StudioApp {
         let source = match source {
             Source::NormalFolder(p) => Source::NormalFolder(relative(&p)),
             Source::Benchmark(p) => Source::Benchmark(relative(&p)),
+            Source::Inspect(p) => Source::Inspect(relative(&p)),
             other => other,
         };
         if self.studio.project.sources.contains(&source) {
             self.error(format!("{} is already in the project", source.root().display()));
+            return;
+        }
+        // A folder that lists no usable image would fail every later import of the project: refuse it now.
+        if let Err(error) = workspace::labelled_paths(&dir, std::slice::from_ref(&source)) {
+            self.error(format!("{error:#}; the folder was not added"));
             return;
         }
         self.studio.project.sources.push(source);
@@ -998,7 +1005,9 @@ impl eframe::App for StudioApp {
                     self.view = View::Inspector;
                 }
                 views::Action::Reevaluate => {
-                    if let Some(active) = self.studio.project.active_model.filter(|_| self.job.is_none()) {
+                    if !self.weights_present() {
+                        self.error("re-evaluating needs the backbone weights: use “Fetch weights” first");
+                    } else if let Some(active) = self.studio.project.active_model.filter(|_| self.job.is_none()) {
                         self.start_reload(ui.ctx(), active);
                     }
                 }
