@@ -84,6 +84,26 @@ fn draem_separates_synthetic_defects_and_round_trips() {
     separates_synthetic_defects_at_size_and_round_trips("draem", settings, 192, Some([0.85, 0.85, 0.5]));
 }
 
+/// A DRAEM file from before the discriminator saw deviations has no per-position statistics: refused with the
+/// reason and what to do, not a tensor-shape error.
+#[test]
+fn an_earlier_draem_file_is_refused_with_the_reason() {
+    use loupe_engine::methods::augmentation::draem::{Draem, DraemSettings};
+    let channels = loupe_engine::methods::features::PATCH_CHANNELS;
+    let tensors = std::collections::HashMap::from([
+        (
+            "standardise.mean".to_string(),
+            candle_core::Tensor::zeros(channels, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ),
+        (
+            "standardise.inverse_std".to_string(),
+            candle_core::Tensor::ones(channels, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ),
+    ]);
+    let error = Draem::load(backbone(), 256, DraemSettings::default(), tensors).err().expect("refused");
+    assert!(error.to_string().contains("earlier Loupe") && error.to_string().contains("train it again"), "{error}");
+}
+
 fn small_draem() -> serde_json::Value {
     serde_json::json!({"epochs": 4, "steps_per_epoch": 10, "batch_size": 4, "discriminative_width": 32})
 }

@@ -145,36 +145,15 @@ pub fn position_standardisation(
 ) -> anyhow::Result<crate::methods::flow::Standardise> {
     let count = images.len().min(crate::methods::calibration::CALIBRATION_IMAGES);
     context.progress.begin("position statistics", count as u64);
-    let (mut sum, mut squares) = (Vec::new(), Vec::new());
+    let positions = (context.image_size as usize / PATCH_STRIDE).pow(2);
+    let mut moments = crate::methods::flow::ColumnMoments::new(positions * PATCH_CHANNELS);
     for chunk in images[..count].chunks(context.batch_size.max(1)) {
         crate::progress::check_cancelled(context.progress)?;
         let refs: Vec<&crate::dataset::DecodedImage> = chunk.iter().collect();
-        let rows = channel.apply(&patch_feature_rows(
-            &context.backbone,
-            &crate::methods::images_to_tensor(&refs, &context.device)?,
-        )?)?;
-        let values = rows.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-        let per_image = values.len() / chunk.len();
-        sum.resize(per_image, 0f64);
-        squares.resize(per_image, 0f64);
-        for image in values.chunks_exact(per_image) {
-            for ((s, q), &v) in sum.iter_mut().zip(&mut squares).zip(image) {
-                *s += v as f64;
-                *q += (v as f64) * (v as f64);
-            }
-        }
+        let batch = crate::methods::images_to_tensor(&refs, &context.device)?;
+        let rows = channel.apply(&patch_feature_rows(&context.backbone, &batch)?)?;
+        moments.add(&rows.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
         context.progress.advance(chunk.len() as u64);
     }
-    let count = count as f64;
-    let mean: Vec<f32> = sum.iter().map(|s| (s / count) as f32).collect();
-    let inverse_std: Vec<f32> = sum
-        .iter()
-        .zip(&squares)
-        .map(|(s, q)| (1.0 / (q / count - (s / count).powi(2)).max(0.0).sqrt().max(0.1)) as f32)
-        .collect();
-    let values = mean.len();
-    Ok(crate::methods::flow::Standardise::from_tensors(
-        Tensor::from_vec(mean, values, &context.device)?,
-        Tensor::from_vec(inverse_std, values, &context.device)?,
-    ))
+    moments.standardise(|std| 1.0 / std.max(0.1), &context.device)
 }

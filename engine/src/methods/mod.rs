@@ -249,3 +249,52 @@ pub fn images_to_tensor(images: &[&DecodedImage], device: &Device) -> Result<Ten
     }
     Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
 }
+
+/// What the ignored benchmark diagnostics of the trained methods start from.
+#[cfg(test)]
+pub(crate) mod diagnostic {
+    use crate::backbone::Backbone;
+    use crate::dataset::{decode_all, scan_mvtec, DecodedImage};
+    use crate::methods::calibration::CALIBRATION_IMAGES;
+    use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    /// A trained model file and a benchmark folder, named by environment variables, read for a diagnostic.
+    pub struct Diagnostic<S> {
+        pub backbone: Arc<Backbone>,
+        pub image_size: u32,
+        pub settings: S,
+        pub tensors: HashMap<String, Tensor>,
+        /// The first [`CALIBRATION_IMAGES`] training images (what the methods calibrate on).
+        pub train_images: Vec<DecodedImage>,
+        pub test_images: Vec<DecodedImage>,
+        /// Per test image: whether it is defective.
+        pub labels: Vec<bool>,
+    }
+
+    /// Reads the model file at `$model_variable` and the MVTec-layout folder at `$data_variable`.
+    pub fn load<S: serde::de::DeserializeOwned>(model_variable: &str, data_variable: &str) -> Diagnostic<S> {
+        let variable =
+            |name: &str| std::path::PathBuf::from(std::env::var(name).unwrap_or_else(|_| panic!("set {name}")));
+        let (path, data) = (variable(model_variable), variable(data_variable));
+        let backbone =
+            Arc::new(Backbone::load(&crate::backbone::weights::default_weights_path(), &Device::Cpu).unwrap());
+        let manifest = crate::model_file::load(&path, backbone.clone()).unwrap().manifest;
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let benchmark = scan_mvtec(&data).unwrap();
+        let train_records = &benchmark.train[..benchmark.train.len().min(CALIBRATION_IMAGES)];
+        let (train_images, _) = decode_all(train_records, manifest.image_size, &|_| {});
+        let (test_images, _) = decode_all(&benchmark.test, manifest.image_size, &|_| {});
+        let labels = test_images.iter().map(|i| benchmark.test[i.index].label.is_anomalous()).collect();
+        Diagnostic {
+            backbone,
+            image_size: manifest.image_size,
+            settings: serde_json::from_value(manifest.settings).unwrap(),
+            tensors,
+            train_images,
+            test_images,
+            labels,
+        }
+    }
+}

@@ -519,24 +519,14 @@ mod tests {
     #[test]
     #[ignore = "diagnostic: LOUPE_DRAEM_MODEL=model.safetensors LOUPE_DRAEM_DATA=mvtec-folder"]
     fn score_variants_on_a_benchmark() {
-        use crate::dataset::{decode_all, scan_mvtec};
         use crate::maps::ScoreMap;
-        use crate::methods::calibration::CALIBRATION_IMAGES;
         use crate::methods::images_to_tensor;
-        let path = std::path::PathBuf::from(std::env::var("LOUPE_DRAEM_MODEL").unwrap());
-        let data = std::path::PathBuf::from(std::env::var("LOUPE_DRAEM_DATA").unwrap());
-        let backbone =
-            Arc::new(Backbone::load(&crate::backbone::weights::default_weights_path(), &Device::Cpu).unwrap());
-        let manifest = crate::model_file::load(&path, backbone.clone()).unwrap().manifest;
-        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-        let settings: DraemSettings = serde_json::from_value(manifest.settings).unwrap();
-        let model = Draem::load(backbone.clone(), manifest.image_size, settings, tensors).unwrap();
-        let benchmark = scan_mvtec(&data).unwrap();
-        let (train_images, _) =
-            decode_all(&benchmark.train[..benchmark.train.len().min(CALIBRATION_IMAGES)], manifest.image_size, &|_| {});
-        let (test_images, _) = decode_all(&benchmark.test, manifest.image_size, &|_| {});
-        let labels: Vec<bool> = test_images.iter().map(|i| benchmark.test[i.index].label.is_anomalous()).collect();
-        let size = manifest.image_size as usize;
+        let diagnostic = crate::methods::diagnostic::load::<DraemSettings>("LOUPE_DRAEM_MODEL", "LOUPE_DRAEM_DATA");
+        let (train_images, test_images, labels) =
+            (&diagnostic.train_images, &diagnostic.test_images, &diagnostic.labels);
+        let image_size = diagnostic.image_size;
+        let model = Draem::load(diagnostic.backbone, image_size, diagnostic.settings, diagnostic.tensors).unwrap();
+        let size = image_size as usize;
         let positions = (size / PATCH_STRIDE).pow(2);
         // Per image, one plane of `positions` cells per term: the input channels, then the map.
         let terms = |images: &[DecodedImage]| -> Vec<Vec<Vec<f32>>> {
@@ -561,7 +551,7 @@ mod tests {
             }
             out
         };
-        let (train_terms, test_terms) = (terms(&train_images), terms(&test_images));
+        let (train_terms, test_terms) = (terms(train_images), terms(test_images));
         for term in 0..DISCRIMINATIVE_INPUT + 2 {
             let name = match term - DISCRIMINATIVE_INPUT.min(term) {
                 _ if term < DISCRIMINATIVE_INPUT => format!("input {term}"),
@@ -583,7 +573,7 @@ mod tests {
                             ScoreMap::new(grid, grid, values).resized(size, size).blurred(sigma).max()
                         })
                         .collect();
-                    let auroc = crate::metrics::roc::auroc(&maxima, &labels).unwrap();
+                    let auroc = crate::metrics::roc::auroc(&maxima, labels).unwrap();
                     eprintln!("{name}: calibrated {calibrated}, sigma {sigma}: max {auroc:.4}");
                 }
             }

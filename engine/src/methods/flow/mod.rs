@@ -144,28 +144,50 @@ pub struct Standardise {
 
 /// Per-channel mean and 1/std of rows `(N, channels)` (flattened).
 pub fn channel_statistics(rows: &[f32], channels: usize, device: &Device) -> Result<Standardise> {
-    let count = (rows.len() / channels).max(1) as f64;
-    let mut sum = vec![0f64; channels];
-    let mut squares = vec![0f64; channels];
-    for row in rows.chunks_exact(channels) {
-        for (c, &v) in row.iter().enumerate() {
-            sum[c] += v as f64;
-            squares[c] += (v as f64) * (v as f64);
+    let mut moments = ColumnMoments::new(channels);
+    moments.add(rows);
+    moments.standardise(|std| 1.0 / (std + 1e-6), device)
+}
+
+/// Running sums of rows of `columns` values, for a [`Standardise`] of each column.
+pub struct ColumnMoments {
+    sum: Vec<f64>,
+    squares: Vec<f64>,
+    rows: usize,
+}
+
+impl ColumnMoments {
+    pub fn new(columns: usize) -> Self {
+        Self { sum: vec![0.0; columns], squares: vec![0.0; columns], rows: 0 }
+    }
+
+    /// Adds whole rows (flattened; a trailing partial row is ignored).
+    pub fn add(&mut self, rows: &[f32]) {
+        for row in rows.chunks_exact(self.sum.len()) {
+            for ((s, q), &v) in self.sum.iter_mut().zip(&mut self.squares).zip(row) {
+                *s += v as f64;
+                *q += (v as f64) * (v as f64);
+            }
+            self.rows += 1;
         }
     }
-    let mean: Vec<f32> = sum.iter().map(|s| (s / count) as f32).collect();
-    let inverse_std: Vec<f32> = sum
-        .iter()
-        .zip(&squares)
-        .map(|(s, q)| {
-            let variance = (q / count - (s / count).powi(2)).max(0.0);
-            (1.0 / (variance.sqrt() + 1e-6)) as f32
+
+    /// Each column's mean, and `inverse(std)` as its scale.
+    pub fn standardise(&self, inverse: impl Fn(f64) -> f64, device: &Device) -> Result<Standardise> {
+        let count = self.rows.max(1) as f64;
+        let mean: Vec<f32> = self.sum.iter().map(|s| (s / count) as f32).collect();
+        let inverse_std: Vec<f32> = self
+            .sum
+            .iter()
+            .zip(&self.squares)
+            .map(|(s, q)| inverse((q / count - (s / count).powi(2)).max(0.0).sqrt()) as f32)
+            .collect();
+        let columns = mean.len();
+        Ok(Standardise {
+            mean: Tensor::from_vec(mean, columns, device)?,
+            inverse_std: Tensor::from_vec(inverse_std, columns, device)?,
         })
-        .collect();
-    Ok(Standardise {
-        mean: Tensor::from_vec(mean, channels, device)?,
-        inverse_std: Tensor::from_vec(inverse_std, channels, device)?,
-    })
+    }
 }
 
 impl Standardise {
@@ -411,6 +433,20 @@ pub fn positional_encoding(dim: usize, height: usize, width: usize) -> Vec<f32> 
 mod tests {
     use super::*;
     use candle_nn::VarMap;
+
+    #[test]
+    fn column_moments_standardise_each_column_added_in_parts() {
+        // Columns (1, 3, 5) and (10, 10, 10), the third row added separately: means 3 and 10, population
+        // stds √(8/3) and 0; the floored inverse keeps the constant column finite.
+        let mut moments = ColumnMoments::new(2);
+        moments.add(&[1.0, 10.0, 3.0, 10.0]);
+        moments.add(&[5.0, 10.0, 99.0]); // the trailing partial row is ignored
+        let standardise = moments.standardise(|std| 1.0 / std.max(0.1), &Device::Cpu).unwrap();
+        let rows = Tensor::new(&[[5.0f32, 10.5]], &Device::Cpu).unwrap();
+        let z = standardise.apply(&rows).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((z[0] - 2.0 / (8.0f32 / 3.0).sqrt()).abs() < 1e-5, "{z:?}");
+        assert!((z[1] - 5.0).abs() < 1e-5, "{z:?}");
+    }
 
     #[test]
     fn coupling_log_determinant_matches_the_jacobian() {

@@ -336,21 +336,13 @@ mod tests {
     #[test]
     #[ignore = "diagnostic: LOUPE_AE_MODEL=model.safetensors LOUPE_AE_DATA=mvtec-folder"]
     fn map_variants_on_a_benchmark() {
-        use crate::dataset::{decode_all, scan_mvtec};
-        let path = std::path::PathBuf::from(std::env::var("LOUPE_AE_MODEL").unwrap());
-        let data = std::path::PathBuf::from(std::env::var("LOUPE_AE_DATA").unwrap());
-        let backbone =
-            Arc::new(Backbone::load(&crate::backbone::weights::default_weights_path(), &Device::Cpu).unwrap());
-        let manifest = crate::model_file::load(&path, backbone.clone()).unwrap().manifest;
-        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-        let settings: AutoencoderSettings = serde_json::from_value(manifest.settings).unwrap();
-        let model_backbone = backbone.clone();
-        let model = Autoencoder::load(backbone, manifest.image_size, settings, tensors).unwrap();
-        let benchmark = scan_mvtec(&data).unwrap();
-        let train_records = &benchmark.train[..benchmark.train.len().min(CALIBRATION_IMAGES)];
-        let (train_images, _) = decode_all(train_records, manifest.image_size, &|_| {});
-        let (test_images, _) = decode_all(&benchmark.test, manifest.image_size, &|_| {});
-        let labels: Vec<bool> = test_images.iter().map(|i| benchmark.test[i.index].label.is_anomalous()).collect();
+        let diagnostic = crate::methods::diagnostic::load::<AutoencoderSettings>("LOUPE_AE_MODEL", "LOUPE_AE_DATA");
+        let (train_images, test_images, labels) =
+            (&diagnostic.train_images, &diagnostic.test_images, &diagnostic.labels);
+        let image_size = diagnostic.image_size;
+        let model_backbone = diagnostic.backbone.clone();
+        let model =
+            Autoencoder::load(diagnostic.backbone, image_size, diagnostic.settings, diagnostic.tensors).unwrap();
         // Per image: (1 − SSIM) and squared error maps, channel-averaged, at the network's size.
         let terms = |images: &[DecodedImage]| -> Vec<[Vec<f32>; 3]> {
             let mut out = Vec::new();
@@ -373,7 +365,7 @@ mod tests {
                 };
                 let features =
                     |t: &Tensor| crate::methods::features::patch_feature_rows(&model_backbone, &up(t)).unwrap();
-                let grid = (manifest.image_size as usize) / 8;
+                let grid = (image_size as usize) / 8;
                 let perceptual = (features(&input) - features(&reconstruction))
                     .unwrap()
                     .sqr()
@@ -389,9 +381,9 @@ mod tests {
             }
             out
         };
-        let (train_terms, test_terms) = (terms(&train_images), terms(&test_images));
+        let (train_terms, test_terms) = (terms(train_images), terms(test_images));
         let side = (train_terms[0][0].len() as f64).sqrt() as usize;
-        let size = manifest.image_size as usize;
+        let size = image_size as usize;
         let grid = size / 8;
         let train_perceptual: Vec<f32> = train_terms.iter().flat_map(|t| t[2].clone()).collect();
         let calibration = PositionCalibration::from_maps(&[train_perceptual], &[grid * grid]);
@@ -404,7 +396,7 @@ mod tests {
                     ScoreMap::new(grid, grid, values).resized(size, size).blurred(sigma).max()
                 })
                 .collect();
-            eprintln!("perceptual sigma {sigma}: max {:.4}", crate::metrics::roc::auroc(&maxima, &labels).unwrap());
+            eprintln!("perceptual sigma {sigma}: max {:.4}", crate::metrics::roc::auroc(&maxima, labels).unwrap());
         }
         let combine = |t: &[Vec<f32>; 3], weights: [f32; 2]| -> Vec<f32> {
             t[0].iter().zip(&t[1]).map(|(a, b)| weights[0] * a + weights[1] * b).collect()
@@ -422,8 +414,8 @@ mod tests {
                     maxima.push(map.max());
                     means.push(map.data.iter().sum::<f32>() / map.data.len() as f32);
                 }
-                let max_auroc = crate::metrics::roc::auroc(&maxima, &labels).unwrap();
-                let mean_auroc = crate::metrics::roc::auroc(&means, &labels).unwrap();
+                let max_auroc = crate::metrics::roc::auroc(&maxima, labels).unwrap();
+                let mean_auroc = crate::metrics::roc::auroc(&means, labels).unwrap();
                 eprintln!("{name:8} sigma {sigma:4}: max {max_auroc:.4}  mean {mean_auroc:.4}");
             }
         }
