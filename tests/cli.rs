@@ -75,6 +75,13 @@ fn fit_eval_infer_on_a_synthetic_benchmark() {
     assert_eq!(String::from_utf8_lossy(&infer.stdout).lines().count(), 4);
     let heatmap = image::open(heatmaps.join("000_heatmap.png")).unwrap();
     assert_eq!((heatmap.width(), heatmap.height()), (96, 96), "heatmaps come at the image's own size");
+
+    // A line script's exit status: the defects reach "reject", the good parts do not.
+    let defects = loupe(&["infer", "--model", text(&model), text(&data.join("test/spot")), "--fail-on", "reject"]);
+    assert_eq!(defects.status.code(), Some(3), "{}", String::from_utf8_lossy(&defects.stderr));
+    let good = loupe(&["infer", "--model", text(&model), text(&data.join("train/good")), "--fail-on", "reject"]);
+    let rejected = String::from_utf8_lossy(&good.stdout).matches("reject").count();
+    assert_eq!(good.status.code(), Some(if rejected > 0 { 3 } else { 0 }), "{}", String::from_utf8_lossy(&good.stderr));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -124,6 +131,16 @@ fn labelme_import_then_mvtec_export() {
     );
     std::fs::write(data.join("test/good").join(format!("{name}.json")), json).unwrap();
     std::fs::write(dir.join("broken.json"), "{ not json").unwrap();
+    // An annotation made on a twice-as-large copy of another image: its polygons would not line up.
+    let mut images: Vec<PathBuf> =
+        std::fs::read_dir(data.join("test/good")).unwrap().map(|e| e.unwrap().path()).filter(|p| p != &image).collect();
+    images.retain(|p| p.extension().is_some_and(|e| e == "png"));
+    let other = images[0].file_name().unwrap().to_str().unwrap().to_string();
+    let resized = format!(
+        r#"{{"imagePath": "{other}", "imageWidth": 192, "imageHeight": 192,
+            "shapes": [{{"label": "crack", "points": [[10, 10], [40, 12], [38, 30]]}}]}}"#
+    );
+    std::fs::write(dir.join("resized.json"), resized.replace(&other, &format!("data/test/good/{other}"))).unwrap();
 
     let import = loupe(&[
         "labels",
@@ -131,12 +148,15 @@ fn labelme_import_then_mvtec_export() {
         text(&project_path),
         text(&data.join("test/good")),
         text(&dir.join("broken.json")),
+        text(&dir.join("resized.json")),
     ]);
     let stderr = String::from_utf8_lossy(&import.stderr);
     assert!(import.status.success(), "{stderr}");
     assert!(stderr.contains("broken.json"), "a bad file is named: {stderr}");
     assert!(stderr.contains("crack (point)"), "a shape without area is reported: {stderr}");
+    assert!(stderr.contains("resized.json: it says its image is 192×192, but"), "{stderr}");
     let project = loupe::studio::project::Project::load(&project_path).unwrap();
+    assert!(!project.labels.contains_key(&format!("data/test/good/{other}")), "the mismatched mask is not imported");
     let key = format!("data/test/good/{name}");
     let label = project.labels.get(&key).unwrap_or_else(|| panic!("no label under {key}: {:?}", project.labels));
     assert_eq!(label.verdict, Some(loupe_engine::labels::Verdict::Defect));
@@ -156,4 +176,30 @@ fn labelme_import_then_mvtec_export() {
     let exported_mask = image::open(out.join("ground_truth/crack").join(format!("{stem}_mask.png"))).unwrap();
     assert_eq!(exported_mask.to_luma8(), mask);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The Folder shape has one split: `eval --normal DIR` tests one good image in five, so a model fitted on all of
+/// DIR is refused there, and `fit --normal DIR` trains on the other four.
+#[test]
+fn folder_shape_never_tests_on_training_images() {
+    let dir = temp_dir("folder-split");
+    let data = dir.join("data");
+    generate_mvtec(&data, &SyntheticSpec::tiny(4)).unwrap();
+    let (good, bad) = (data.join("train/good"), data.join("test/spot"));
+    let fit = |flag: &str, model: &Path| {
+        let args = ["fit", flag, text(&good), "--out", text(model), "--image-size", "64", "--coreset-ratio", "0.2"];
+        let output = loupe(&args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    };
+    let eval =
+        |model: &Path| loupe(&["eval", "--model", text(model), "--normal", text(&good), "--abnormal", text(&bad)]);
+    let (all, held_out) = (dir.join("all.safetensors"), dir.join("held-out.safetensors"));
+    fit("--data", &all);
+    let refused = eval(&all);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("fit it with `loupe fit --normal"));
+    fit("--normal", &held_out);
+    let accepted = eval(&held_out);
+    assert!(accepted.status.success(), "{}", String::from_utf8_lossy(&accepted.stderr));
+    std::fs::remove_dir_all(dir).unwrap();
 }

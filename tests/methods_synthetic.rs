@@ -236,10 +236,31 @@ fn damaged_or_foreign_model_files_are_clear_errors() {
     let message = format!("{:#}", model_file::load(&foreign, backbone.clone()).err().unwrap());
     assert!(message.contains("0123456789ab"), "{message}");
 
+    // A hash that is not ASCII is cut on a character boundary in the message, not a panic.
+    manifest.backbone_weights_sha256 = "ééééééééééééééé".into();
+    model_file::save(&foreign, outcome.model.as_ref(), &manifest).unwrap();
+    let message = format!("{:#}", model_file::load(&foreign, backbone.clone()).err().unwrap());
+    assert!(message.contains("éééééééééééé "), "{message}");
+
     let bytes = std::fs::read(&foreign).unwrap();
     let truncated = dir.join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
-    assert!(model_file::load(&truncated, backbone).is_err());
+    assert!(model_file::load(&truncated, backbone.clone()).is_err());
+
+    // Any setting read from a file is untrusted: a blur of σ 1e9 once made `infer` allocate 24 GB.
+    let mut manifest = outcome.manifest.clone();
+    manifest.settings["blur_sigma"] = serde_json::json!(1e9);
+    let huge_blur = dir.join("huge-blur.safetensors");
+    model_file::save(&huge_blur, outcome.model.as_ref(), &manifest).unwrap();
+    let message = format!("{:#}", model_file::load(&huge_blur, backbone.clone()).err().unwrap());
+    assert!(message.contains("`blur_sigma` = 1000000000") && message.contains("0..=32"), "{message}");
+
+    // A file that could not be read back is never written: JSON has no NaN.
+    let mut manifest = outcome.manifest.clone();
+    manifest.validation.scores.push(f32::NAN);
+    let nan = dir.join("nan.safetensors");
+    let message = format!("{:#}", model_file::save(&nan, outcome.model.as_ref(), &manifest).unwrap_err());
+    assert!(message.contains("not finite") && !nan.exists(), "{message}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -551,8 +551,7 @@ fn a_refused_save_is_reported_keeps_the_edit_and_the_old_file_and_is_retried() {
     let mut harness = harness(project.clone(), Some(View::Inspector));
     wait_until_idle(&mut harness, "the import");
     let before = std::fs::read(&project).unwrap();
-    let blocker = dir.join(format!(".tiny.ron.tmp{}", std::process::id()));
-    std::fs::create_dir_all(blocker.join("keep")).unwrap();
+    loupe_engine::atomic_file::refuse_writes_in(&dir, true);
 
     let shown = harness.state().studio.selected.expect("an image is shown");
     let key = harness.state().studio.images[shown].label_key.clone();
@@ -566,12 +565,12 @@ fn a_refused_save_is_reported_keeps_the_edit_and_the_old_file_and_is_retried() {
     harness.run_steps(2);
     harness.get_by_label_contains("could not save");
     let text = harness.state().messages().into_iter().find(|m| m.contains("could not save")).unwrap();
-    assert!(text.contains("kept in memory") && text.contains(".tiny.ron.tmp"), "names the file: {text}");
+    assert!(text.contains("kept in memory") && text.contains(".tiny.ron."), "names the file: {text}");
     assert_eq!(std::fs::read(&project).unwrap(), before, "the previous file is intact");
     let in_memory = harness.state().studio.project.labels.get(&key).and_then(|l| l.verdict);
     assert_eq!(in_memory, Some(Verdict::Good), "the edit is kept in memory");
 
-    std::fs::remove_dir_all(&blocker).unwrap();
+    loupe_engine::atomic_file::refuse_writes_in(&dir, false);
     wait_until_idle(&mut harness, "the retried save");
     let saved = Project::load(&project).unwrap();
     assert_eq!(saved.labels.get(&key).and_then(|l| l.verdict), Some(Verdict::Good), "written once possible");
@@ -708,5 +707,79 @@ fn an_empty_folder_is_refused_with_a_message_and_the_project_keeps_its_images() 
     assert!(message.contains("no-parts-yet") && message.contains("no images"), "names folder and reason: {message}");
     assert_eq!(harness.state().studio.project.sources, [Source::Benchmark("data".into())]);
     assert_eq!(harness.state().studio.images.len(), 24 + 8 + 3 * 4, "the images stay");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The decision threshold travels with the model file only when a write succeeded: a refused write is retried;
+/// opening the threshold view of a model without a threshold chooses none; a threshold `loupe eval
+/// --save-threshold` wrote into the file is adopted on reopening, not overwritten.
+#[test]
+fn thresholds_reach_the_model_file_only_when_chosen_and_are_never_overwritten_silently() {
+    use loupe_engine::model_file::{self, ChosenBy};
+    let dir = temp_dir("threshold-file");
+    let project = tiny_project(&dir);
+    let mut harness = harness(project.clone(), Some(View::Train));
+    wait_until_idle(&mut harness, "the import");
+    harness.get_by_label("Train PatchCore").click();
+    harness.run_steps(2);
+    wait_until_idle(&mut harness, "training");
+    let file = dir.join(&harness.state().studio.project.models[0].file);
+    let manifest_decision = || model_file::read_manifest(&file).unwrap().thresholds.decision;
+    let fitted = manifest_decision().expect("fit chose a threshold");
+
+    // A refused model-file write: the project is saved, the model file keeps its threshold, and once writes are
+    // possible again the new threshold gets there without another change.
+    loupe_engine::atomic_file::refuse_writes_in(&dir.join("models"), true);
+    let chosen = fitted * 1.5 + 0.25;
+    harness.state_mut().studio.project.models[0].decision = Some(chosen);
+    harness.state_mut().studio.changed();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !harness.state().messages().iter().any(|m| m.contains("could not save")) {
+        assert!(Instant::now() < deadline, "no message; messages: {:?}", harness.state().messages());
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(manifest_decision(), Some(fitted));
+    loupe_engine::atomic_file::refuse_writes_in(&dir.join("models"), false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while manifest_decision() != Some(chosen) {
+        assert!(Instant::now() < deadline, "the failed threshold write was never retried");
+        harness.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // No threshold: the view shows a proposal and writes nothing.
+    harness.state_mut().studio.project.models[0].decision = None;
+    harness.state_mut().studio.changed();
+    wait_until_idle(&mut harness, "the autosave");
+    harness.get_by_label("Threshold").click();
+    harness.run_steps(6);
+    harness.get_by_label_contains("the one shown is a proposal");
+    wait_until_idle(&mut harness, "the autosave");
+    assert_eq!(harness.state().studio.project.models[0].decision, None);
+    assert_eq!(Project::load(&project).unwrap().models[0].decision, None);
+    assert_eq!(manifest_decision(), None);
+    drop(harness);
+
+    // `eval --save-threshold` writes the file while the studio is closed: reopening adopts it and says so.
+    let backbone = std::sync::Arc::new(
+        loupe_engine::backbone::Backbone::load(
+            &loupe_engine::backbone::weights::default_weights_path(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    let mut loaded = model_file::load(&file, backbone).unwrap();
+    loaded.manifest.thresholds.decision = Some(fitted * 2.0);
+    loaded.manifest.thresholds.chosen_by = ChosenBy::Command;
+    loaded.manifest.thresholds.rule = "f1-max on the labelled test set".into();
+    model_file::save(&file, loaded.model.as_ref(), &loaded.manifest).unwrap();
+    let mut reopened = self::harness(project.clone(), Some(View::Threshold));
+    wait_until_idle(&mut reopened, "reopening");
+    assert!(reopened.state().messages().iter().any(|m| m.contains("set outside the studio")));
+    assert_eq!(reopened.state().studio.project.models[0].decision, Some(fitted * 2.0));
+    wait_until_idle(&mut reopened, "the autosave");
+    assert_eq!(manifest_decision(), Some(fitted * 2.0), "the file's threshold is kept");
+    assert_eq!(Project::load(&project).unwrap().models[0].decision, Some(fitted * 2.0));
     let _ = std::fs::remove_dir_all(&dir);
 }

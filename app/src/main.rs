@@ -1,6 +1,7 @@
 //! `loupe`: the command line of the Loupe anomaly-detection studio.
 //!
-//! Exit codes: 0 success, 1 the work failed (message on stderr), 2 the command line was wrong.
+//! Exit codes: 0 success, 1 the work failed (message on stderr), 2 the command line was wrong, 3 `infer
+//! --fail-on` found an image at or above that verdict.
 
 mod commands;
 mod overlay;
@@ -47,7 +48,11 @@ fn main() {
     let result = match command {
         Command::Fit(args) => commands::fit::run(args),
         Command::Eval(args) => commands::eval::run(args),
-        Command::Infer(args) => commands::infer::run(args),
+        Command::Infer(args) => commands::infer::run(args).map(|status| {
+            if status != 0 {
+                std::process::exit(status);
+            }
+        }),
         Command::Weights(args) => commands::weights::run(args),
         Command::Demo(args) => commands::demo::run(args),
         Command::Methods => commands::list_methods(),

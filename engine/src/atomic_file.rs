@@ -1,10 +1,31 @@
 //! Atomic file writes: a temp file beside the target, fsync, rename, fsync of the folder. A crash leaves either
-//! the old file or the new one, never a torn one.
+//! the old file or the new one, never a torn one. Each write has its own temp file, created exclusively (process
+//! id and a counter in its name), so two writers of one target — two threads, two Loupe processes — never share
+//! one: the last rename wins, whole.
 
 use anyhow::{Context, Result};
-use std::fs::{self, File};
+use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Numbers this process's temp files.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Folders in which this process's writes fail, as on a full disk or a read-only share. For tests of what the
+/// studio does when a save is refused: CI runs as root, which file permissions cannot stop.
+static REFUSED_FOLDERS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Makes every write into `folder` fail (`refuse`), or succeed again. Tests only.
+#[doc(hidden)]
+pub fn refuse_writes_in(folder: &Path, refuse: bool) {
+    let mut folders = REFUSED_FOLDERS.lock().unwrap_or_else(|p| p.into_inner());
+    folders.retain(|f| f != folder);
+    if refuse {
+        folders.push(folder.to_path_buf());
+    }
+}
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let folder = match path.parent() {
@@ -13,9 +34,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     fs::create_dir_all(folder).with_context(|| format!("{}: cannot create folder", folder.display()))?;
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let temp = folder.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let number = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let temp = folder.join(format!(".{file_name}.{}-{number}.tmp", std::process::id()));
+    if REFUSED_FOLDERS.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|f| folder.starts_with(f)) {
+        anyhow::bail!("{}: cannot create (writes into {} are refused)", temp.display(), folder.display());
+    }
+    // Exclusive: a leftover of a crashed writer (or anything else) under this name is never written into.
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&temp)
+        .with_context(|| format!("{}: cannot create", temp.display()))?;
     let result = (|| -> Result<()> {
-        let mut file = File::create(&temp).with_context(|| format!("{}: cannot create", temp.display()))?;
         file.write_all(bytes).with_context(|| format!("{}: write failed", temp.display()))?;
         file.sync_all().with_context(|| format!("{}: fsync failed", temp.display()))?;
         fs::rename(&temp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
@@ -31,6 +61,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Encodes `image` in the format its extension names (PNG for masks and heatmaps) and writes it atomically.
+pub fn write_image_atomic(path: &Path, image: &image::DynamicImage) -> Result<()> {
+    let format = image::ImageFormat::from_path(path).unwrap_or(image::ImageFormat::Png);
+    let mut bytes = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut bytes), format)
+        .with_context(|| format!("{}: cannot encode", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Copies `from` to `to` atomically (reads it whole: images and masks, not archives).
+pub fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
+    let bytes = fs::read(from).with_context(|| format!("{}: cannot read", from.display()))?;
+    write_atomic(to, &bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,6 +89,28 @@ mod tests {
         write_atomic(&path, b"two").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_target_never_tear_it() {
+        let dir = std::env::temp_dir().join(format!("loupe-atomic-race-{}", std::process::id()));
+        let path = dir.join("shared.bin");
+        let contents: Vec<Vec<u8>> = (0..2u8).map(|t| vec![b'a' + t; 256 << 10]).collect();
+        std::thread::scope(|scope| {
+            let all = &contents;
+            for content in all {
+                let path = &path;
+                scope.spawn(move || {
+                    for _ in 0..50 {
+                        write_atomic(path, content).unwrap();
+                        let read = fs::read(path).unwrap();
+                        assert!(all.contains(&read), "a torn file of {} bytes", read.len());
+                    }
+                });
+            }
+        });
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temp file left behind");
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -13,4 +13,6 @@ pub mod metrics;
 pub mod model_file;
 pub mod pipeline;
 pub mod progress;
+pub mod project;
 pub mod rng;
+pub mod untrusted;

@@ -19,6 +19,9 @@ pub const METADATA_KEY: &str = "loupe";
 /// Input sizes a model may declare (the backbone needs at least one stride-16 cell).
 pub const MIN_IMAGE_SIZE: u32 = 16;
 pub const MAX_IMAGE_SIZE: u32 = 4096;
+/// Model files larger than this are refused before reading: loading takes about three times the file's size
+/// (its bytes, the tensors, a transposed copy), and no model Loupe trains comes near it.
+pub const MAX_MODEL_BYTES: u64 = 2 << 30;
 pub const NORMALIZATION: &str = "rgb in [0,1], resized to image_size², then (x*255-127)/128";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,6 +32,22 @@ pub struct Thresholds {
     pub review: Option<f32>,
     /// How `decision` was chosen, for people reading the file.
     pub rule: String,
+    /// Who chose it: the studio adopts a threshold a command set after the project's (and says so) instead of
+    /// writing the project's over it.
+    #[serde(default)]
+    pub chosen_by: ChosenBy,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ChosenBy {
+    /// At fit time, from the held-out good images.
+    #[default]
+    Fit,
+    /// In the studio's threshold view.
+    Studio,
+    /// By `loupe eval --choose-threshold … --save-threshold`.
+    Command,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -69,6 +88,10 @@ pub struct TrainingInfo {
     pub images_skipped: usize,
     pub fit_seconds: f64,
     pub source: String,
+    /// Trained on the Folder shape's training part of `source` (`fit --normal`): the images `eval --normal`
+    /// tests were held out. False: trained on every image there.
+    #[serde(default)]
+    pub folder_test_held_out: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -104,7 +127,33 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// Every number that must read back is finite: JSON has no NaN or infinity (serde_json writes `null`, which
+    /// does not read back as a number), so a file holding one could never be opened again.
+    fn check_finite(&self) -> Result<()> {
+        let thresholds =
+            [("decision threshold", self.thresholds.decision), ("review threshold", self.thresholds.review)];
+        for (what, value) in thresholds {
+            if value.is_some_and(|v| !v.is_finite()) {
+                bail!("the {what} is {}, not a number a model file can hold", value.unwrap_or_default());
+            }
+        }
+        let stats = &self.validation;
+        let summary = [stats.mean, stats.std, stats.min, stats.max];
+        if summary.iter().chain(&stats.scores).any(|v| !v.is_finite()) {
+            bail!("a validation score is not finite (NaN or infinite); the model is broken");
+        }
+        if !self.training.fit_seconds.is_finite() {
+            bail!("the fit time is not finite");
+        }
+        Ok(())
+    }
+}
+
+/// Writes the model file atomically. Refuses a manifest with a non-finite number rather than write a file that
+/// cannot be read back.
 pub fn save(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest) -> Result<()> {
+    manifest.check_finite().with_context(|| format!("{}: not written", path.display()))?;
     let tensors: Vec<(String, Tensor)> = model
         .state()?
         .into_iter()
@@ -130,9 +179,21 @@ pub fn save(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest) -> Resul
     write_atomic(path, &bytes)
 }
 
+/// Reads a model file whole, refusing one over [`MAX_MODEL_BYTES`] before reading it.
+fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+    let size = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?.len();
+    if size > MAX_MODEL_BYTES {
+        bail!(
+            "{}: {size} bytes is larger than any model file Loupe writes ({MAX_MODEL_BYTES} at most)",
+            path.display()
+        );
+    }
+    std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
+}
+
 /// Reads only the manifest (cheap; used to find which backbone a model needs).
 pub fn read_manifest(path: &Path) -> Result<Manifest> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = read_bounded(path)?;
     manifest_from_bytes(&bytes).with_context(|| format!("{}: not a Loupe model file", path.display()))
 }
 
@@ -163,35 +224,40 @@ pub struct LoadedModel {
 
 /// Loads a model file, checking it was trained on the same backbone weights.
 pub fn load(path: &Path, backbone: Arc<Backbone>) -> Result<LoadedModel> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let bytes = read_bounded(path)?;
     let context = || format!("{}: cannot load model", path.display());
-    let manifest = manifest_from_bytes(&bytes).with_context(context)?;
+    load_bytes(&bytes, backbone).with_context(context)
+}
+
+/// [`load`] from the file's bytes (the fuzz target's entry).
+pub fn load_bytes(bytes: &[u8], backbone: Arc<Backbone>) -> Result<LoadedModel> {
+    let manifest = manifest_from_bytes(bytes)?;
     if manifest.backbone != BACKBONE_NAME || manifest.backbone_weights_sha256 != backbone.weights_hash {
         bail!(
-            "{}: the model was trained with backbone {} (weights {}), but the loaded weights are {} ({}); \
+            "the model was trained with backbone {} (weights {}), but the loaded weights are {} ({}); \
              use the weights it was trained with",
-            path.display(),
-            manifest.backbone,
-            short_hash(&manifest.backbone_weights_sha256),
+            short(&manifest.backbone),
+            short(&manifest.backbone_weights_sha256),
             BACKBONE_NAME,
-            short_hash(&backbone.weights_hash)
+            short(&backbone.weights_hash)
         );
     }
-    let info = find_method(&manifest.method).with_context(context)?;
-    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let info = find_method(&manifest.method)?;
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{e}"))?;
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {
         if view.dtype() != safetensors::Dtype::F32 {
-            bail!("{}: tensor {name} is {:?}, expected F32", path.display(), view.dtype());
+            bail!("tensor {name} is {:?}, expected F32", view.dtype());
         }
         let values: Vec<f32> =
             view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         tensors.insert(name, Tensor::from_vec(values, view.shape().to_vec(), &backbone.device)?);
     }
-    let model = (info.load)(backbone, manifest.image_size, &manifest.settings, tensors).with_context(context)?;
+    let model = (info.load)(backbone, manifest.image_size, &manifest.settings, tensors)?;
     Ok(LoadedModel { model, manifest })
 }
 
-fn short_hash(hash: &str) -> &str {
-    &hash[..hash.len().min(12)]
+/// The first 12 characters of a name or hash read from a file (any text: cut on a character boundary).
+fn short(text: &str) -> String {
+    text.chars().take(12).collect()
 }

@@ -3,14 +3,14 @@
 
 use crate::backbone::Backbone;
 use crate::dataset::{decode_all, scan_normal_folder, DecodedImage, ImageRecord, SkippedFile};
-use crate::methods::{images_to_tensor, merge_settings, AnomalyModel, AnomalyOutput, FitContext, MethodInfo};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, FitContext, MethodInfo};
 use crate::metrics::ThresholdTable;
-use crate::model_file::{Manifest, ScoreStats, Thresholds, TrainingInfo, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE};
+use crate::model_file::{ChosenBy, Manifest, ScoreStats, Thresholds, TrainingInfo, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE};
 use crate::progress::{check_cancelled, Progress};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::Device;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -117,7 +117,7 @@ pub fn fit_records(
     if records.is_empty() {
         bail!("no normal images to train on");
     }
-    let settings = merge_settings((request.method.default_settings)(), &request.settings)?;
+    let settings = request.method.settings_with(&request.settings)?;
     let (train_records, validation_records) = validation_split(records, request.validation_fraction, request.seed);
     progress.begin("decoding", (train_records.len() + validation_records.len()) as u64);
     let advance = |n: usize| progress.advance(n as u64);
@@ -147,6 +147,8 @@ pub fn fit_records(
         let (outputs, _) = score_images(model.as_ref(), &validation, request.batch_size, &device, progress)?;
         outputs.iter().map(|o| o.score).collect()
     };
+    let validation_paths: Vec<&Path> = validation.iter().map(|i| validation_records[i.index].path.as_path()).collect();
+    refuse_non_finite_scores(&validation_paths, &scores)?;
     let thresholds = choose_threshold(&scores, request.target_far);
     let mut manifest = Manifest::for_model(model.as_ref(), &backbone, thresholds);
     manifest.validation = ScoreStats::from_scores(&scores);
@@ -155,8 +157,30 @@ pub fn fit_records(
         images_skipped: skipped.len(),
         fit_seconds,
         source: request.data.display().to_string(),
+        folder_test_held_out: false,
     };
     Ok(FitOutcome { model, manifest, skipped })
+}
+
+/// A model that scores an image NaN or infinite is broken (training diverged): refused with the images named,
+/// before a threshold is chosen from such scores or a file is written that could not be read back.
+fn refuse_non_finite_scores(paths: &[&Path], scores: &[f32]) -> Result<()> {
+    let broken: Vec<String> = paths
+        .iter()
+        .zip(scores)
+        .filter(|(_, score)| !score.is_finite())
+        .map(|(path, score)| format!("{} ({score})", path.display()))
+        .collect();
+    if !broken.is_empty() {
+        bail!(
+            "the trained model gives {} of {} validation images a score that is not a number: {}; the training \
+             diverged (try a lower learning rate) — nothing was saved",
+            broken.len(),
+            scores.len(),
+            broken.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The lowest threshold with false-alarm rate ≤ `target_far` on the validation normals.
@@ -167,9 +191,11 @@ pub fn choose_threshold(validation_scores: &[f32], target_far: f64) -> Threshold
             decision: Some(decision),
             review: None,
             rule: format!("FAR <= {:.3} on {} held-out normal images", target_far, validation_scores.len()),
+            chosen_by: ChosenBy::Fit,
         },
         None => {
-            Thresholds { decision: None, review: None, rule: "no validation images: set a threshold before use".into() }
+            let rule = "no validation images: set a threshold before use".into();
+            Thresholds { decision: None, review: None, rule, chosen_by: ChosenBy::Fit }
         }
     }
 }
@@ -188,6 +214,15 @@ mod tests {
         assert_eq!(validation_split(records.clone(), 0.1, 4).1, validation, "same seed, same split");
         assert_eq!(validation_split(records[..1].to_vec(), 0.1, 4).1.len(), 0, "a single image is kept for training");
         assert_eq!(validation_split(records[..3].to_vec(), 0.1, 4).1.len(), 1, "at least one held out");
+    }
+
+    #[test]
+    fn non_finite_validation_scores_are_refused_with_the_images_named() {
+        let paths = [Path::new("a.png"), Path::new("b.png"), Path::new("c.png")];
+        refuse_non_finite_scores(&paths, &[0.5, 1.0, 2.0]).unwrap();
+        let message = refuse_non_finite_scores(&paths, &[0.5, f32::NAN, f32::INFINITY]).unwrap_err().to_string();
+        assert!(message.contains("2 of 3") && message.contains("b.png (NaN)") && message.contains("c.png (inf)"));
+        assert!(!message.contains("a.png"), "{message}");
     }
 
     #[test]

@@ -85,7 +85,10 @@ fn folder_features(folder: &Path, cache: Option<&Path>, engine: &EngineArgs) -> 
         features.extend(patches_as_rows(&patch_features(&backbone, &tensor)?)?.flatten_all()?.to_vec1::<f32>()?);
     }
     if let Some(cache) = cache {
-        std::fs::write(cache, features.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+        loupe_engine::atomic_file::write_atomic(
+            cache,
+            &features.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+        )?;
     }
     Ok(features)
 }

@@ -5,6 +5,7 @@ use super::weights::ensure_weights;
 use crate::overlay::overlay;
 use crate::progress_bar::TerminalProgress;
 use anyhow::Result;
+use loupe_engine::atomic_file::write_image_atomic;
 use loupe_engine::backbone::Backbone;
 use loupe_engine::dataset::decode::open_image;
 use loupe_engine::dataset::scan_mvtec;
@@ -70,7 +71,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
                 record.label.type_name(),
                 record.path.file_stem().unwrap_or_default().to_string_lossy()
             );
-            overlay(&original.to_rgb8(), &output.map, report.threshold).save(heatmaps.join(format!("{name}.png")))?;
+            let heatmap = overlay(&original.to_rgb8(), &output.map, report.threshold);
+            write_image_atomic(&heatmaps.join(format!("{name}.png")), &heatmap.into())?;
         }
     }
     println!("model: {}\nheatmaps: {}", model_path.display(), heatmaps.display());

@@ -3,12 +3,13 @@
 use super::EngineArgs;
 use crate::progress_bar::TerminalProgress;
 use anyhow::{bail, Result};
+use loupe_engine::dataset::layout::FOLDER_TEST_FRACTION;
 use loupe_engine::dataset::layout::GOOD;
 use loupe_engine::dataset::{scan_folder_layout, scan_mvtec, Benchmark};
 use loupe_engine::evaluate::{evaluate, EvalReport};
 use loupe_engine::metrics::{ThresholdRule, ThresholdTable};
-use loupe_engine::model_file;
-use std::path::PathBuf;
+use loupe_engine::model_file::{self, TrainingInfo};
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
@@ -17,7 +18,8 @@ pub struct EvalArgs {
     /// An MVTec AD category folder (its test/ and ground_truth/ are used).
     #[arg(long, conflicts_with_all = ["normal", "abnormal"])]
     pub data: Option<PathBuf>,
-    /// anomalib Folder shape: folder of normal images (one in five is used for testing).
+    /// anomalib Folder shape: folder of normal images (one in five is used for testing; a model fitted on all of
+    /// this folder is refused: train it with `fit --normal`).
     #[arg(long, requires = "abnormal")]
     pub normal: Option<PathBuf>,
     /// anomalib Folder shape: folder of defective images.
@@ -45,9 +47,28 @@ pub struct EvalArgs {
 fn benchmark(args: &EvalArgs) -> Result<Benchmark> {
     match (&args.data, &args.normal, &args.abnormal) {
         (Some(dir), _, _) => scan_mvtec(dir),
-        (None, Some(normal), Some(abnormal)) => scan_folder_layout(normal, abnormal, args.mask.as_deref(), 0.2),
+        (None, Some(normal), Some(abnormal)) => {
+            scan_folder_layout(normal, abnormal, args.mask.as_deref(), FOLDER_TEST_FRACTION)
+        }
         _ => bail!("give --data <mvtec folder>, or --normal and --abnormal"),
     }
+}
+
+/// Refuses to test a model on Folder-shape good images it trained on: `fit --data DIR` learns every image of
+/// DIR, including the one in five `eval --normal DIR` tests.
+fn refuse_training_images(args: &EvalArgs, training: &TrainingInfo) -> Result<()> {
+    let Some(normal) = &args.normal else { return Ok(()) };
+    let same = |a: &Path, b: &Path| a.canonicalize().ok().zip(b.canonicalize().ok()).is_some_and(|(a, b)| a == b);
+    if !training.folder_test_held_out && same(normal, Path::new(&training.source)) {
+        bail!(
+            "{} was fitted on every image of {}, so its test images there would be images it learnt from; fit it \
+             with `loupe fit --normal {}` (trains on the images eval --normal does not test)",
+            args.model.display(),
+            normal.display(),
+            normal.display()
+        );
+    }
+    Ok(())
 }
 
 fn describe(args: &EvalArgs) -> String {
@@ -99,6 +120,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let backbone = args.engine.load_backbone()?;
     let device = backbone.device.clone();
     let mut loaded = model_file::load(&args.model, backbone)?;
+    refuse_training_images(&args, &loaded.manifest.training)?;
     let progress = TerminalProgress::new();
     let mut report =
         evaluate(loaded.model.as_ref(), &loaded.manifest, &benchmark, args.batch_size, &device, &progress)?;
@@ -114,6 +136,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         if args.save_threshold {
             loaded.manifest.thresholds.decision = Some(threshold);
             loaded.manifest.thresholds.rule = format!("{rule} on the labelled test set {}", describe(&args));
+            loaded.manifest.thresholds.chosen_by = model_file::ChosenBy::Command;
             model_file::save(&args.model, loaded.model.as_ref(), &loaded.manifest)?;
             eprintln!("threshold {threshold:.4} ({rule}) saved in {}", args.model.display());
         }

@@ -3,9 +3,11 @@
 use super::EngineArgs;
 use crate::progress_bar::TerminalProgress;
 use anyhow::{Context, Result};
+use loupe_engine::dataset::layout::{folder_split, FOLDER_TEST_FRACTION};
+use loupe_engine::dataset::scan_normal_folder;
 use loupe_engine::methods::find_method;
 use loupe_engine::model_file;
-use loupe_engine::pipeline::{fit, FitRequest, DEFAULT_IMAGE_SIZE};
+use loupe_engine::pipeline::{fit_records, FitRequest, DEFAULT_IMAGE_SIZE};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -13,9 +15,13 @@ pub struct FitArgs {
     /// Method name (see `loupe methods`).
     #[arg(long, default_value = "patchcore")]
     pub method: String,
-    /// Folder of normal images, or an MVTec AD category folder.
+    /// Folder of normal images (all of them train), or an MVTec AD category folder (its train/good).
+    #[arg(long, required_unless_present = "normal", conflicts_with = "normal")]
+    pub data: Option<PathBuf>,
+    /// anomalib Folder shape: folder of normal images; trains on the four in five that `eval --normal` does not
+    /// test.
     #[arg(long)]
-    pub data: PathBuf,
+    pub normal: Option<PathBuf>,
     /// Where to write the model file.
     #[arg(long)]
     pub out: PathBuf,
@@ -67,8 +73,13 @@ pub fn run(args: FitArgs) -> Result<()> {
     if let Some(ratio) = args.coreset_ratio {
         settings.insert("coreset_ratio".into(), ratio.into());
     }
+    let source = args.data.clone().or(args.normal.clone()).context("give --data or --normal")?;
+    let records = match &args.normal {
+        Some(normal) => folder_split(normal, FOLDER_TEST_FRACTION)?.train,
+        None => scan_normal_folder(&source)?,
+    };
     let backbone = args.engine.load_backbone()?;
-    let mut request = FitRequest::new(method, args.data.clone());
+    let mut request = FitRequest::new(method, source);
     request.settings = serde_json::Value::Object(settings);
     request.image_size = args.image_size;
     request.batch_size = args.batch_size;
@@ -76,8 +87,9 @@ pub fn run(args: FitArgs) -> Result<()> {
     request.target_far = args.target_far;
     request.seed = args.seed;
     let progress = TerminalProgress::new();
-    let outcome = fit(backbone, &request, &progress)?;
+    let mut outcome = fit_records(backbone, &request, records, &progress)?;
     progress.finish();
+    outcome.manifest.training.folder_test_held_out = args.normal.is_some();
     for skipped in &outcome.skipped {
         eprintln!("skipped {skipped}");
     }

@@ -1,15 +1,20 @@
-//! `loupe infer --model <model.safetensors> <images or folders>… [--out <dir>]`
+//! `loupe infer --model <model.safetensors> <images or folders>… [--out <dir>] [--fail-on review|reject]`
 
 use super::EngineArgs;
 use crate::overlay::overlay;
 use anyhow::{bail, Context, Result};
+use loupe_engine::atomic_file::write_image_atomic;
 use loupe_engine::dataset::decode::open_image;
 use loupe_engine::dataset::layout::list_images;
 use loupe_engine::dataset::{decode_all, ImageRecord};
 use loupe_engine::maps::ScoreMap;
 use loupe_engine::methods::images_to_tensor;
-use loupe_engine::model_file;
-use std::path::PathBuf;
+use loupe_engine::model_file::{self, Thresholds};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The exit status when some image reached the `--fail-on` verdict (1 is an error, 2 a usage error).
+pub const EXIT_FAILED_PARTS: i32 = 3;
 
 #[derive(clap::Args)]
 pub struct InferArgs {
@@ -18,74 +23,173 @@ pub struct InferArgs {
     /// Image files or folders (searched recursively).
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
-    /// Folder for heatmap PNGs (`<name>_heatmap.png`); none written when absent.
+    /// Folder for heatmap PNGs, mirroring the inputs' folders (`<path>_heatmap.png`); none written when absent.
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Exit with status 3 when any image is at least this verdict (an unreadable image counts as review).
+    #[arg(long, value_enum)]
+    pub fail_on: Option<FailOn>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
 
-pub fn run(args: InferArgs) -> Result<()> {
-    let mut paths = Vec::new();
-    for input in &args.inputs {
-        if input.is_dir() {
-            paths.extend(list_images(input)?);
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum FailOn {
+    Review,
+    Reject,
+}
+
+/// What the model's thresholds say of one score, as the studio says it.
+fn verdict(thresholds: &Thresholds, score: f32) -> &'static str {
+    match (thresholds.decision, thresholds.review) {
+        (None, _) => "no-threshold",
+        (Some(decision), _) if score >= decision => "reject",
+        (Some(_), Some(review)) if score >= review => "review",
+        _ => "pass",
+    }
+}
+
+/// Every image of the inputs with the heatmap path that mirrors it under `out`: below a folder input, its path
+/// inside that folder; with several inputs, each under its own name. Two images that would share a heatmap
+/// are refused before anything is scored.
+fn list_inputs(inputs: &[PathBuf], out: Option<&Path>) -> Result<Vec<(PathBuf, Option<PathBuf>)>> {
+    let mut listed = Vec::new();
+    for input in inputs {
+        let prefix =
+            if inputs.len() > 1 { input.file_name().map(PathBuf::from).unwrap_or_default() } else { PathBuf::new() };
+        let paths = if input.is_dir() {
+            list_images(input)?
         } else if input.is_file() {
-            paths.push(input.clone());
+            vec![input.clone()]
         } else {
             bail!("{}: no such file or folder", input.display());
+        };
+        for path in paths {
+            let inside = match path.strip_prefix(input) {
+                Ok(inside) if !inside.as_os_str().is_empty() => inside.to_path_buf(),
+                _ => PathBuf::from(path.file_name().unwrap_or_default()),
+            };
+            let heatmap = out.map(|out| {
+                let stem = inside.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                out.join(&prefix).join(inside.with_file_name(format!("{stem}_heatmap.png")))
+            });
+            listed.push((path, heatmap));
         }
     }
+    let mut owners: HashMap<&Path, &Path> = HashMap::new();
+    for (path, heatmap) in &listed {
+        if let Some(heatmap) = heatmap {
+            if let Some(other) = owners.insert(heatmap, path) {
+                bail!(
+                    "{} and {} would both write {}: pass their folders in one --out each",
+                    other.display(),
+                    path.display(),
+                    heatmap.display()
+                );
+            }
+        }
+    }
+    Ok(listed)
+}
+
+pub fn run(args: InferArgs) -> Result<i32> {
+    let listed = list_inputs(&args.inputs, args.out.as_deref())?;
     let backbone = args.engine.load_backbone()?;
     let device = backbone.device.clone();
     let loaded = model_file::load(&args.model, backbone)?;
     let (model, manifest) = (loaded.model, loaded.manifest);
-    if let Some(out) = &args.out {
-        std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    if args.fail_on.is_some() && manifest.thresholds.decision.is_none() {
+        bail!("--fail-on needs a threshold, and {} has none: choose one (eval --save-threshold)", args.model.display());
     }
-    let records: Vec<ImageRecord> = paths.into_iter().map(ImageRecord::normal).collect();
+    let records: Vec<ImageRecord> = listed.iter().map(|(path, _)| ImageRecord::normal(path.clone())).collect();
     let (decoded, skipped) = decode_all(&records, model.image_size(), &|_| {});
     for skip in &skipped {
         eprintln!("skipped {skip}");
     }
-    let threshold = manifest.thresholds.decision;
-    let mut flagged = 0;
+    let thresholds = &manifest.thresholds;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
     for image in &decoded {
         let output = model.score_batch(&images_to_tensor(&[image], &device)?)?.remove(0);
-        let path = &records[image.index].path;
-        let verdict = match threshold {
-            Some(t) if output.score >= t => "defect",
-            Some(_) => "good",
-            None => "no-threshold",
-        };
-        flagged += usize::from(verdict == "defect");
+        let (path, heatmap) = &listed[image.index];
+        let verdict = verdict(thresholds, output.score);
+        *counts.entry(verdict).or_default() += 1;
         if args.json {
             let line =
                 serde_json::json!({"path": path.display().to_string(), "score": output.score, "verdict": verdict});
             println!("{line}");
         } else {
-            println!("{:>10.4}  {:<6}  {}", output.score, verdict, path.display());
+            println!("{:>10.4}  {:<12}  {}", output.score, verdict, path.display());
         }
-        if let Some(out) = &args.out {
-            write_heatmap(out, path, &output.map, threshold)?;
+        if let Some(target) = heatmap {
+            write_heatmap(target, path, &output.map, thresholds.decision)?;
         }
     }
+    let count = |verdict: &str| counts.get(verdict).copied().unwrap_or(0);
     eprintln!(
-        "{} images scored ({} flagged at threshold {}), {} skipped",
+        "{} images scored: {} pass, {} review, {} reject (threshold {}{}), {} skipped",
         decoded.len(),
-        flagged,
-        threshold.map_or("none".to_string(), |t| format!("{t:.4}")),
+        count("pass"),
+        count("review"),
+        count("reject"),
+        thresholds.decision.map_or("none".to_string(), |t| format!("{t:.4}")),
+        thresholds.review.map_or(String::new(), |r| format!(", review from {r:.4}")),
         skipped.len()
     );
-    Ok(())
+    let failed = match args.fail_on {
+        None => false,
+        Some(FailOn::Reject) => count("reject") > 0,
+        Some(FailOn::Review) => count("reject") + count("review") + skipped.len() > 0,
+    };
+    Ok(if failed { EXIT_FAILED_PARTS } else { 0 })
 }
 
-fn write_heatmap(out: &std::path::Path, path: &std::path::Path, map: &ScoreMap, threshold: Option<f32>) -> Result<()> {
+fn write_heatmap(target: &Path, path: &Path, map: &ScoreMap, threshold: Option<f32>) -> Result<()> {
     let original = open_image(path).map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?.to_rgb8();
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
-    let target = out.join(format!("{stem}_heatmap.png"));
-    overlay(&original, map, threshold).save(&target).with_context(|| format!("{}: cannot write", target.display()))
+    if let Some(folder) = target.parent() {
+        std::fs::create_dir_all(folder).with_context(|| format!("{}: cannot create", folder.display()))?;
+    }
+    write_image_atomic(target, &overlay(&original, map, threshold).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_follow_the_review_band() {
+        let thresholds =
+            Thresholds { decision: Some(2.0), review: Some(1.0), rule: String::new(), chosen_by: Default::default() };
+        assert_eq!(verdict(&thresholds, 0.5), "pass");
+        assert_eq!(verdict(&thresholds, 1.0), "review");
+        assert_eq!(verdict(&thresholds, 2.0), "reject");
+        let no_band = Thresholds { review: None, ..thresholds.clone() };
+        assert_eq!(verdict(&no_band, 1.5), "pass");
+        assert_eq!(verdict(&Thresholds { decision: None, ..thresholds }, 9.0), "no-threshold");
+    }
+
+    #[test]
+    fn heatmaps_mirror_the_input_folders_and_never_collide() {
+        let dir = std::env::temp_dir().join(format!("loupe-infer-list-{}", std::process::id()));
+        for folder in ["lineA/cam", "lineB/cam"] {
+            std::fs::create_dir_all(dir.join(folder)).unwrap();
+            image::RgbImage::new(4, 4).save(dir.join(folder).join("001.png")).unwrap();
+        }
+        let out = Path::new("/out");
+        let listed = list_inputs(&[dir.clone()], Some(out)).unwrap();
+        let heatmaps: Vec<PathBuf> = listed.into_iter().filter_map(|(_, h)| h).collect();
+        assert_eq!(heatmaps.len(), 2);
+        assert!(heatmaps.contains(&out.join("lineA/cam/001_heatmap.png")), "{heatmaps:?}");
+        assert!(heatmaps.contains(&out.join("lineB/cam/001_heatmap.png")), "{heatmaps:?}");
+        // Two inputs whose images would share a name: each under its own name, or refused.
+        let two = [dir.join("lineA"), dir.join("lineB")];
+        let heatmaps: Vec<PathBuf> = list_inputs(&two, Some(out)).unwrap().into_iter().filter_map(|(_, h)| h).collect();
+        assert!(heatmaps.contains(&out.join("lineA/cam/001_heatmap.png")), "{heatmaps:?}");
+        let same_name = [dir.join("lineA/cam"), dir.join("lineB/cam")];
+        let message = list_inputs(&same_name, Some(out)).unwrap_err().to_string();
+        assert!(message.contains("would both write"), "{message}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

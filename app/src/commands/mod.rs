@@ -47,6 +47,11 @@ pub fn list_methods() -> Result<()> {
             for preset in method.presets {
                 println!("  {:<12}   --preset {}: {}", "", preset.name, preset.about);
             }
+            let defaults = (method.default_settings)();
+            for (name, value) in defaults.as_object().into_iter().flatten() {
+                let range = method.range_of(name).map(|r| format!("  (allowed {})", r.describe())).unwrap_or_default();
+                println!("  {:<12}   --set {name}={value}{range}", "");
+            }
         }
     }
     Ok(())

@@ -66,7 +66,7 @@ const MAX_SHOWN_SIDE: u32 = 8192;
 fn decode(path: &Path, mask: Option<&Path>) -> Result<DecodedImage, String> {
     let mut image = open_image(path)?;
     if image.width().max(image.height()) > MAX_SHOWN_SIDE {
-        image = image.thumbnail(MAX_SHOWN_SIDE, MAX_SHOWN_SIDE);
+        *image = image.thumbnail(MAX_SHOWN_SIDE, MAX_SHOWN_SIDE);
     }
     let rgba = image.to_rgba8();
     let (width, height) = (rgba.width() as usize, rgba.height() as usize);
@@ -78,6 +78,8 @@ fn decode(path: &Path, mask: Option<&Path>) -> Result<DecodedImage, String> {
             tiles.push(([left, top], egui::ColorImage::from_rgba_unmultiplied([w, h], tile.as_raw())));
         }
     }
+    // The image's decode budget is released before the mask takes its own (never hold one while waiting).
+    drop(image);
     let mask = match mask {
         Some(mask_path) => {
             Some(MaskImage::from_gray(open_image(mask_path).map_err(|e| format!("mask: {e}"))?.to_luma8()))

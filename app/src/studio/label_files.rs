@@ -2,7 +2,7 @@
 //! images; the labelled images leave in MVTec AD layout for any other tool. Used by `loupe labels` and by the
 //! studio's Labels menu (in a background job: both read and write many files).
 
-use super::mask_edits::mask_file;
+use super::mask_edits::{mask_file, session_stamp};
 use super::project::{resolve, Project};
 use super::workspace::labelled_paths;
 use anyhow::{Context, Result};
@@ -70,6 +70,7 @@ pub fn import_labelme(
         .map(|(key, path)| (path.canonicalize().unwrap_or(path), key))
         .collect();
     let mut imported = LabelmeImport::default();
+    let stamp = session_stamp();
     progress.begin("importing labelme files", files.len() as u64);
     for file in files {
         check_cancelled(progress)?;
@@ -90,17 +91,43 @@ pub fn import_labelme(
             ));
             continue;
         };
+        // The polygons are in the annotated image's pixels: a mask of another size would not line up (and would
+        // be skipped later, in evaluation, far from its cause).
+        match image::image_dimensions(&image) {
+            Ok(real) if real == (annotation.width, annotation.height) => {}
+            Ok((width, height)) => {
+                imported.problems.push(format!(
+                    "{}: it says its image is {}×{}, but {} is {width}×{height}; not imported (annotate the image \
+                     as it is now)",
+                    file.display(),
+                    annotation.width,
+                    annotation.height,
+                    image.display()
+                ));
+                continue;
+            }
+            Err(error) => {
+                imported.problems.push(format!(
+                    "{}: its image {} does not read: {error}",
+                    file.display(),
+                    image.display()
+                ));
+                continue;
+            }
+        }
         for skipped in &annotation.skipped {
             imported.problems.push(format!("{}: shape {skipped} has no area, not imported", file.display()));
         }
         let mut label = imported.labels.get(key).or_else(|| project.labels.get(key)).cloned().unwrap_or_default();
         if annotation.mask.contains(&1) {
-            let mask_path = project_dir.join(mask_file(key));
+            // A new file, never the one the project names now: the project is saved after the import.
+            let file = mask_file(key, &format!("labelme-{stamp}"));
+            let mask_path = project_dir.join(&file);
             if let Some(parent) = mask_path.parent() {
                 std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
             }
             write_mask_png(&mask_path, annotation.width, annotation.height, &annotation.mask)?;
-            label.mask = Some(mask_file(key));
+            label.mask = Some(file);
             label.verdict = Some(Verdict::Defect);
         }
         for kind in &annotation.defect_types {

@@ -1,7 +1,11 @@
 //! The labeller's defect masks while they are painted: the mask of the image on screen (read from its PNG on
 //! rayon's pool, never on the UI thread), its undo history, and every mask changed since the last save. The
 //! saver writes those PNGs (atomically) before the project file that refers to them, so a project on disk never
-//! names a mask that is not there.
+//! names a mask that is not there. Each change names a new file (`masks/<key>.<session>-<revision>.png`, the
+//! session being when this studio started: revisions count from 0 in every session): the mask a
+//! saved project names is never overwritten, so if writing the project fails after its masks were written, the
+//! project on disk still agrees with its masks. The files a change left behind are deleted by the saver once a
+//! project that no longer names them is on disk.
 
 use loupe_engine::labels::mask::{DefectMask, Dirty, MaskHistory};
 use loupe_engine::labels::{ImageLabel, Verdict};
@@ -12,9 +16,32 @@ use std::sync::{mpsc, Arc};
 /// Masks kept in memory (with their undo history) besides the unsaved ones; older saved ones are dropped.
 const KEPT_MASKS: usize = 8;
 
-/// The file a painted mask is written to, relative to the project folder.
-pub fn mask_file(key: &str) -> PathBuf {
-    Path::new("masks").join(format!("{key}.png"))
+/// The file the mask of label `key` is written to in its version `version` (unique per write), relative to the
+/// project folder: under `masks/`, whatever the key holds (only its plain names are used: no root, no `..`, no
+/// drive).
+pub fn mask_file(key: &str, version: &str) -> PathBuf {
+    let mut path = PathBuf::from("masks");
+    for part in key.split(['/', '\\']) {
+        let mut components = Path::new(part).components();
+        if let (Some(std::path::Component::Normal(name)), None) = (components.next(), components.next()) {
+            path.push(name);
+        }
+    }
+    let name = path.file_name().filter(|_| path != Path::new("masks")).map(|n| n.to_string_lossy().into_owned());
+    path.set_file_name(format!("{}.{version}.png", name.as_deref().unwrap_or("mask")));
+    if path.parent() == Some(Path::new("")) {
+        path = Path::new("masks").join(path);
+    }
+    path
+}
+
+/// Whether `path` (from a project file) is a mask file Loupe wrote inside the project: only those are ever
+/// deleted when a newer revision replaces them.
+pub fn is_own_mask_file(path: &Path) -> bool {
+    let mut components = path.components();
+    components.next() == Some(std::path::Component::Normal("masks".as_ref()))
+        && components.all(|c| matches!(c, std::path::Component::Normal(_)))
+        && path.extension().is_some_and(|e| e == "png")
 }
 
 pub struct EditedMask {
@@ -29,6 +56,8 @@ pub struct EditedMask {
     pub marked: usize,
     /// Read from a file (so there is something to draw even before the first change).
     pub from_file: bool,
+    /// Where the current content goes (relative to the project folder); `None` while it has no defect pixels.
+    file: Option<PathBuf>,
     /// Studio revision of the last change, and of the last change written to disk.
     changed: u64,
     written: u64,
@@ -45,6 +74,7 @@ impl EditedMask {
             version: 0,
             marked,
             from_file,
+            file: None,
             changed: 0,
             written: 0,
             last_used: 0,
@@ -72,12 +102,31 @@ pub struct MaskEdits {
     sender: mpsc::Sender<Loaded>,
     receiver: mpsc::Receiver<Loaded>,
     uses: u64,
+    /// Mask files that labels named before a change, to delete once a project without them is saved.
+    superseded: Vec<PathBuf>,
+    /// This session's stamp in mask file names (milliseconds since 1970, hexadecimal).
+    session: String,
+}
+
+/// A stamp that differs between sessions (and from an earlier import), for file names written once.
+pub fn session_stamp() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{:x}", now.as_millis())
 }
 
 impl Default for MaskEdits {
     fn default() -> Self {
         let (sender, receiver) = mpsc::channel();
-        Self { masks: HashMap::new(), failed: HashMap::new(), loading: Vec::new(), sender, receiver, uses: 0 }
+        Self {
+            masks: HashMap::new(),
+            failed: HashMap::new(),
+            loading: Vec::new(),
+            sender,
+            receiver,
+            uses: 0,
+            superseded: Vec::new(),
+            session: session_stamp(),
+        }
     }
 }
 
@@ -137,28 +186,40 @@ impl MaskEdits {
     }
 
     /// Records that the mask of `key` changed (in the studio revision `revision`) and updates its label: a
-    /// painted mask makes the image a defect and is referenced from the label; an emptied one is not.
+    /// painted mask makes the image a defect and is referenced from the label, under a file name of this
+    /// revision; an emptied one is not referenced. The file the label named before is superseded.
     pub fn changed(&mut self, key: &str, revision: u64, label: &mut ImageLabel) {
         let Some(edited) = self.masks.get_mut(key) else { return };
         edited.changed = revision;
         edited.version += 1;
         edited.marked = edited.mask.defect_pixels();
-        if edited.marked == 0 {
-            label.mask = None;
-        } else {
-            label.mask = Some(mask_file(key));
+        let file = (edited.marked > 0).then(|| mask_file(key, &format!("{}-{revision}", self.session)));
+        edited.file = file.clone();
+        if let Some(previous) = std::mem::replace(&mut label.mask, file) {
+            if is_own_mask_file(&previous) {
+                self.superseded.push(previous);
+            }
+        }
+        if edited.marked > 0 {
             label.verdict = Some(Verdict::Defect);
         }
         self.forget_old();
     }
 
-    /// The masks changed since they were last written, with the file (under `project_dir`) each goes to.
+    /// The masks changed since they were last written that have content, with the file (under `project_dir`)
+    /// each goes to.
     pub fn unsaved(&self, project_dir: &Path) -> Vec<(PathBuf, Arc<DefectMask>)> {
         self.masks
-            .iter()
-            .filter(|(_, edited)| edited.changed > edited.written)
-            .map(|(key, edited)| (project_dir.join(mask_file(key)), Arc::new(edited.mask.clone())))
+            .values()
+            .filter(|edited| edited.changed > edited.written)
+            .filter_map(|edited| Some((project_dir.join(edited.file.as_ref()?), Arc::new(edited.mask.clone()))))
             .collect()
+    }
+
+    /// The superseded mask files (relative to the project folder) since the last call: the project saved next no
+    /// longer names them.
+    pub fn take_superseded(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.superseded)
     }
 
     /// The project revision `revision` is on disk: every mask change up to it is too.

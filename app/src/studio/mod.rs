@@ -243,7 +243,20 @@ impl StudioApp {
 
     /// True when no background work is running or waiting to be saved.
     pub fn is_idle(&self) -> bool {
-        self.job.is_none() && !self.saver.is_busy() && self.studio.revision == self.saver.saved_revision()
+        self.job.is_none()
+            && !self.saver.is_busy()
+            && self.studio.revision == self.saver.saved_revision()
+            && !self.model_writes_pending()
+    }
+
+    /// Whether a loaded model's file does not yet hold the project's thresholds.
+    fn model_writes_pending(&self) -> bool {
+        self.studio.project.models.iter().zip(&self.studio.runtimes).any(|(entry, runtime)| {
+            runtime
+                .manifest
+                .as_ref()
+                .is_some_and(|m| (m.thresholds.decision, m.thresholds.review) != (entry.decision, entry.review))
+        })
     }
 
     /// Whether the inspector has image `index` decoded and uploaded.
@@ -479,8 +492,24 @@ impl StudioApp {
                         entry.evaluations = fresh;
                         entry.inspected = reloaded.evaluated.inspected;
                     }
+                    // A threshold set outside the studio since (`loupe eval --save-threshold`) is newer than the
+                    // project's: adopt it, and say so, rather than write the project's over it.
+                    let thresholds = &reloaded.manifest.thresholds;
+                    let in_file = (thresholds.decision, thresholds.review);
+                    let by_command = thresholds.chosen_by == loupe_engine::model_file::ChosenBy::Command;
+                    let adopted = by_command && in_file != (entry.decision, entry.review);
+                    if adopted {
+                        (entry.decision, entry.review) = in_file;
+                        let decision = in_file.0.map_or("none".into(), |t| format!("{t:.4}"));
+                        let text = format!(
+                            "{}: its model file holds the threshold {decision} ({}), set outside the studio; the \
+                             project now uses it",
+                            entry.name, thresholds.rule
+                        );
+                        self.messages.push(Message { kind: MessageKind::Info, text, details: Vec::new() });
+                    }
                     let mut runtime = ModelRuntime::from_entry(entry);
-                    if changed {
+                    if changed || adopted {
                         self.studio.changed();
                     }
                     runtime.model = Some(reloaded.model);
@@ -530,6 +559,10 @@ impl StudioApp {
             }
         }
         self.studio.masks.saved(self.saver.saved_revision());
+        self.note_written_models();
+        if !self.saver.is_busy() && !self.saver.recently_failed() {
+            self.queue_model_writes();
+        }
         if self.studio.autosave.due(&self.saver, self.studio.revision) {
             self.queue_save();
         } else if self.studio.revision != self.saver.saved_revision() {
@@ -541,29 +574,45 @@ impl StudioApp {
     fn queue_save(&mut self) {
         match self.studio.project.to_ron() {
             Ok(text) => {
-                let masks = self.studio.masks.unsaved(&self.studio.dir());
-                self.saver.save_project(self.studio.path.clone(), text, self.studio.revision, masks)
+                let dir = self.studio.dir();
+                let masks = self.studio.masks.unsaved(&dir);
+                let superseded = self.studio.masks.take_superseded().iter().map(|f| dir.join(f)).collect();
+                self.saver.save_project(self.studio.path.clone(), text, self.studio.revision, masks, superseded)
             }
             Err(error) => self.error(format!("{error:#}")),
         }
+    }
+
+    /// Thresholds travel with the model: rewrites the model files whose thresholds differ from the project's.
+    /// What a file holds is known from its last successful write ([`Self::note_written_models`]), so a failed
+    /// write is tried again.
+    fn queue_model_writes(&mut self) {
+        if !self.model_writes_pending() {
+            return;
+        }
         let studio = &self.studio;
-        // Thresholds travel with the model: rewrite model files whose thresholds changed.
         for (entry, runtime) in studio.project.models.iter().zip(&studio.runtimes) {
             let (Some(model), Some(manifest)) = (&runtime.model, &runtime.manifest) else { continue };
             let written = (manifest.thresholds.decision, manifest.thresholds.review);
             if written != (entry.decision, entry.review) {
-                self.saver.save_model(
-                    resolve(&studio.dir(), &entry.file),
-                    model.clone(),
-                    manifest.clone(),
-                    entry.clone(),
-                );
+                let path = resolve(&studio.dir(), &entry.file);
+                self.saver.save_model(path, model.clone(), manifest.clone(), entry.clone());
             }
         }
-        for (entry, runtime) in self.studio.project.models.iter().zip(self.studio.runtimes.iter_mut()) {
-            if let Some(manifest) = runtime.manifest.as_mut() {
-                manifest.thresholds.decision = entry.decision;
-                manifest.thresholds.review = entry.review;
+    }
+
+    fn note_written_models(&mut self) {
+        let dir = self.studio.dir();
+        for (path, (decision, review)) in self.saver.take_written_models() {
+            for (entry, runtime) in self.studio.project.models.iter().zip(self.studio.runtimes.iter_mut()) {
+                if resolve(&dir, &entry.file) != path {
+                    continue;
+                }
+                if let Some(manifest) = runtime.manifest.as_mut() {
+                    manifest.thresholds.decision = decision;
+                    manifest.thresholds.review = review;
+                    manifest.thresholds.chosen_by = loupe_engine::model_file::ChosenBy::Studio;
+                }
             }
         }
     }
@@ -573,6 +622,7 @@ impl StudioApp {
         if self.studio.revision != self.saver.saved_revision() {
             self.queue_save();
         }
+        self.queue_model_writes();
         for result in self.saver.wait() {
             if let Err(error) = result {
                 self.error(format!("could not save: {error}"));

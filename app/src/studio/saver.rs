@@ -59,6 +59,8 @@ enum Request {
         text: String,
         revision: u64,
         masks: Vec<(PathBuf, Arc<DefectMask>)>,
+        /// Mask files the project no longer names, deleted once it is written.
+        superseded: Vec<PathBuf>,
     },
     Model {
         path: PathBuf,
@@ -79,9 +81,12 @@ fn write_project(path: &Path, text: &str, masks: &[(PathBuf, Arc<DefectMask>)]) 
     loupe_engine::atomic_file::write_atomic(path, text.as_bytes())
 }
 
+/// A model file's decision and review thresholds.
+pub type WrittenThresholds = (Option<f32>, Option<f32>);
+
 enum Done {
     Project { revision: u64, result: Result<(), String> },
-    Model { result: Result<(), String> },
+    Model { path: PathBuf, thresholds: WrittenThresholds, result: Result<(), String> },
 }
 
 pub struct Saver {
@@ -90,6 +95,8 @@ pub struct Saver {
     in_flight: usize,
     saved_revision: u64,
     failed_at: Option<Instant>,
+    /// Model files written since [`Saver::take_written_models`] was last called, with the thresholds they hold.
+    written_models: Vec<(PathBuf, WrittenThresholds)>,
 }
 
 impl Saver {
@@ -99,15 +106,27 @@ impl Saver {
         std::thread::Builder::new()
             .name("loupe saver".into())
             .spawn(move || {
+                // Superseded masks wait here until a project that does not name them is on disk: a failed save
+                // keeps them for the next one.
+                let mut to_delete: Vec<PathBuf> = Vec::new();
                 for request in inbox {
                     let finished = match request {
-                        Request::Project { path, text, revision, masks } => Done::Project {
-                            revision,
-                            result: write_project(&path, &text, &masks).map_err(|e| format!("{e:#}")),
-                        },
+                        Request::Project { path, text, revision, masks, superseded } => {
+                            to_delete.extend(superseded);
+                            let result = write_project(&path, &text, &masks).map_err(|e| format!("{e:#}"));
+                            if result.is_ok() {
+                                for file in to_delete.drain(..) {
+                                    // Already gone (never written: replaced before a save) is fine.
+                                    let _ = std::fs::remove_file(file);
+                                }
+                            }
+                            Done::Project { revision, result }
+                        }
                         Request::Model { path, model, manifest, entry } => Done::Model {
                             result: write_thresholds(&path, model.as_ref(), &manifest, &entry)
                                 .map_err(|e| format!("{}: {e:#}", path.display())),
+                            thresholds: (entry.decision, entry.review),
+                            path,
                         },
                     };
                     if outbox.send(finished).is_err() {
@@ -117,12 +136,20 @@ impl Saver {
                 }
             })
             .expect("the OS refused to start the saver thread");
-        Self { requests, done, in_flight: 0, saved_revision: 0, failed_at: None }
+        Self { requests, done, in_flight: 0, saved_revision: 0, failed_at: None, written_models: Vec::new() }
     }
 
     /// Writes `masks` (each atomically), then the project text; a failure leaves the project file as it was.
-    pub fn save_project(&mut self, path: PathBuf, text: String, revision: u64, masks: Vec<(PathBuf, Arc<DefectMask>)>) {
-        self.send(Request::Project { path, text, revision, masks });
+    /// After a successful write, deletes the `superseded` mask files (of this and earlier failed requests).
+    pub fn save_project(
+        &mut self,
+        path: PathBuf,
+        text: String,
+        revision: u64,
+        masks: Vec<(PathBuf, Arc<DefectMask>)>,
+        superseded: Vec<PathBuf>,
+    ) {
+        self.send(Request::Project { path, text, revision, masks, superseded });
     }
 
     pub fn save_model(&mut self, path: PathBuf, model: Arc<dyn AnomalyModel>, manifest: Manifest, entry: ModelEntry) {
@@ -144,6 +171,12 @@ impl Saver {
         self.saved_revision
     }
 
+    /// The model files written successfully since the last call, and the thresholds each now holds: only then
+    /// does the studio count a threshold as travelling with its model (a failed write is retried).
+    pub fn take_written_models(&mut self) -> Vec<(PathBuf, WrittenThresholds)> {
+        std::mem::take(&mut self.written_models)
+    }
+
     pub fn recently_failed(&self) -> bool {
         self.failed_at.is_some_and(|t| t.elapsed() < RETRY_AFTER)
     }
@@ -157,7 +190,12 @@ impl Saver {
                 }
                 result
             }
-            Done::Model { result } => result,
+            Done::Model { path, thresholds, result } => {
+                if result.is_ok() {
+                    self.written_models.push((path, thresholds));
+                }
+                result
+            }
         };
         self.failed_at = if result.is_err() { Some(Instant::now()) } else { None };
         result

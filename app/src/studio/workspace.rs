@@ -3,11 +3,12 @@
 //! import, training, re-scoring — written as plain functions over the engine's `Progress` so they run in a
 //! [`super::jobs::Job`] and in tests alike.
 
-use super::project::{resolve, ModelEntry, Project, Source, TrainingChoice};
+use super::project::{resolve, source_names, ModelEntry, Project, Source, TrainingChoice};
 use anyhow::{bail, Context, Result};
 use eframe::egui::ColorImage;
 use loupe_engine::backbone::Backbone;
 use loupe_engine::dataset::decode::open_image;
+use loupe_engine::dataset::layout::FOLDER_TEST_FRACTION;
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::dataset::{
     decode_all, scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label,
@@ -18,7 +19,7 @@ use loupe_engine::labels::{label_key, LabelSet, Verdict};
 use loupe_engine::maps::ScoreMap;
 use loupe_engine::methods::{find_method, AnomalyModel};
 use loupe_engine::metrics::ThresholdTable;
-use loupe_engine::model_file::{self, Manifest};
+use loupe_engine::model_file::{self, ChosenBy, Manifest};
 use loupe_engine::pipeline::{fit_records, score_images, FitRequest};
 use loupe_engine::progress::{check_cancelled, Progress};
 use rayon::prelude::*;
@@ -28,8 +29,6 @@ use std::sync::Arc;
 
 /// Longest side of a gallery thumbnail, in pixels.
 pub const THUMBNAIL_SIZE: u32 = 112;
-/// Share of an anomalib Folder source's good images held out for evaluation.
-const FOLDER_TEST_FRACTION: f64 = 0.2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
@@ -138,10 +137,10 @@ fn thumbnail_of(path: &Path) -> Result<(ColorImage, [usize; 2]), String> {
 /// Every image of `sources` with its label key, without reading the images (labels import and export).
 pub fn labelled_paths(project_dir: &Path, sources: &[Source]) -> Result<Vec<(String, PathBuf)>> {
     let mut listed = Vec::new();
-    for source in sources {
+    for (source, category) in sources.iter().zip(source_names(sources)) {
         let records = source_records(project_dir, source)
             .with_context(|| format!("cannot list {} ({})", source.root().display(), source.kind_label()))?;
-        let (category, root) = (source.category(), resolve(project_dir, source.root()));
+        let root = resolve(project_dir, source.root());
         listed.extend(
             records
                 .into_iter()
@@ -155,11 +154,10 @@ pub fn labelled_paths(project_dir: &Path, sources: &[Source]) -> Result<Vec<(Str
 /// scanned at all (missing folder) is an error naming it.
 pub fn import(project_dir: &Path, sources: &[Source], progress: &dyn Progress) -> Result<Imported> {
     let mut listed = Vec::new();
-    for source in sources {
+    for (source, category) in sources.iter().zip(source_names(sources)) {
         progress.begin(&format!("listing {}", source.root().display()), 0);
         let records = source_records(project_dir, source)
             .with_context(|| format!("cannot import {} ({})", source.root().display(), source.kind_label()))?;
-        let category = source.category();
         let root = resolve(project_dir, source.root());
         listed.extend(records.into_iter().map(|(record, split)| {
             let key = label_key(&category, &path_in_source(&record.path, &root));
@@ -388,6 +386,39 @@ pub struct Trained {
     pub skipped: Vec<String>,
 }
 
+/// What trains: the good training images, less those the labeller called defective or unsure (a person's word
+/// on a part outranks its folder's), with how many were left out for each reason.
+pub struct TrainingSet {
+    pub records: Vec<ImageRecord>,
+    pub labelled_defect: usize,
+    pub labelled_unsure: usize,
+}
+
+impl TrainingSet {
+    pub fn of(images: &[StudioImage], labels: &LabelSet) -> Self {
+        let mut set = TrainingSet { records: Vec::new(), labelled_defect: 0, labelled_unsure: 0 };
+        for image in images.iter().filter(|i| i.split == Split::Train && !i.label.is_anomalous()) {
+            match labels.get(&image.label_key).and_then(|l| l.verdict) {
+                Some(Verdict::Defect) => set.labelled_defect += 1,
+                Some(Verdict::Unsure) => set.labelled_unsure += 1,
+                Some(Verdict::Good) | None => set.records.push(ImageRecord::normal(image.path.clone())),
+            }
+        }
+        set
+    }
+
+    /// "left out: 2 labelled defective, 1 unsure", or `None` when nothing was.
+    pub fn left_out(&self) -> Option<String> {
+        let parts: Vec<String> =
+            [(self.labelled_defect, "labelled defective"), (self.labelled_unsure, "labelled unsure")]
+                .into_iter()
+                .filter(|(count, _)| *count > 0)
+                .map(|(count, why)| format!("{count} {why}"))
+                .collect();
+        (!parts.is_empty()).then(|| format!("left out: {}", parts.join(", ")))
+    }
+}
+
 /// A file name in `models/` that no existing model uses.
 fn free_model_file(project_dir: &Path, method: &str) -> PathBuf {
     (1u64..)
@@ -411,11 +442,11 @@ pub fn train(
     let settings: serde_json::Value = serde_json::from_str(&choice.settings_json)
         .with_context(|| format!("the {} settings are not valid JSON", method.title))?;
     let device: DeviceChoice = choice.device.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let records: Vec<ImageRecord> = images
-        .iter()
-        .filter(|i| i.split == Split::Train && !i.label.is_anomalous())
-        .map(|i| ImageRecord::normal(i.path.clone()))
-        .collect();
+    let training = TrainingSet::of(images, labels);
+    if let Some(left_out) = training.left_out() {
+        progress.note(&format!("training images {left_out}"));
+    }
+    let records = training.records;
     if records.is_empty() {
         bail!("no good training images: import a folder of good images or a benchmark folder first");
     }
@@ -488,5 +519,47 @@ pub fn write_thresholds(path: &Path, model: &dyn AnomalyModel, manifest: &Manife
     manifest.thresholds.decision = entry.decision;
     manifest.thresholds.review = entry.review;
     manifest.thresholds.rule = "chosen in the studio".into();
+    manifest.thresholds.chosen_by = ChosenBy::Studio;
     model_file::save(path, model, &manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use loupe_engine::labels::ImageLabel;
+
+    fn image(path: &str, split: Split) -> StudioImage {
+        StudioImage {
+            path: path.into(),
+            split,
+            label: Label::Normal,
+            mask: None,
+            category: "parts".into(),
+            label_key: format!("parts/{path}"),
+            thumbnail: Arc::new(ColorImage::default()),
+            original_size: [1, 1],
+        }
+    }
+
+    #[test]
+    fn images_the_labeller_called_defective_or_unsure_never_train() {
+        let images = [
+            image("a.png", Split::Train),
+            image("b.png", Split::Train),
+            image("c.png", Split::Train),
+            image("d.png", Split::Train),
+            image("e.png", Split::Test),
+        ];
+        let label = |verdict| ImageLabel { verdict: Some(verdict), ..Default::default() };
+        let labels = LabelSet::from([
+            ("parts/b.png".to_string(), label(Verdict::Defect)),
+            ("parts/c.png".to_string(), label(Verdict::Unsure)),
+            ("parts/d.png".to_string(), label(Verdict::Good)),
+        ]);
+        let set = TrainingSet::of(&images, &labels);
+        let trained: Vec<&Path> = set.records.iter().map(|r| r.path.as_path()).collect();
+        assert_eq!(trained, [Path::new("a.png"), Path::new("d.png")]);
+        assert_eq!(set.left_out().unwrap(), "left out: 1 labelled defective, 1 labelled unsure");
+        assert_eq!(TrainingSet::of(&images, &LabelSet::new()).left_out(), None);
+    }
 }

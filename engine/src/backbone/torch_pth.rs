@@ -21,6 +21,12 @@ pub struct PthTensor {
 
 /// Largest pickle we parse; real state dicts are tens of kilobytes.
 const MAX_PICKLE_BYTES: usize = 64 << 20;
+/// Largest checkpoint file, and most tensor data (bytes, all storages of a zip together) we read from one.
+/// EfficientNet-Lite0's checkpoint is 19 MB.
+const MAX_CHECKPOINT_BYTES: u64 = 1 << 30;
+/// Most values the rebuilt tensors may hold together (1 GiB of f32): a view may not hold more values than its
+/// storage, but several views may share one storage.
+const MAX_TENSOR_VALUES: usize = 1 << 28;
 
 const ALLOWED_GLOBALS: &[(&str, &str)] = &[
     ("collections", "OrderedDict"),
@@ -39,6 +45,10 @@ const ALLOWED_GLOBALS: &[(&str, &str)] = &[
 
 /// Reads every floating-point tensor of a `.pth` file. Integer tensors (batch counters) are skipped.
 pub fn read_pth(path: &Path) -> Result<Vec<(String, PthTensor)>> {
+    let size = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?.len();
+    if size > MAX_CHECKPOINT_BYTES {
+        bail!("{}: {size} bytes is too large for a backbone checkpoint", path.display());
+    }
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let parsed = std::panic::catch_unwind(|| read_pth_bytes(&bytes));
     match parsed {
@@ -49,120 +59,176 @@ pub fn read_pth(path: &Path) -> Result<Vec<(String, PthTensor)>> {
 
 pub fn read_pth_bytes(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
     if bytes.starts_with(b"PK\x03\x04") {
-        read_zip(bytes)
+        read_zip(bytes, MAX_CHECKPOINT_BYTES as usize)
     } else {
         read_legacy(bytes)
     }
 }
 
-/// Most objects one pickle may build. A real state dict builds a few thousand; a pickle that reuses memoised
-/// objects inside themselves ("billion laughs") would otherwise exhaust memory in the interpreter, which
-/// copies memo entries.
-const MAX_PICKLE_OBJECTS: u64 = 10_000_000;
+/// Most bytes the objects of one pickle may occupy once built: stack and memo together, each object counted at
+/// [`OBJECT_BYTES`] plus its text. A real state dict builds a few hundred kilobytes; a pickle that copies
+/// memoised objects into themselves ("billion laughs") or memoises one large string many times would otherwise
+/// exhaust memory in candle's interpreter, which deep-copies memo entries on every get and put.
+const MAX_PICKLE_BUILD_BYTES: u64 = 256 << 20;
+/// What one object costs in the interpreter besides its text (an `Object` and its box or vector slot, rounded up).
+const OBJECT_BYTES: u64 = 64;
 
-/// Counts (with saturation) the objects the pickle starting at `bytes` would build, without building them, and
-/// refuses it past [`MAX_PICKLE_OBJECTS`]. Mirrors the opcodes candle's interpreter accepts; anything else is
-/// left for the interpreter to reject.
-fn check_pickle_expansion(bytes: &[u8]) -> Result<()> {
-    const MARK: u64 = u64::MAX;
-    let mut stack: Vec<u64> = Vec::new();
-    let mut memo: HashMap<u32, u64> = HashMap::new();
-    let mut position = 0usize;
-    let take = |position: &mut usize, n: usize| -> Result<&[u8]> {
-        let slice = bytes.get(*position..*position + n).ok_or_else(|| anyhow!("pickle: truncated"))?;
-        *position += n;
-        Ok(slice)
-    };
-    let pop = |stack: &mut Vec<u64>| stack.pop().filter(|&w| w != MARK).ok_or_else(|| anyhow!("pickle: malformed"));
-    let pop_to_mark = |stack: &mut Vec<u64>| -> Result<u64> {
+/// The interpreter's stack and memo as sizes only: what [`check_pickle_expansion`] tracks instead of objects.
+#[derive(Default)]
+struct BuildSizes {
+    /// Per stack entry its size, `None` for a mark.
+    stack: Vec<Option<u64>>,
+    memo: HashMap<u32, u64>,
+    /// Sum of the stack's sizes and the memo's.
+    live: u64,
+}
+
+impl BuildSizes {
+    fn push(&mut self, size: u64) {
+        self.live = self.live.saturating_add(size);
+        self.stack.push(Some(size));
+    }
+
+    fn pop(&mut self) -> Result<u64> {
+        let size = self.stack.pop().flatten().ok_or_else(|| anyhow!("pickle: malformed"))?;
+        self.live -= size;
+        Ok(size)
+    }
+
+    /// Pops the entries above the last mark and the mark; their total size.
+    fn pop_to_mark(&mut self) -> Result<u64> {
         let mut total = 0u64;
         loop {
-            match stack.pop() {
-                Some(MARK) => return Ok(total),
-                Some(weight) => total = total.saturating_add(weight),
+            match self.stack.pop() {
+                Some(None) => return Ok(total),
+                Some(Some(size)) => {
+                    self.live -= size;
+                    total = total.saturating_add(size);
+                }
                 None => bail!("pickle: missing mark"),
             }
         }
+    }
+
+    /// Replaces the popped `parts` by one new object holding them.
+    fn combine(&mut self, parts: u64) {
+        self.push(parts.saturating_add(OBJECT_BYTES));
+    }
+
+    /// Moves `added` bytes (already popped) into the container on top of the stack.
+    fn grow_top(&mut self, added: u64) -> Result<()> {
+        let top = self.stack.last_mut().and_then(|s| s.as_mut()).ok_or_else(|| anyhow!("pickle: malformed"))?;
+        *top = top.saturating_add(added);
+        self.live = self.live.saturating_add(added);
+        Ok(())
+    }
+
+    /// PUT: the memo gets a deep copy of the top object.
+    fn memo_put(&mut self, id: u32) {
+        let size = self.stack.last().copied().flatten().unwrap_or(OBJECT_BYTES);
+        if let Some(old) = self.memo.insert(id, size) {
+            self.live -= old;
+        }
+        self.live = self.live.saturating_add(size);
+    }
+
+    /// GET: the stack gets a deep copy of the memo entry.
+    fn memo_get(&mut self, id: u32) {
+        let size = self.memo.get(&id).copied().unwrap_or(OBJECT_BYTES);
+        self.push(size);
+    }
+}
+
+/// Computes (with saturation) how many bytes the objects of the pickle starting at `bytes` would occupy, without
+/// building them, and refuses it past [`MAX_PICKLE_BUILD_BYTES`]. Mirrors the opcodes candle's interpreter
+/// accepts; anything else is left for the interpreter to reject.
+fn check_pickle_expansion(bytes: &[u8]) -> Result<()> {
+    let mut sizes = BuildSizes::default();
+    let mut position = 0usize;
+    let take = |position: &mut usize, n: usize| -> Result<&[u8]> {
+        let end = position.checked_add(n).ok_or_else(|| anyhow!("pickle: truncated"))?;
+        let slice = bytes.get(*position..end).ok_or_else(|| anyhow!("pickle: truncated"))?;
+        *position = end;
+        Ok(slice)
     };
+    let u32_at = |slice: &[u8]| u32::from_le_bytes(slice.try_into().expect("4 bytes"));
     loop {
         let opcode = take(&mut position, 1)?[0];
         match opcode {
             0x80 => drop(take(&mut position, 1)?),
             b'c' => {
+                let mut text = 0u64;
                 for _ in 0..2 {
                     let line_end = bytes[position..]
                         .iter()
                         .position(|&b| b == b'\n')
                         .ok_or_else(|| anyhow!("pickle: truncated"))?;
                     position += line_end + 1;
+                    text += line_end as u64;
                 }
-                stack.push(1);
+                sizes.push(OBJECT_BYTES + text);
             }
-            b'q' => {
-                let id = take(&mut position, 1)?[0] as u32;
-                memo.insert(id, *stack.last().unwrap_or(&1));
-            }
-            b'r' => {
-                let id = u32::from_le_bytes(take(&mut position, 4)?.try_into().expect("4 bytes"));
-                memo.insert(id, *stack.last().unwrap_or(&1));
-            }
-            b'h' => {
-                let id = take(&mut position, 1)?[0] as u32;
-                stack.push(*memo.get(&id).unwrap_or(&1));
-            }
-            b'j' => {
-                let id = u32::from_le_bytes(take(&mut position, 4)?.try_into().expect("4 bytes"));
-                stack.push(*memo.get(&id).unwrap_or(&1));
-            }
-            b')' | b']' | b'}' | b'd' | 0x88 | 0x89 | b'N' => stack.push(1),
-            b'(' => stack.push(MARK),
+            b'q' => sizes.memo_put(take(&mut position, 1)?[0] as u32),
+            b'r' => sizes.memo_put(u32_at(take(&mut position, 4)?)),
+            b'h' => sizes.memo_get(take(&mut position, 1)?[0] as u32),
+            b'j' => sizes.memo_get(u32_at(take(&mut position, 4)?)),
+            b')' | b']' | b'}' | 0x88 | 0x89 | b'N' => sizes.push(OBJECT_BYTES),
+            b'(' => sizes.stack.push(None),
             b'X' => {
-                let length = u32::from_le_bytes(take(&mut position, 4)?.try_into().expect("4 bytes")) as usize;
+                let length = u32_at(take(&mut position, 4)?) as usize;
                 take(&mut position, length)?;
-                stack.push(1);
+                sizes.push(OBJECT_BYTES + length as u64);
             }
-            b'J' => drop(take(&mut position, 4).map(|_| stack.push(1))?),
-            b'K' => drop(take(&mut position, 1).map(|_| stack.push(1))?),
-            b'M' => drop(take(&mut position, 2).map(|_| stack.push(1))?),
-            b'G' => drop(take(&mut position, 8).map(|_| stack.push(1))?),
+            b'J' => drop(take(&mut position, 4).map(|_| sizes.push(OBJECT_BYTES))?),
+            b'K' => drop(take(&mut position, 1).map(|_| sizes.push(OBJECT_BYTES))?),
+            b'M' => drop(take(&mut position, 2).map(|_| sizes.push(OBJECT_BYTES))?),
+            b'G' => drop(take(&mut position, 8).map(|_| sizes.push(OBJECT_BYTES))?),
             0x8a => {
+                // candle decodes LONG1 into an i64 by shifting each byte into place: more than 8 bytes overflows.
                 let length = take(&mut position, 1)?[0] as usize;
+                if length > 8 {
+                    bail!("pickle: a {length}-byte integer is too large");
+                }
                 take(&mut position, length)?;
-                stack.push(1);
+                sizes.push(OBJECT_BYTES);
             }
-            b't' => {
-                let total = pop_to_mark(&mut stack)?;
-                stack.push(total.saturating_add(1));
+            b't' | b'd' => {
+                let parts = sizes.pop_to_mark()?;
+                sizes.combine(parts);
             }
             0x85..=0x87 => {
-                let mut total = 1u64;
+                let mut parts = 0u64;
                 for _ in 0..(opcode - 0x84) {
-                    total = total.saturating_add(pop(&mut stack)?);
+                    parts = parts.saturating_add(sizes.pop()?);
                 }
-                stack.push(total);
+                sizes.combine(parts);
             }
             b'R' | b'b' | 0x81 => {
-                let total = pop(&mut stack)?.saturating_add(pop(&mut stack)?);
-                stack.push(total.saturating_add(1));
+                let parts = sizes.pop()?.saturating_add(sizes.pop()?);
+                sizes.combine(parts);
             }
             b'Q' => {
-                let weight = pop(&mut stack)?;
-                stack.push(weight.saturating_add(1));
+                let inner = sizes.pop()?;
+                sizes.combine(inner);
             }
-            b'a' | b's' | b'e' | b'u' => {
-                let added = match opcode {
-                    b'a' => pop(&mut stack)?,
-                    b's' => pop(&mut stack)?.saturating_add(pop(&mut stack)?),
-                    _ => pop_to_mark(&mut stack)?,
-                };
-                let target = stack.last_mut().filter(|w| **w != MARK).ok_or_else(|| anyhow!("pickle: malformed"))?;
-                *target = target.saturating_add(added);
+            b'a' => {
+                let added = sizes.pop()?;
+                sizes.grow_top(added)?;
             }
-            b'.' => return Ok(()),
+            b's' => {
+                let added = sizes.pop()?.saturating_add(sizes.pop()?);
+                sizes.grow_top(added)?;
+            }
+            b'e' | b'u' => {
+                let added = sizes.pop_to_mark()?;
+                sizes.grow_top(added)?;
+            }
             _ => return Ok(()),
         }
-        if stack.last().is_some_and(|&w| w != MARK && w > MAX_PICKLE_OBJECTS) {
-            bail!("refused: the pickle would build more than {MAX_PICKLE_OBJECTS} objects (a memory bomb?)");
+        if sizes.live > MAX_PICKLE_BUILD_BYTES {
+            bail!(
+                "refused: the pickle would build more than {MAX_PICKLE_BUILD_BYTES} bytes of objects (a memory bomb?)"
+            );
         }
     }
 }
@@ -335,13 +401,23 @@ fn gather_strided(name: &str, storage: &[f32], offset: usize, shape: &[usize], s
     if shape.len() != strides.len() {
         bail!("{name}: {} dimensions but {} strides", shape.len(), strides.len());
     }
-    let count: usize = shape.iter().product();
+    let count = shape.iter().try_fold(1usize, |total, &n| total.checked_mul(n));
+    let count = count.ok_or_else(|| anyhow!("{name}: its shape {shape:?} overflows"))?;
     if count == 0 {
         return Ok(Vec::new());
     }
-    let last_index = offset + shape.iter().zip(strides).map(|(&n, &s)| (n - 1) * s).sum::<usize>();
-    if last_index >= storage.len() {
-        bail!("{name}: its view reaches element {last_index} of a storage of {}", storage.len());
+    // A saved tensor holds at most as many values as its storage; zero or overlapping strides could otherwise
+    // let a one-value storage declare any size.
+    if count > storage.len() {
+        bail!("{name}: its shape {shape:?} has more values ({count}) than its storage ({})", storage.len());
+    }
+    let reach =
+        shape.iter().zip(strides).try_fold(offset, |total, (&n, &s)| total.checked_add((n - 1).checked_mul(s)?));
+    match reach {
+        Some(last_index) if last_index < storage.len() => {}
+        _ => {
+            bail!("{name}: its view (offset {offset}, strides {strides:?}) reaches past a storage of {}", storage.len())
+        }
     }
     let mut out = Vec::with_capacity(count);
     let mut index = vec![0usize; shape.len()];
@@ -361,6 +437,7 @@ fn gather_strided(name: &str, storage: &[f32], offset: usize, shape: &[usize], s
 
 fn build_tensors(refs: Vec<TensorRef>, storages: &HashMap<String, Vec<f32>>) -> Result<Vec<(String, PthTensor)>> {
     let mut tensors = Vec::new();
+    let mut total_values = 0usize;
     for tensor in refs {
         if element_size(&tensor.storage_type).is_none() {
             bail!("{}: unsupported storage type {}", tensor.name, tensor.storage_type);
@@ -370,6 +447,10 @@ fn build_tensors(refs: Vec<TensorRef>, storages: &HashMap<String, Vec<f32>>) -> 
             continue;
         };
         let data = gather_strided(&tensor.name, storage, tensor.offset, &tensor.shape, &tensor.strides)?;
+        total_values += data.len();
+        if total_values > MAX_TENSOR_VALUES {
+            bail!("the checkpoint's tensors hold more than {MAX_TENSOR_VALUES} values together");
+        }
         tensors.push((tensor.name, PthTensor { shape: tensor.shape, data }));
     }
     Ok(tensors)
@@ -416,7 +497,8 @@ fn read_legacy(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
     build_tensors(refs, &storages)
 }
 
-fn read_zip(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
+/// Reads a zip checkpoint whose storages hold at most `data_budget` bytes together.
+fn read_zip(bytes: &[u8], data_budget: usize) -> Result<Vec<(String, PthTensor)>> {
     let mut archive = zip::ZipArchive::new(Cursor::new(bytes)).context("broken zip container")?;
     let names: Vec<String> = archive.file_names().map(str::to_owned).collect();
     let pickle_name = names
@@ -429,12 +511,14 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
     let mut reader = Cursor::new(pickle.as_slice());
     let refs = tensor_refs(parse_one_pickle(&mut reader)?)?;
     let mut storages = HashMap::new();
+    let mut budget = data_budget;
     for tensor in &refs {
         if storages.contains_key(&tensor.storage_key) {
             continue;
         }
         let entry = format!("{prefix}data/{}", tensor.storage_key);
-        let data = read_zip_entry(&mut archive, &entry, usize::MAX)?;
+        let data = read_zip_entry(&mut archive, &entry, budget)?;
+        budget -= data.len();
         if let Some(values) = decode_floats(&tensor.storage_type, &data) {
             storages.insert(tensor.storage_key.clone(), values);
         }
@@ -442,13 +526,19 @@ fn read_zip(bytes: &[u8]) -> Result<Vec<(String, PthTensor)>> {
     build_tensors(refs, &storages)
 }
 
+/// Reads a zip entry of at most `limit` bytes. Neither the declared size (it sizes nothing before the data is
+/// there) nor the compression ratio is trusted: reading stops one byte past the limit.
 fn read_zip_entry(archive: &mut zip::ZipArchive<Cursor<&[u8]>>, name: &str, limit: usize) -> Result<Vec<u8>> {
-    let mut file = archive.by_name(name).with_context(|| format!("missing entry {name}"))?;
-    if file.size() as usize > limit {
-        bail!("entry {name} is implausibly large ({} bytes)", file.size());
+    let file = archive.by_name(name).with_context(|| format!("missing entry {name}"))?;
+    let too_large = || anyhow!("entry {name} is implausibly large (over {limit} bytes)");
+    if file.size() > limit as u64 {
+        return Err(too_large());
     }
-    let mut data = Vec::with_capacity(file.size() as usize);
-    file.read_to_end(&mut data)?;
+    let mut data = Vec::with_capacity((file.size() as usize).min(1 << 20));
+    file.take(limit as u64 + 1).read_to_end(&mut data).with_context(|| format!("entry {name} is damaged"))?;
+    if data.len() > limit {
+        return Err(too_large());
+    }
     Ok(data)
 }
 
@@ -499,6 +589,76 @@ mod tests {
         let mut reader = Cursor::new(&pickle[..]);
         let error = parse_one_pickle(&mut reader).unwrap_err().to_string();
         assert!(error.contains("memory bomb"), "{error}");
+    }
+
+    #[test]
+    fn dict_bomb_is_refused() {
+        // DICT pops to its mark: `( hN hN hN hN d qN+1` holds 4 copies of level N — 4^40 objects if built. The
+        // size pre-pass once counted DICT as one object and let this through to the interpreter.
+        let mut pickle = b"\x80\x02K\x01q\x00".to_vec();
+        for level in 0..40u8 {
+            pickle.extend_from_slice(&[
+                b'(',
+                b'h',
+                level,
+                b'h',
+                level,
+                b'h',
+                level,
+                b'h',
+                level,
+                b'd',
+                b'q',
+                level + 1,
+            ]);
+        }
+        pickle.push(b'.');
+        let error = parse_one_pickle(&mut Cursor::new(&pickle[..])).unwrap_err().to_string();
+        assert!(error.contains("memory bomb"), "{error}");
+    }
+
+    #[test]
+    fn memoised_string_copied_many_times_is_refused() {
+        // One 1 MiB string, memoised, then got 300 times: 300 MiB of copies from a 1 MiB file.
+        let mut pickle = b"\x80\x02(X".to_vec();
+        pickle.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        pickle.extend(std::iter::repeat_n(b'a', 1 << 20));
+        pickle.extend_from_slice(b"q\x00");
+        for _ in 0..300 {
+            pickle.extend_from_slice(b"h\x00");
+        }
+        pickle.extend_from_slice(b"l.");
+        let error = parse_one_pickle(&mut Cursor::new(&pickle[..])).unwrap_err().to_string();
+        assert!(error.contains("memory bomb"), "{error}");
+    }
+
+    #[test]
+    fn oversized_long_is_an_error_not_a_panic() {
+        let mut pickle = b"\x80\x02\x8a\x40".to_vec();
+        pickle.extend([0xff; 64]);
+        pickle.push(b'.');
+        let error = parse_one_pickle(&mut Cursor::new(&pickle[..])).unwrap_err().to_string();
+        assert!(error.contains("too large"), "{error}");
+    }
+
+    #[test]
+    fn zero_strides_cannot_inflate_a_storage() {
+        // One stored value viewed as a million by stride 0: refused, not a 4 MB allocation (or 4 TB).
+        let error = gather_strided("t", &[1.0], 0, &[1_000_000], &[0]).unwrap_err().to_string();
+        assert!(error.contains("more values"), "{error}");
+        let error = gather_strided("t", &[1.0, 2.0], 0, &[usize::MAX, 2], &[0, 1]).unwrap_err().to_string();
+        assert!(error.contains("overflows"), "{error}");
+        assert!(gather_strided("t", &[1.0, 2.0], 1, &[2], &[usize::MAX]).is_err());
+    }
+
+    #[test]
+    fn zip_storages_are_read_within_a_budget() {
+        // The tiny checkpoint's storages hold 36 bytes; with a budget of 8 the first one is refused, read no
+        // further than the budget (a zip bomb's declared and real sizes are both untrusted).
+        let bytes = include_bytes!("../../../tests/data/tiny_zip_checkpoint.pth");
+        let error = read_zip(bytes, 8).unwrap_err().to_string();
+        assert!(error.contains("implausibly large"), "{error}");
+        assert_eq!(read_zip(bytes, 1 << 20).unwrap().len(), 2);
     }
 
     #[test]

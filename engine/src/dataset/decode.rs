@@ -2,14 +2,95 @@
 //! reason; the caller reports them and carries on with the rest.
 
 use super::layout::ImageRecord;
-use image::{imageops::FilterType, DynamicImage, ImageReader};
+use image::{imageops::FilterType, DynamicImage, ImageDecoder, ImageReader};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
 
 /// Largest side accepted; anything bigger is refused as a likely decompression bomb.
 pub const MAX_IMAGE_SIDE: u32 = 16_384;
-/// Decoder allocation ceiling (bytes).
+/// Decoder allocation ceiling per image (bytes).
 pub const MAX_DECODE_BYTES: u64 = 1 << 30;
+/// Most bytes of decoded pixels held at once by all the images being opened: decoding runs on every core, and
+/// without this a folder of large images would take several times [`MAX_DECODE_BYTES`] together.
+pub const MAX_DECODING_BYTES: u64 = 3 << 29;
+
+/// Bytes of decoded pixels in flight, shared by every thread that opens images. An image waits until its bytes
+/// fit; one larger than the whole budget waits until it is alone.
+pub struct DecodeBudget {
+    limit: u64,
+    in_flight: Mutex<u64>,
+    freed: Condvar,
+}
+
+impl DecodeBudget {
+    pub const fn new(limit: u64) -> Self {
+        Self { limit, in_flight: Mutex::new(0), freed: Condvar::new() }
+    }
+
+    /// Blocks until `bytes` (at most the whole budget) fit, then holds them until the permit is dropped.
+    pub fn acquire(&self, bytes: u64) -> DecodePermit<'_> {
+        let bytes = bytes.min(self.limit);
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        while *in_flight + bytes > self.limit {
+            in_flight = self.freed.wait(in_flight).unwrap_or_else(|p| p.into_inner());
+        }
+        *in_flight += bytes;
+        DecodePermit { budget: self, bytes }
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        *self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Bytes held in a [`DecodeBudget`] while an opened image lives.
+pub struct DecodePermit<'a> {
+    budget: &'a DecodeBudget,
+    bytes: u64,
+}
+
+impl Drop for DecodePermit<'_> {
+    fn drop(&mut self) {
+        *self.budget.in_flight.lock().unwrap_or_else(|p| p.into_inner()) -= self.bytes;
+        self.budget.freed.notify_all();
+    }
+}
+
+static DECODE_BUDGET: DecodeBudget = DecodeBudget::new(MAX_DECODING_BYTES);
+
+/// A decoded image and its share of the decode budget, released when it is dropped: keep it only while its
+/// pixels are needed at full size (resize, thumbnail, convert), then drop it.
+pub struct OpenedImage {
+    pub image: DynamicImage,
+    _permit: DecodePermit<'static>,
+}
+
+impl std::ops::Deref for OpenedImage {
+    type Target = DynamicImage;
+    fn deref(&self) -> &DynamicImage {
+        &self.image
+    }
+}
+
+impl std::ops::DerefMut for OpenedImage {
+    fn deref_mut(&mut self) -> &mut DynamicImage {
+        &mut self.image
+    }
+}
+
+/// A JPEG's data ends with an end-of-image marker after its last start-of-scan. The decoder fills a truncated
+/// scan with grey without an error, so a cut-off file (an interrupted copy) would otherwise train as an image.
+fn check_complete(format: image::ImageFormat, bytes: &[u8]) -> Result<(), String> {
+    if format != image::ImageFormat::Jpeg {
+        return Ok(());
+    }
+    let last_marker = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+    match (last_marker(0xDA), last_marker(0xD9)) {
+        (Some(scan), Some(end)) if end > scan => Ok(()),
+        _ => Err("corrupt or truncated image (the JPEG data ends before its end-of-image marker)".into()),
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedFile {
@@ -49,22 +130,51 @@ impl DecodedImage {
     }
 }
 
-/// Opens and decodes one file with size limits, with a message fit for a person.
-pub fn open_image(path: &Path) -> Result<DynamicImage, String> {
+/// Opens and decodes one file with size limits, within the shared decode budget, with a message fit for a
+/// person.
+pub fn open_image(path: &Path) -> Result<OpenedImage, String> {
     let metadata = std::fs::metadata(path).map_err(|e| format!("cannot read ({e})"))?;
     if metadata.len() == 0 {
         return Err("empty file (0 bytes)".into());
     }
+    if metadata.len() > MAX_DECODE_BYTES {
+        return Err(format!(
+            "refused: {} bytes is larger than any image Loupe reads ({MAX_DECODE_BYTES})",
+            metadata.len()
+        ));
+    }
+    let reading = DECODE_BUDGET.acquire(metadata.len());
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read ({e})"))?;
+    // `decode_image` takes the file's and the pixels' share at once: a thread never holds one share while it
+    // waits for another.
+    drop(reading);
+    decode_image(bytes)
+}
+
+/// Decodes an image file's bytes with size limits, within the shared decode budget (the file's bytes and the
+/// decoded pixels), with a message fit for a person.
+pub fn decode_image(bytes: Vec<u8>) -> Result<OpenedImage, String> {
+    if bytes.is_empty() {
+        return Err("empty file (0 bytes)".into());
+    }
     // The content decides the format, not the extension: a text file named .jpg is "not an image".
     let format = image::guess_format(&bytes).map_err(|_| "not an image (unrecognised content)".to_string())?;
+    check_complete(format, &bytes)?;
+    let file_bytes = bytes.len() as u64;
     let mut reader = ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits);
-    reader.decode().map_err(|e| match e {
+    let decoded = reader.into_decoder().and_then(|decoder| {
+        // The file, the decoded pixels and one converted copy (RGB for the model, RGBA for the studio) at most.
+        let (width, height) = decoder.dimensions();
+        let converted = width as u64 * height as u64 * 4;
+        let permit = DECODE_BUDGET.acquire(file_bytes.saturating_add(decoder.total_bytes()).saturating_add(converted));
+        Ok(OpenedImage { image: DynamicImage::from_decoder(decoder)?, _permit: permit })
+    });
+    decoded.map_err(|e| match e {
         image::ImageError::Limits(_) => {
             format!("refused: larger than {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} or {MAX_DECODE_BYTES} bytes decoded (possible decompression bomb)")
         }
@@ -80,6 +190,9 @@ fn decode_one(index: usize, record: &ImageRecord, size: u32) -> Result<DecodedIm
     let image = open_image(&record.path).map_err(|reason| skip(&record.path, reason))?;
     let original_size = (image.width(), image.height());
     let rgb = image.resize_exact(size, size, FilterType::Triangle).to_rgb8().into_raw();
+    // Its budget is released before the mask takes its own: a thread never holds one permit while waiting for
+    // another.
+    drop(image);
     let mask = match &record.mask {
         None => None,
         Some(mask_path) => {
@@ -159,27 +272,58 @@ mod tests {
         std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
         let bomb = dir.join("bomb.png");
         write_png_header_only(&bomb, 100_000, 100_000);
+        // A JPEG cut off after 3,000 bytes (an interrupted copy): the decoder alone fills the rest with grey.
+        let photo = dir.join("photo.jpg");
+        let mut rng = crate::rng::SplitMix64::new(3);
+        image::RgbImage::from_fn(256, 256, |_, _| image::Rgb([rng.below(256) as u8, 90, 40])).save(&photo).unwrap();
+        let cut_jpeg = dir.join("cut.jpg");
+        let bytes = std::fs::read(&photo).unwrap();
+        assert!(bytes.len() > 20_000);
+        std::fs::write(&cut_jpeg, &bytes[..3000]).unwrap();
         let mask = dir.join("mask.png");
         image::GrayImage::new(5, 5).save(&mask).unwrap();
-        let mut records: Vec<ImageRecord> = [&good, &gray16, &rgba, &empty, &text, &truncated, &bomb]
-            .iter()
-            .map(|p| ImageRecord::normal(p.to_path_buf()))
-            .collect();
+        let mut records: Vec<ImageRecord> =
+            [&good, &gray16, &rgba, &empty, &text, &truncated, &bomb, &cut_jpeg, &photo]
+                .iter()
+                .map(|p| ImageRecord::normal(p.to_path_buf()))
+                .collect();
         records.push(ImageRecord {
             path: good.clone(),
             label: Label::Anomalous { defect_type: "spot".into() },
             mask: Some(mask.clone()),
         });
         let (images, skipped) = decode_all(&records, 16, &|_| {});
-        assert_eq!(images.len(), 3);
+        assert_eq!(images.len(), 4, "{skipped:?}");
         assert_eq!(images[1].rgb[0], 255, "16-bit white stays white");
         let reason = |p: &Path| skipped.iter().find(|s| s.path == p).map(|s| s.reason.clone()).unwrap();
         assert!(reason(&empty).contains("empty file"));
         assert!(reason(&text).contains("not an image"));
         assert!(reason(&truncated).contains("corrupt or truncated"), "{}", reason(&truncated));
         assert!(reason(&bomb).contains("decompression bomb"), "{}", reason(&bomb));
+        assert!(reason(&cut_jpeg).contains("corrupt or truncated"), "{}", reason(&cut_jpeg));
         assert!(reason(&mask).contains("mask is 5×5 but its image"), "{}", reason(&mask));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn decoding_waits_for_its_share_of_the_budget() {
+        let budget = DecodeBudget::new(100);
+        let first = budget.acquire(70);
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| {
+                let _second = budget.acquire(50);
+                budget.in_flight()
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert_eq!(budget.in_flight(), 70, "the second image waits while the first holds 70 of 100");
+            drop(first);
+            assert_eq!(waiting.join().unwrap(), 50);
+        });
+        // One image larger than the whole budget goes through alone.
+        let huge = budget.acquire(1_000);
+        assert_eq!(budget.in_flight(), 100);
+        drop(huge);
+        assert_eq!(budget.in_flight(), 0);
     }
 
     /// A PNG that claims huge dimensions: the decoder must refuse it before allocating.

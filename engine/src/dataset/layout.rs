@@ -145,14 +145,11 @@ pub fn scan_mvtec(dir: &Path) -> Result<Benchmark> {
 
 /// anomalib's Folder shape: normal images (split into train and test by `test_fraction` of the sorted list,
 /// every k-th image), abnormal images, and masks found by the image's name in `mask_dir`.
-pub fn scan_folder_layout(
-    normal_dir: &Path,
-    abnormal_dir: &Path,
-    mask_dir: Option<&Path>,
-    test_fraction: f64,
-) -> Result<Benchmark> {
+/// The one split of an anomalib Folder-shape folder of good images, shared by `fit --normal`, `eval --normal`
+/// and the studio: every `1 / test_fraction`-th image (in sorted order, from the first) tests, the rest train.
+/// A model fitted on the whole folder would be tested on images it learnt from.
+pub fn folder_split(normal_dir: &Path, test_fraction: f64) -> Result<Benchmark> {
     let normals = require_images(normal_dir, list_images(normal_dir)?)?;
-    let abnormals = require_images(abnormal_dir, list_images(abnormal_dir)?)?;
     let every = if test_fraction <= 0.0 { usize::MAX } else { (1.0 / test_fraction).round().max(2.0) as usize };
     let mut benchmark = Benchmark::default();
     for (index, path) in normals.into_iter().enumerate() {
@@ -162,6 +159,23 @@ pub fn scan_folder_layout(
             benchmark.train.push(ImageRecord::normal(path));
         }
     }
+    if benchmark.train.is_empty() {
+        bail!("{}: too few normal images to hold some out for testing", normal_dir.display());
+    }
+    Ok(benchmark)
+}
+
+/// The share of a Folder-shape source's good images that tests (one in five).
+pub const FOLDER_TEST_FRACTION: f64 = 0.2;
+
+pub fn scan_folder_layout(
+    normal_dir: &Path,
+    abnormal_dir: &Path,
+    mask_dir: Option<&Path>,
+    test_fraction: f64,
+) -> Result<Benchmark> {
+    let mut benchmark = folder_split(normal_dir, test_fraction)?;
+    let abnormals = require_images(abnormal_dir, list_images(abnormal_dir)?)?;
     let defect_type = abnormal_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or("defect".into());
     for path in abnormals {
         let mask = mask_dir.and_then(|dir| {
@@ -172,9 +186,6 @@ pub fn scan_folder_layout(
                 .find(|p| p.is_file())
         });
         benchmark.test.push(ImageRecord { path, label: Label::Anomalous { defect_type: defect_type.clone() }, mask });
-    }
-    if benchmark.train.is_empty() {
-        bail!("{}: too few normal images to hold some out for testing", normal_dir.display());
     }
     Ok(benchmark)
 }

@@ -168,7 +168,7 @@ pub fn clustered_features(n: usize, dim: usize, clusters: usize, seed: u64) -> V
 
 fn save_gray(path: &Path, size: usize, pixels: impl Iterator<Item = u8>) -> Result<()> {
     let image = image::GrayImage::from_raw(size as u32, size as u32, pixels.collect()).expect("size matches");
-    image.save(path).with_context(|| format!("{}: cannot write", path.display()))
+    crate::atomic_file::write_image_atomic(path, &image.into())
 }
 
 fn save_surface(path: &Path, surface: &Surface) -> Result<()> {

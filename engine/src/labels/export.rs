@@ -4,6 +4,7 @@
 //! are; names that would collide get a numeric suffix.
 
 use super::Verdict;
+use crate::atomic_file::copy_atomic;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -40,7 +41,7 @@ pub fn export_mvtec(items: &[ExportItem], out: &Path) -> Result<ExportSummary> {
         let test_dir = out.join("test").join(&folder);
         std::fs::create_dir_all(&test_dir).with_context(|| format!("{}: cannot create", test_dir.display()))?;
         let target = free_name(&test_dir, item.image);
-        std::fs::copy(item.image, &target)
+        copy_atomic(item.image, &target)
             .with_context(|| format!("cannot copy {} to {}", item.image.display(), target.display()))?;
         if item.verdict == Verdict::Good {
             summary.good += 1;
@@ -53,7 +54,7 @@ pub fn export_mvtec(items: &[ExportItem], out: &Path) -> Result<ExportSummary> {
                 std::fs::create_dir_all(&mask_dir).with_context(|| format!("{}: cannot create", mask_dir.display()))?;
                 let stem = target.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 let mask_target = mask_dir.join(format!("{stem}_mask.png"));
-                std::fs::copy(mask, &mask_target)
+                copy_atomic(mask, &mask_target)
                     .with_context(|| format!("cannot copy {} to {}", mask.display(), mask_target.display()))?;
                 summary.masks += 1;
             }

@@ -11,9 +11,9 @@ use std::path::Path;
 
 /// Larger files are refused before parsing.
 const MAX_FILE_BYTES: u64 = 64 << 20;
-/// Largest image side accepted.
-const MAX_SIDE: u32 = 32_768;
-/// Most points in one shape.
+/// Largest image side accepted: the decoder's (a mask of 16,384² is 256 MiB).
+const MAX_SIDE: u32 = crate::dataset::decode::MAX_IMAGE_SIDE;
+/// Most points in all shapes together: filling costs rows × points.
 const MAX_POINTS: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -70,10 +70,11 @@ pub fn parse(text: &str) -> Result<LabelmeAnnotation> {
     let mut mask = DefectMask::new(width, height);
     let mut defect_types: Vec<String> = Vec::new();
     let mut skipped = Vec::new();
+    let points: usize = file.shapes.iter().map(|s| s.points.len()).sum();
+    if points > MAX_POINTS {
+        bail!("its shapes have {points} points together; at most {MAX_POINTS}");
+    }
     for (index, shape) in file.shapes.iter().enumerate() {
-        if shape.points.len() > MAX_POINTS {
-            bail!("shape {index} ({}) has {} points; at most {MAX_POINTS}", shape.label, shape.points.len());
-        }
         if shape.points.iter().flatten().any(|v| !v.is_finite()) {
             bail!("shape {index} ({}) has a point that is not a number", shape.label);
         }

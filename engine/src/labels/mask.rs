@@ -2,14 +2,10 @@
 //! painting operations a labeller uses — brush and eraser strokes, polygons, fill — each reporting the
 //! rectangle it changed, and an undo/redo history of whole edits.
 
-use anyhow::{bail, Context, Result};
+use crate::dataset::decode::{decode_image, open_image};
+use anyhow::{anyhow, bail, Result};
 use std::collections::VecDeque;
 use std::path::Path;
-
-/// Masks wider or taller than this are refused when read (no inspection camera comes near it).
-pub const MAX_MASK_SIDE: u32 = 32_768;
-/// Mask files larger than this are refused before decoding.
-const MAX_MASK_FILE_BYTES: u64 = 256 << 20;
 
 /// Pixel rectangle `[x0, y0, x1, y1)` that an edit touched.
 pub type Dirty = [u32; 4];
@@ -34,22 +30,22 @@ impl DefectMask {
         Ok(Self { width, height, pixels: values.iter().map(|&v| u8::from(v != 0)).collect() })
     }
 
-    /// Reads a mask image (any format the image crate decodes; non-zero = defect), bounded in size.
+    /// Reads a mask image (any format the image crate decodes; non-zero = defect) through the images' bounded
+    /// decoder (`dataset::decode`: sizes, truncation, the shared decode budget).
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::metadata(path).with_context(|| format!("{}: cannot open", path.display()))?.len();
-        if bytes > MAX_MASK_FILE_BYTES {
-            bail!("{}: {bytes} bytes is too large for a mask", path.display());
-        }
-        let reader = image::ImageReader::open(path)
-            .and_then(|r| r.with_guessed_format())
-            .with_context(|| format!("{}: cannot open", path.display()))?;
-        let (width, height) =
-            reader.into_dimensions().with_context(|| format!("{}: not a readable image", path.display()))?;
-        if width > MAX_MASK_SIDE || height > MAX_MASK_SIDE {
-            bail!("{}: a {width}×{height} mask is larger than {MAX_MASK_SIDE} pixels a side", path.display());
-        }
-        let image = image::open(path).with_context(|| format!("{}: not a readable image", path.display()))?.to_luma8();
-        Self::from_values(image.width(), image.height(), image.as_raw())
+        let image = open_image(path).map_err(|reason| anyhow!("{}: {reason}", path.display()))?;
+        Ok(Self::from_luma(&image.to_luma8()))
+    }
+
+    /// [`Self::read`] from a file's bytes.
+    pub fn decode(bytes: Vec<u8>) -> Result<Self> {
+        let image = decode_image(bytes).map_err(|reason| anyhow!("{reason}"))?;
+        Ok(Self::from_luma(&image.to_luma8()))
+    }
+
+    fn from_luma(image: &image::GrayImage) -> Self {
+        let pixels = image.as_raw().iter().map(|&v| u8::from(v != 0)).collect();
+        Self { width: image.width(), height: image.height(), pixels }
     }
 
     /// Writes the mask as an 8-bit PNG of 0 / 255, atomically.

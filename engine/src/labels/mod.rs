@@ -62,9 +62,7 @@ pub fn write_mask_png(path: &Path, width: u32, height: u32, mask: &[u8]) -> anyh
     let image = image::GrayImage::from_raw(width, height, pixels).ok_or_else(|| {
         anyhow::anyhow!("a {width}×{height} mask needs {} values, got {}", width * height, mask.len())
     })?;
-    let mut bytes = Vec::new();
-    image.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)?;
-    crate::atomic_file::write_atomic(path, &bytes)
+    crate::atomic_file::write_image_atomic(path, &image.into())
 }
 
 /// Labels by [`label_key`].

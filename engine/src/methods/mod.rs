@@ -4,15 +4,24 @@
 
 /// Declares a method's registry entry `INFO`. The model type provides `fit(context, images, settings)` and
 /// `load(backbone, image_size, settings, tensors)`; its settings type has serde and `Default`, and arrives
-/// parsed from the JSON the user and the model file give.
+/// parsed from the JSON the user and the model file give, after every value was checked against its range
+/// (`ranges`: the method's own settings; the shared ones are in [`settings::COMMON_RANGES`]).
 macro_rules! method_info {
-    ($model:ident, $settings:ty, name: $name:expr, title: $title:expr, family: $family:expr, summary: $summary:expr
+    ($model:ident, $settings:ty, name: $name:expr, title: $title:expr, family: $family:expr, summary: $summary:expr,
+     ranges: [$($key:literal: $min:literal..=$max:literal),* $(,)?]
      $(, presets: [$($preset:literal: $about:literal => $make:path),* $(,)?])? $(,)?) => {
         pub static INFO: $crate::methods::MethodInfo = $crate::methods::MethodInfo {
             name: $name,
             title: $title,
             family: $family,
             summary: $summary,
+            ranges: &[$($crate::methods::settings::SettingRange::new($key, $min as f64, $max as f64)),*],
+            check: |settings| {
+                $crate::methods::settings::check_ranges($name, INFO.ranges, settings)?;
+                serde_json::from_value::<$settings>(settings.clone())
+                    .map_err(|e| anyhow::anyhow!("{} settings: {e}", $name))?;
+                Ok(())
+            },
             default_settings: || serde_json::to_value(<$settings>::default()).expect("settings serialise"),
             presets: &[$($($crate::methods::Preset {
                 name: $preset,
@@ -20,9 +29,11 @@ macro_rules! method_info {
                 settings: || serde_json::to_value($make()).expect("settings serialise"),
             }),*)?],
             fit: |context, images, settings| {
+                (INFO.check)(settings)?;
                 Ok(Box::new($model::fit(context, images, serde_json::from_value(settings.clone())?)?))
             },
             load: |backbone, image_size, settings, tensors| {
+                (INFO.check)(settings)?;
                 Ok(Box::new($model::load(backbone, image_size, serde_json::from_value(settings.clone())?, tensors)?))
             },
         };
@@ -70,6 +81,7 @@ pub mod gaussian;
 pub mod layers;
 pub mod reconstruction;
 pub mod representation;
+pub mod settings;
 pub mod ssim;
 pub mod training;
 
@@ -159,6 +171,10 @@ pub struct MethodInfo {
     pub title: &'static str,
     pub family: Family,
     pub summary: &'static str,
+    /// The ranges of the method's own numeric settings (the shared ones: [`settings::COMMON_RANGES`]).
+    pub ranges: &'static [settings::SettingRange],
+    /// Checks complete settings: every value in its range, and the shape the method's settings type reads.
+    pub check: fn(&serde_json::Value) -> Result<()>,
     /// The default: what finishes on an MVTec-sized category within 10 minutes on a 2-core CPU.
     pub default_settings: fn() -> serde_json::Value,
     pub presets: &'static [Preset],
@@ -203,6 +219,22 @@ impl MethodInfo {
                 bail!("{} has no preset `{name}` (available: {})", self.title, known.join(", "))
             }
         }
+    }
+}
+
+impl MethodInfo {
+    /// The default settings overlaid with `overrides` (a preset's or the user's), checked: the settings a fit
+    /// starts from. Unknown keys, values of the wrong kind and values outside their ranges are errors naming the
+    /// setting.
+    pub fn settings_with(&self, overrides: &serde_json::Value) -> Result<serde_json::Value> {
+        let merged = merge_settings((self.default_settings)(), overrides)?;
+        (self.check)(&merged)?;
+        Ok(merged)
+    }
+
+    /// The range of setting `name` (own or shared), for editors and help text.
+    pub fn range_of(&self, name: &str) -> Option<settings::SettingRange> {
+        settings::range_of(self.ranges, name)
     }
 }
 

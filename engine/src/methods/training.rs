@@ -71,7 +71,8 @@ pub fn train(
             }
             let value = loss(epoch, step)?;
             optimizer.backward_step(&value)?;
-            let scalar = value.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // Read back as F32 and widened here: Metal has no F64, so a device tensor never becomes one.
+            let scalar = value.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
             if !scalar.is_finite() {
                 bail!("the training loss became {scalar} in epoch {} (lower the learning rate)", epoch + 1);
             }
@@ -198,5 +199,34 @@ impl ShuffledBatches {
         }
         let start = (step * self.per_step).min(self.order.len());
         &self.order[start..(start + self.per_step).min(self.order.len())]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Candle's Metal backend has no F64: a device tensor converted to F64 fails there (training once did, on its
+    /// loss). Values that need f64 are read back as F32 and widened on the CPU. This guards every engine file
+    /// outside its tests, since no Metal machine runs the suite.
+    #[test]
+    fn no_device_tensor_becomes_f64() {
+        fn visit(dir: &std::path::Path, offenders: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    visit(&path, offenders);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                    for (number, line) in code.lines().enumerate() {
+                        if line.contains("DType::F64") && !line.trim_start().starts_with("//") {
+                            offenders.push(format!("{}:{}: {}", path.display(), number + 1, line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut offenders = Vec::new();
+        visit(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut offenders);
+        assert!(offenders.is_empty(), "F64 on a device:\n{}", offenders.join("\n"));
     }
 }

@@ -1,4 +1,6 @@
 //! ROC curve and its area, with ties handled as scikit-learn does (tied scores form one step of the curve).
+//! The curve keeps every distinct threshold: it equals scikit-learn's `roc_curve(..., drop_intermediate=False)`
+//! (its default, `True`, drops the collinear points in between; the area is the same).
 
 use super::{check_inputs, MetricError};
 use rayon::prelude::*;
@@ -72,7 +74,7 @@ pub fn auroc(scores: &[f32], labels: &[bool]) -> Result<f64, MetricError> {
 mod tests {
     use super::*;
 
-    // Reference values from scikit-learn 1.x `roc_auc_score` / `roc_curve`.
+    // Reference values from scikit-learn 1.x `roc_auc_score` / `roc_curve(..., drop_intermediate=False)`.
     #[test]
     fn matches_scikit_learn_with_ties() {
         let scores = [0.1, 0.4, 0.35, 0.8, 0.4, 0.9, 0.2, 0.4, 0.7, 0.05];

@@ -162,8 +162,19 @@ pub fn show(
     let span = (hi - lo).max(1e-6);
     let (slider_lo, slider_hi) = (lo - 0.02 * span, hi + 0.02 * span);
     let entry = studio.project.models[model_index].clone();
-    let mut decision = entry.decision.unwrap_or((lo + hi) / 2.0);
+    // Without a chosen threshold the view proposes the middle of the scores; it becomes the model's only when the
+    // user moves it or presses a button (opening the view chooses nothing).
+    let proposal = (lo + hi) / 2.0;
+    let mut decision = entry.decision.unwrap_or(proposal);
+    let shown = decision;
     let mut review = entry.review;
+    if entry.decision.is_none() {
+        ui.colored_label(
+            ui.visuals().warn_fg_color,
+            "No threshold chosen yet: the one shown is a proposal (the middle of the scores). Drag it or press a \
+             button to choose it.",
+        );
+    }
 
     ui.horizontal_wrapped(|ui| {
         let mut far_percent = state.target_far * 100.0;
@@ -233,7 +244,7 @@ pub fn show(
     if let Some(r) = review.as_mut() {
         *r = r.min(decision);
     }
-    if Some(decision) != entry.decision || review != entry.review {
+    if decision != shown || review != entry.review {
         let model = &mut studio.project.models[model_index];
         model.decision = Some(decision);
         model.review = review;

@@ -75,21 +75,28 @@ fn settings_editor(ui: &mut egui::Ui, studio: &mut Studio) {
     }
     egui::Grid::new("settings").num_columns(2).striped(true).show(ui, |ui| {
         for (key, value) in object.iter_mut() {
-            ui.label(key.as_str());
+            let range = method.range_of(key);
+            let label = ui.label(key.as_str());
+            if let Some(range) = range {
+                label.on_hover_text(format!("allowed: {}", range.describe()));
+            }
+            let (min, max) = range.map_or((f64::MIN, f64::MAX), |r| (r.min, r.max));
             match value {
                 serde_json::Value::Number(number) => {
                     if number.is_f64() {
                         let mut v = number.as_f64().unwrap_or_default();
-                        if ui.add(egui::DragValue::new(&mut v).speed(0.001).max_decimals(6)).changed() {
+                        let editor = egui::DragValue::new(&mut v).speed(0.001).max_decimals(6).range(min..=max);
+                        if ui.add(editor).changed() {
                             if let Some(n) = serde_json::Number::from_f64(v) {
                                 *number = n;
                                 changed = true;
                             }
                         }
                     } else {
-                        let mut v = number.as_i64().unwrap_or_default();
-                        if ui.add(egui::DragValue::new(&mut v).speed(1.0)).changed() {
-                            *number = v.into();
+                        let mut v = number.as_f64().unwrap_or_default();
+                        if ui.add(egui::DragValue::new(&mut v).speed(1.0).max_decimals(0).range(min..=max)).changed() {
+                            // Integer settings are non-negative; `as` saturates at u64::MAX.
+                            *number = serde_json::Number::from(v.round().max(0.0) as u64);
                             changed = true;
                         }
                     }
@@ -103,6 +110,10 @@ fn settings_editor(ui: &mut egui::Ui, studio: &mut Studio) {
             ui.end_row();
         }
     });
+    // What training would refuse, said before the button is pressed (a project file may hold anything).
+    if let Err(error) = method.settings_with(&settings) {
+        ui.colored_label(ui.visuals().error_fg_color, format!("{error:#}"));
+    }
     if changed {
         studio.project.training.settings_json = settings.to_string();
         studio.changed();
@@ -146,7 +157,8 @@ fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actio
         studio.changed();
     }
     ui.add_space(6.0);
-    let train_images = studio.images.iter().filter(|i| i.split == crate::studio::workspace::Split::Train).count();
+    let training = crate::studio::workspace::TrainingSet::of(&studio.images, &studio.project.labels);
+    let train_images = training.records.len();
     let can_train = context.job.is_none() && context.weights_present && train_images > 0;
     let title = find_method(&studio.project.training.method).map(|m| m.title).unwrap_or("?");
     let button = ui.add_enabled(can_train, egui::Button::new(format!("Train {title}")));
@@ -159,6 +171,9 @@ fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actio
         ui.label("needs good training images: use Import");
     } else {
         ui.label(format!("on {train_images} good training images (10 % held out to choose the threshold)"));
+    }
+    if let Some(left_out) = training.left_out() {
+        ui.label(format!("{left_out} — a person's word outranks the folder's"));
     }
 }
 

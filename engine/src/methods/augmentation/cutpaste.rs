@@ -24,7 +24,7 @@ use crate::methods::{
 };
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,7 @@ method_info!(
     title: "CutPaste",
     family: Family::DataAugmentation,
     summary: "Patch embeddings trained to spot CutPaste / scar augmentations; Gaussian density of normal patches.",
+    ranges: ["embedding_dim": 2..=1024, "shrinkage": 0..=1],
     presets: ["published": "the paper's training length, for a GPU" => CutpasteSettings::published],
 );
 
@@ -127,22 +128,8 @@ pub struct Cutpaste {
     pub record: TrainingRecord,
 }
 
-fn check_settings(settings: &CutpasteSettings) -> Result<()> {
-    if settings.epochs == 0 || settings.steps_per_epoch == 0 || settings.images_per_step == 0 {
-        bail!("epochs, steps_per_epoch and images_per_step must be at least 1");
-    }
-    if settings.embedding_dim < 2 {
-        bail!("embedding_dim must be at least 2");
-    }
-    if !(0.0..=1.0).contains(&settings.shrinkage) {
-        bail!("shrinkage must be in [0, 1], got {}", settings.shrinkage);
-    }
-    Ok(())
-}
-
 impl Cutpaste {
     pub fn fit(context: &FitContext, images: &[DecodedImage], settings: CutpasteSettings) -> Result<Self> {
-        check_settings(&settings)?;
         let standardise = patch_standardisation(context, images, "CutPaste")?;
         let device = context.device.clone();
         let progress = context.progress;
@@ -212,7 +199,6 @@ impl Cutpaste {
         settings: CutpasteSettings,
         mut tensors: HashMap<String, Tensor>,
     ) -> Result<Self> {
-        check_settings(&settings)?;
         let device = backbone.device.clone();
         let d = settings.embedding_dim;
         let standardise = Standardise::take(&mut tensors, "standardise", PATCH_CHANNELS, &device)?;

@@ -60,6 +60,7 @@ method_info!(
     title: "DRAEM",
     family: Family::DataAugmentation,
     summary: "Reconstructive + discriminative networks trained on Perlin-noise synthetic anomalies.",
+    ranges: ["downsample": 1..=4, "reconstructive_width": 1..=256, "discriminative_width": 1..=512],
     presets: ["published": "the paper's training length, for a GPU" => DraemSettings::published],
 );
 
@@ -269,12 +270,6 @@ pub struct Draem {
 fn check_settings(settings: &DraemSettings, image_size: u32) -> Result<()> {
     if ![1, 2, 4].contains(&settings.downsample) {
         bail!("downsample must be 1, 2 or 4, got {}", settings.downsample);
-    }
-    if settings.epochs == 0 || settings.steps_per_epoch == 0 || settings.batch_size == 0 {
-        bail!("epochs, steps_per_epoch and batch_size must be at least 1");
-    }
-    if settings.reconstructive_width == 0 || settings.discriminative_width == 0 {
-        bail!("reconstructive_width and discriminative_width must be at least 1");
     }
     let size = image_size as usize;
     // The patch grid is halved twice by the U-Net; the reconstructive network halves its input three times.

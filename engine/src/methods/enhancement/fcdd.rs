@@ -38,6 +38,7 @@ method_info!(
     title: "FCDD",
     family: Family::AlgorithmEnhancement,
     summary: "Fully convolutional one-class classifier with outlier exposure; explanation heatmaps.",
+    ranges: ["width": 1..=1024, "gauss_std": 0..=32],
     presets: ["published": "the paper's training length, for a GPU" => FcddSettings::published],
 );
 
@@ -146,15 +147,10 @@ pub struct Fcdd {
     pub record: TrainingRecord,
 }
 
-fn check_settings(settings: &FcddSettings, image_size: u32) -> Result<()> {
-    if settings.epochs == 0 || settings.steps_per_epoch == 0 || settings.images_per_step == 0 || settings.width == 0 {
-        bail!("epochs, steps_per_epoch, images_per_step and width must be at least 1");
-    }
+/// The settings' ranges were checked with INFO's; what remains depends on the image size.
+fn check_image_size(image_size: u32) -> Result<()> {
     if !(image_size as usize).is_multiple_of(PATCH_STRIDE) {
         bail!("FCDD needs an image size that is a multiple of {PATCH_STRIDE}; got {image_size}");
-    }
-    if !(settings.gauss_std.is_finite() && settings.gauss_std >= 0.0) {
-        bail!("gauss_std must be a non-negative number, got {}", settings.gauss_std);
     }
     Ok(())
 }
@@ -169,7 +165,7 @@ fn phi(backbone: &Backbone, standardise: &Standardise, head: &Head, images: &Ten
 
 impl Fcdd {
     pub fn fit(context: &FitContext, images: &[DecodedImage], settings: FcddSettings) -> Result<Self> {
-        check_settings(&settings, context.image_size)?;
+        check_image_size(context.image_size)?;
         let standardise = patch_standardisation(context, images, "FCDD")?;
         let device = context.device.clone();
         let progress = context.progress;
@@ -216,7 +212,7 @@ impl Fcdd {
         settings: FcddSettings,
         mut tensors: HashMap<String, Tensor>,
     ) -> Result<Self> {
-        check_settings(&settings, image_size)?;
+        check_image_size(image_size)?;
         let device = backbone.device.clone();
         let standardise = Standardise::take(&mut tensors, "standardise", PATCH_CHANNELS, &device)?;
         let varmap = load_varmap(tensors, &device, "FCDD", |vb| Head::new(vb.clone(), settings.width).map(|_| ()))?;

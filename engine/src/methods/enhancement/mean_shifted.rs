@@ -44,6 +44,7 @@ method_info!(
     title: "Mean-shifted contrastive",
     family: Family::AlgorithmEnhancement,
     summary: "Contrastive adaptation around the normal centre; angular distance to it per patch.",
+    ranges: ["positions_per_step": 2..=65536, "hidden": 1..=4096, "temperature": 0.001..=100],
     presets: ["published": "the paper's training length, for a GPU" => MeanShiftedSettings::published],
 );
 
@@ -159,16 +160,8 @@ pub struct MeanShifted {
     pub record: TrainingRecord,
 }
 
-fn check_settings(settings: &MeanShiftedSettings, image_size: u32) -> Result<usize> {
-    if settings.epochs == 0 || settings.steps_per_epoch == 0 || settings.images_per_step == 0 || settings.hidden == 0 {
-        bail!("epochs, steps_per_epoch, images_per_step and hidden must be at least 1");
-    }
-    if settings.positions_per_step < 2 {
-        bail!("positions_per_step must be at least 2");
-    }
-    if !(settings.temperature.is_finite() && settings.temperature > 0.0) {
-        bail!("temperature must be positive, got {}", settings.temperature);
-    }
+/// The settings' ranges were checked with INFO's; what remains depends on the image size.
+fn check_image_size(image_size: u32) -> Result<usize> {
     if !(image_size as usize).is_multiple_of(PATCH_STRIDE) {
         bail!("mean-shifted needs an image size that is a multiple of {PATCH_STRIDE}; got {image_size}");
     }
@@ -182,7 +175,7 @@ fn centre_of(embeddings: &Tensor) -> Result<Tensor> {
 
 impl MeanShifted {
     pub fn fit(context: &FitContext, images: &[DecodedImage], settings: MeanShiftedSettings) -> Result<Self> {
-        let grid = check_settings(&settings, context.image_size)?;
+        let grid = check_image_size(context.image_size)?;
         if images.len() < 2 {
             bail!("mean-shifted needs at least two training images, got {}", images.len());
         }
@@ -270,7 +263,7 @@ impl MeanShifted {
         settings: MeanShiftedSettings,
         mut tensors: HashMap<String, Tensor>,
     ) -> Result<Self> {
-        let grid = check_settings(&settings, image_size)?;
+        let grid = check_image_size(image_size)?;
         let device = backbone.device.clone();
         let calibration = PositionCalibration::take(&mut tensors, &[grid * grid])?;
         let centre = take_tensor(&mut tensors, "centre", &[grid * grid, PATCH_CHANNELS], &device)?;

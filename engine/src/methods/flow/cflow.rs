@@ -34,6 +34,7 @@ method_info!(
     title: "CFlow",
     family: Family::NormalizingFlow,
     summary: "Conditional normalizing flows on feature vectors with a position code; negative log-likelihood.",
+    ranges: ["coupling_blocks": 1..=64, "condition_dim": 4..=1024, "clamp_alpha": 0.01..=20, "vectors_per_step": 2..=65536, "levels": 0..=1],
     presets: ["published": "the paper's training length, for a GPU" => CflowSettings::published],
 );
 
@@ -148,14 +149,7 @@ fn check_settings(settings: &CflowSettings) -> Result<()> {
     if settings.condition_dim == 0 || !settings.condition_dim.is_multiple_of(4) {
         bail!("condition_dim must be a positive multiple of 4, got {}", settings.condition_dim);
     }
-    if settings.coupling_blocks == 0 || settings.epochs == 0 || settings.steps_per_epoch == 0 {
-        bail!("coupling_blocks, epochs and steps_per_epoch must be at least 1");
-    }
-    check_levels(&settings.levels)?;
-    if settings.vectors_per_step < 2 {
-        bail!("vectors_per_step must be at least 2");
-    }
-    Ok(())
+    check_levels(&settings.levels)
 }
 
 impl Cflow {

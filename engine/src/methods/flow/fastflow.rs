@@ -35,6 +35,7 @@ method_info!(
     title: "FastFlow",
     family: Family::NormalizingFlow,
     summary: "2-D normalizing flows on feature maps (convolutional couplings); likelihood.",
+    ranges: ["flow_steps": 1..=64, "hidden_ratio": 0.01..=8, "clamp_alpha": 0.01..=20, "levels": 0..=1],
     presets: ["published": "the paper's training length, for a GPU" => FastflowSettings::published],
 );
 
@@ -204,14 +205,7 @@ fn build_flows(vb: &VarBuilder, settings: &FastflowSettings) -> Result<Vec<Optio
 }
 
 fn check_settings(settings: &FastflowSettings) -> Result<()> {
-    if settings.flow_steps == 0 || settings.epochs == 0 || settings.images_per_step == 0 {
-        bail!("flow_steps, epochs and images_per_step must be at least 1");
-    }
-    check_levels(&settings.levels)?;
-    if !(settings.hidden_ratio > 0.0 && settings.hidden_ratio <= 8.0) {
-        bail!("hidden_ratio must be in (0, 8], got {}", settings.hidden_ratio);
-    }
-    Ok(())
+    check_levels(&settings.levels)
 }
 
 impl Fastflow {

@@ -39,6 +39,7 @@ method_info!(
     title: "Autoencoder (SSIM)",
     family: Family::Reconstruction,
     summary: "Convolutional autoencoder trained on good images; reconstruction error + SSIM map.",
+    ranges: ["downsample": 1..=4, "width": 1..=256, "latent_dim": 1..=4096],
     presets: ["published": "a GPU-length schedule (200 epochs, learning rate 2e-4)" => AutoencoderSettings::published],
 );
 
@@ -171,9 +172,6 @@ pub struct Autoencoder {
 fn check_settings(settings: &AutoencoderSettings, image_size: u32) -> Result<usize> {
     if ![1, 2, 4].contains(&settings.downsample) {
         bail!("downsample must be 1, 2 or 4, got {}", settings.downsample);
-    }
-    if settings.epochs == 0 || settings.batch_size == 0 || settings.latent_dim == 0 || settings.width == 0 {
-        bail!("epochs, batch_size, latent_dim and width must be at least 1");
     }
     let side = image_size as usize / settings.downsample;
     if !(image_size as usize).is_multiple_of(settings.downsample) || !side.is_multiple_of(1 << STAGES) {

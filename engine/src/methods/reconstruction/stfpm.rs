@@ -38,6 +38,7 @@ method_info!(
     title: "STFPM",
     family: Family::Reconstruction,
     summary: "A student network learns the pretrained teacher's feature pyramid on good images; discrepancy map.",
+    ranges: ["width": 1..=512],
     presets: ["published": "the paper's training length, for a GPU" => StfpmSettings::published],
 );
 
@@ -146,10 +147,8 @@ pub struct Stfpm {
     pub record: TrainingRecord,
 }
 
-fn check_settings(settings: &StfpmSettings, image_size: u32) -> Result<()> {
-    if settings.epochs == 0 || settings.batch_size == 0 || settings.width == 0 {
-        bail!("epochs, batch_size and width must be at least 1");
-    }
+/// The settings' ranges were checked with INFO's; what remains depends on the image size.
+fn check_image_size(image_size: u32) -> Result<()> {
     if !image_size.is_multiple_of(16) {
         bail!("STFPM needs an image size that is a multiple of 16, got {image_size}");
     }
@@ -162,7 +161,7 @@ fn grid_side(image_size: u32) -> usize {
 
 impl Stfpm {
     pub fn fit(context: &FitContext, images: &[DecodedImage], settings: StfpmSettings) -> Result<Self> {
-        check_settings(&settings, context.image_size)?;
+        check_image_size(context.image_size)?;
         if images.is_empty() {
             bail!("STFPM needs training images");
         }
@@ -219,7 +218,7 @@ impl Stfpm {
         settings: StfpmSettings,
         mut tensors: HashMap<String, Tensor>,
     ) -> Result<Self> {
-        check_settings(&settings, image_size)?;
+        check_image_size(image_size)?;
         let device = backbone.device.clone();
         let calibration = PositionCalibration::take(&mut tensors, &[grid_side(image_size).pow(2)])?;
         let varmap = load_varmap(tensors, &device, "STFPM", |vb| Student::new(vb.clone(), settings.width).map(|_| ()))?;

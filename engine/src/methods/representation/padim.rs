@@ -31,6 +31,7 @@ method_info!(
     title: "PaDiM",
     family: Family::Representation,
     summary: "Per-position Gaussian of pretrained features; Mahalanobis distance.",
+    ranges: ["feature_count": 1..=152, "regularization": 0..=1000],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

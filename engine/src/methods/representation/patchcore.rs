@@ -26,6 +26,7 @@ method_info!(
     title: "PatchCore",
     family: Family::Representation,
     summary: "Memory bank of pretrained patch features, reduced by greedy coreset; nearest-neighbour distance.",
+    ranges: ["coreset_ratio": 0.000001..=1, "num_neighbors": 1..=1024, "projection_dim": 0..=1024],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
