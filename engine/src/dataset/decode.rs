@@ -166,8 +166,12 @@ pub fn decode_image(bytes: Vec<u8>) -> Result<OpenedImage, String> {
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
+    reader.limits(limits.clone());
     let decoded = reader.into_decoder().and_then(|decoder| {
+        // `into_decoder` checks the sides, not the pixels' bytes: `ImageReader::decode` reserves them against
+        // the limit itself, and so must we (a 16,384² 16-bit RGBA header asks for 2 GiB).
+        let mut budget = limits;
+        budget.reserve(decoder.total_bytes())?;
         // The file, the decoded pixels and one converted copy (RGB for the model, RGBA for the studio) at most.
         let (width, height) = decoder.dimensions();
         let converted = width as u64 * height as u64 * 4;
