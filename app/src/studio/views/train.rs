@@ -76,37 +76,37 @@ fn settings_editor(ui: &mut egui::Ui, studio: &mut Studio) {
     egui::Grid::new("settings").num_columns(2).striped(true).show(ui, |ui| {
         for (key, value) in object.iter_mut() {
             let range = method.range_of(key);
-            let label = ui.label(key.as_str());
+            let mut label = ui.label(key.as_str());
             if let Some(range) = range {
-                label.on_hover_text(format!("allowed: {}", range.describe()));
+                label = label.on_hover_text(format!("allowed: {}", range.describe()));
             }
             let (min, max) = range.map_or((f64::MIN, f64::MAX), |r| (r.min, r.max));
-            match value {
+            let editor = match value {
                 serde_json::Value::Number(number) => {
-                    if number.is_f64() {
-                        let mut v = number.as_f64().unwrap_or_default();
-                        let editor = egui::DragValue::new(&mut v).speed(0.001).max_decimals(6).range(min..=max);
-                        if ui.add(editor).changed() {
-                            if let Some(n) = serde_json::Number::from_f64(v) {
-                                *number = n;
-                                changed = true;
-                            }
-                        }
-                    } else {
-                        let mut v = number.as_f64().unwrap_or_default();
-                        if ui.add(egui::DragValue::new(&mut v).speed(1.0).max_decimals(0).range(min..=max)).changed() {
-                            // Integer settings are non-negative; `as` saturates at u64::MAX.
-                            *number = serde_json::Number::from(v.round().max(0.0) as u64);
+                    let mut v = number.as_f64().unwrap_or_default();
+                    let (speed, decimals) = if number.is_f64() { (0.001, 6) } else { (1.0, 0) };
+                    let response =
+                        ui.add(egui::DragValue::new(&mut v).speed(speed).max_decimals(decimals).range(min..=max));
+                    if response.changed() {
+                        // Integer settings are non-negative; `as` saturates at u64::MAX.
+                        let new = if number.is_f64() {
+                            serde_json::Number::from_f64(v)
+                        } else {
+                            Some(serde_json::Number::from(v.round().max(0.0) as u64))
+                        };
+                        if let Some(new) = new {
+                            *number = new;
                             changed = true;
                         }
                     }
+                    response
                 }
-                serde_json::Value::Bool(flag) => changed |= ui.checkbox(flag, "").changed(),
-                serde_json::Value::String(text) => changed |= ui.text_edit_singleline(text).changed(),
-                other => {
-                    ui.label(other.to_string());
-                }
-            }
+                serde_json::Value::Bool(flag) => ui.checkbox(flag, ""),
+                serde_json::Value::String(text) => ui.text_edit_singleline(text),
+                other => ui.label(other.to_string()),
+            };
+            changed |= editor.changed();
+            editor.labelled_by(label.id);
             ui.end_row();
         }
     });
@@ -127,12 +127,14 @@ fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actio
     let training = &mut studio.project.training;
     let mut changed = false;
     egui::Grid::new("training").num_columns(2).show(ui, |ui| {
-        ui.label("image size (px)");
-        changed |= ui.add(egui::DragValue::new(&mut training.image_size).range(32..=1024).speed(8.0)).changed();
+        let label = ui.label("image size (px)");
+        let size = ui.add(egui::DragValue::new(&mut training.image_size).range(32..=1024).speed(8.0));
+        changed |= size.labelled_by(label.id).changed();
         ui.end_row();
-        ui.label("threshold: FAR on held-out good images ≤");
+        let label = ui.label("threshold: FAR on held-out good images ≤");
         let mut far = training.target_far * 100.0;
-        if ui.add(egui::DragValue::new(&mut far).range(0.0..=50.0).speed(0.1).suffix(" %")).changed() {
+        let target = ui.add(egui::DragValue::new(&mut far).range(0.0..=50.0).speed(0.1).suffix(" %"));
+        if target.labelled_by(label.id).changed() {
             training.target_far = far / 100.0;
             changed = true;
         }
