@@ -27,6 +27,8 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Score images or folders; write heatmaps overlaid on the images.
     Infer(commands::infer::InferArgs),
+    /// Export a model to run outside Loupe (ONNX), or show what an exported file carries.
+    Export(commands::export::ExportArgs),
     /// Get or convert the ImageNet backbone weights.
     Weights(commands::weights::WeightsArgs),
     /// Generate the synthetic demo set, train PatchCore on it and print its metrics.
@@ -53,6 +55,7 @@ fn main() {
                 std::process::exit(status);
             }
         }),
+        Command::Export(args) => commands::export::run(args),
         Command::Weights(args) => commands::weights::run(args),
         Command::Demo(args) => commands::demo::run(args),
         Command::Methods => commands::list_methods(),

@@ -77,11 +77,8 @@ impl ScoreMap {
         if sigma <= 0.0 {
             return self.clone();
         }
-        let radius = (4.0 * sigma + 0.5) as usize;
-        let mut kernel: Vec<f32> =
-            (0..=2 * radius).map(|i| (-((i as f32 - radius as f32).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
-        let total: f32 = kernel.iter().sum();
-        kernel.iter_mut().for_each(|k| *k /= total);
+        let kernel = gaussian_kernel(sigma);
+        let radius = kernel.len() / 2;
         let (w, h) = (self.width, self.height);
         // Horizontal pass over reflect-padded rows, then the vertical pass as weighted sums of whole rows, so
         // both inner loops run over contiguous memory.
@@ -105,6 +102,16 @@ impl ScoreMap {
         });
         ScoreMap::new(w, h, out)
     }
+}
+
+/// The normalised 1-D Gaussian of [`ScoreMap::blurred`]: `2·⌊4σ + 0.5⌋ + 1` taps.
+pub fn gaussian_kernel(sigma: f32) -> Vec<f32> {
+    let radius = (4.0 * sigma + 0.5) as usize;
+    let mut kernel: Vec<f32> =
+        (0..=2 * radius).map(|i| (-((i as f32 - radius as f32).powi(2)) / (2.0 * sigma * sigma)).exp()).collect();
+    let total: f32 = kernel.iter().sum();
+    kernel.iter_mut().for_each(|k| *k /= total);
+    kernel
 }
 
 /// Index `i` reflected into `0..n` without repeating the edge (PyTorch/kornia "reflect"), folding as often as a

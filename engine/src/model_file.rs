@@ -38,6 +38,13 @@ pub struct Thresholds {
     pub chosen_by: ChosenBy,
 }
 
+impl Thresholds {
+    /// What these thresholds say of `score`; `None` until a decision threshold is chosen.
+    pub fn verdict(&self, score: f32) -> Option<crate::verdict::Verdict> {
+        Some(crate::verdict::verdict(score, self.decision?, self.review))
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ChosenBy {

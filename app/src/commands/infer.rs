@@ -44,12 +44,7 @@ pub enum FailOn {
 
 /// What the model's thresholds say of one score, as the studio says it.
 fn verdict(thresholds: &Thresholds, score: f32) -> &'static str {
-    match (thresholds.decision, thresholds.review) {
-        (None, _) => "no-threshold",
-        (Some(decision), _) if score >= decision => "reject",
-        (Some(_), Some(review)) if score >= review => "review",
-        _ => "pass",
-    }
+    thresholds.verdict(score).map_or("no-threshold", |v| v.name())
 }
 
 /// Every image of the inputs with the heatmap path that mirrors it under `out`: below a folder input, its path
@@ -178,7 +173,7 @@ mod tests {
             image::RgbImage::new(4, 4).save(dir.join(folder).join("001.png")).unwrap();
         }
         let out = Path::new("/out");
-        let listed = list_inputs(&[dir.clone()], Some(out)).unwrap();
+        let listed = list_inputs(std::slice::from_ref(&dir), Some(out)).unwrap();
         let heatmaps: Vec<PathBuf> = listed.into_iter().filter_map(|(_, h)| h).collect();
         assert_eq!(heatmaps.len(), 2);
         assert!(heatmaps.contains(&out.join("lineA/cam/001_heatmap.png")), "{heatmaps:?}");

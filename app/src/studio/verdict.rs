@@ -3,35 +3,7 @@
 
 use loupe_engine::metrics::ThresholdTable;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Verdict {
-    Pass,
-    Review,
-    Reject,
-}
-
-impl Verdict {
-    pub const ALL: [Verdict; 3] = [Verdict::Pass, Verdict::Review, Verdict::Reject];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Verdict::Pass => "pass",
-            Verdict::Review => "review",
-            Verdict::Reject => "reject",
-        }
-    }
-}
-
-/// Rejected at or above `decision`; sent to review in `[review, decision)` when a review band is set.
-pub fn verdict(score: f32, decision: f32, review: Option<f32>) -> Verdict {
-    if score >= decision {
-        Verdict::Reject
-    } else if review.is_some_and(|r| score >= r) {
-        Verdict::Review
-    } else {
-        Verdict::Pass
-    }
-}
+pub use loupe_engine::verdict::{verdict, Verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BandCounts {

@@ -79,12 +79,49 @@ fn folded_conv(conv: VarBuilder, bn: VarBuilder, shape: (usize, usize, usize, us
     Ok((weight, shift))
 }
 
+/// The three kinds of layer the backbone is made of. The network's wiring ([`EfficientNetLite0::run_taps`]:
+/// blocks in order, expansion, residuals) is written once over this trait: [`Eager`] runs it on candle, the
+/// ONNX exporter records it as graph nodes, so the exported network cannot drift from the one Loupe runs.
+pub trait LayerRunner {
+    type Value: Clone;
+    fn stem(&mut self, stem: &Stem, x: &Self::Value) -> Result<Self::Value>;
+    /// The 1×1 convolution of `x`, plus `residual` when given (after the ReLU6, which such layers never have).
+    fn pointwise(
+        &mut self,
+        conv: &PointwiseConv,
+        x: &Self::Value,
+        residual: Option<&Self::Value>,
+    ) -> Result<Self::Value>;
+    fn depthwise(&mut self, conv: &Depthwise, x: &Self::Value) -> Result<Self::Value>;
+}
+
+/// Runs the layers on candle (the fused CPU kernels where there are some).
+pub struct Eager;
+
+impl LayerRunner for Eager {
+    type Value = Tensor;
+
+    fn stem(&mut self, stem: &Stem, x: &Tensor) -> Result<Tensor> {
+        stem.forward(x)
+    }
+
+    fn pointwise(&mut self, conv: &PointwiseConv, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        conv.forward_with(x, residual)
+    }
+
+    fn depthwise(&mut self, conv: &Depthwise, x: &Tensor) -> Result<Tensor> {
+        conv.forward(x)
+    }
+}
+
 /// 1×1 convolution + folded batch norm: a fused kernel on the CPU, a batched matmul elsewhere.
 #[derive(Debug, Clone)]
-struct PointwiseConv {
-    weight: Tensor,
-    bias: Tensor,
-    relu6: bool,
+pub struct PointwiseConv {
+    /// `(out, in)`.
+    pub weight: Tensor,
+    /// `(1, out, 1)`.
+    pub bias: Tensor,
+    pub relu6: bool,
     cpu_kernel: Option<PointwiseKernel>,
 }
 
@@ -135,11 +172,14 @@ impl Module for PointwiseConv {
     }
 }
 
+/// k×k depthwise convolution with TF "SAME" padding, folded batch norm and ReLU6.
 #[derive(Debug, Clone)]
-struct Depthwise {
-    weight: Tensor,
-    bias: Tensor,
-    op: DepthwiseConv,
+pub struct Depthwise {
+    /// `(channels, 1, k, k)`.
+    pub weight: Tensor,
+    /// `(channels,)`.
+    pub bias: Tensor,
+    pub op: DepthwiseConv,
 }
 
 impl Module for Depthwise {
@@ -175,24 +215,31 @@ impl MbConv {
     }
 }
 
-impl Module for MbConv {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl MbConv {
+    fn run<R: LayerRunner>(&self, runner: &mut R, x: &R::Value) -> Result<R::Value> {
         let hidden = match &self.expand {
-            Some(expand) => expand.forward(x)?,
+            Some(expand) => runner.pointwise(expand, x, None)?,
             None => x.clone(),
         };
         let residual = self.residual.then_some(x);
-        self.project.forward_with(&self.depthwise.forward(&hidden)?, residual)
+        let spread = runner.depthwise(&self.depthwise, &hidden)?;
+        runner.pointwise(&self.project, &spread, residual)
     }
 }
 
-/// 3×3 stride-2 stem convolution with folded batch norm and ReLU6; on the CPU as im2col + fused 1×1 kernel.
+/// 3×3 stride-2 stem convolution with TF "SAME" padding, folded batch norm and ReLU6; on the CPU as im2col +
+/// fused 1×1 kernel.
 #[derive(Debug, Clone)]
-struct Stem {
-    weight: Tensor,
-    bias: Tensor,
+pub struct Stem {
+    /// `(32, 3, 3, 3)`.
+    pub weight: Tensor,
+    /// `(32,)`.
+    pub bias: Tensor,
     cpu_kernel: Option<PointwiseKernel>,
 }
+
+pub const STEM_KERNEL: usize = 3;
+pub const STEM_STRIDE: usize = 2;
 
 impl Stem {
     fn new(conv: VarBuilder, bn: VarBuilder) -> Result<Self> {
@@ -216,14 +263,14 @@ impl Stem {
 impl Module for Stem {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(kernel) = &self.cpu_kernel {
-            let patches = x.contiguous()?.apply_op1_no_bwd(&Im2Col { kernel: 3, stride: 2 })?;
+            let patches = x.contiguous()?.apply_op1_no_bwd(&Im2Col { kernel: STEM_KERNEL, stride: STEM_STRIDE })?;
             return kernel.forward(&patches, None);
         }
         let (_, _, height, width) = x.dims4()?;
-        let (top, bottom) = same_padding(height, 3, 2);
-        let (left, right) = same_padding(width, 3, 2);
+        let (top, bottom) = same_padding(height, STEM_KERNEL, STEM_STRIDE);
+        let (left, right) = same_padding(width, STEM_KERNEL, STEM_STRIDE);
         let padded = x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
-        let out = padded.conv2d(&self.weight, 0, 2, 1, 1)?;
+        let out = padded.conv2d(&self.weight, 0, STEM_STRIDE, 1, 1)?;
         out.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?.clamp(0f32, 6f32)
     }
 }
@@ -271,17 +318,25 @@ impl EfficientNetLite0 {
         Ok(Self { stem, blocks, head })
     }
 
+    /// `(scale, shift)` taking images in [0, 1] to the network's inputs: `(x·255 − 127) / 128`.
+    pub const NORMALIZE: (f32, f32) = (255.0 / 128.0, -127.0 / 128.0);
+
     /// Scales images in [0, 1] the way the network was trained.
     pub fn normalize(images: &Tensor) -> Result<Tensor> {
-        images.affine(255.0 / 128.0, -127.0 / 128.0)
+        images.affine(Self::NORMALIZE.0 as f64, Self::NORMALIZE.1 as f64)
     }
 
     /// Runs the stem and blocks, returning the output of every block listed in `taps` (in order).
     pub fn forward_taps(&self, x: &Tensor, taps: &[usize]) -> Result<Vec<Tensor>> {
-        let mut x = self.stem.forward(x)?;
+        self.run_taps(&mut Eager, x, taps)
+    }
+
+    /// [`Self::forward_taps`] through any [`LayerRunner`].
+    pub fn run_taps<R: LayerRunner>(&self, runner: &mut R, x: &R::Value, taps: &[usize]) -> Result<Vec<R::Value>> {
+        let mut x = runner.stem(&self.stem, x)?;
         let mut outputs = Vec::with_capacity(taps.len());
         for (index, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x)?;
+            x = block.run(runner, &x)?;
             if taps.contains(&index) {
                 outputs.push(x.clone());
             }
@@ -308,7 +363,7 @@ impl EfficientNetLite0 {
         let Some(head) = &self.head else { candle_core::bail!("the classifier head was not loaded") };
         let mut x = self.stem.forward(x)?;
         for block in &self.blocks {
-            x = block.forward(&x)?;
+            x = block.run(&mut Eager, &x)?;
         }
         let pooled = head.conv.forward(&x)?.mean(D::Minus1)?.mean(D::Minus1)?;
         head.fc.forward(&pooled)

@@ -144,6 +144,23 @@ pub trait AnomalyModel: Send + Sync {
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>>;
     /// The tensors that, with the settings, rebuild the model.
     fn state(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Records [`Self::score_batch`] into an ONNX graph, from images in [0, 1] `(N, 3, S, S)` to the maps
+    /// `(N, 1, S, S)` and scores `(N,)` it returns. Built from [`crate::onnx::layers`], which share their wiring
+    /// with the code that scores; the parity tests hold the rest to `score_batch`.
+    fn record_onnx(&self, _graph: &mut crate::onnx::Graph, _images: &crate::onnx::Value) -> Result<RecordedScores> {
+        bail!(
+            "{} cannot be exported to ONNX yet: its scoring has not been written as graph operations",
+            self.info().title
+        )
+    }
+}
+
+/// What [`AnomalyModel::record_onnx`] leaves in the graph.
+pub struct RecordedScores {
+    /// `(N, 1, S, S)`, after the blur Loupe applies.
+    pub map: crate::onnx::Value,
+    /// `(N,)`.
+    pub score: crate::onnx::Value,
 }
 
 /// What fitting needs besides the images.

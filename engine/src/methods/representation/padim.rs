@@ -14,7 +14,9 @@ use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::features::{plain_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::gaussian::{whitening_matrix, MomentSums};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Context, Result};
@@ -191,6 +193,44 @@ impl AnomalyModel for Padim {
                 Ok(AnomalyOutput { score: map.max(), map })
             })
             .collect()
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let features = layers::patch_features(graph, &fine, &coarse, false);
+        let side = grid_size(self.image_size);
+        let (d, positions) = (self.channels.len(), side * side);
+        let channels: Vec<i64> = self.channels.iter().map(|&c| c as i64).collect();
+        let channels = graph.ints("channels", &[d], &channels);
+        let picked = graph.op("Gather", &[&features, &channels], vec![attr_int("axis", 1)]).with_shape(vec![
+            images.shape[0],
+            Some(d),
+            Some(side),
+            Some(side),
+        ]);
+        let rows = layers::positions_as_rows(graph, &picked);
+        let mean = graph.floats("mean", &[positions, d], &self.mean);
+        let delta = graph.op("Sub", &[&rows, &mean], vec![]);
+        let axis = graph.ints("axis", &[1], &[2]);
+        let delta = graph.op("Unsqueeze", &[&delta, &axis], vec![]);
+        // Each position's distance is |L·δ| (L lower-triangular): δ as a row times Lᵀ.
+        let transposed: Vec<f32> = (0..positions * d * d)
+            .map(|index| {
+                let (p, i, j) = (index / (d * d), index / d % d, index % d);
+                self.whitening[p * d * d + j * d + i]
+            })
+            .collect();
+        let whitening = graph.floats("whitening_t", &[positions, d, d], &transposed);
+        let whitened = graph.op("MatMul", &[&delta, &whitening], vec![]);
+        let axes = graph.ints("axes", &[2], &[2, 3]);
+        let squared = graph.op("ReduceSumSquare", &[&whitened, &axes], vec![attr_int("keepdims", 0)]);
+        let distances = graph.op("Sqrt", &[&squared], vec![]).with_shape(vec![images.shape[0], Some(positions)]);
+        let grid = layers::rows_as_map(graph, &distances, side, side);
+        let size = self.image_size as usize;
+        let map = layers::resize_bilinear(graph, &grid, size, size);
+        let map = layers::blur(graph, &map, self.settings.blur_sigma);
+        let score = layers::max_score(graph, &map);
+        Ok(RecordedScores { map, score })
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

@@ -11,7 +11,9 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -295,6 +297,80 @@ impl AnomalyModel for PatchCore {
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
         Ok(vec![("memory_bank".to_string(), self.memory_bank.clone())])
+    }
+
+    /// The map as `score_batch` makes it; the image score's re-weighting finds the anchor's `k` nearest bank
+    /// entries with `TopK` (ties to the lower index, as the sort here breaks them).
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let features = layers::patch_features(graph, &fine, &coarse, true);
+        let (height, width) = (features.dim(2), features.dim(3));
+        let rows = layers::positions_as_rows(graph, &features);
+        let bank = self.memory_bank.to_device(&Device::Cpu)?;
+        let (m, c) = bank.dims2()?;
+        let bank_t = graph.floats("memory_bank_t", &[c, m], &bank.t()?.flatten_all()?.to_vec1::<f32>()?);
+        let norms = graph.floats(
+            "bank_norms",
+            &[m],
+            &self.bank_norms.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let squared = layers::squared_distances(graph, &rows, &bank_t, &norms);
+        let bank_axis = graph.ints("axis", &[1], &[2]);
+        let nearest = graph.op("ReduceMin", &[&squared, &bank_axis], vec![attr_int("keepdims", 0)]);
+        let patch_scores =
+            graph.op("Sqrt", &[&nearest], vec![]).with_shape(vec![images.shape[0], Some(height * width)]);
+        let grid = layers::rows_as_map(graph, &patch_scores, height, width);
+        let size = self.image_size as usize;
+        let map = layers::resize_bilinear(graph, &grid, size, size);
+        let map = layers::blur(graph, &map, self.settings.blur_sigma);
+
+        let position_axis = graph.ints("axis", &[1], &[1]);
+        let best = graph.op("ReduceMax", &[&patch_scores, &position_axis], vec![attr_int("keepdims", 0)]);
+        let k = self.settings.num_neighbors.min(m);
+        if k <= 1 {
+            return Ok(RecordedScores { map, score: best.with_shape(vec![images.shape[0]]) });
+        }
+        // The patch that scores highest, its feature and its nearest bank entry (the anchor).
+        let best_position = graph.op("ArgMax", &[&patch_scores], vec![attr_int("axis", 1), attr_int("keepdims", 1)]);
+        let nearest_index = graph.op("ArgMin", &[&squared], vec![attr_int("axis", 2), attr_int("keepdims", 0)]);
+        let anchor_index = graph.op("GatherElements", &[&nearest_index, &best_position], vec![attr_int("axis", 1)]);
+        let last_axis = graph.ints("axis", &[1], &[2]);
+        let position3 = graph.op("Unsqueeze", &[&best_position, &last_axis], vec![]);
+        let row_shape = graph.ints("shape", &[3], &[1, 1, c as i64]);
+        let position_rows = graph.op("Expand", &[&position3, &row_shape], vec![]);
+        let feature = graph.op("GatherElements", &[&rows, &position_rows], vec![attr_int("axis", 1)]);
+        // The anchor's k nearest bank entries, and the feature's distances to them and to the anchor.
+        let bank_rows = graph.floats("memory_bank", &[m, c], &bank.flatten_all()?.to_vec1::<f32>()?);
+        let anchor = graph.op("Gather", &[&bank_rows, &anchor_index], vec![attr_int("axis", 0)]);
+        let to_anchor = layers::squared_distances(graph, &anchor, &bank_t, &norms);
+        let k_value = graph.ints("k", &[1], &[k as i64]);
+        let top = graph.op_outputs(
+            "TopK",
+            &[&to_anchor, &k_value],
+            vec![attr_int("axis", -1), attr_int("largest", 0), attr_int("sorted", 1)],
+            2,
+        );
+        let support = &top[1];
+        let to_feature = layers::squared_distances(graph, &feature, &bank_t, &norms);
+        let support_squared = graph.op("GatherElements", &[&to_feature, support], vec![attr_int("axis", 2)]);
+        let distances = graph.op("Sqrt", &[&support_squared], vec![]);
+        let anchor3 = graph.op("Unsqueeze", &[&anchor_index, &last_axis], vec![]);
+        let anchor_squared = graph.op("GatherElements", &[&to_feature, &anchor3], vec![attr_int("axis", 2)]);
+        let anchor_distance = graph.op("Sqrt", &[&anchor_squared], vec![]);
+        // weight = 1 − softmax(distances)[anchor]
+        let largest = graph.op("ReduceMax", &[&distances, &last_axis], vec![attr_int("keepdims", 1)]);
+        let shifted = graph.op("Sub", &[&distances, &largest], vec![]);
+        let exponentials = graph.op("Exp", &[&shifted], vec![]);
+        let total = graph.op("ReduceSum", &[&exponentials, &last_axis], vec![attr_int("keepdims", 1)]);
+        let anchor_shifted = graph.op("Sub", &[&anchor_distance, &largest], vec![]);
+        let anchor_exponential = graph.op("Exp", &[&anchor_shifted], vec![]);
+        let share = graph.op("Div", &[&anchor_exponential, &total], vec![]);
+        let one = graph.scalar("one", 1.0);
+        let weight = graph.op("Sub", &[&one, &share], vec![]);
+        let flat = graph.ints("shape", &[1], &[-1]);
+        let weight = graph.op("Reshape", &[&weight, &flat], vec![]);
+        let score = graph.op("Mul", &[&weight, &best], vec![]).with_shape(vec![images.shape[0]]);
+        Ok(RecordedScores { map, score })
     }
 }
 

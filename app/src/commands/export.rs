@@ -1,0 +1,60 @@
+//! `loupe export --model <model.safetensors> --format onnx --out <model.onnx>`; `loupe export --show <model.onnx>`
+
+use super::EngineArgs;
+use anyhow::{Context, Result};
+use loupe_engine::atomic_file::write_atomic;
+use loupe_engine::model_file;
+use loupe_engine::onnx;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The Loupe model file to export.
+    #[arg(long, required_unless_present = "show")]
+    pub model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "onnx")]
+    pub format: Format,
+    /// Where to write the exported file.
+    #[arg(long, required_unless_present = "show")]
+    pub out: Option<PathBuf>,
+    /// Print the metadata (the Loupe manifest: method, settings, thresholds, …) of an exported ONNX file.
+    #[arg(long, conflicts_with_all = ["model", "out"])]
+    pub show: Option<PathBuf>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum Format {
+    /// ONNX (opset 18): uint8 frames in; anomaly map, score and verdict out; thresholds as inputs with the tuned
+    /// defaults; backbone weights and preprocessing inside.
+    Onnx,
+}
+
+pub fn run(args: ExportArgs) -> Result<()> {
+    if let Some(path) = &args.show {
+        for (key, value) in onnx::read_metadata(path)? {
+            println!("{key}: {value}");
+        }
+        return Ok(());
+    }
+    let (Some(model_path), Some(out)) = (&args.model, &args.out) else { unreachable!("clap requires both") };
+    let backbone = args.engine.load_backbone()?;
+    let loaded = model_file::load(model_path, backbone)?;
+    let started = Instant::now();
+    let exported = match args.format {
+        Format::Onnx => onnx::export(loaded.model.as_ref(), &loaded.manifest),
+    }
+    .with_context(|| format!("{}: cannot export", model_path.display()))?;
+    write_atomic(out, &exported.bytes)?;
+    println!(
+        "{}: {} nodes, {:.1} MB of weights, {:.1} MB in all, in {:.2} s",
+        out.display(),
+        exported.nodes,
+        exported.weight_bytes as f64 / 1e6,
+        exported.bytes.len() as f64 / 1e6,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

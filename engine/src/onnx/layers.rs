@@ -1,0 +1,281 @@
+//! The pieces every exported graph shares: the camera frame to the model's input (the same resize and scaling
+//! Loupe applies), the backbone (its wiring is [`EfficientNetLite0::run_taps`], recorded), the anomaly map's
+//! resize and blur, and the verdict.
+
+use super::graph::{attr_int, attr_ints, attr_string, Graph, Value};
+use crate::backbone::depthwise::same_padding;
+use crate::backbone::efficientnet_lite0::{
+    Depthwise, EfficientNetLite0, LayerRunner, PointwiseConv, Stem, STEM_KERNEL, STEM_STRIDE, STRIDE16_BLOCK,
+    STRIDE8_BLOCK,
+};
+use crate::backbone::Backbone;
+use crate::maps::gaussian_kernel;
+use candle_core::{Device, Tensor};
+
+fn values(tensor: &Tensor) -> candle_core::Result<Vec<f32>> {
+    tensor.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()
+}
+
+fn shape4(batch: Option<usize>, channels: usize, height: usize, width: usize) -> Vec<Option<usize>> {
+    vec![batch, Some(channels), Some(height), Some(width)]
+}
+
+/// `Conv` with a bias, explicit (possibly asymmetric) padding, then ReLU6 when asked.
+#[allow(clippy::too_many_arguments)]
+fn convolution(
+    graph: &mut Graph,
+    x: &Value,
+    weight: &Tensor,
+    bias: &Tensor,
+    kernel: usize,
+    stride: usize,
+    groups: usize,
+    relu6: bool,
+) -> candle_core::Result<Value> {
+    let (height, width) = (x.dim(2), x.dim(3));
+    let (top, bottom) = same_padding(height, kernel, stride);
+    let (left, right) = same_padding(width, kernel, stride);
+    let out_channels = weight.dim(0)?;
+    let in_per_group = weight.elem_count() / (out_channels * kernel * kernel);
+    let w = graph.floats("weight", &[out_channels, in_per_group, kernel, kernel], &values(weight)?);
+    let b = graph.floats("bias", &[out_channels], &values(bias)?);
+    let out = graph.op(
+        "Conv",
+        &[x, &w, &b],
+        vec![
+            attr_ints("kernel_shape", &[kernel as i64, kernel as i64]),
+            attr_ints("strides", &[stride as i64, stride as i64]),
+            attr_ints("pads", &[top as i64, left as i64, bottom as i64, right as i64]),
+            attr_int("group", groups as i64),
+        ],
+    );
+    let out = if relu6 { clip(graph, &out, 0.0, 6.0) } else { out };
+    Ok(out.with_shape(shape4(x.shape[0], out_channels, height.div_ceil(stride), width.div_ceil(stride))))
+}
+
+/// `Clip` to `[low, high]`.
+pub fn clip(graph: &mut Graph, x: &Value, low: f32, high: f32) -> Value {
+    let (low, high) = (graph.scalar("low", low), graph.scalar("high", high));
+    graph.op("Clip", &[x, &low, &high], vec![]).with_shape(x.shape.clone())
+}
+
+/// Records the backbone's layers as ONNX nodes.
+pub struct Recorder<'g> {
+    pub graph: &'g mut Graph,
+}
+
+impl LayerRunner for Recorder<'_> {
+    type Value = Value;
+
+    fn stem(&mut self, stem: &Stem, x: &Value) -> candle_core::Result<Value> {
+        convolution(self.graph, x, &stem.weight, &stem.bias, STEM_KERNEL, STEM_STRIDE, 1, true)
+    }
+
+    fn pointwise(&mut self, conv: &PointwiseConv, x: &Value, residual: Option<&Value>) -> candle_core::Result<Value> {
+        let out = convolution(self.graph, x, &conv.weight, &conv.bias, 1, 1, 1, conv.relu6)?;
+        Ok(match residual {
+            Some(r) => self.graph.op("Add", &[&out, r], vec![]).with_shape(out.shape),
+            None => out,
+        })
+    }
+
+    fn depthwise(&mut self, conv: &Depthwise, x: &Value) -> candle_core::Result<Value> {
+        let channels = x.dim(1);
+        convolution(self.graph, x, &conv.weight, &conv.bias, conv.op.kernel, conv.op.stride, channels, conv.op.relu6)
+    }
+}
+
+/// `a·x + b`, elementwise.
+pub fn affine(graph: &mut Graph, x: &Value, scale: f32, shift: f32) -> Value {
+    let scale = graph.scalar("scale", scale);
+    let shift = graph.scalar("shift", shift);
+    let scaled = graph.op("Mul", &[x, &scale], vec![]);
+    graph.op("Add", &[&scaled, &shift], vec![]).with_shape(x.shape.clone())
+}
+
+/// The stride-8 and stride-16 backbone maps of images in [0, 1] `(N, 3, S, S)`: [`Backbone::features`] recorded.
+pub fn backbone_features(graph: &mut Graph, backbone: &Backbone, images: &Value) -> anyhow::Result<(Value, Value)> {
+    let (scale, shift) = EfficientNetLite0::NORMALIZE;
+    let normalised = affine(graph, images, scale, shift);
+    let mut maps =
+        backbone.net.run_taps(&mut Recorder { graph }, &normalised, &[STRIDE8_BLOCK, STRIDE16_BLOCK])?.into_iter();
+    let stride8 = maps.next().expect("two taps");
+    let stride16 = maps.next().expect("two taps");
+    Ok((stride8, stride16))
+}
+
+/// Patch features `(N, 152, S/8, S/8)` from the two backbone maps, as
+/// [`crate::methods::features`] makes them: each map 3×3-averaged (zero padding counted) when `local`, the
+/// stride-16 map upsampled to the stride-8 grid, then both concatenated.
+pub fn patch_features(graph: &mut Graph, fine: &Value, coarse: &Value, local: bool) -> Value {
+    let mut average = |x: &Value| {
+        if !local {
+            return x.clone();
+        }
+        graph
+            .op(
+                "AveragePool",
+                &[x],
+                vec![
+                    attr_ints("kernel_shape", &[3, 3]),
+                    attr_ints("pads", &[1, 1, 1, 1]),
+                    attr_int("count_include_pad", 1),
+                ],
+            )
+            .with_shape(x.shape.clone())
+    };
+    let fine = average(fine);
+    let coarse = average(coarse);
+    let (height, width) = (fine.dim(2), fine.dim(3));
+    let coarse = resize_bilinear(graph, &coarse, height, width);
+    let channels = fine.dim(1) + coarse.dim(1);
+    graph.op("Concat", &[&fine, &coarse], vec![attr_int("axis", 1)]).with_shape(shape4(
+        fine.shape[0],
+        channels,
+        height,
+        width,
+    ))
+}
+
+/// `(N, C, H, W)` → `(N, H·W, C)`: one row per position, as [`crate::methods::features::patches_as_rows`]
+/// (which flattens the batch too).
+pub fn positions_as_rows(graph: &mut Graph, x: &Value) -> Value {
+    let (channels, positions) = (x.dim(1), x.dim(2) * x.dim(3));
+    let shape = graph.ints("shape", &[3], &[0, channels as i64, positions as i64]);
+    let flat = graph.op("Reshape", &[x, &shape], vec![]);
+    graph.op("Transpose", &[&flat], vec![attr_ints("perm", &[0, 2, 1])]).with_shape(vec![
+        x.shape[0],
+        Some(positions),
+        Some(channels),
+    ])
+}
+
+/// Squared distances of `rows (…, R, C)` to a bank given as `bank_t (C, M)` and its rows' squared norms
+/// `(M,)`: `max(0, −2·q·b + |q|² + |b|²)`, `(…, R, M)` — PatchCore's `squared_distances`, in its order.
+pub fn squared_distances(graph: &mut Graph, rows: &Value, bank_t: &Value, bank_norms: &Value) -> Value {
+    let last = graph.ints("axis", &[1], &[-1]);
+    let row_norms = graph.op("ReduceSumSquare", &[rows, &last], vec![attr_int("keepdims", 1)]);
+    let dots = graph.op("MatMul", &[rows, bank_t], vec![]);
+    let minus_two = graph.scalar("minus_two", -2.0);
+    let scaled = graph.op("Mul", &[&dots, &minus_two], vec![]);
+    let with_rows = graph.op("Add", &[&scaled, &row_norms], vec![]);
+    let with_bank = graph.op("Add", &[&with_rows, bank_norms], vec![]);
+    graph.op("Relu", &[&with_bank], vec![])
+}
+
+/// `(N, H·W)` → `(N, 1, H, W)`.
+pub fn rows_as_map(graph: &mut Graph, x: &Value, height: usize, width: usize) -> Value {
+    let shape = graph.ints("shape", &[4], &[0, 1, height as i64, width as i64]);
+    graph.op("Reshape", &[x, &shape], vec![]).with_shape(shape4(x.shape[0], 1, height, width))
+}
+
+/// `Resize` of the last two axes to `height × width`, bilinear with half-pixel centres and no antialiasing:
+/// [`crate::maps::ScoreMap::resized`] and candle's `upsample_bilinear2d(.., false)`.
+pub fn resize_bilinear(graph: &mut Graph, x: &Value, height: usize, width: usize) -> Value {
+    let sizes = graph.ints("sizes", &[2], &[height as i64, width as i64]);
+    let rank = x.shape.len();
+    let mut shape = x.shape.clone();
+    shape[rank - 2] = Some(height);
+    shape[rank - 1] = Some(width);
+    graph
+        .op(
+            "Resize",
+            &[x, &Value::absent(), &Value::absent(), &sizes],
+            vec![
+                attr_string("mode", "linear"),
+                attr_string("coordinate_transformation_mode", "half_pixel"),
+                attr_ints("axes", &[rank as i64 - 2, rank as i64 - 1]),
+            ],
+        )
+        .with_shape(shape)
+}
+
+/// The camera's frames `(N, H, W, 3)` uint8 to the model's input `(N, 3, S, S)` in [0, 1], as Loupe's decoder
+/// makes it (image-rs `resize_exact` with the `Triangle` filter, then 8 bits, then / 255).
+///
+/// The resize is written out rather than left to ONNX `Resize`: runtimes disagree on its antialiased mode
+/// (OpenVINO's shrunk images differed by up to 15 grey levels from ONNX Runtime's), while two matrix products
+/// with the filter's weights compute the same thing everywhere.
+pub fn camera_to_input(graph: &mut Graph, frames: &Value, size: usize) -> Value {
+    let float = graph.op("Cast", &[frames], vec![attr_int("to", super::graph::FLOAT as i64)]);
+    let planar = graph.op("Transpose", &[&float], vec![attr_ints("perm", &[0, 3, 1, 2])]);
+    let shape = graph.op("Shape", &[frames], vec![]);
+    let mut side_weights = |axis: i64| {
+        let index = graph.ints("axis", &[], &[axis]);
+        let length = graph.op("Gather", &[&shape, &index], vec![attr_int("axis", 0)]);
+        let length = graph.op("Cast", &[&length], vec![attr_int("to", super::graph::FLOAT as i64)]);
+        triangle_weights(graph, &length, size)
+    };
+    let (rows, columns) = (side_weights(1), side_weights(2));
+    // (N, 3, H, W) · (W, S) → (N, 3, H, S), then (S, H) · that → (N, 3, S, S).
+    let columns_t = graph.op("Transpose", &[&columns], vec![attr_ints("perm", &[1, 0])]);
+    let narrowed = graph.op("MatMul", &[&planar, &columns_t], vec![]);
+    let resized = graph.op("MatMul", &[&rows, &narrowed], vec![]).with_shape(shape4(frames.shape[0], 3, size, size));
+    // image-rs rounds half away from zero (ONNX `Round` rounds half to even, and an upscale by 4/3 makes many
+    // exact halves); the values are not negative, so that is ⌊x + ½⌋.
+    let half = graph.scalar("half", 0.5);
+    let shifted = graph.op("Add", &[&resized, &half], vec![]);
+    let rounded = graph.op("Floor", &[&shifted], vec![]).with_shape(resized.shape.clone());
+    let bytes = clip(graph, &rounded, 0.0, 255.0);
+    let scale = graph.scalar("full_scale", 255.0);
+    graph.op("Div", &[&bytes, &scale], vec![]).with_shape(resized.shape)
+}
+
+/// The `(S, L)` weights of image-rs's triangle-filter resize of a side of `length` pixels to `size`: output
+/// pixel `o` centred at `c = (o + ½)·L/S − ½` in the input, support `s = max(L/S, 1)`, input pixel `i` weighted
+/// `max(0, 1 − |i − c| / s)`, each row normalised (pixels outside the image get no weight).
+fn triangle_weights(graph: &mut Graph, length: &Value, size: usize) -> Value {
+    let centres_half: Vec<f32> = (0..size).map(|o| o as f32 + 0.5).collect();
+    let centres_half = graph.floats("output_centres", &[size, 1], &centres_half);
+    let size_value = graph.scalar("size", size as f32);
+    let ratio = graph.op("Div", &[length, &size_value], vec![]);
+    let scaled = graph.op("Mul", &[&centres_half, &ratio], vec![]);
+    let half = graph.scalar("half", 0.5);
+    let centres = graph.op("Sub", &[&scaled, &half], vec![]);
+    let one = graph.scalar("one", 1.0);
+    let support = graph.op("Max", &[&ratio, &one], vec![]);
+    let zero = graph.scalar("zero", 0.0);
+    let inputs = graph.op("Range", &[&zero, length, &one], vec![]);
+    let distance = graph.op("Sub", &[&inputs, &centres], vec![]);
+    let distance = graph.op("Abs", &[&distance], vec![]);
+    let relative = graph.op("Div", &[&distance, &support], vec![]);
+    let falling = graph.op("Sub", &[&one, &relative], vec![]);
+    let weights = graph.op("Relu", &[&falling], vec![]);
+    let axis = graph.ints("axis", &[1], &[1]);
+    let total = graph.op("ReduceSum", &[&weights, &axis], vec![attr_int("keepdims", 1)]);
+    graph.op("Div", &[&weights, &total], vec![])
+}
+
+/// [`crate::maps::ScoreMap::blurred`] of maps `(N, 1, H, W)`: reflected borders, then the Gaussian's horizontal
+/// and vertical passes as two convolutions.
+pub fn blur(graph: &mut Graph, map: &Value, sigma: f32) -> Value {
+    if sigma <= 0.0 {
+        return map.clone();
+    }
+    let kernel = gaussian_kernel(sigma);
+    let radius = (kernel.len() / 2) as i64;
+    let pads = graph.ints("pads", &[8], &[0, 0, radius, radius, 0, 0, radius, radius]);
+    let padded = graph.op("Pad", &[map, &pads], vec![attr_string("mode", "reflect")]);
+    let horizontal = graph.floats("blur_row", &[1, 1, 1, kernel.len()], &kernel);
+    let vertical = graph.floats("blur_column", &[1, 1, kernel.len(), 1], &kernel);
+    let rows = graph.op("Conv", &[&padded, &horizontal], vec![]);
+    graph.op("Conv", &[&rows, &vertical], vec![]).with_shape(map.shape.clone())
+}
+
+/// The maximum of each map `(N, 1, H, W)` → `(N,)`.
+pub fn max_score(graph: &mut Graph, map: &Value) -> Value {
+    let axes = graph.ints("axes", &[3], &[1, 2, 3]);
+    graph.op("ReduceMax", &[map, &axes], vec![attr_int("keepdims", 0)]).with_shape(vec![map.shape[0]])
+}
+
+/// 0 pass, 1 review, 2 reject: reject at `score ≥ decision`, review at `review ≤ score < decision` (Loupe's rule;
+/// a review threshold at or above the decision makes the band empty).
+pub fn verdict(graph: &mut Graph, score: &Value, decision: &Value, review: &Value) -> Value {
+    let rejected = graph.op("GreaterOrEqual", &[score, decision], vec![]);
+    let in_band = graph.op("GreaterOrEqual", &[score, review], vec![]);
+    let reviewed = graph.op("Or", &[&rejected, &in_band], vec![]);
+    let to_int = || attr_int("to", super::graph::INT64 as i64);
+    let rejected = graph.op("Cast", &[&rejected], vec![to_int()]);
+    let reviewed = graph.op("Cast", &[&reviewed], vec![to_int()]);
+    graph.op("Add", &[&rejected, &reviewed], vec![]).with_shape(score.shape.clone())
+}

@@ -1,0 +1,98 @@
+//! Exported ONNX files score as Loupe does, in runtimes Loupe did not write: each exportable method is fitted on
+//! the synthetic set, exported, and `tests/onnx_parity.py` runs the file in ONNX Runtime and OpenVINO on the
+//! test images — as stored (smaller than the model's input: an upscale) and re-saved larger and not square (a
+//! shrink) — against Loupe's scores, maps and verdicts. Needs `pip install -r tests/requirements.txt`
+//! (`scripts/test.sh` does it).
+
+use candle_core::Device;
+use loupe_engine::atomic_file::{write_atomic, write_image_atomic};
+use loupe_engine::backbone::{weights, Backbone};
+use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
+use loupe_engine::dataset::{decode_all, scan_mvtec, ImageRecord};
+use loupe_engine::methods::find_method;
+use loupe_engine::onnx;
+use loupe_engine::pipeline::{fit, score_images, FitRequest};
+use loupe_engine::progress::NoProgress;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("loupe-onnx-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The test images, plus a copy of some at 150 × 110 and 211 × 173 (other sizes than the model's, not square).
+fn images_to_compare(data: &Path, dir: &Path) -> Vec<ImageRecord> {
+    let mut records = scan_mvtec(data).unwrap().test;
+    let resized = dir.join("resized");
+    std::fs::create_dir_all(&resized).unwrap();
+    let originals: Vec<ImageRecord> = records.iter().step_by(3).cloned().collect();
+    for (index, record) in originals.iter().enumerate() {
+        let image = image::open(&record.path).unwrap();
+        let (width, height) = if index % 2 == 0 { (150, 110) } else { (211, 173) };
+        let path = resized.join(format!("{index}.png"));
+        write_image_atomic(&path, &image.resize_exact(width, height, image::imageops::FilterType::CatmullRom)).unwrap();
+        records.push(ImageRecord { path, mask: None, ..record.clone() });
+    }
+    records
+}
+
+fn exports_with_parity(method: &str, settings: serde_json::Value, image_size: u32) {
+    let dir = temp_dir(method);
+    let data = dir.join("data");
+    generate_mvtec(&data, &SyntheticSpec::tiny(1)).unwrap();
+    let backbone = Arc::new(Backbone::load(&weights::default_weights_path(), &Device::Cpu).unwrap());
+    let mut request = FitRequest::new(find_method(method).unwrap(), data.clone());
+    request.image_size = image_size;
+    request.settings = settings;
+    let mut outcome = fit(backbone, &request, &NoProgress).unwrap();
+    // A review band, so all three verdicts are exercised.
+    let decision = outcome.manifest.thresholds.decision.expect("fit chose a threshold");
+    outcome.manifest.thresholds.review = Some(decision * 0.9);
+
+    let exported = onnx::export(outcome.model.as_ref(), &outcome.manifest).unwrap();
+    let expected_dir = dir.join("expected");
+    std::fs::create_dir_all(&expected_dir).unwrap();
+    write_atomic(&expected_dir.join("model.onnx"), &exported.bytes).unwrap();
+
+    let records = images_to_compare(&data, &dir);
+    let (images, skipped) = decode_all(&records, image_size, &|_| {});
+    assert!(skipped.is_empty(), "{skipped:?}");
+    let (outputs, _) = score_images(outcome.model.as_ref(), &images, 4, &Device::Cpu, &NoProgress).unwrap();
+    let mut lines = String::new();
+    for (index, (image, output)) in images.iter().zip(&outputs).enumerate() {
+        let map_file = format!("{index}.f32");
+        let bytes: Vec<u8> = output.map.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        write_atomic(&expected_dir.join(&map_file), &bytes).unwrap();
+        let verdict = outcome.manifest.thresholds.verdict(output.score).unwrap();
+        let line = serde_json::json!({
+            "image": records[image.index].path,
+            "score": output.score,
+            "verdict": verdict.code(),
+            "map": map_file,
+            "size": image_size,
+        });
+        lines.push_str(&format!("{line}\n"));
+    }
+    write_atomic(&expected_dir.join("expected.jsonl"), lines.as_bytes()).unwrap();
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/onnx_parity.py");
+    let run = Command::new("python3").arg(&script).arg(&expected_dir).output().expect("python3 runs");
+    let report = String::from_utf8_lossy(&run.stdout);
+    eprintln!("{method}: {} images\n{report}{}", images.len(), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "{method}: the exported model does not score as Loupe does:\n{report}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn padim_exports_with_parity() {
+    exports_with_parity("padim", serde_json::json!({}), 128);
+}
+
+#[test]
+fn patchcore_exports_with_parity() {
+    exports_with_parity("patchcore", serde_json::json!({"coreset_ratio": 0.25}), 128);
+}

@@ -1,0 +1,141 @@
+"""Runs a model Loupe exported to ONNX in runtimes Loupe did not write and compares with Loupe's own outputs.
+
+    python3 tests/onnx_parity.py EXPECTED_DIR [--runtimes onnxruntime,openvino]
+
+EXPECTED_DIR holds `model.onnx` and `expected.jsonl`, one line per image as Loupe scored it:
+{"image": path, "score": float, "verdict": 0|1|2, "map": file of little-endian float32 (S*S), "size": S}.
+Each image is fed as the camera would give it (uint8 RGB, [1, H, W, 3]); the graph resizes it itself.
+
+Checks the file with onnx.checker (full check, shapes inferred), then per runtime: image score relative error <= 1e-4, map max abs error <= 1e-3 of the map's range, identical
+verdicts at the saved thresholds, and verdicts that follow a threshold fed as an input. Prints one JSON line
+per runtime with the measured errors; exits 1 when a bound is broken (naming it), 2 when a runtime is missing.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+SCORE_RELATIVE_ERROR = 1e-4
+MAP_ERROR_OF_RANGE = 1e-3
+
+
+class OnnxRuntime:
+    name = "onnxruntime"
+    threshold_inputs = True
+
+    def __init__(self, path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        options.log_severity_level = 3  # the threshold inputs have defaults: ORT warns about that on purpose
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(self, image, **thresholds):
+        feeds = {"image": image}
+        feeds.update({k: np.array(v, np.float32) for k, v in thresholds.items()})
+        anomaly_map, score, verdict = self.session.run(["anomaly_map", "score", "verdict"], feeds)
+        return anomaly_map, score, verdict
+
+
+class OpenVino:
+    name = "openvino"
+
+    def __init__(self, path):
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(path)
+        self.input_names = {i.get_any_name() for i in model.inputs}
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32"})
+
+    @property
+    def threshold_inputs(self):
+        # OpenVINO folds an input that has a default (an initializer) into a constant: there the verdict
+        # always uses the tuned thresholds.
+        return {"decision_threshold", "review_threshold"} <= self.input_names
+
+    def run(self, image, **thresholds):
+        feeds = {"image": image}
+        feeds.update({k: np.array(v, np.float32) for k, v in thresholds.items()})
+        out = self.compiled(feeds)
+        return tuple(out[self.compiled.output(name)] for name in ("anomaly_map", "score", "verdict"))
+
+
+RUNTIMES = {"onnxruntime": OnnxRuntime, "openvino": OpenVino}
+
+
+def load_rgb(path):
+    return np.ascontiguousarray(np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)[None])
+
+
+def check(runtime, expected, base):
+    worst_score = worst_map = 0.0
+    mismatched = []
+    scores = []
+    for row in expected:
+        image = load_rgb(row["image"])
+        anomaly_map, score, verdict = runtime.run(image)
+        want_map = np.fromfile(os.path.join(base, row["map"]), dtype="<f4").reshape(row["size"], row["size"])
+        span = max(float(want_map.max() - want_map.min()), 1e-12)
+        worst_map = max(worst_map, float(np.abs(anomaly_map[0] - want_map).max()) / span)
+        worst_score = max(worst_score, abs(float(score[0]) - row["score"]) / max(abs(row["score"]), 1e-12))
+        if int(verdict[0]) != row["verdict"]:
+            mismatched.append(row["image"])
+        scores.append((image, float(score[0])))
+    # A threshold fed as an input moves the verdicts without a new export.
+    middle = float(np.median([s for _, s in scores]))
+    moved = 0
+    for image, score in scores[:8] if runtime.threshold_inputs else []:
+        _, _, verdict = runtime.run(image, decision_threshold=middle, review_threshold=middle)
+        moved += int(verdict[0]) != (2 if score >= middle else 0)
+    failures = []
+    if worst_score > SCORE_RELATIVE_ERROR:
+        failures.append(f"score relative error {worst_score:.2e} > {SCORE_RELATIVE_ERROR}")
+    if worst_map > MAP_ERROR_OF_RANGE:
+        failures.append(f"map error {worst_map:.2e} of its range > {MAP_ERROR_OF_RANGE}")
+    if mismatched:
+        failures.append(f"verdicts differ on {len(mismatched)} images, e.g. {mismatched[0]}")
+    if moved:
+        failures.append(f"{moved} verdicts ignore the decision_threshold input")
+    report = {
+        "runtime": runtime.name,
+        "images": len(expected),
+        "max_score_relative_error": worst_score,
+        "max_map_error_of_range": worst_map,
+        "verdict_mismatches": len(mismatched),
+        "threshold_inputs": "fed" if runtime.threshold_inputs else "folded to the tuned values",
+        "failures": failures,
+    }
+    print(json.dumps(report))
+    return not failures
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("expected_dir")
+    parser.add_argument("--runtimes", default="onnxruntime,openvino")
+    args = parser.parse_args()
+    base = args.expected_dir
+    with open(os.path.join(base, "expected.jsonl")) as lines:
+        expected = [json.loads(line) for line in lines]
+    import onnx
+
+    onnx.checker.check_model(os.path.join(base, "model.onnx"), full_check=True)
+    ok = True
+    for name in args.runtimes.split(","):
+        try:
+            runtime = RUNTIMES[name](os.path.join(base, "model.onnx"))
+        except ImportError as error:
+            print(f"{name} is not installed ({error}): pip install -r tests/requirements.txt", file=sys.stderr)
+            sys.exit(2)
+        ok &= check(runtime, expected, base)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
