@@ -783,3 +783,29 @@ fn thresholds_reach_the_model_file_only_when_chosen_and_are_never_overwritten_si
     assert_eq!(Project::load(&project).unwrap().models[0].decision, Some(fitted * 2.0));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Model ▸ Export the active model as ONNX writes the file with the thresholds the project holds at that moment
+/// (a threshold dragged a moment ago, not the one the model file had).
+#[test]
+fn the_active_model_exports_to_onnx_with_the_thresholds_of_the_moment() {
+    let dir = temp_dir("onnx-export");
+    let project = tiny_project(&dir);
+    let mut harness = harness(project, Some(View::Train));
+    wait_until_idle(&mut harness, "the import");
+    harness.get_by_label("Train PatchCore").click();
+    harness.run_steps(2);
+    wait_until_idle(&mut harness, "training");
+    let chosen = 1.25 * harness.state().studio.project.models[0].decision.expect("fit chose a threshold");
+    harness.state_mut().studio.project.models[0].decision = Some(chosen);
+    harness.state_mut().studio.changed();
+    let out = dir.join("line.onnx");
+    let ctx = harness.ctx.clone();
+    harness.state_mut().start_onnx_export(&ctx, out.clone());
+    wait_until_idle(&mut harness, "the export");
+    let metadata: std::collections::HashMap<String, String> =
+        loupe_engine::onnx::read_metadata(&out).unwrap().into_iter().collect();
+    assert_eq!(metadata["loupe.method"], "patchcore");
+    assert_eq!(metadata["loupe.decision_threshold"], chosen.to_string());
+    assert!(harness.state().messages().iter().any(|m| m.contains("line.onnx")), "{:?}", harness.state().messages());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -131,7 +131,8 @@ enum JobOutput {
     Reloaded(Box<Reloaded>),
     WeightsFetched,
     LabelmeImported(label_files::LabelmeImport),
-    LabelsExported(String),
+    /// Work whose only outcome is a message (labels exported, a model exported).
+    Reported(String),
 }
 
 enum DialogResult {
@@ -144,6 +145,7 @@ enum DialogResult {
     ImportLabelme(PathBuf),
     ExportLabels(PathBuf),
     ExportModel(PathBuf),
+    ExportOnnx(PathBuf),
 }
 
 pub struct StudioApp {
@@ -348,7 +350,7 @@ impl StudioApp {
         self.spawn_job(ctx, "Exporting the labels (MVTec layout)", move |progress| {
             progress.begin("copying images and masks", 0);
             let (summary, missing) = label_files::export_labels(&project, &dir, &out)?;
-            Ok(JobOutput::LabelsExported(label_files::export_report(&summary, missing, &out)))
+            Ok(JobOutput::Reported(label_files::export_report(&summary, missing, &out)))
         });
     }
 
@@ -536,7 +538,7 @@ impl StudioApp {
                     details: imported.problems,
                 });
             }
-            Ok(JobOutput::LabelsExported(report)) => {
+            Ok(JobOutput::Reported(report)) => {
                 self.messages.push(Message { kind: MessageKind::Info, text: report, details: Vec::new() });
             }
             Ok(JobOutput::WeightsFetched) => {
@@ -662,6 +664,7 @@ impl StudioApp {
                 DialogResult::ImportLabelme(folder) => self.start_labelme_import(ctx, folder),
                 DialogResult::ExportLabels(folder) => self.start_labels_export(ctx, folder),
                 DialogResult::ExportModel(path) => self.export_model(path),
+                DialogResult::ExportOnnx(path) => self.start_onnx_export(ctx, path),
             }
         }
     }
@@ -716,6 +719,31 @@ impl StudioApp {
             }
             _ => self.error("the model is still loading; export it when it is ready"),
         }
+    }
+
+    /// Writes the active model as ONNX with the thresholds the project holds now (a job: a large memory bank
+    /// takes seconds).
+    pub fn start_onnx_export(&mut self, ctx: &egui::Context, path: PathBuf) {
+        let studio = &self.studio;
+        let Some(index) = studio.project.active_model else { return };
+        let entry = &studio.project.models[index];
+        let runtime = &studio.runtimes[index];
+        let (Some(model), Some(manifest)) = (runtime.model.clone(), runtime.manifest.clone()) else {
+            self.error("the model is still loading; export it when it is ready");
+            return;
+        };
+        let mut manifest = manifest;
+        (manifest.thresholds.decision, manifest.thresholds.review) = (entry.decision, entry.review);
+        self.spawn_job(ctx, "Exporting to ONNX", move |progress| {
+            progress.begin("recording the graph", 0);
+            let exported = loupe_engine::onnx::export(model.as_ref(), &manifest)?;
+            loupe_engine::atomic_file::write_atomic(&path, &exported.bytes)?;
+            Ok(JobOutput::Reported(format!(
+                "exported {} ({:.1} MB): uint8 frames in; anomaly map, score and verdict out",
+                path.display(),
+                exported.bytes.len() as f64 / 1e6
+            )))
+        });
     }
 
     fn write_frame_stats(&mut self) {
@@ -809,6 +837,22 @@ impl StudioApp {
                             .add_filter("Loupe model", &["safetensors"])
                             .save_file()
                             .map(DialogResult::ExportModel)
+                    });
+                }
+                let export_onnx = egui::Button::new("Export the active model as ONNX…");
+                if ui
+                    .add_enabled(has_model, export_onnx)
+                    .on_hover_text(
+                        "One file that ONNX Runtime, OpenVINO and others run without Loupe: backbone weights, resize \
+                         and the decision thresholds inside",
+                    )
+                    .clicked()
+                {
+                    self.spawn_dialog(|| {
+                        rfd::FileDialog::new()
+                            .add_filter("ONNX model", &["onnx"])
+                            .save_file()
+                            .map(DialogResult::ExportOnnx)
                     });
                 }
             });

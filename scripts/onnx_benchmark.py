@@ -1,0 +1,116 @@
+"""The ONNX export on a benchmark folder, one row per method: export time and size, the largest score
+difference from Loupe in ONNX Runtime and OpenVINO, image AUROC from each runtime beside Loupe's, and images/s
+at batch 1 and 8 (2 threads) beside `loupe eval`'s.
+
+    python3 scripts/onnx_benchmark.py --data ../shared/datasets/mtd --methods padim,patchcore [--out out/onnx]
+
+Fits each method with its defaults (or reuses OUT/METHOD.safetensors), exports it, scores the test images with
+`loupe infer --json` and `loupe eval --json`, then runs the exported file over the same images (maps are
+compared by the synthetic parity test, tests/onnx_export.rs). Prints a Markdown table.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from onnx_parity import OnnxRuntime, OpenVino, load_rgb  # noqa: E402
+
+LOUPE = os.path.join(os.path.dirname(__file__), "..", "target", "release", "loupe")
+
+
+def loupe(*args):
+    run = subprocess.run([LOUPE, *args], capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"loupe {' '.join(args)} failed:\n{run.stderr}")
+    return run.stdout
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve by ranks (ties share their average rank)."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    positives, negatives = labels.sum(), (~labels).sum()
+    return (ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def images_per_second(runtime, images, batch):
+    timed = images[: max(batch, 16)]
+    start = time.perf_counter()
+    count = 0
+    for image in timed:
+        runtime.run(np.repeat(image, batch, axis=0))
+        count += batch
+    return count / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--methods", default="padim,patchcore")
+    parser.add_argument("--out", default="out/onnx")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    rows = []
+    for method in args.methods.split(","):
+        model = os.path.join(args.out, f"{method}.safetensors")
+        if not os.path.exists(model):
+            loupe("fit", "--method", method, "--data", args.data, "--out", model)
+        onnx_path = os.path.join(args.out, f"{method}.onnx")
+        start = time.perf_counter()
+        loupe("export", "--model", model, "--format", "onnx", "--out", onnx_path)
+        export_seconds = time.perf_counter() - start
+        evaluation = json.loads(loupe("eval", "--model", model, "--data", args.data, "--json"))
+        scored = [json.loads(line) for line in loupe("infer", "--model", model, "--json", os.path.join(args.data, "test")).splitlines()]
+        labels = [f"{os.sep}good{os.sep}" not in row["path"] for row in scored]
+        images = [load_rgb(row["path"]) for row in scored]
+        row = {
+            "method": method,
+            "export_s": export_seconds,
+            "size_mb": os.path.getsize(onnx_path) / 1e6,
+            "loupe_auroc": evaluation["image_auroc"],
+            "loupe_images_per_s": evaluation["test_images_per_s"],
+        }
+        for runtime in (OnnxRuntime(onnx_path), OpenVino(onnx_path)):
+            scores = [float(runtime.run(image)[1][0]) for image in images]
+            errors = [abs(s - r["score"]) / max(abs(r["score"]), 1e-12) for s, r in zip(scores, scored)]
+            verdicts = [{0: "pass", 1: "review", 2: "reject"}[int(runtime.run(i)[2][0])] for i in images[:32]]
+            row[runtime.name] = {
+                "max_score_error": max(errors),
+                "auroc": auroc(scores, labels),
+                "verdicts_equal": sum(v == r["verdict"] for v, r in zip(verdicts, scored)) / len(verdicts),
+                "batch1": images_per_second(runtime, images, 1),
+                "batch8": images_per_second(runtime, images, 8),
+            }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| method | export | size | Loupe AUROC | img/s Loupe (b1) | ORT: max score err, AUROC, img/s b1 / b8 | OpenVINO: same |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = []
+        for name in ("onnxruntime", "openvino"):
+            x = r[name]
+            cells.append(f"{x['max_score_error']:.1e}, {x['auroc']:.4f}, {x['batch1']:.1f} / {x['batch8']:.1f}")
+        print(
+            f"| {r['method']} | {r['export_s']:.1f} s | {r['size_mb']:.1f} MB | {r['loupe_auroc']:.4f} | "
+            f"{r['loupe_images_per_s'] or 0:.1f} | {cells[0]} | {cells[1]} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
