@@ -96,3 +96,9 @@ fn padim_exports_with_parity() {
 fn patchcore_exports_with_parity() {
     exports_with_parity("patchcore", serde_json::json!({"coreset_ratio": 0.25}), 128);
 }
+
+#[test]
+fn mean_shifted_exports_with_parity() {
+    let settings = serde_json::json!({"epochs": 2, "steps_per_epoch": 5, "images_per_step": 4});
+    exports_with_parity("mean-shifted", settings, 128);
+}

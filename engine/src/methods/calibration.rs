@@ -70,6 +70,12 @@ impl PositionCalibration {
         Ok(Self::from_maps(&[maps], &[positions]))
     }
 
+    /// The `(mean, 1/std)` per position of `level`.
+    pub fn level(&self, level: usize) -> (&[f32], &[f32]) {
+        let (mean, inverse_std) = &self.levels[level];
+        (mean, inverse_std)
+    }
+
     /// Replaces a raw map of `level` by its z-scores.
     pub fn calibrate(&self, level: usize, map: &mut [f32]) {
         let (mean, inverse_std) = &self.levels[level];

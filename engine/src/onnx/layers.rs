@@ -10,6 +10,8 @@ use crate::backbone::efficientnet_lite0::{
 };
 use crate::backbone::Backbone;
 use crate::maps::gaussian_kernel;
+use crate::methods::calibration::PositionCalibration;
+use crate::methods::RecordedScores;
 use candle_core::{Device, Tensor};
 
 fn values(tensor: &Tensor) -> candle_core::Result<Vec<f32>> {
@@ -161,6 +163,44 @@ pub fn squared_distances(graph: &mut Graph, rows: &Value, bank_t: &Value, bank_n
     let with_rows = graph.op("Add", &[&scaled, &row_norms], vec![]);
     let with_bank = graph.op("Add", &[&with_rows, bank_norms], vec![]);
     graph.op("Relu", &[&with_bank], vec![])
+}
+
+/// candle-nn's `Linear` on the last axis: `x·Wᵀ + b`.
+pub fn linear(graph: &mut Graph, x: &Value, layer: &candle_nn::Linear) -> candle_core::Result<Value> {
+    let weight = layer.weight().to_device(&Device::Cpu)?;
+    let (out, input) = weight.dims2()?;
+    let weight_t = graph.floats("linear_weight_t", &[input, out], &weight.t()?.flatten_all()?.to_vec1::<f32>()?);
+    let product = graph.op("MatMul", &[x, &weight_t], vec![]);
+    let mut shape = x.shape.clone();
+    if let Some(last) = shape.last_mut() {
+        *last = Some(out);
+    }
+    Ok(match layer.bias() {
+        Some(bias) => {
+            let bias = graph.floats("linear_bias", &[out], &values(bias)?);
+            graph.op("Add", &[&product, &bias], vec![]).with_shape(shape)
+        }
+        None => product.with_shape(shape),
+    })
+}
+
+/// [`PositionCalibration::calibrate`] of `level` on cells `(N, P)`: `(x − mean) · (1/std)` per position.
+pub fn calibrate(graph: &mut Graph, cells: &Value, calibration: &PositionCalibration, level: usize) -> Value {
+    let (mean, inverse_std) = calibration.level(level);
+    let mean = graph.floats("calibration_mean", &[mean.len()], mean);
+    let inverse_std = graph.floats("calibration_inverse_std", &[inverse_std.len()], inverse_std);
+    let centred = graph.op("Sub", &[cells, &mean], vec![]);
+    graph.op("Mul", &[&centred, &inverse_std], vec![]).with_shape(cells.shape.clone())
+}
+
+/// [`crate::methods::outputs_from_cells`]: cells `(N, grid·grid)` upsampled to `size`, blurred; the score is
+/// the map's maximum.
+pub fn map_and_score(graph: &mut Graph, cells: &Value, grid: usize, size: usize, blur_sigma: f32) -> RecordedScores {
+    let grid_map = rows_as_map(graph, cells, grid, grid);
+    let map = resize_bilinear(graph, &grid_map, size, size);
+    let map = blur(graph, &map, blur_sigma);
+    let score = max_score(graph, &map);
+    RecordedScores { map, score }
 }
 
 /// `(N, H·W)` → `(N, 1, H, W)`.

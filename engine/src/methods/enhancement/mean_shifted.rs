@@ -27,7 +27,11 @@ use crate::dataset::DecodedImage;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::training::{load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingRecord};
-use crate::methods::{images_to_tensor, outputs_from_cells, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{
+    images_to_tensor, outputs_from_cells, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores,
+};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -307,6 +311,36 @@ impl AnomalyModel for MeanShifted {
         distances.truncate(batch * grid * grid);
         distances.chunks_exact_mut(grid * grid).for_each(|cells| self.calibration.calibrate(0, cells));
         Ok(outputs_from_cells(&distances, grid, size, self.settings.blur_sigma))
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let features = layers::patch_features(graph, &fine, &coarse, true);
+        let grid = self.image_size as usize / PATCH_STRIDE;
+        if (features.dim(2), features.dim(3)) != (grid, grid) {
+            bail!("mean-shifted: a {grid}×{grid} grid was expected from the image size");
+        }
+        let rows = layers::positions_as_rows(graph, &features);
+        // The adapter: rows + out(relu(hidden(rows))), scaled to unit length.
+        let hidden = layers::linear(graph, &rows, &self.adapter.hidden)?;
+        let hidden = graph.op("Relu", &[&hidden], vec![]);
+        let shift = layers::linear(graph, &hidden.with_shape(rows.shape.clone()), &self.adapter.out)?;
+        let shifted = graph.op("Add", &[&rows, &shift], vec![]);
+        let last = graph.ints("axis", &[1], &[-1]);
+        let squared = graph.op("ReduceSumSquare", &[&shifted, &last], vec![attr_int("keepdims", 1)]);
+        let length = graph.op("Sqrt", &[&squared], vec![]);
+        let epsilon = graph.scalar("epsilon", 1e-8);
+        let length = graph.op("Add", &[&length, &epsilon], vec![]);
+        let unit = graph.op("Div", &[&shifted, &length], vec![]);
+        // 1 − ⟨z, c_p⟩, calibrated per position.
+        let centre = self.centre.to_device(&Device::Cpu)?;
+        let (positions, d) = centre.dims2()?;
+        let centre = graph.floats("centre", &[positions, d], &centre.flatten_all()?.to_vec1::<f32>()?);
+        let products = graph.op("Mul", &[&unit, &centre], vec![]);
+        let cosine = graph.op("ReduceSum", &[&products, &last], vec![attr_int("keepdims", 0)]);
+        let distance = layers::affine(graph, &cosine, -1.0, 1.0).with_shape(vec![images.shape[0], Some(positions)]);
+        let cells = layers::calibrate(graph, &distance, &self.calibration, 0);
+        Ok(layers::map_and_score(graph, &cells, grid, self.image_size as usize, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

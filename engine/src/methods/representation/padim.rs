@@ -225,12 +225,7 @@ impl AnomalyModel for Padim {
         let axes = graph.ints("axes", &[2], &[2, 3]);
         let squared = graph.op("ReduceSumSquare", &[&whitened, &axes], vec![attr_int("keepdims", 0)]);
         let distances = graph.op("Sqrt", &[&squared], vec![]).with_shape(vec![images.shape[0], Some(positions)]);
-        let grid = layers::rows_as_map(graph, &distances, side, side);
-        let size = self.image_size as usize;
-        let map = layers::resize_bilinear(graph, &grid, size, size);
-        let map = layers::blur(graph, &map, self.settings.blur_sigma);
-        let score = layers::max_score(graph, &map);
-        Ok(RecordedScores { map, score })
+        Ok(layers::map_and_score(graph, &distances, side, self.image_size as usize, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
