@@ -102,3 +102,9 @@ fn mean_shifted_exports_with_parity() {
     let settings = serde_json::json!({"epochs": 2, "steps_per_epoch": 5, "images_per_step": 4});
     exports_with_parity("mean-shifted", settings, 128);
 }
+
+#[test]
+fn cutpaste_exports_with_parity() {
+    let settings = serde_json::json!({"epochs": 2, "steps_per_epoch": 5, "images_per_step": 4});
+    exports_with_parity("cutpaste", settings, 128);
+}

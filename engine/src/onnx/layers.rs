@@ -11,6 +11,7 @@ use crate::backbone::efficientnet_lite0::{
 use crate::backbone::Backbone;
 use crate::maps::gaussian_kernel;
 use crate::methods::calibration::PositionCalibration;
+use crate::methods::flow::Standardise;
 use crate::methods::RecordedScores;
 use candle_core::{Device, Tensor};
 
@@ -182,6 +183,17 @@ pub fn linear(graph: &mut Graph, x: &Value, layer: &candle_nn::Linear) -> candle
         }
         None => product.with_shape(shape),
     })
+}
+
+/// [`Standardise::apply`] on rows `(…, C)` (or, with `positions × C` values, on whole images' rows `(N, P, C)`).
+pub fn standardise(graph: &mut Graph, rows: &Value, standardise: &Standardise) -> anyhow::Result<Value> {
+    let (mean, inverse_std) = standardise.values()?;
+    let channels = rows.dim(rows.shape.len() - 1);
+    let shape = if mean.len() == channels { vec![channels] } else { vec![mean.len() / channels, channels] };
+    let mean = graph.floats("standardise_mean", &shape, &mean);
+    let inverse_std = graph.floats("standardise_inverse_std", &shape, &inverse_std);
+    let centred = graph.op("Sub", &[rows, &mean], vec![]);
+    Ok(graph.op("Mul", &[&centred, &inverse_std], vec![]).with_shape(rows.shape.clone()))
 }
 
 /// [`PositionCalibration::calibrate`] of `level` on cells `(N, P)`: `(x − mean) · (1/std)` per position.

@@ -21,7 +21,10 @@ use crate::methods::gaussian::{whitening_matrix, MomentSums};
 use crate::methods::training::{load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{
     images_to_tensor, outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext,
+    RecordedScores,
 };
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::Result;
@@ -249,6 +252,29 @@ impl AnomalyModel for Cutpaste {
         let size = self.image_size as usize;
         let grid = size.div_ceil(PATCH_STRIDE);
         Ok(outputs_from_cells(&distances[..batch * grid * grid], grid, size, self.settings.blur_sigma))
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let features = layers::patch_features(graph, &fine, &coarse, true);
+        let grid = features.dim(2);
+        let rows = layers::positions_as_rows(graph, &features);
+        let rows = layers::standardise(graph, &rows, &self.standardise)?;
+        let hidden = layers::linear(graph, &rows, &self.head.hidden)?;
+        let hidden = graph.op("Relu", &[&hidden], vec![]).with_shape(hidden.shape);
+        let embeddings = layers::linear(graph, &hidden, &self.head.embedding)?;
+        // The Gaussian density estimate's Mahalanobis distance: |(e − μ)·Wᵀ|.
+        let mean = self.mean.to_device(&Device::Cpu)?;
+        let d = mean.elem_count();
+        let mean = graph.floats("gde_mean", &[d], &mean.flatten_all()?.to_vec1::<f32>()?);
+        let whitening_t = self.whitening_t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let whitening_t = graph.floats("gde_whitening_t", &[d, d], &whitening_t);
+        let centred = graph.op("Sub", &[&embeddings, &mean], vec![]);
+        let whitened = graph.op("MatMul", &[&centred, &whitening_t], vec![]);
+        let last = graph.ints("axis", &[1], &[-1]);
+        let squared = graph.op("ReduceSumSquare", &[&whitened, &last], vec![attr_int("keepdims", 0)]);
+        let distances = graph.op("Sqrt", &[&squared], vec![]).with_shape(vec![images.shape[0], Some(grid * grid)]);
+        Ok(layers::map_and_score(graph, &distances, grid, self.image_size as usize, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

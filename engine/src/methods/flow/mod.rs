@@ -199,6 +199,12 @@ impl Standardise {
         Ok(rows.broadcast_sub(&self.mean)?.broadcast_mul(&self.inverse_std)?)
     }
 
+    /// `(mean, 1/std)` as flat host vectors, for the ONNX export.
+    pub fn values(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?) };
+        Ok((flat(&self.mean)?, flat(&self.inverse_std)?))
+    }
+
     /// `{prefix}.mean` and `{prefix}.inverse_std` on the CPU, for the model file (read back by [`Self::take`]).
     pub fn state(&self, prefix: &str) -> Result<Vec<(String, Tensor)>> {
         Ok(vec![
