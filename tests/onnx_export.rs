@@ -108,3 +108,13 @@ fn cutpaste_exports_with_parity() {
     let settings = serde_json::json!({"epochs": 2, "steps_per_epoch": 5, "images_per_step": 4});
     exports_with_parity("cutpaste", settings, 128);
 }
+
+#[test]
+fn fcdd_exports_with_parity() {
+    // Both image scores: the map's maximum (the default) and the paper's mean of the cells.
+    for image_score in ["max", "mean"] {
+        let settings = serde_json::json!({"epochs": 2, "steps_per_epoch": 5, "images_per_step": 4, "width": 16,
+                                          "image_score": image_score});
+        exports_with_parity("fcdd", settings, 128);
+    }
+}

@@ -56,20 +56,30 @@ impl ScoreMap {
     /// upsamples to exactly that constant, borders included.
     pub fn receptive_upsample(width: usize, height: usize, cells: &[f32], stride: usize, sigma: f32) -> ScoreMap {
         assert_eq!(cells.len(), width * height, "cells must be width × height");
+        let spread = Self::cell_impulses(width, height, cells, stride).blurred(sigma);
+        let weights = Self::receptive_upsample_weights(width, height, stride, sigma);
+        let data = spread.data.iter().zip(&weights).map(|(v, w)| v / w).collect();
+        ScoreMap::new(width * stride, height * stride, data)
+    }
+
+    /// The divisor of [`Self::receptive_upsample`]: the blur of the impulses alone, at least
+    /// `f32::MIN_POSITIVE`. It depends only on the geometry, so an exported graph holds it as a constant.
+    pub fn receptive_upsample_weights(width: usize, height: usize, stride: usize, sigma: f32) -> Vec<f32> {
+        let ones = vec![1.0; width * height];
+        let weight = Self::cell_impulses(width, height, &ones, stride).blurred(sigma);
+        weight.data.into_iter().map(|w| w.max(f32::MIN_POSITIVE)).collect()
+    }
+
+    /// A `(width·stride) × (height·stride)` map of zeros with each cell's value at its centre.
+    fn cell_impulses(width: usize, height: usize, cells: &[f32], stride: usize) -> ScoreMap {
         let (out_width, out_height) = (width * stride, height * stride);
         let mut impulses = vec![0f32; out_width * out_height];
-        let mut weights = vec![0f32; out_width * out_height];
         for (y, row) in cells.chunks_exact(width).enumerate() {
             for (x, &value) in row.iter().enumerate() {
-                let at = (y * stride + stride / 2) * out_width + x * stride + stride / 2;
-                impulses[at] = value;
-                weights[at] = 1.0;
+                impulses[(y * stride + stride / 2) * out_width + x * stride + stride / 2] = value;
             }
         }
-        let spread = ScoreMap::new(out_width, out_height, impulses).blurred(sigma);
-        let weight = ScoreMap::new(out_width, out_height, weights).blurred(sigma);
-        let data = spread.data.iter().zip(&weight.data).map(|(v, w)| v / w.max(f32::MIN_POSITIVE)).collect();
-        ScoreMap::new(out_width, out_height, data)
+        ScoreMap::new(out_width, out_height, impulses)
     }
 
     /// Separable Gaussian blur, kernel size `2·⌊4σ + 0.5⌋ + 1`, reflected borders (as anomalib/kornia).
@@ -116,7 +126,7 @@ pub fn gaussian_kernel(sigma: f32) -> Vec<f32> {
 
 /// Index `i` reflected into `0..n` without repeating the edge (PyTorch/kornia "reflect"), folding as often as a
 /// kernel wider than a small map needs.
-fn reflect_index(i: isize, n: usize) -> usize {
+pub fn reflect_index(i: isize, n: usize) -> usize {
     if n == 1 {
         return 0;
     }

@@ -173,10 +173,11 @@ impl CustomOp1 for Fold {
 
 /// A k×k convolution (odd k, "same" zero padding) with bias, stride 1 or 2, on channels-last maps.
 pub struct Conv {
-    linear: Linear,
-    kernel: usize,
-    stride: usize,
-    out_channels: usize,
+    /// `(out, k·k·in)`, columns tap-major `(dy, dx, c)` as [`patches`] lays them out.
+    pub linear: Linear,
+    pub kernel: usize,
+    pub stride: usize,
+    pub out_channels: usize,
 }
 
 impl Conv {
@@ -206,9 +207,12 @@ pub fn pixel_shuffle(x: &Tensor) -> Result<Tensor> {
     Ok(x.reshape((b, h, w, 2, 2, c))?.permute((0, 1, 3, 2, 4, 5))?.contiguous()?.reshape((b, 2 * h, 2 * w, c))?)
 }
 
+/// Slope of [`leaky_relu`] below zero.
+pub const LEAKY_SLOPE: f64 = 0.2;
+
 /// max(x, 0.2·x).
 pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.maximum(&(x * 0.2)?)?)
+    Ok(x.maximum(&(x * LEAKY_SLOPE)?)?)
 }
 
 /// `(B, C, H, W)` → `(B, H, W, C)`, contiguous.

@@ -2,16 +2,17 @@
 //! Loupe applies), the backbone (its wiring is [`EfficientNetLite0::run_taps`], recorded), the anomaly map's
 //! resize and blur, and the verdict.
 
-use super::graph::{attr_int, attr_ints, attr_string, Graph, Value};
+use super::graph::{attr_float, attr_int, attr_ints, attr_string, Graph, Value};
 use crate::backbone::depthwise::same_padding;
 use crate::backbone::efficientnet_lite0::{
     Depthwise, EfficientNetLite0, LayerRunner, PointwiseConv, Stem, STEM_KERNEL, STEM_STRIDE, STRIDE16_BLOCK,
     STRIDE8_BLOCK,
 };
 use crate::backbone::Backbone;
-use crate::maps::gaussian_kernel;
+use crate::maps::{gaussian_kernel, reflect_index};
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::flow::Standardise;
+use crate::methods::layers::{Conv, LEAKY_SLOPE};
 use crate::methods::RecordedScores;
 use candle_core::{Device, Tensor};
 
@@ -185,6 +186,50 @@ pub fn linear(graph: &mut Graph, x: &Value, layer: &candle_nn::Linear) -> candle
     })
 }
 
+/// [`Conv::forward`] on a channels-last map `(N, H, W, Cin)` → `(N, ⌈H/s⌉, ⌈W/s⌉, Cout)`: an ONNX `Conv` with
+/// the im2col weights laid out as a kernel, padded as [`crate::methods::layers::patches`] pads (k/2 each side,
+/// plus what a stride of 2 needs at the end).
+pub fn conv_channels_last(graph: &mut Graph, x: &Value, conv: &Conv) -> candle_core::Result<Value> {
+    let (k, stride, out) = (conv.kernel, conv.stride, conv.out_channels);
+    let (height, width, input) = (x.dim(1), x.dim(2), x.dim(3));
+    let im2col = values(conv.linear.weight())?;
+    let weight: Vec<f32> = (0..out * input * k * k)
+        .map(|index| {
+            let (o, c, dy, dx) = (index / (input * k * k), index / (k * k) % input, index / k % k, index % k);
+            im2col[o * k * k * input + (dy * k + dx) * input + c]
+        })
+        .collect();
+    let weight = graph.floats("conv_weight", &[out, input, k, k], &weight);
+    let bias = match conv.linear.bias() {
+        Some(bias) => graph.floats("conv_bias", &[out], &values(bias)?),
+        None => graph.floats("conv_bias", &[out], &vec![0.0; out]),
+    };
+    let (out_h, out_w) = (height.div_ceil(stride), width.div_ceil(stride));
+    let pad = (k / 2) as i64;
+    let pads = [pad, pad, pad + (stride * out_h - height) as i64, pad + (stride * out_w - width) as i64];
+    let planar = graph.op("Transpose", &[x], vec![attr_ints("perm", &[0, 3, 1, 2])]);
+    let convolved = graph.op(
+        "Conv",
+        &[&planar, &weight, &bias],
+        vec![
+            attr_ints("kernel_shape", &[k as i64, k as i64]),
+            attr_ints("strides", &[stride as i64, stride as i64]),
+            attr_ints("pads", &pads),
+        ],
+    );
+    Ok(graph.op("Transpose", &[&convolved], vec![attr_ints("perm", &[0, 2, 3, 1])]).with_shape(vec![
+        x.shape[0],
+        Some(out_h),
+        Some(out_w),
+        Some(out),
+    ]))
+}
+
+/// [`crate::methods::layers::leaky_relu`].
+pub fn leaky_relu(graph: &mut Graph, x: &Value) -> Value {
+    graph.op("LeakyRelu", &[x], vec![attr_float("alpha", LEAKY_SLOPE as f32)]).with_shape(x.shape.clone())
+}
+
 /// [`Standardise::apply`] on rows `(…, C)` (or, with `positions × C` values, on whole images' rows `(N, P, C)`).
 pub fn standardise(graph: &mut Graph, rows: &Value, standardise: &Standardise) -> anyhow::Result<Value> {
     let (mean, inverse_std) = standardise.values()?;
@@ -298,20 +343,55 @@ fn triangle_weights(graph: &mut Graph, length: &Value, size: usize) -> Value {
     graph.op("Div", &[&weights, &total], vec![])
 }
 
-/// [`crate::maps::ScoreMap::blurred`] of maps `(N, 1, H, W)`: reflected borders, then the Gaussian's horizontal
-/// and vertical passes as two convolutions.
+/// [`crate::maps::ScoreMap::blurred`] of maps `(N, 1, H, W)`: the Gaussian's horizontal pass, then its vertical
+/// one, each as a product with the `(n, n)` matrix that folds the kernel over reflected borders — so a kernel
+/// wider than the map folds as often as Loupe's does (ONNX `Pad` reflects once).
 pub fn blur(graph: &mut Graph, map: &Value, sigma: f32) -> Value {
     if sigma <= 0.0 {
         return map.clone();
     }
     let kernel = gaussian_kernel(sigma);
-    let radius = (kernel.len() / 2) as i64;
-    let pads = graph.ints("pads", &[8], &[0, 0, radius, radius, 0, 0, radius, radius]);
-    let padded = graph.op("Pad", &[map, &pads], vec![attr_string("mode", "reflect")]);
-    let horizontal = graph.floats("blur_row", &[1, 1, 1, kernel.len()], &kernel);
-    let vertical = graph.floats("blur_column", &[1, 1, kernel.len(), 1], &kernel);
-    let rows = graph.op("Conv", &[&padded, &horizontal], vec![]);
-    graph.op("Conv", &[&rows, &vertical], vec![]).with_shape(map.shape.clone())
+    let (height, width) = (map.dim(2), map.dim(3));
+    let horizontal_t = transposed(&blur_matrix(width, &kernel), width);
+    let horizontal_t = graph.floats("blur_rows_t", &[width, width], &horizontal_t);
+    let vertical = graph.floats("blur_columns", &[height, height], &blur_matrix(height, &kernel));
+    let rows = graph.op("MatMul", &[map, &horizontal_t], vec![]);
+    graph.op("MatMul", &[&vertical, &rows], vec![]).with_shape(map.shape.clone())
+}
+
+/// `(n, n)`: output `i` = Σ_k kernel[k] · input[reflect(i + k − radius)].
+fn blur_matrix(n: usize, kernel: &[f32]) -> Vec<f32> {
+    let radius = (kernel.len() / 2) as isize;
+    let mut matrix = vec![0f32; n * n];
+    for i in 0..n {
+        for (k, &weight) in kernel.iter().enumerate() {
+            let source = reflect_index(i as isize + k as isize - radius, n);
+            matrix[i * n + source] += weight;
+        }
+    }
+    matrix
+}
+
+fn transposed(matrix: &[f32], n: usize) -> Vec<f32> {
+    (0..n * n).map(|index| matrix[(index % n) * n + index / n]).collect()
+}
+
+/// [`crate::maps::ScoreMap::receptive_upsample`] of cells `(N, g·g)`: each cell an impulse at its centre in a
+/// `(g·stride)²` map (a `ConvTranspose` with a one-hot kernel), blurred, divided by the blur of the impulses
+/// alone (a constant of the export).
+pub fn receptive_upsample(graph: &mut Graph, cells: &Value, grid: usize, stride: usize, sigma: f32) -> Value {
+    let grid_map = rows_as_map(graph, cells, grid, grid);
+    let mut one_hot = vec![0f32; stride * stride];
+    one_hot[(stride / 2) * stride + stride / 2] = 1.0;
+    let kernel = graph.floats("impulse", &[1, 1, stride, stride], &one_hot);
+    let size = grid * stride;
+    let impulses = graph
+        .op("ConvTranspose", &[&grid_map, &kernel], vec![attr_ints("strides", &[stride as i64, stride as i64])])
+        .with_shape(shape4(cells.shape[0], 1, size, size));
+    let spread = blur(graph, &impulses, sigma);
+    let weights = crate::maps::ScoreMap::receptive_upsample_weights(grid, grid, stride, sigma);
+    let weight = graph.floats("receptive_weight", &[size, size], &weights);
+    graph.op("Div", &[&spread, &weight], vec![]).with_shape(spread.shape)
 }
 
 /// The maximum of each map `(N, 1, H, W)` → `(N,)`.

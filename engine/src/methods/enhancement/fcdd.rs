@@ -22,7 +22,9 @@ use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_
 use crate::methods::flow::Standardise;
 use crate::methods::layers::{leaky_relu, Conv};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
-use crate::methods::{planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -251,6 +253,45 @@ impl AnomalyModel for Fcdd {
         let mut state = varmap_state(&self.varmap)?;
         state.extend(self.standardise.state("standardise")?);
         Ok(state)
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let features = layers::patch_features(graph, &fine, &coarse, true);
+        let grid = self.image_size as usize / PATCH_STRIDE;
+        let rows = layers::positions_as_rows(graph, &features);
+        let rows = layers::standardise(graph, &rows, &self.standardise)?;
+        let shape = graph.ints("shape", &[4], &[0, grid as i64, grid as i64, PATCH_CHANNELS as i64]);
+        let mut h = graph.op("Reshape", &[&rows, &shape], vec![]).with_shape(vec![
+            images.shape[0],
+            Some(grid),
+            Some(grid),
+            Some(PATCH_CHANNELS),
+        ]);
+        for layer in &self.head.layers {
+            let convolved = layers::conv_channels_last(graph, &h, layer)?;
+            h = layers::leaky_relu(graph, &convolved);
+        }
+        let phi = layers::conv_channels_last(graph, &h, &self.head.output)?;
+        // The pseudo-Huber anomaly √(φ² + 1) − 1 of each cell, `(N, g·g)`.
+        let flat = graph.ints("shape", &[2], &[0, (grid * grid) as i64]);
+        let phi = graph.op("Reshape", &[&phi, &flat], vec![]);
+        let squared = graph.op("Mul", &[&phi, &phi], vec![]);
+        let one = graph.scalar("one", 1.0);
+        let shifted = graph.op("Add", &[&squared, &one], vec![]);
+        let root = graph.op("Sqrt", &[&shifted], vec![]);
+        let cells = graph.op("Sub", &[&root, &one], vec![]).with_shape(vec![images.shape[0], Some(grid * grid)]);
+        let map = layers::receptive_upsample(graph, &cells, grid, PATCH_STRIDE, self.settings.gauss_std);
+        let score = match self.settings.image_score {
+            ImageScore::Mean => {
+                let axis = graph.ints("axis", &[1], &[1]);
+                graph
+                    .op("ReduceMean", &[&cells, &axis], vec![attr_int("keepdims", 0)])
+                    .with_shape(vec![images.shape[0]])
+            }
+            ImageScore::Max => layers::max_score(graph, &map),
+        };
+        Ok(RecordedScores { map, score })
     }
 }
 
