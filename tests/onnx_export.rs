@@ -118,3 +118,8 @@ fn fcdd_exports_with_parity() {
         exports_with_parity("fcdd", settings, 128);
     }
 }
+
+#[test]
+fn stfpm_exports_with_parity() {
+    exports_with_parity("stfpm", serde_json::json!({"epochs": 2, "batch_size": 4, "width": 16}), 128);
+}

@@ -225,6 +225,49 @@ pub fn conv_channels_last(graph: &mut Graph, x: &Value, conv: &Conv) -> candle_c
     ]))
 }
 
+/// `Transpose` with `perm`, the shape permuted alike.
+pub fn transpose(graph: &mut Graph, x: &Value, perm: &[usize]) -> Value {
+    let shape = perm.iter().map(|&axis| x.shape[axis]).collect();
+    let perm: Vec<i64> = perm.iter().map(|&axis| axis as i64).collect();
+    graph.op("Transpose", &[x], vec![attr_ints("perm", &perm)]).with_shape(shape)
+}
+
+/// `(N, C, H, W)` → `(N, H, W, C)`.
+pub fn channels_last(graph: &mut Graph, x: &Value) -> Value {
+    transpose(graph, x, &[0, 2, 3, 1])
+}
+
+/// candle's `upsample_nearest2d` of the last two axes by a whole factor (source pixel ⌊out / factor⌋).
+pub fn upsample_nearest(graph: &mut Graph, x: &Value, height: usize, width: usize) -> Value {
+    let sizes = graph.ints("sizes", &[2], &[height as i64, width as i64]);
+    let rank = x.shape.len();
+    let mut shape = x.shape.clone();
+    shape[rank - 2] = Some(height);
+    shape[rank - 1] = Some(width);
+    graph
+        .op(
+            "Resize",
+            &[x, &Value::absent(), &Value::absent(), &sizes],
+            vec![
+                attr_string("mode", "nearest"),
+                attr_string("coordinate_transformation_mode", "asymmetric"),
+                attr_string("nearest_mode", "floor"),
+                attr_ints("axes", &[rank as i64 - 2, rank as i64 - 1]),
+            ],
+        )
+        .with_shape(shape)
+}
+
+/// Rows scaled to unit length along the last axis: `x / √(Σx² + epsilon)`.
+pub fn unit_rows_under_root(graph: &mut Graph, x: &Value, epsilon: f32) -> Value {
+    let last = graph.ints("axis", &[1], &[-1]);
+    let squared = graph.op("ReduceSumSquare", &[x, &last], vec![attr_int("keepdims", 1)]);
+    let epsilon = graph.scalar("epsilon", epsilon);
+    let padded = graph.op("Add", &[&squared, &epsilon], vec![]);
+    let length = graph.op("Sqrt", &[&padded], vec![]);
+    graph.op("Div", &[x, &length], vec![]).with_shape(x.shape.clone())
+}
+
 /// [`crate::methods::layers::leaky_relu`].
 pub fn leaky_relu(graph: &mut Graph, x: &Value) -> Value {
     graph.op("LeakyRelu", &[x], vec![attr_float("alpha", LEAKY_SLOPE as f32)]).with_shape(x.shape.clone())

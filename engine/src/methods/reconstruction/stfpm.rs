@@ -22,7 +22,9 @@ use crate::maps::ScoreMap;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::layers::{channels_last, leaky_relu, Conv};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -260,5 +262,43 @@ impl AnomalyModel for Stfpm {
         let mut state = varmap_state(&self.varmap)?;
         state.extend(self.calibration.state()?);
         Ok(state)
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let teacher = [layers::channels_last(graph, &fine), layers::channels_last(graph, &coarse)];
+        // The student, as `Student::forward`.
+        let planar = layers::channels_last(graph, images);
+        let mut h = layers::affine(graph, &planar, 2.0, -1.0);
+        for conv in &self.student.to_stride8 {
+            let convolved = layers::conv_channels_last(graph, &h, conv)?;
+            h = layers::leaky_relu(graph, &convolved);
+        }
+        let student8 = layers::conv_channels_last(graph, &h, &self.student.head8)?;
+        for conv in &self.student.to_stride16 {
+            let convolved = layers::conv_channels_last(graph, &h, conv)?;
+            h = layers::leaky_relu(graph, &convolved);
+        }
+        let student16 = layers::conv_channels_last(graph, &h, &self.student.head16)?;
+        // ½·|t̂ − ŝ|² per position at both strides, the coarse one upsampled, multiplied.
+        let mut discrepancy = |teacher: &Value, student: &Value| {
+            let t = layers::unit_rows_under_root(graph, teacher, 1e-12);
+            let s = layers::unit_rows_under_root(graph, student, 1e-12);
+            let difference = graph.op("Sub", &[&t, &s], vec![]);
+            let last = graph.ints("axis", &[1], &[-1]);
+            let squared = graph.op("ReduceSumSquare", &[&difference, &last], vec![attr_int("keepdims", 0)]);
+            let half = graph.scalar("half", 0.5);
+            graph.op("Mul", &[&squared, &half], vec![]).with_shape(teacher.shape[..3].to_vec())
+        };
+        let fine = discrepancy(&teacher[0], &student8);
+        let coarse = discrepancy(&teacher[1], &student16);
+        let side = grid_side(self.image_size);
+        let coarse = layers::upsample_nearest(graph, &coarse, side, side);
+        let product = graph.op("Mul", &[&fine, &coarse], vec![]);
+        let flat = graph.ints("shape", &[2], &[0, (side * side) as i64]);
+        let cells =
+            graph.op("Reshape", &[&product, &flat], vec![]).with_shape(vec![images.shape[0], Some(side * side)]);
+        let cells = layers::calibrate(graph, &cells, &self.calibration, 0);
+        Ok(layers::map_and_score(graph, &cells, side, self.image_size as usize, self.settings.blur_sigma))
     }
 }
