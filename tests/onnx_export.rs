@@ -123,3 +123,12 @@ fn fcdd_exports_with_parity() {
 fn stfpm_exports_with_parity() {
     exports_with_parity("stfpm", serde_json::json!({"epochs": 2, "batch_size": 4, "width": 16}), 128);
 }
+
+#[test]
+fn autoencoder_exports_with_parity() {
+    for downsample in [1, 2] {
+        let settings = serde_json::json!({"epochs": 2, "batch_size": 4, "width": 8, "latent_dim": 16,
+                                          "downsample": downsample});
+        exports_with_parity("autoencoder", settings, 128);
+    }
+}

@@ -9,11 +9,11 @@ use candle_core::{Device, Tensor};
 
 const SIGMA: f64 = 1.5;
 /// scipy's `gaussian_filter` truncates at 3.5σ: radius ⌊3.5·1.5 + ½⌋ = 5, an 11-tap window.
-const RADIUS: usize = 5;
+pub const RADIUS: usize = 5;
 const C1: f64 = 0.01 * 0.01;
 const C2: f64 = 0.03 * 0.03;
 
-fn gaussian_taps() -> Vec<f64> {
+pub fn gaussian_taps() -> Vec<f64> {
     let taps: Vec<f64> =
         (0..=2 * RADIUS).map(|k| (-((k as f64 - RADIUS as f64).powi(2)) / (2.0 * SIGMA * SIGMA)).exp()).collect();
     let total: f64 = taps.iter().sum();
@@ -47,27 +47,35 @@ fn ssim_valid(x: &Tensor, y: &Tensor) -> Result<Tensor> {
     Ok((luminance * structure)?.div(&(luminance_norm * structure_norm)?)?)
 }
 
+/// The source index of each position of an axis of `n` mirror-padded by [`RADIUS`] (the edge repeats).
+pub fn reflect_pad_indices(n: usize) -> Vec<u32> {
+    let n = n as i64;
+    (-(RADIUS as i64)..n + RADIUS as i64)
+        .map(|i| {
+            let reflected = if i < 0 {
+                -i - 1
+            } else if i >= n {
+                2 * n - i - 1
+            } else {
+                i
+            };
+            reflected.clamp(0, n - 1) as u32
+        })
+        .collect()
+}
+
 /// Mirror padding by `RADIUS` on the two spatial axes (scipy's "reflect": the edge pixel repeats).
 fn reflect_pad(x: &Tensor) -> Result<Tensor> {
     let pad_axis = |x: &Tensor, dim: usize| -> Result<Tensor> {
-        let n = x.dim(dim)? as i64;
-        let index: Vec<u32> = (-(RADIUS as i64)..n + RADIUS as i64)
-            .map(|i| {
-                let reflected = if i < 0 {
-                    -i - 1
-                } else if i >= n {
-                    2 * n - i - 1
-                } else {
-                    i
-                };
-                reflected.clamp(0, n - 1) as u32
-            })
-            .collect();
+        let index = reflect_pad_indices(x.dim(dim)?);
         let index = Tensor::new(index.as_slice(), &Device::Cpu)?.to_device(x.device())?;
         Ok(x.index_select(&index, dim)?)
     };
     pad_axis(&pad_axis(x, 1)?, 2)
 }
+
+/// C₁ and C₂ of the SSIM formula.
+pub const STABILISERS: (f32, f32) = (C1 as f32, C2 as f32);
 
 /// The SSIM map at full size, `(B, H, W, C)`: 1 where the images agree structurally.
 pub fn ssim_map(x: &Tensor, y: &Tensor) -> Result<Tensor> {

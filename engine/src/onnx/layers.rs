@@ -239,8 +239,8 @@ pub fn channels_last(graph: &mut Graph, x: &Value) -> Value {
 
 /// candle's `upsample_nearest2d` of the last two axes by a whole factor (source pixel ⌊out / factor⌋).
 pub fn upsample_nearest(graph: &mut Graph, x: &Value, height: usize, width: usize) -> Value {
-    let sizes = graph.ints("sizes", &[2], &[height as i64, width as i64]);
     let rank = x.shape.len();
+    let sizes = graph.ints("sizes", &[2], &[height as i64, width as i64]);
     let mut shape = x.shape.clone();
     shape[rank - 2] = Some(height);
     shape[rank - 1] = Some(width);
@@ -256,6 +256,102 @@ pub fn upsample_nearest(graph: &mut Graph, x: &Value, height: usize, width: usiz
             ],
         )
         .with_shape(shape)
+}
+
+/// [`crate::methods::layers::upsample2x`] of a channels-last map `(N, H, W, C)`: each pixel repeated into a
+/// 2×2 block by the same reshape and broadcast.
+pub fn upsample2x_channels_last(graph: &mut Graph, x: &Value) -> Value {
+    let (height, width, channels) = (x.dim(1) as i64, x.dim(2) as i64, x.dim(3) as i64);
+    let split = graph.ints("shape", &[6], &[0, height, 1, width, 1, channels]);
+    let split = graph.op("Reshape", &[x, &split], vec![]);
+    let blocks = graph.ints("shape", &[6], &[1, 1, 2, 1, 2, 1]);
+    let repeated = graph.op("Expand", &[&split, &blocks], vec![]);
+    let joined = graph.ints("shape", &[4], &[0, 2 * height, 2 * width, channels]);
+    graph.op("Reshape", &[&repeated, &joined], vec![]).with_shape(vec![
+        x.shape[0],
+        Some(2 * height as usize),
+        Some(2 * width as usize),
+        Some(channels as usize),
+    ])
+}
+
+/// [`crate::methods::layers::pixel_shuffle`]: `(N, H, W, 4C)` → `(N, 2H, 2W, C)`.
+pub fn pixel_shuffle(graph: &mut Graph, x: &Value) -> Value {
+    let (height, width, channels) = (x.dim(1), x.dim(2), x.dim(3) / 4);
+    let split = graph.ints("shape", &[6], &[0, height as i64, width as i64, 2, 2, channels as i64]);
+    let split = graph.op("Reshape", &[x, &split], vec![]);
+    let moved = graph.op("Transpose", &[&split], vec![attr_ints("perm", &[0, 1, 3, 2, 4, 5])]);
+    let joined = graph.ints("shape", &[4], &[0, 2 * height as i64, 2 * width as i64, channels as i64]);
+    graph.op("Reshape", &[&moved, &joined], vec![]).with_shape(vec![
+        x.shape[0],
+        Some(2 * height),
+        Some(2 * width),
+        Some(channels),
+    ])
+}
+
+/// [`crate::methods::ssim::ssim_map`] of channels-last maps `(N, H, W, C)`, step for step: mirror-padded by
+/// gathering, each windowed mean the same sum of shifted slices times the taps, width then height.
+pub fn ssim_map(graph: &mut Graph, x: &Value, y: &Value) -> Value {
+    use crate::methods::ssim::{gaussian_taps, reflect_pad_indices, RADIUS, STABILISERS};
+    let mut pad = |v: &Value| {
+        let mut padded = v.clone();
+        for axis in [1usize, 2] {
+            let indices: Vec<i64> = reflect_pad_indices(v.dim(axis)).into_iter().map(i64::from).collect();
+            let mut shape = padded.shape.clone();
+            shape[axis] = Some(indices.len());
+            let indices = graph.ints("reflect", &[indices.len()], &indices);
+            padded = graph.op("Gather", &[&padded, &indices], vec![attr_int("axis", axis as i64)]).with_shape(shape);
+        }
+        padded
+    };
+    let (x, y) = (pad(x), pad(y));
+    // Each windowed mean keeps the padded length minus the window's reach: the image's own size.
+    let (height, width) = (x.dim(1) - 2 * RADIUS, x.dim(2) - 2 * RADIUS);
+    let taps: Vec<f32> = gaussian_taps().into_iter().map(|t| t as f32).collect();
+    let window_mean = |graph: &mut Graph, v: &Value| {
+        let mut out = v.clone();
+        for (axis, length) in [(2i64, width), (1, height)] {
+            let mut sum: Option<Value> = None;
+            for (k, &tap) in taps.iter().enumerate() {
+                let starts = graph.ints("start", &[1], &[k as i64]);
+                let ends = graph.ints("end", &[1], &[k as i64 + length as i64]);
+                let axes = graph.ints("axis", &[1], &[axis]);
+                let view = graph.op("Slice", &[&out, &starts, &ends, &axes], vec![]);
+                let tap = graph.scalar("tap", tap);
+                let weighted = graph.op("Mul", &[&view, &tap], vec![]);
+                sum = Some(match sum {
+                    None => weighted,
+                    Some(total) => graph.op("Add", &[&total, &weighted], vec![]),
+                });
+            }
+            out = sum.expect("taps");
+        }
+        out
+    };
+    let (mean_x, mean_y) = (window_mean(graph, &x), window_mean(graph, &y));
+    let xx = graph.op("Mul", &[&x, &x], vec![]);
+    let yy = graph.op("Mul", &[&y, &y], vec![]);
+    let xy = graph.op("Mul", &[&x, &y], vec![]);
+    let (mean_xx, mean_yy, mean_xy) = (window_mean(graph, &xx), window_mean(graph, &yy), window_mean(graph, &xy));
+    let mean_x2 = graph.op("Mul", &[&mean_x, &mean_x], vec![]);
+    let mean_y2 = graph.op("Mul", &[&mean_y, &mean_y], vec![]);
+    let mean_x_mean_y = graph.op("Mul", &[&mean_x, &mean_y], vec![]);
+    let variance_x = graph.op("Sub", &[&mean_xx, &mean_x2], vec![]);
+    let variance_y = graph.op("Sub", &[&mean_yy, &mean_y2], vec![]);
+    let covariance = graph.op("Sub", &[&mean_xy, &mean_x_mean_y], vec![]);
+    let (c1, c2) = STABILISERS;
+    let luminance = affine(graph, &mean_x_mean_y, 2.0, c1);
+    let structure = affine(graph, &covariance, 2.0, c2);
+    let means = graph.op("Add", &[&mean_x2, &mean_y2], vec![]);
+    let c1 = graph.scalar("c1", c1);
+    let luminance_norm = graph.op("Add", &[&means, &c1], vec![]);
+    let variances = graph.op("Add", &[&variance_x, &variance_y], vec![]);
+    let c2 = graph.scalar("c2", c2);
+    let structure_norm = graph.op("Add", &[&variances, &c2], vec![]);
+    let numerator = graph.op("Mul", &[&luminance, &structure], vec![]);
+    let denominator = graph.op("Mul", &[&luminance_norm, &structure_norm], vec![]);
+    graph.op("Div", &[&numerator, &denominator], vec![])
 }
 
 /// Rows scaled to unit length along the last axis: `x / √(Σx² + epsilon)`.

@@ -23,7 +23,9 @@ use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::layers::{channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::{mean_ssim, ssim_map};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::{attr_int, attr_ints};
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -297,6 +299,64 @@ impl AnomalyModel for Autoencoder {
         let mut state = varmap_state(&self.varmap)?;
         state.extend(self.calibration.state()?);
         Ok(state)
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let downsample = self.settings.downsample;
+        let side = self.image_size as usize / downsample;
+        // `network_input`: pooled, channels-last.
+        let pooled = if downsample > 1 {
+            let d = downsample as i64;
+            graph.op("AveragePool", &[images], vec![attr_ints("kernel_shape", &[d, d]), attr_ints("strides", &[d, d])])
+        } else {
+            images.clone()
+        };
+        let pooled = pooled.with_shape(vec![images.shape[0], Some(3), Some(side), Some(side)]);
+        let input = layers::channels_last(graph, &pooled);
+        // `Network::forward`.
+        let network = &self.network;
+        let mut h = input.clone();
+        for conv in &network.encoder {
+            let convolved = layers::conv_channels_last(graph, &h, conv)?;
+            h = layers::leaky_relu(graph, &convolved);
+        }
+        let flat_len = h.dim(1) * h.dim(2) * h.dim(3);
+        let flat = graph.ints("shape", &[2], &[0, flat_len as i64]);
+        let flat = graph.op("Reshape", &[&h, &flat], vec![]).with_shape(vec![images.shape[0], Some(flat_len)]);
+        let latent = layers::linear(graph, &flat, &network.to_latent)?;
+        let expanded = layers::linear(graph, &latent, &network.from_latent)?;
+        let expanded = layers::leaky_relu(graph, &expanded);
+        let (bottleneck, channels) = (network.bottleneck_side, network.bottleneck_channels);
+        let grid = graph.ints("shape", &[4], &[0, bottleneck as i64, bottleneck as i64, channels as i64]);
+        let mut h = graph.op("Reshape", &[&expanded, &grid], vec![]).with_shape(vec![
+            images.shape[0],
+            Some(bottleneck),
+            Some(bottleneck),
+            Some(channels),
+        ]);
+        for (after_upsampling, same_size) in &network.decoder {
+            let upsampled = layers::upsample2x_channels_last(graph, &h);
+            let convolved = layers::conv_channels_last(graph, &upsampled, after_upsampling)?;
+            let activated = layers::leaky_relu(graph, &convolved);
+            let convolved = layers::conv_channels_last(graph, &activated, same_size)?;
+            h = layers::leaky_relu(graph, &convolved);
+        }
+        let output = layers::conv_channels_last(graph, &h, &network.output)?;
+        let shuffled = layers::pixel_shuffle(graph, &output);
+        let reconstruction = graph.op("Sigmoid", &[&shuffled], vec![]).with_shape(shuffled.shape);
+        // `pixel_anomaly`: (1 − SSIM) + squared error, averaged over the colour channels.
+        let ssim = layers::ssim_map(graph, &input, &reconstruction);
+        let dissimilarity = layers::affine(graph, &ssim, -1.0, 1.0);
+        let difference = graph.op("Sub", &[&input, &reconstruction], vec![]);
+        let error = graph.op("Mul", &[&difference, &difference], vec![]);
+        let total = graph.op("Add", &[&dissimilarity, &error], vec![]);
+        let channel_axis = graph.ints("axis", &[1], &[3]);
+        let per_pixel = graph.op("ReduceMean", &[&total, &channel_axis], vec![attr_int("keepdims", 0)]);
+        let flat = graph.ints("shape", &[2], &[0, (side * side) as i64]);
+        let cells =
+            graph.op("Reshape", &[&per_pixel, &flat], vec![]).with_shape(vec![images.shape[0], Some(side * side)]);
+        let cells = layers::calibrate(graph, &cells, &self.calibration, 0);
+        Ok(layers::map_and_score(graph, &cells, side, self.image_size as usize, self.settings.blur_sigma))
     }
 }
 
