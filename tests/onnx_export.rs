@@ -132,3 +132,10 @@ fn autoencoder_exports_with_parity() {
         exports_with_parity("autoencoder", settings, 128);
     }
 }
+
+#[test]
+fn draem_exports_with_parity() {
+    // At 96 px the patch grid is too coarse for the U-Net (halved twice): 192 px as its synthetic test trains.
+    let settings = serde_json::json!({"epochs": 1, "steps_per_epoch": 4, "batch_size": 4, "discriminative_width": 8});
+    exports_with_parity("draem", settings, 192);
+}

@@ -305,6 +305,7 @@ pub fn ssim_map(graph: &mut Graph, x: &Value, y: &Value) -> Value {
         }
         padded
     };
+    let shape = x.shape.clone();
     let (x, y) = (pad(x), pad(y));
     // Each windowed mean keeps the padded length minus the window's reach: the image's own size.
     let (height, width) = (x.dim(1) - 2 * RADIUS, x.dim(2) - 2 * RADIUS);
@@ -351,7 +352,7 @@ pub fn ssim_map(graph: &mut Graph, x: &Value, y: &Value) -> Value {
     let structure_norm = graph.op("Add", &[&variances, &c2], vec![]);
     let numerator = graph.op("Mul", &[&luminance, &structure], vec![]);
     let denominator = graph.op("Mul", &[&luminance_norm, &structure_norm], vec![]);
-    graph.op("Div", &[&numerator, &denominator], vec![])
+    graph.op("Div", &[&numerator, &denominator], vec![]).with_shape(shape)
 }
 
 /// Rows scaled to unit length along the last axis: `x / √(Σx² + epsilon)`.
@@ -362,6 +363,49 @@ pub fn unit_rows_under_root(graph: &mut Graph, x: &Value, epsilon: f32) -> Value
     let padded = graph.op("Add", &[&squared, &epsilon], vec![]);
     let length = graph.op("Sqrt", &[&padded], vec![]);
     graph.op("Div", &[x, &length], vec![]).with_shape(x.shape.clone())
+}
+
+/// `len` entries of `axis` from `start`.
+pub fn slice(graph: &mut Graph, x: &Value, axis: usize, start: usize, len: usize) -> Value {
+    let starts = graph.ints("start", &[1], &[start as i64]);
+    let ends = graph.ints("end", &[1], &[(start + len) as i64]);
+    let axes = graph.ints("axis", &[1], &[axis as i64]);
+    let mut shape = x.shape.clone();
+    shape[axis] = Some(len);
+    graph.op("Slice", &[x, &starts, &ends, &axes], vec![]).with_shape(shape)
+}
+
+/// `Concat` along `axis` (shapes known).
+pub fn concat(graph: &mut Graph, parts: &[&Value], axis: usize) -> Value {
+    let mut shape = parts[0].shape.clone();
+    shape[axis] = Some(parts.iter().map(|p| p.dim(axis)).sum());
+    graph.op("Concat", parts, vec![attr_int("axis", axis as i64)]).with_shape(shape)
+}
+
+/// `factor × factor` average (or maximum) pooling of a planar map `(N, C, H, W)`, as candle's `avg_pool2d` /
+/// `max_pool2d` with the stride equal to the window; `factor` 1 leaves it as it is.
+pub fn pool(graph: &mut Graph, x: &Value, factor: usize, maximum: bool) -> Value {
+    if factor == 1 {
+        return x.clone();
+    }
+    let f = factor as i64;
+    let op = if maximum { "MaxPool" } else { "AveragePool" };
+    graph.op(op, &[x], vec![attr_ints("kernel_shape", &[f, f]), attr_ints("strides", &[f, f])]).with_shape(shape4(
+        x.shape[0],
+        x.dim(1),
+        x.dim(2) / factor,
+        x.dim(3) / factor,
+    ))
+}
+
+/// The mean over the last axis, kept as an axis of 1.
+pub fn mean_last_keep(graph: &mut Graph, x: &Value) -> Value {
+    let last = graph.ints("axis", &[1], &[-1]);
+    let mut shape = x.shape.clone();
+    if let Some(l) = shape.last_mut() {
+        *l = Some(1);
+    }
+    graph.op("ReduceMean", &[x, &last], vec![attr_int("keepdims", 1)]).with_shape(shape)
 }
 
 /// [`crate::methods::layers::leaky_relu`].

@@ -44,7 +44,11 @@ use crate::methods::flow::Standardise;
 use crate::methods::layers::{channels_first, channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::{mean_ssim, ssim_map};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
-use crate::methods::{outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{
+    outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores,
+};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -473,6 +477,39 @@ fn reconstruction_error_cells(input: &Tensor, reconstruction: &Tensor, cell: usi
     channels_last(&Tensor::cat(&[&root_and_scale(&mean)?, &root_and_scale(&max)?], 1)?)
 }
 
+/// A channels-last convolution followed by the leaky ReLU, recorded.
+fn conv_leaky(graph: &mut Graph, x: &Value, conv: &Conv) -> Result<Value> {
+    let convolved = layers::conv_channels_last(graph, x, conv)?;
+    Ok(layers::leaky_relu(graph, &convolved))
+}
+
+/// [`reconstruction_error_cells`], recorded.
+fn record_error_cells(graph: &mut Graph, input: &Value, reconstruction: &Value, cell: usize) -> Value {
+    let difference = graph.op("Sub", &[input, reconstruction], vec![]);
+    let squared = graph.op("Mul", &[&difference, &difference], vec![]).with_shape(input.shape.clone());
+    let error = layers::mean_last_keep(graph, &squared);
+    let ssim = layers::ssim_map(graph, input, reconstruction);
+    let dissimilarity = layers::affine(graph, &ssim, -1.0, 1.0);
+    let dissimilarity = layers::mean_last_keep(graph, &dissimilarity);
+    let joined = layers::concat(graph, &[&error, &dissimilarity], 3);
+    let planes = layers::transpose(graph, &joined, &[0, 3, 1, 2]);
+    let root_and_scale = |graph: &mut Graph, t: &Value| {
+        let error = layers::slice(graph, t, 1, 0, 1);
+        let root = graph.op("Sqrt", &[&error], vec![]);
+        let ten = graph.scalar("ten", 10.0);
+        let root = graph.op("Mul", &[&root, &ten], vec![]).with_shape(error.shape.clone());
+        let dissimilarity = layers::slice(graph, t, 1, 1, 1);
+        let four = graph.scalar("four", 4.0);
+        let dissimilarity = graph.op("Mul", &[&dissimilarity, &four], vec![]).with_shape(error.shape);
+        layers::concat(graph, &[&root, &dissimilarity], 1)
+    };
+    let mean = layers::pool(graph, &planes, cell, false);
+    let max = layers::pool(graph, &planes, cell, true);
+    let (mean, max) = (root_and_scale(graph, &mean), root_and_scale(graph, &max));
+    let cells = layers::concat(graph, &[&mean, &max], 1);
+    layers::channels_last(graph, &cells)
+}
+
 impl AnomalyModel for Draem {
     model_basics!();
 
@@ -484,6 +521,94 @@ impl AnomalyModel for Draem {
             cells.chunks_exact_mut(grid * grid).for_each(|map| self.calibration.calibrate(0, map));
         }
         Ok(outputs_from_cells(&cells, grid, size, self.settings.blur_sigma))
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let size = self.image_size as usize;
+        let grid = size / PATCH_STRIDE;
+        let downsample = self.settings.downsample;
+        // The reconstructive network on the pooled image (`Reconstructive::forward`).
+        let pooled = layers::pool(graph, images, downsample, false);
+        let input = layers::channels_last(graph, &pooled);
+        let network = &self.reconstructive;
+        let mut h = input.clone();
+        for (down, same) in &network.encoder {
+            h = conv_leaky(graph, &h, down)?;
+            h = conv_leaky(graph, &h, same)?;
+        }
+        for (after_upsampling, same) in &network.decoder {
+            let upsampled = layers::upsample2x_channels_last(graph, &h);
+            h = conv_leaky(graph, &upsampled, after_upsampling)?;
+            h = conv_leaky(graph, &h, same)?;
+        }
+        let output = layers::conv_channels_last(graph, &h, &network.output)?;
+        let shuffled = layers::pixel_shuffle(graph, &output);
+        let reconstruction = graph.op("Sigmoid", &[&shuffled], vec![]).with_shape(shuffled.shape);
+
+        // `Deviations::cells`: each level's ln(1 + mean z²) per patch, then the reconstruction-error cells.
+        let (fine, coarse) = layers::backbone_features(graph, &self.deviations.backbone, images)?;
+        let features = layers::patch_features(graph, &fine, &coarse, true);
+        let rows = layers::positions_as_rows(graph, &features);
+        let rows = layers::standardise(graph, &rows, &self.deviations.standardise)?;
+        let z = layers::standardise(graph, &rows, &self.deviations.position_standardise)?;
+        let squares = graph.op("Mul", &[&z, &z], vec![]);
+        let shape = graph.ints("shape", &[4], &[0, grid as i64, grid as i64, PATCH_CHANNELS as i64]);
+        let squares = graph.op("Reshape", &[&squares, &shape], vec![]).with_shape(vec![
+            images.shape[0],
+            Some(grid),
+            Some(grid),
+            Some(PATCH_CHANNELS),
+        ]);
+        let one = graph.scalar("one", 1.0);
+        let mut level = |from: usize, channels: usize| {
+            let part = layers::slice(graph, &squares, 3, from, channels);
+            let mean = layers::mean_last_keep(graph, &part);
+            let shifted = graph.op("Add", &[&mean, &one], vec![]);
+            graph.op("Log", &[&shifted], vec![]).with_shape(mean.shape)
+        };
+        let level8 = level(0, STRIDE8_CHANNELS);
+        let level16 = level(STRIDE8_CHANNELS, PATCH_CHANNELS - STRIDE8_CHANNELS);
+        let errors = record_error_cells(graph, &input, &reconstruction, PATCH_STRIDE / downsample);
+        let cells = layers::concat(graph, &[&level8, &level16, &errors], 3);
+
+        // `Discriminative::forward`.
+        let network = &self.discriminative;
+        let first = conv_leaky(graph, &cells, &network.input.0)?;
+        let mut h = conv_leaky(graph, &first, &network.input.1)?;
+        let mut skips = vec![h.clone()];
+        for (down, same) in &network.encoder {
+            h = conv_leaky(graph, &h, down)?;
+            h = conv_leaky(graph, &h, same)?;
+            skips.push(h.clone());
+        }
+        skips.pop();
+        for (merge, same) in &network.decoder {
+            let skip = skips.pop().expect("one skip per decoder stage");
+            let upsampled = layers::upsample2x_channels_last(graph, &h);
+            let joined = layers::concat(graph, &[&upsampled, &skip], 3);
+            h = conv_leaky(graph, &joined, merge)?;
+            h = conv_leaky(graph, &h, same)?;
+        }
+        let logits = layers::conv_channels_last(graph, &h, &network.output)?;
+        let logits = if network.deviation_prior {
+            let deviations = layers::slice(graph, &cells, 3, 0, 2);
+            let last = graph.ints("axis", &[1], &[-1]);
+            let prior = graph.op("ReduceSum", &[&deviations, &last], vec![attr_int("keepdims", 1)]);
+            let normal = layers::slice(graph, &logits, 3, 0, 1);
+            let anomalous = layers::slice(graph, &logits, 3, 1, 1);
+            let anomalous = graph.op("Add", &[&anomalous, &prior], vec![]).with_shape(normal.shape.clone());
+            layers::concat(graph, &[&normal, &anomalous], 3)
+        } else {
+            logits
+        };
+        let probabilities = graph.op("Softmax", &[&logits], vec![attr_int("axis", -1)]).with_shape(logits.shape);
+        let anomalous = layers::slice(graph, &probabilities, 3, 1, 1);
+        let flat = graph.ints("shape", &[2], &[0, (grid * grid) as i64]);
+        let cells =
+            graph.op("Reshape", &[&anomalous, &flat], vec![]).with_shape(vec![images.shape[0], Some(grid * grid)]);
+        let cells =
+            if self.settings.calibrate { layers::calibrate(graph, &cells, &self.calibration, 0) } else { cells };
+        Ok(layers::map_and_score(graph, &cells, grid, size, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

@@ -24,7 +24,7 @@ use crate::methods::layers::{channels_last, leaky_relu, pixel_shuffle, upsample2
 use crate::methods::ssim::{mean_ssim, ssim_map};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
-use crate::onnx::graph::{attr_int, attr_ints};
+use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
@@ -305,13 +305,7 @@ impl AnomalyModel for Autoencoder {
         let downsample = self.settings.downsample;
         let side = self.image_size as usize / downsample;
         // `network_input`: pooled, channels-last.
-        let pooled = if downsample > 1 {
-            let d = downsample as i64;
-            graph.op("AveragePool", &[images], vec![attr_ints("kernel_shape", &[d, d]), attr_ints("strides", &[d, d])])
-        } else {
-            images.clone()
-        };
-        let pooled = pooled.with_shape(vec![images.shape[0], Some(3), Some(side), Some(side)]);
+        let pooled = layers::pool(graph, images, downsample, false);
         let input = layers::channels_last(graph, &pooled);
         // `Network::forward`.
         let network = &self.network;
