@@ -139,3 +139,11 @@ fn draem_exports_with_parity() {
     let settings = serde_json::json!({"epochs": 1, "steps_per_epoch": 4, "batch_size": 4, "discriminative_width": 8});
     exports_with_parity("draem", settings, 192);
 }
+
+#[test]
+fn cflow_exports_with_parity() {
+    // Both levels, so the levels' average is exercised too.
+    let settings = serde_json::json!({"epochs": 1, "steps_per_epoch": 5, "vectors_per_step": 256, "coupling_blocks": 2,
+                                      "levels": [0, 1]});
+    exports_with_parity("cflow", settings, 128);
+}

@@ -108,26 +108,26 @@ pub fn backbone_features(graph: &mut Graph, backbone: &Backbone, images: &Value)
     Ok((stride8, stride16))
 }
 
+/// [`crate::methods::features::local_average`]: the 3×3 mean with zero padding counted in the divisor.
+pub fn local_average(graph: &mut Graph, x: &Value) -> Value {
+    graph
+        .op(
+            "AveragePool",
+            &[x],
+            vec![
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("pads", &[1, 1, 1, 1]),
+                attr_int("count_include_pad", 1),
+            ],
+        )
+        .with_shape(x.shape.clone())
+}
+
 /// Patch features `(N, 152, S/8, S/8)` from the two backbone maps, as
 /// [`crate::methods::features`] makes them: each map 3×3-averaged (zero padding counted) when `local`, the
 /// stride-16 map upsampled to the stride-8 grid, then both concatenated.
 pub fn patch_features(graph: &mut Graph, fine: &Value, coarse: &Value, local: bool) -> Value {
-    let mut average = |x: &Value| {
-        if !local {
-            return x.clone();
-        }
-        graph
-            .op(
-                "AveragePool",
-                &[x],
-                vec![
-                    attr_ints("kernel_shape", &[3, 3]),
-                    attr_ints("pads", &[1, 1, 1, 1]),
-                    attr_int("count_include_pad", 1),
-                ],
-            )
-            .with_shape(x.shape.clone())
-    };
+    let mut average = |x: &Value| if local { local_average(graph, x) } else { x.clone() };
     let fine = average(fine);
     let coarse = average(coarse);
     let (height, width) = (fine.dim(2), fine.dim(3));

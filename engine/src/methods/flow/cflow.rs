@@ -11,14 +11,15 @@
 
 use super::{
     both_levels, calibrate, check_levels, level_side, level_statistics, mean_over_levels, normalisation_state,
-    positional_encoding, take_calibration, take_standardise, training_rows, LevelScoring, Standardise, VectorFlow,
-    LEVEL_CHANNELS,
+    positional_encoding, record_assemble, record_level_rows, take_calibration, take_standardise, training_rows,
+    LevelScoring, Standardise, VectorFlow, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::training::{load_varmap, train, varmap_state, TrainingRecord};
-use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::{layers, Graph, Value};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -270,5 +271,21 @@ impl AnomalyModel for Cflow {
         let mut state = varmap_state(&self.varmap)?;
         state.extend(normalisation_state(&self.standardise, &self.calibration)?);
         Ok(state)
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let rows = record_level_rows(graph, &self.backbone, images, self.settings.local_average)?;
+        let mut level_nll = Vec::new();
+        for &level in &self.settings.levels {
+            let Some(flow) = &self.flows[level] else { bail!("level {level} is not modelled") };
+            let x = layers::standardise(graph, &rows[level], &self.standardise[level])?;
+            let code = self.conditions[level].to_device(&Device::Cpu)?;
+            let (positions, dim) = code.dims2()?;
+            let code = graph.floats("position_code", &[positions, dim], &code.flatten_all()?.to_vec1::<f32>()?);
+            let likelihood = flow.record_log_likelihood_per_dim(graph, &x, Some(&code))?;
+            let nll = graph.op("Neg", &[&likelihood], vec![]).with_shape(likelihood.shape);
+            level_nll.push((level, nll));
+        }
+        Ok(record_assemble(graph, &level_nll, self.image_size, &self.calibration, self.settings.blur_sigma))
     }
 }

@@ -12,7 +12,9 @@ use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::training::take_tensor;
-use crate::methods::{images_to_tensor, AnomalyOutput, FitContext};
+use crate::methods::{images_to_tensor, AnomalyOutput, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::{check_cancelled, Progress};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -53,14 +55,52 @@ impl AffineTail {
         Ok(Self { clamp, global_scale, global_offset, permutation })
     }
 
+    /// The global scale: 0.1 · softplus_½(raw) = 0.2 · ln(1 + exp(raw / 2)).
+    fn scale(&self) -> Result<Tensor> {
+        Ok((((&self.global_scale * 0.5)?.exp()? + 1.0)?.log()? * 0.2)?)
+    }
+
+    /// Records [`Self::apply`] on rows `(N, P, d)` (last axis): the global scale and its log-determinant are
+    /// constants of the export, computed by the same candle expression.
+    pub fn record(&self, graph: &mut Graph, x1: &Value, x2: &Value, a: &Value) -> Result<(Value, Value)> {
+        let rest = x2.dim(2);
+        let tenth = graph.scalar("tenth", 0.1);
+        let a = graph.op("Mul", &[a, &tenth], vec![]).with_shape(a.shape.clone());
+        let raw_log_scale = layers::slice(graph, &a, 2, 0, rest);
+        let bounded = graph.op("Tanh", &[&raw_log_scale], vec![]);
+        let clamp = graph.scalar("clamp", self.clamp as f32);
+        let log_scale = graph.op("Mul", &[&bounded, &clamp], vec![]);
+        let factor = graph.op("Exp", &[&log_scale], vec![]);
+        let scaled = graph.op("Mul", &[x2, &factor], vec![]);
+        let shift = layers::slice(graph, &a, 2, rest, rest);
+        let y2 = graph.op("Add", &[&scaled, &shift], vec![]).with_shape(x2.shape.clone());
+        let scale = self.scale()?;
+        let scale_log_sum = scale.log()?.sum_all()?.to_device(&Device::Cpu)?.to_scalar::<f32>()?;
+        let last = graph.ints("axis", &[1], &[-1]);
+        let log_scale_sum = graph.op("ReduceSum", &[&log_scale, &last], vec![attr_int("keepdims", 0)]);
+        let constant = graph.scalar("scale_log_sum", scale_log_sum);
+        let log_det = graph.op("Add", &[&log_scale_sum, &constant], vec![]);
+        let flat = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?) };
+        let dim = scale.elem_count();
+        let scale = graph.floats("global_scale", &[dim], &flat(&scale)?);
+        let offset = graph.floats("global_offset", &[dim], &flat(&self.global_offset)?);
+        let joined = layers::concat(graph, &[x1, &y2], 2);
+        let scaled = graph.op("Mul", &[&joined, &scale], vec![]);
+        let y = graph.op("Add", &[&scaled, &offset], vec![]);
+        let order: Vec<i64> =
+            self.permutation.to_device(&Device::Cpu)?.to_vec1::<u32>()?.into_iter().map(i64::from).collect();
+        let order = graph.ints("permutation", &[dim], &order);
+        let permuted = graph.op("Gather", &[&y, &order], vec![attr_int("axis", 2)]).with_shape(joined.shape);
+        Ok((permuted, log_det))
+    }
+
     /// `(y, log|det J|)` per row, from the unchanged half `x1`, the transformed half `x2` and the predicted `a`.
     pub fn apply(&self, x1: &Tensor, x2: &Tensor, a: &Tensor) -> Result<(Tensor, Tensor)> {
         let rest = x2.dim(1)?;
         let a = (a * 0.1)?;
         let log_scale = (a.narrow(1, 0, rest)?.tanh()? * self.clamp)?;
         let y2 = x2.mul(&log_scale.exp()?)?.add(&a.narrow(1, rest, rest)?)?;
-        // 0.1 · softplus_½(raw) = 0.2 · ln(1 + exp(raw / 2)).
-        let scale = (((&self.global_scale * 0.5)?.exp()? + 1.0)?.log()? * 0.2)?;
+        let scale = self.scale()?;
         let log_det = log_scale.sum(1)?.broadcast_add(&scale.log()?.sum_all()?)?;
         let y = Tensor::cat(&[x1, &y2], 1)?.broadcast_mul(&scale)?.broadcast_add(&self.global_offset)?;
         Ok((y.index_select(&self.permutation, 1)?, log_det))
@@ -113,6 +153,56 @@ impl VectorFlow {
             .map(|k| VectorCoupling::new(vb.pp(format!("block{k}")), dim, condition_dim, clamp, seed + k as u64))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { blocks, dim })
+    }
+
+    /// Records [`Self::log_likelihood_per_dim`] on rows `(N, P, d)` with a condition `(P, c)` shared by every
+    /// image: `(N, P)`.
+    pub fn record_log_likelihood_per_dim(
+        &self,
+        graph: &mut Graph,
+        x: &Value,
+        condition: Option<&Value>,
+    ) -> Result<Value> {
+        let condition = condition.map(|c| {
+            // The same code for every image: broadcast to (N, P, c) from x's batch.
+            let shape = graph.op("Shape", &[x], vec![]);
+            let starts = graph.ints("start", &[1], &[0]);
+            let ends = graph.ints("end", &[1], &[1]);
+            let batch = graph.op("Slice", &[&shape, &starts, &ends], vec![]);
+            let rest = graph.ints("shape", &[2], &[c.dim(0) as i64, c.dim(1) as i64]);
+            let target = graph.op("Concat", &[&batch, &rest], vec![attr_int("axis", 0)]);
+            graph.op("Expand", &[c, &target], vec![]).with_shape(vec![x.shape[0], c.shape[0], c.shape[1]])
+        });
+        let mut z = x.clone();
+        let mut log_det: Option<Value> = None;
+        for block in &self.blocks {
+            let dim = z.dim(2);
+            let x1 = layers::slice(graph, &z, 2, 0, block.split);
+            let x2 = layers::slice(graph, &z, 2, block.split, dim - block.split);
+            let input = match &condition {
+                Some(c) => layers::concat(graph, &[&x1, c], 2),
+                None => x1.clone(),
+            };
+            let hidden = layers::linear(graph, &input, &block.first)?;
+            let hidden = graph.op("Relu", &[&hidden], vec![]).with_shape(hidden.shape);
+            let a = layers::linear(graph, &hidden, &block.second)?;
+            let (y, block_log_det) = block.tail.record(graph, &x1, &x2, &a)?;
+            z = y;
+            log_det = Some(match log_det {
+                None => block_log_det,
+                Some(total) => graph.op("Add", &[&total, &block_log_det], vec![]),
+            });
+        }
+        // Gaussian log-density −½|z|² − d·ln√(2π), plus the log-determinants, over d.
+        let last = graph.ints("axis", &[1], &[-1]);
+        let squared = graph.op("ReduceSumSquare", &[&z, &last], vec![attr_int("keepdims", 0)]);
+        let gaussian = layers::affine(graph, &squared, -0.5, -(LN_SQRT_2PI * self.dim as f64) as f32);
+        let total = match log_det {
+            Some(log_det) => graph.op("Add", &[&gaussian, &log_det], vec![]),
+            None => gaussian,
+        };
+        let dim = graph.scalar("dim", self.dim as f32);
+        Ok(graph.op("Div", &[&total, &dim], vec![]).with_shape(vec![x.shape[0], x.shape[1]]))
     }
 
     /// Log-likelihood of each row under the flow, divided by the dimension (comparable across levels).
@@ -413,6 +503,44 @@ pub fn assemble_outputs(
             AnomalyOutput { score: map.max(), map }
         })
         .collect()
+}
+
+/// Records [`assemble_outputs`]: each modelled level's NLL `(N, positions)` calibrated, upsampled to the input
+/// size and averaged over levels, then blurred; the score is the map's maximum.
+pub fn record_assemble(
+    graph: &mut Graph,
+    level_nll: &[(usize, Value)],
+    image_size: u32,
+    calibration: &PositionCalibration,
+    blur_sigma: f32,
+) -> RecordedScores {
+    let size = image_size as usize;
+    let share = graph.scalar("share", 1.0 / level_nll.len() as f32);
+    let mut sum: Option<Value> = None;
+    for (entry, (level, nll)) in level_nll.iter().enumerate() {
+        let side = level_side(image_size, *level);
+        let calibrated = layers::calibrate(graph, nll, calibration, entry);
+        let grid = layers::rows_as_map(graph, &calibrated, side, side);
+        let map = layers::resize_bilinear(graph, &grid, size, size);
+        let part = graph.op("Mul", &[&map, &share], vec![]).with_shape(map.shape.clone());
+        sum = Some(match sum {
+            None => part,
+            Some(total) => graph.op("Add", &[&total, &part], vec![]).with_shape(part.shape),
+        });
+    }
+    let map = layers::blur(graph, &sum.expect("at least one level"), blur_sigma);
+    let score = layers::max_score(graph, &map);
+    RecordedScores { map, score }
+}
+
+/// Each backbone level's rows `(N, positions, channels)` ([`level_rows`], recorded).
+pub fn record_level_rows(graph: &mut Graph, backbone: &Backbone, images: &Value, local: bool) -> Result<[Value; 2]> {
+    let (fine, coarse) = layers::backbone_features(graph, backbone, images)?;
+    let mut rows = |map: &Value| {
+        let map = if local { layers::local_average(graph, map) } else { map.clone() };
+        layers::positions_as_rows(graph, &map)
+    };
+    Ok([rows(&fine), rows(&coarse)])
 }
 
 /// Sinusoidal 2-D position code, `(height·width, dim)` row-major (CFlow's condition): the first half of the
