@@ -147,3 +147,11 @@ fn cflow_exports_with_parity() {
                                       "levels": [0, 1]});
     exports_with_parity("cflow", settings, 128);
 }
+
+#[test]
+fn fastflow_exports_with_parity() {
+    // Both levels and alternating 3×3 / 1×1 couplings.
+    let settings = serde_json::json!({"epochs": 1, "flow_steps": 2, "images_per_step": 4, "levels": [0, 1],
+                                      "conv3x3_only": false});
+    exports_with_parity("fastflow", settings, 128);
+}

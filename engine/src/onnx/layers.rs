@@ -190,9 +190,21 @@ pub fn linear(graph: &mut Graph, x: &Value, layer: &candle_nn::Linear) -> candle
 /// the im2col weights laid out as a kernel, padded as [`crate::methods::layers::patches`] pads (k/2 each side,
 /// plus what a stride of 2 needs at the end).
 pub fn conv_channels_last(graph: &mut Graph, x: &Value, conv: &Conv) -> candle_core::Result<Value> {
-    let (k, stride, out) = (conv.kernel, conv.stride, conv.out_channels);
+    conv_from_im2col(graph, x, &conv.linear, conv.kernel, conv.stride)
+}
+
+/// A convolution held as a `Linear` over im2col rows (columns tap-major `(dy, dx, c)`, zero padding k/2), on a
+/// channels-last map — [`Conv`] and FastFlow's coupling sub-networks.
+pub fn conv_from_im2col(
+    graph: &mut Graph,
+    x: &Value,
+    linear: &candle_nn::Linear,
+    k: usize,
+    stride: usize,
+) -> candle_core::Result<Value> {
+    let out = linear.weight().dim(0)?;
     let (height, width, input) = (x.dim(1), x.dim(2), x.dim(3));
-    let im2col = values(conv.linear.weight())?;
+    let im2col = values(linear.weight())?;
     let weight: Vec<f32> = (0..out * input * k * k)
         .map(|index| {
             let (o, c, dy, dx) = (index / (input * k * k), index / (k * k) % input, index / k % k, index % k);
@@ -200,7 +212,7 @@ pub fn conv_channels_last(graph: &mut Graph, x: &Value, conv: &Conv) -> candle_c
         })
         .collect();
     let weight = graph.floats("conv_weight", &[out, input, k, k], &weight);
-    let bias = match conv.linear.bias() {
+    let bias = match linear.bias() {
         Some(bias) => graph.floats("conv_bias", &[out], &values(bias)?),
         None => graph.floats("conv_bias", &[out], &vec![0.0; out]),
     };

@@ -13,14 +13,16 @@
 
 use super::{
     both_levels, calibrate, check_levels, gaussian_log_density, level_side, level_statistics, mean_over_levels,
-    normalisation_state, take_calibration, take_standardise, training_rows, AffineTail, LevelScoring, Standardise,
-    LEVEL_CHANNELS,
+    normalisation_state, record_assemble, record_level_rows, take_calibration, take_standardise, training_rows,
+    AffineTail, LevelScoring, Standardise, LEVEL_CHANNELS, LN_SQRT_2PI,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
-use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder, VarMap};
@@ -163,6 +165,43 @@ impl MapFlow {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { blocks })
+    }
+
+    /// Records [`Self::log_likelihood_per_dim`] on rows `(N, side², C)`: `(N, side²)`.
+    fn record_log_likelihood_per_dim(&self, graph: &mut Graph, x: &Value, side: usize) -> Result<Value> {
+        let (positions, channels) = (x.dim(1), x.dim(2));
+        let map_shape = graph.ints("shape", &[4], &[0, side as i64, side as i64, channels as i64]);
+        let mut z = graph.op("Reshape", &[x, &map_shape], vec![]).with_shape(vec![
+            x.shape[0],
+            Some(side),
+            Some(side),
+            Some(channels),
+        ]);
+        let mut log_det: Option<Value> = None;
+        for block in &self.blocks {
+            let x1 = layers::slice(graph, &z, 3, 0, block.split);
+            let x2 = layers::slice(graph, &z, 3, block.split, channels - block.split);
+            let hidden = layers::conv_from_im2col(graph, &x1, &block.first, block.kernel, 1)?;
+            let hidden = graph.op("Relu", &[&hidden], vec![]).with_shape(hidden.shape);
+            let a = layers::conv_from_im2col(graph, &hidden, &block.second, block.kernel, 1)?;
+            let (y, block_log_det) = block.tail.record(graph, &x1, &x2, &a)?;
+            z = y;
+            log_det = Some(match log_det {
+                None => block_log_det,
+                Some(total) => graph.op("Add", &[&total, &block_log_det], vec![]),
+            });
+        }
+        let last = graph.ints("axis", &[1], &[-1]);
+        let squared = graph.op("ReduceSumSquare", &[&z, &last], vec![attr_int("keepdims", 0)]);
+        let gaussian = layers::affine(graph, &squared, -0.5, -(LN_SQRT_2PI * channels as f64) as f32);
+        let total = match log_det {
+            Some(log_det) => graph.op("Add", &[&gaussian, &log_det], vec![]),
+            None => gaussian,
+        };
+        let dim = graph.scalar("dim", channels as f32);
+        let per_dim = graph.op("Div", &[&total, &dim], vec![]);
+        let rows = graph.ints("shape", &[2], &[0, positions as i64]);
+        Ok(graph.op("Reshape", &[&per_dim, &rows], vec![]).with_shape(vec![x.shape[0], Some(positions)]))
     }
 
     /// Per-position log-likelihood divided by the channel count, `(B·H·W)`.
@@ -310,5 +349,18 @@ impl AnomalyModel for Fastflow {
         let mut state = varmap_state(&self.varmap)?;
         state.extend(normalisation_state(&self.standardise, &self.calibration)?);
         Ok(state)
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let rows = record_level_rows(graph, &self.backbone, images, self.settings.local_average)?;
+        let mut level_nll = Vec::new();
+        for &level in &self.settings.levels {
+            let Some(flow) = &self.flows[level] else { bail!("level {level} is not modelled") };
+            let x = layers::standardise(graph, &rows[level], &self.standardise[level])?;
+            let likelihood = flow.record_log_likelihood_per_dim(graph, &x, level_side(self.image_size, level))?;
+            let nll = graph.op("Neg", &[&likelihood], vec![]).with_shape(likelihood.shape);
+            level_nll.push((level, nll));
+        }
+        Ok(record_assemble(graph, &level_nll, self.image_size, &self.calibration, self.settings.blur_sigma))
     }
 }

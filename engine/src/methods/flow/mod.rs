@@ -22,7 +22,7 @@ use candle_nn::{Linear, Module, VarBuilder};
 use std::collections::HashMap;
 
 /// ln √(2π).
-const LN_SQRT_2PI: f64 = 0.918_938_533_204_672_7;
+pub const LN_SQRT_2PI: f64 = 0.918_938_533_204_672_7;
 /// softplus_β(raw) · 0.1 with β = ½ is 1 at this raw value: the global scale starts as the identity.
 const GLOBAL_SCALE_IDENTITY: f64 = 9.986_6;
 
@@ -60,19 +60,20 @@ impl AffineTail {
         Ok((((&self.global_scale * 0.5)?.exp()? + 1.0)?.log()? * 0.2)?)
     }
 
-    /// Records [`Self::apply`] on rows `(N, P, d)` (last axis): the global scale and its log-determinant are
+    /// Records [`Self::apply`] along the last axis (rows `(N, P, d)` or maps `(N, H, W, d)`): the global scale and its log-determinant are
     /// constants of the export, computed by the same candle expression.
     pub fn record(&self, graph: &mut Graph, x1: &Value, x2: &Value, a: &Value) -> Result<(Value, Value)> {
-        let rest = x2.dim(2);
+        let last_axis = x2.shape.len() - 1;
+        let rest = x2.dim(last_axis);
         let tenth = graph.scalar("tenth", 0.1);
         let a = graph.op("Mul", &[a, &tenth], vec![]).with_shape(a.shape.clone());
-        let raw_log_scale = layers::slice(graph, &a, 2, 0, rest);
+        let raw_log_scale = layers::slice(graph, &a, last_axis, 0, rest);
         let bounded = graph.op("Tanh", &[&raw_log_scale], vec![]);
         let clamp = graph.scalar("clamp", self.clamp as f32);
         let log_scale = graph.op("Mul", &[&bounded, &clamp], vec![]);
         let factor = graph.op("Exp", &[&log_scale], vec![]);
         let scaled = graph.op("Mul", &[x2, &factor], vec![]);
-        let shift = layers::slice(graph, &a, 2, rest, rest);
+        let shift = layers::slice(graph, &a, last_axis, rest, rest);
         let y2 = graph.op("Add", &[&scaled, &shift], vec![]).with_shape(x2.shape.clone());
         let scale = self.scale()?;
         let scale_log_sum = scale.log()?.sum_all()?.to_device(&Device::Cpu)?.to_scalar::<f32>()?;
@@ -84,13 +85,14 @@ impl AffineTail {
         let dim = scale.elem_count();
         let scale = graph.floats("global_scale", &[dim], &flat(&scale)?);
         let offset = graph.floats("global_offset", &[dim], &flat(&self.global_offset)?);
-        let joined = layers::concat(graph, &[x1, &y2], 2);
+        let joined = layers::concat(graph, &[x1, &y2], last_axis);
         let scaled = graph.op("Mul", &[&joined, &scale], vec![]);
         let y = graph.op("Add", &[&scaled, &offset], vec![]);
         let order: Vec<i64> =
             self.permutation.to_device(&Device::Cpu)?.to_vec1::<u32>()?.into_iter().map(i64::from).collect();
         let order = graph.ints("permutation", &[dim], &order);
-        let permuted = graph.op("Gather", &[&y, &order], vec![attr_int("axis", 2)]).with_shape(joined.shape);
+        let permuted =
+            graph.op("Gather", &[&y, &order], vec![attr_int("axis", last_axis as i64)]).with_shape(joined.shape);
         Ok((permuted, log_det))
     }
 
