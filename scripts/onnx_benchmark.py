@@ -81,6 +81,9 @@ def main():
     parser.add_argument("--methods", default="padim,patchcore")
     parser.add_argument("--out", default="out/onnx")
     parser.add_argument("--jpeg", action="store_true", help="feed the original files, decoded by each side")
+    parser.add_argument(
+        "--timing-only", action="store_true", help="only images/s: Loupe's (eval, batch 1) and each runtime's"
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     test_dir = os.path.join(args.data, "test") if args.jpeg else lossless_copy(args.data, os.path.join(args.out, "png"))
@@ -94,6 +97,13 @@ def main():
         loupe("export", "--model", model, "--format", "onnx", "--out", onnx_path)
         export_seconds = time.perf_counter() - start
         evaluation = json.loads(loupe("eval", "--model", model, "--data", args.data, "--json"))
+        if args.timing_only:
+            timed = [load_rgb(os.path.join(folder, name)) for folder, _, names in os.walk(test_dir) for name in names][:16]
+            row = {"method": method, "loupe_images_per_s": evaluation["test_images_per_s"]}
+            for runtime in (OnnxRuntime(onnx_path), OpenVino(onnx_path)):
+                row[runtime.name] = {"batch1": images_per_second(runtime, timed, 1), "batch8": images_per_second(runtime, timed, 8)}
+            print(json.dumps(row), flush=True)
+            continue
         scored = [json.loads(line) for line in loupe("infer", "--model", model, "--json", test_dir).splitlines()]
         labels = [f"{os.sep}good{os.sep}" not in row["path"] for row in scored]
         images = [load_rgb(row["path"]) for row in scored]
