@@ -1,8 +1,9 @@
 //! Exported ONNX files score as Loupe does, in runtimes Loupe did not write: each exportable method is fitted on
 //! the synthetic set, exported, and `tests/onnx_parity.py` runs the file in ONNX Runtime and OpenVINO on the
 //! test images — as stored (smaller than the model's input: an upscale) and re-saved larger and not square (a
-//! shrink) — against Loupe's scores, maps and verdicts. Needs `pip install -r tests/requirements.txt`
-//! (`scripts/test.sh` does it).
+//! shrink) — against Loupe's scores, maps and verdicts; the export with required threshold inputs (fed from
+//! its metadata) too, where OpenVINO's verdicts must follow a fed threshold. Needs `pip install -r
+//! tests/requirements.txt` (`scripts/test.sh` does it).
 
 use candle_core::Device;
 use loupe_engine::atomic_file::{write_atomic, write_image_atomic};
@@ -10,7 +11,7 @@ use loupe_engine::backbone::{weights, Backbone};
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::dataset::{decode_all, scan_mvtec, ImageRecord};
 use loupe_engine::methods::find_method;
-use loupe_engine::onnx;
+use loupe_engine::onnx::{self, ThresholdInputs};
 use loupe_engine::pipeline::{fit, score_images, FitRequest};
 use loupe_engine::progress::NoProgress;
 use std::path::{Path, PathBuf};
@@ -53,10 +54,14 @@ fn exports_with_parity(method: &str, settings: serde_json::Value, image_size: u3
     let decision = outcome.manifest.thresholds.decision.expect("fit chose a threshold");
     outcome.manifest.thresholds.review = Some(decision * 0.9);
 
-    let exported = onnx::export(outcome.model.as_ref(), &outcome.manifest).unwrap();
     let expected_dir = dir.join("expected");
     std::fs::create_dir_all(&expected_dir).unwrap();
-    write_atomic(&expected_dir.join("model.onnx"), &exported.bytes).unwrap();
+    for (file, thresholds) in
+        [("model.onnx", ThresholdInputs::WithDefaults), ("required.onnx", ThresholdInputs::Required)]
+    {
+        let exported = onnx::export(outcome.model.as_ref(), &outcome.manifest, thresholds).unwrap();
+        write_atomic(&expected_dir.join(file), &exported.bytes).unwrap();
+    }
 
     let records = images_to_compare(&data, &dir);
     let (images, skipped) = decode_all(&records, image_size, &|_| {});

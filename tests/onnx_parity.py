@@ -2,7 +2,8 @@
 
     python3 tests/onnx_parity.py EXPECTED_DIR [--runtimes onnxruntime,openvino]
 
-EXPECTED_DIR holds `model.onnx` and `expected.jsonl`, one line per image as Loupe scored it:
+EXPECTED_DIR holds `model.onnx` (threshold inputs with the tuned defaults), `required.onnx` (the same with
+threshold inputs every call feeds, from the file's metadata) and `expected.jsonl`, one line per image as Loupe scored it:
 {"image": path, "score": float, "verdict": 0|1|2, "map": file of little-endian float32 (S*S), "size": S}.
 Each image is fed as the camera would give it (uint8 RGB, [1, H, W, 3]); the graph resizes it itself.
 
@@ -23,45 +24,72 @@ SCORE_RELATIVE_ERROR = 1e-4
 MAP_ERROR_OF_RANGE = 1e-3
 
 
-class OnnxRuntime:
+def tuned_thresholds(path):
+    """The thresholds a model was tuned with, from its metadata (what a line feeds to required inputs)."""
+    import onnx
+
+    metadata = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    return {
+        "decision_threshold": float(metadata["loupe.decision_threshold"]),
+        "review_threshold": float(metadata["loupe.review_threshold"]),
+    }
+
+
+class Runtime:
+    """Feeds the tuned thresholds where the graph requires them and the call gives none."""
+
+    def __init__(self, path):
+        self.tuned = tuned_thresholds(path)
+
+    def run(self, image, **thresholds):
+        feeds = {"image": image}
+        for key in ("decision_threshold", "review_threshold"):
+            if key in thresholds:
+                feeds[key] = np.array(thresholds[key], np.float32)
+            elif key in self.required:
+                feeds[key] = np.array(self.tuned[key], np.float32)
+        return self.infer(feeds)
+
+
+class OnnxRuntime(Runtime):
     name = "onnxruntime"
-    threshold_inputs = True
 
     def __init__(self, path):
         import onnxruntime as ort
 
+        super().__init__(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 2
         options.log_severity_level = 3  # the threshold inputs have defaults: ORT warns about that on purpose
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        # Inputs with defaults are listed as overridable initializers, the others as inputs.
+        required = {i.name for i in self.session.get_inputs()}
+        overridable = {i.name for i in self.session.get_overridable_initializers()}
+        self.required = required - {"image"}
+        self.threshold_inputs = {"decision_threshold", "review_threshold"} <= required | overridable
 
-    def run(self, image, **thresholds):
-        feeds = {"image": image}
-        feeds.update({k: np.array(v, np.float32) for k, v in thresholds.items()})
+    def infer(self, feeds):
         anomaly_map, score, verdict = self.session.run(["anomaly_map", "score", "verdict"], feeds)
         return anomaly_map, score, verdict
 
 
-class OpenVino:
+class OpenVino(Runtime):
     name = "openvino"
 
     def __init__(self, path):
         import openvino as ov
 
+        super().__init__(path)
         core = ov.Core()
         model = core.read_model(path)
-        self.input_names = {i.get_any_name() for i in model.inputs}
+        names = {i.get_any_name() for i in model.inputs}
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32"})
+        # OpenVINO folds an input that has a default (an initializer) into a constant: with `model.onnx` the
+        # verdict always uses the tuned thresholds, with `required.onnx` they are inputs it is fed.
+        self.threshold_inputs = {"decision_threshold", "review_threshold"} <= names
+        self.required = names - {"image"}
 
-    @property
-    def threshold_inputs(self):
-        # OpenVINO folds an input that has a default (an initializer) into a constant: there the verdict
-        # always uses the tuned thresholds.
-        return {"decision_threshold", "review_threshold"} <= self.input_names
-
-    def run(self, image, **thresholds):
-        feeds = {"image": image}
-        feeds.update({k: np.array(v, np.float32) for k, v in thresholds.items()})
+    def infer(self, feeds):
         out = self.compiled(feeds)
         return tuple(out[self.compiled.output(name)] for name in ("anomaly_map", "score", "verdict"))
 
@@ -73,7 +101,7 @@ def load_rgb(path):
     return np.ascontiguousarray(np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)[None])
 
 
-def check(runtime, expected, base):
+def check(runtime, expected, base, file):
     worst_score = worst_map = 0.0
     mismatched = []
     scores = []
@@ -104,6 +132,7 @@ def check(runtime, expected, base):
         failures.append(f"{moved} verdicts ignore the decision_threshold input")
     report = {
         "runtime": runtime.name,
+        "file": file,
         "images": len(expected),
         "max_score_relative_error": worst_score,
         "max_map_error_of_range": worst_map,
@@ -125,15 +154,20 @@ def main():
         expected = [json.loads(line) for line in lines]
     import onnx
 
-    onnx.checker.check_model(os.path.join(base, "model.onnx"), full_check=True)
     ok = True
-    for name in args.runtimes.split(","):
-        try:
-            runtime = RUNTIMES[name](os.path.join(base, "model.onnx"))
-        except ImportError as error:
-            print(f"{name} is not installed ({error}): pip install -r tests/requirements.txt", file=sys.stderr)
-            sys.exit(2)
-        ok &= check(runtime, expected, base)
+    for file in ("model.onnx", "required.onnx"):
+        path = os.path.join(base, file)
+        onnx.checker.check_model(path, full_check=True)
+        for name in args.runtimes.split(","):
+            try:
+                runtime = RUNTIMES[name](path)
+            except ImportError as error:
+                print(f"{name} is not installed ({error}): pip install -r tests/requirements.txt", file=sys.stderr)
+                sys.exit(2)
+            if file == "required.onnx" and not runtime.threshold_inputs:
+                print(f"{name}: required.onnx has no threshold inputs", file=sys.stderr)
+                ok = False
+            ok &= check(runtime, expected, base, file)
     sys.exit(0 if ok else 1)
 
 

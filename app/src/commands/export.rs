@@ -4,7 +4,7 @@ use super::EngineArgs;
 use anyhow::{Context, Result};
 use loupe_engine::atomic_file::write_atomic;
 use loupe_engine::model_file;
-use loupe_engine::onnx;
+use loupe_engine::onnx::{self, ThresholdInputs};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -18,6 +18,10 @@ pub struct ExportArgs {
     /// Where to write the exported file.
     #[arg(long, required_unless_present = "show")]
     pub out: Option<PathBuf>,
+    /// Threshold inputs every call must feed (no defaults), for runtimes that fold inputs with defaults into
+    /// constants (OpenVINO); the tuned values are in the metadata.
+    #[arg(long)]
+    pub required_thresholds: bool,
     /// Print the metadata (the Loupe manifest: method, settings, thresholds, …) of an exported ONNX file.
     #[arg(long, conflicts_with_all = ["model", "out"])]
     pub show: Option<PathBuf>,
@@ -44,7 +48,11 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let loaded = model_file::load(model_path, backbone)?;
     let started = Instant::now();
     let exported = match args.format {
-        Format::Onnx => onnx::export(loaded.model.as_ref(), &loaded.manifest),
+        Format::Onnx => {
+            let thresholds =
+                if args.required_thresholds { ThresholdInputs::Required } else { ThresholdInputs::WithDefaults };
+            onnx::export(loaded.model.as_ref(), &loaded.manifest, thresholds)
+        }
     }
     .with_context(|| format!("{}: cannot export", model_path.display()))?;
     write_atomic(out, &exported.bytes)?;

@@ -736,7 +736,7 @@ impl StudioApp {
         (manifest.thresholds.decision, manifest.thresholds.review) = (entry.decision, entry.review);
         self.spawn_job(ctx, "Exporting to ONNX", move |progress| {
             progress.begin("recording the graph", 0);
-            let exported = loupe_engine::onnx::export(model.as_ref(), &manifest)?;
+            let exported = loupe_engine::onnx::export(model.as_ref(), &manifest, Default::default())?;
             loupe_engine::atomic_file::write_atomic(&path, &exported.bytes)?;
             Ok(JobOutput::Reported(format!(
                 "exported {} ({:.1} MB): uint8 frames in; anomaly map, score and verdict out",

@@ -32,8 +32,19 @@ pub struct Exported {
     pub weight_bytes: usize,
 }
 
+/// How the exported graph takes its thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThresholdInputs {
+    /// Inputs whose defaults are the tuned values: a runtime may leave them out or move them. ONNX Runtime
+    /// honours both; OpenVINO folds inputs that have defaults into constants (the tuned values then apply).
+    #[default]
+    WithDefaults,
+    /// Inputs every call must feed (the tuned values are in the metadata): for runtimes that fold defaults.
+    Required,
+}
+
 /// Writes `model` (with the thresholds and everything else its `manifest` records) as an ONNX model.
-pub fn export(model: &dyn AnomalyModel, manifest: &Manifest) -> Result<Exported> {
+pub fn export(model: &dyn AnomalyModel, manifest: &Manifest, thresholds: ThresholdInputs) -> Result<Exported> {
     let decision = manifest.thresholds.decision.context(
         "the model has no decision threshold yet: choose one (the studio's Threshold view, or `loupe eval \
          --save-threshold`) so the exported file carries the decision",
@@ -47,17 +58,19 @@ pub fn export(model: &dyn AnomalyModel, manifest: &Manifest) -> Result<Exported>
         &[Dim::Dynamic("N"), Dim::Dynamic("H"), Dim::Dynamic("W"), Dim::Fixed(3)],
         "RGB frames as the camera gives them, uint8 [N, H, W, 3]; one size per batch",
     );
-    let decision_input = graph.scalar_input_with_default(
-        "decision_threshold",
-        decision,
-        "reject at score >= this (default: the threshold tuned in Loupe)",
-    );
-    let review_input = graph.scalar_input_with_default(
-        "review_threshold",
-        review,
-        "review at review_threshold <= score < decision_threshold (default: the tuned band; equal to the decision \
-         when there is none)",
-    );
+    let decision_doc = "reject at score >= this (tuned in Loupe: the default, or loupe.decision_threshold)";
+    let review_doc = "review at review_threshold <= score < decision_threshold (tuned band: the default, or \
+                      loupe.review_threshold; equal to the decision when there is none)";
+    let (decision_input, review_input) = match thresholds {
+        ThresholdInputs::WithDefaults => (
+            graph.scalar_input_with_default("decision_threshold", decision, decision_doc),
+            graph.scalar_input_with_default("review_threshold", review, review_doc),
+        ),
+        ThresholdInputs::Required => (
+            graph.input("decision_threshold", graph::FLOAT, &[], decision_doc),
+            graph.input("review_threshold", graph::FLOAT, &[], review_doc),
+        ),
+    };
     let images = layers::camera_to_input(&mut graph, &frames, size);
     let recorded = model.record_onnx(&mut graph, &images)?;
     let verdict = layers::verdict(&mut graph, &recorded.score, &decision_input, &review_input);
@@ -94,7 +107,8 @@ fn metadata(manifest: &Manifest) -> Result<Vec<(String, String)>> {
         (MANIFEST_KEY.into(), serde_json::to_string(manifest)?),
         ("loupe.method".into(), manifest.method.clone()),
         ("loupe.decision_threshold".into(), optional(thresholds.decision)),
-        ("loupe.review_threshold".into(), optional(thresholds.review)),
+        // The review input's value when there is no band (the tuned review threshold otherwise).
+        ("loupe.review_threshold".into(), optional(thresholds.review.or(thresholds.decision))),
         ("loupe.threshold_rule".into(), thresholds.rule.clone()),
         ("loupe.image_size".into(), manifest.image_size.to_string()),
         ("loupe.backbone_weights_sha256".into(), manifest.backbone_weights_sha256.clone()),
