@@ -101,8 +101,9 @@ def load_rgb(path):
     return np.ascontiguousarray(np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)[None])
 
 
-def check(runtime, expected, base, file):
-    worst_score = worst_map = 0.0
+def check(runtime, expected, base, file, score_bound, map_bound):
+    worst_score = worst_map = worst_abs = 0.0
+    smallest_span = float("inf")
     mismatched = []
     scores = []
     for row in expected:
@@ -111,6 +112,8 @@ def check(runtime, expected, base, file):
         want_map = np.fromfile(os.path.join(base, row["map"]), dtype="<f4").reshape(row["size"], row["size"])
         span = max(float(want_map.max() - want_map.min()), 1e-12)
         worst_map = max(worst_map, float(np.abs(anomaly_map[0] - want_map).max()) / span)
+        worst_abs = max(worst_abs, float(np.abs(anomaly_map[0] - want_map).max()))
+        smallest_span = min(smallest_span, span)
         worst_score = max(worst_score, abs(float(score[0]) - row["score"]) / max(abs(row["score"]), 1e-12))
         if int(verdict[0]) != row["verdict"]:
             mismatched.append(row["image"])
@@ -122,10 +125,10 @@ def check(runtime, expected, base, file):
         _, _, verdict = runtime.run(image, decision_threshold=middle, review_threshold=middle)
         moved += int(verdict[0]) != (2 if score >= middle else 0)
     failures = []
-    if worst_score > SCORE_RELATIVE_ERROR:
-        failures.append(f"score relative error {worst_score:.2e} > {SCORE_RELATIVE_ERROR}")
-    if worst_map > MAP_ERROR_OF_RANGE:
-        failures.append(f"map error {worst_map:.2e} of its range > {MAP_ERROR_OF_RANGE}")
+    if worst_score > score_bound:
+        failures.append(f"score relative error {worst_score:.2e} > {score_bound}")
+    if worst_map > map_bound:
+        failures.append(f"map error {worst_map:.2e} of its range > {map_bound}")
     if mismatched:
         failures.append(f"verdicts differ on {len(mismatched)} images, e.g. {mismatched[0]}")
     if moved:
@@ -136,6 +139,8 @@ def check(runtime, expected, base, file):
         "images": len(expected),
         "max_score_relative_error": worst_score,
         "max_map_error_of_range": worst_map,
+        "max_map_abs_error": worst_abs,
+        "smallest_map_range": smallest_span,
         "verdict_mismatches": len(mismatched),
         "threshold_inputs": "fed" if runtime.threshold_inputs else "folded to the tuned values",
         "failures": failures,
@@ -148,6 +153,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("expected_dir")
     parser.add_argument("--runtimes", default="onnxruntime,openvino")
+    parser.add_argument("--score-error", type=float, default=SCORE_RELATIVE_ERROR, help="bound, relative")
+    parser.add_argument("--map-error", type=float, default=MAP_ERROR_OF_RANGE, help="bound, of the map's range")
     args = parser.parse_args()
     base = args.expected_dir
     with open(os.path.join(base, "expected.jsonl")) as lines:
@@ -167,7 +174,7 @@ def main():
             if file == "required.onnx" and not runtime.threshold_inputs:
                 print(f"{name}: required.onnx has no threshold inputs", file=sys.stderr)
                 ok = False
-            ok &= check(runtime, expected, base, file)
+            ok &= check(runtime, expected, base, file, args.score_error, args.map_error)
     sys.exit(0 if ok else 1)
 
 
