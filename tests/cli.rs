@@ -1,4 +1,4 @@
-//! The `loupe` command line as scripts use it: fit → eval --json → infer, and its errors.
+//! The `loupe` command line as scripts use it: fit → eval --json → infer → export, and its errors.
 
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use std::path::{Path, PathBuf};
@@ -82,6 +82,17 @@ fn fit_eval_infer_on_a_synthetic_benchmark() {
     let good = loupe(&["infer", "--model", text(&model), text(&data.join("train/good")), "--fail-on", "reject"]);
     let rejected = String::from_utf8_lossy(&good.stdout).matches("reject").count();
     assert_eq!(good.status.code(), Some(if rejected > 0 { 3 } else { 0 }), "{}", String::from_utf8_lossy(&good.stderr));
+
+    // Export to ONNX, then read back what the file carries.
+    let onnx = dir.join("model.onnx");
+    let export = loupe(&["export", "--model", text(&model), "--format", "onnx", "--out", text(&onnx)]);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let shown = loupe(&["export", "--show", text(&onnx)]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("loupe.method: patchcore") && shown.contains("loupe.decision_threshold: "), "{shown}");
+    let not_onnx = loupe(&["export", "--show", text(&model)]);
+    assert_eq!(not_onnx.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&not_onnx.stderr).contains("not an ONNX model"));
     std::fs::remove_dir_all(dir).unwrap();
 }
 
