@@ -251,23 +251,29 @@ pub fn channels_last(graph: &mut Graph, x: &Value) -> Value {
 
 /// candle's `upsample_nearest2d` of the last two axes by a whole factor (source pixel ⌊out / factor⌋).
 pub fn upsample_nearest(graph: &mut Graph, x: &Value, height: usize, width: usize) -> Value {
-    let rank = x.shape.len();
+    let mode = vec![
+        attr_string("mode", "nearest"),
+        attr_string("coordinate_transformation_mode", "asymmetric"),
+        attr_string("nearest_mode", "floor"),
+    ];
+    resize_last_two(graph, x, height, width, mode)
+}
+
+/// ONNX `Resize` of the last two axes to `height × width` with the given mode attributes.
+fn resize_last_two(
+    graph: &mut Graph,
+    x: &Value,
+    height: usize,
+    width: usize,
+    mut attributes: Vec<super::proto::AttributeProto>,
+) -> Value {
     let sizes = graph.ints("sizes", &[2], &[height as i64, width as i64]);
+    let rank = x.shape.len();
     let mut shape = x.shape.clone();
     shape[rank - 2] = Some(height);
     shape[rank - 1] = Some(width);
-    graph
-        .op(
-            "Resize",
-            &[x, &Value::absent(), &Value::absent(), &sizes],
-            vec![
-                attr_string("mode", "nearest"),
-                attr_string("coordinate_transformation_mode", "asymmetric"),
-                attr_string("nearest_mode", "floor"),
-                attr_ints("axes", &[rank as i64 - 2, rank as i64 - 1]),
-            ],
-        )
-        .with_shape(shape)
+    attributes.push(attr_ints("axes", &[rank as i64 - 2, rank as i64 - 1]));
+    graph.op("Resize", &[x, &Value::absent(), &Value::absent(), &sizes], attributes).with_shape(shape)
 }
 
 /// [`crate::methods::layers::upsample2x`] of a channels-last map `(N, H, W, C)`: each pixel repeated into a
@@ -464,22 +470,8 @@ pub fn rows_as_map(graph: &mut Graph, x: &Value, height: usize, width: usize) ->
 /// `Resize` of the last two axes to `height × width`, bilinear with half-pixel centres and no antialiasing:
 /// [`crate::maps::ScoreMap::resized`] and candle's `upsample_bilinear2d(.., false)`.
 pub fn resize_bilinear(graph: &mut Graph, x: &Value, height: usize, width: usize) -> Value {
-    let sizes = graph.ints("sizes", &[2], &[height as i64, width as i64]);
-    let rank = x.shape.len();
-    let mut shape = x.shape.clone();
-    shape[rank - 2] = Some(height);
-    shape[rank - 1] = Some(width);
-    graph
-        .op(
-            "Resize",
-            &[x, &Value::absent(), &Value::absent(), &sizes],
-            vec![
-                attr_string("mode", "linear"),
-                attr_string("coordinate_transformation_mode", "half_pixel"),
-                attr_ints("axes", &[rank as i64 - 2, rank as i64 - 1]),
-            ],
-        )
-        .with_shape(shape)
+    let mode = vec![attr_string("mode", "linear"), attr_string("coordinate_transformation_mode", "half_pixel")];
+    resize_last_two(graph, x, height, width, mode)
 }
 
 /// The camera's frames `(N, H, W, 3)` uint8 to the model's input `(N, 3, S, S)` in [0, 1], as Loupe's decoder

@@ -13,15 +13,14 @@
 
 use super::{
     both_levels, calibrate, check_levels, gaussian_log_density, level_side, level_statistics, mean_over_levels,
-    normalisation_state, record_assemble, record_level_rows, take_calibration, take_standardise, training_rows,
-    AffineTail, LevelScoring, Standardise, LEVEL_CHANNELS, LN_SQRT_2PI,
+    normalisation_state, record_assemble, record_level_rows, record_per_dim, take_calibration, take_standardise,
+    training_rows, AffineTail, LevelScoring, Standardise, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
-use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -191,15 +190,7 @@ impl MapFlow {
                 Some(total) => graph.op("Add", &[&total, &block_log_det], vec![]),
             });
         }
-        let last = graph.ints("axis", &[1], &[-1]);
-        let squared = graph.op("ReduceSumSquare", &[&z, &last], vec![attr_int("keepdims", 0)]);
-        let gaussian = layers::affine(graph, &squared, -0.5, -(LN_SQRT_2PI * channels as f64) as f32);
-        let total = match log_det {
-            Some(log_det) => graph.op("Add", &[&gaussian, &log_det], vec![]),
-            None => gaussian,
-        };
-        let dim = graph.scalar("dim", channels as f32);
-        let per_dim = graph.op("Div", &[&total, &dim], vec![]);
+        let per_dim = record_per_dim(graph, &z, log_det, channels);
         let rows = graph.ints("shape", &[2], &[0, positions as i64]);
         Ok(graph.op("Reshape", &[&per_dim, &rows], vec![]).with_shape(vec![x.shape[0], Some(positions)]))
     }

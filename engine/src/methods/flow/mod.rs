@@ -22,7 +22,7 @@ use candle_nn::{Linear, Module, VarBuilder};
 use std::collections::HashMap;
 
 /// ln √(2π).
-pub const LN_SQRT_2PI: f64 = 0.918_938_533_204_672_7;
+const LN_SQRT_2PI: f64 = 0.918_938_533_204_672_7;
 /// softplus_β(raw) · 0.1 with β = ½ is 1 at this raw value: the global scale starts as the identity.
 const GLOBAL_SCALE_IDENTITY: f64 = 9.986_6;
 
@@ -195,16 +195,7 @@ impl VectorFlow {
                 Some(total) => graph.op("Add", &[&total, &block_log_det], vec![]),
             });
         }
-        // Gaussian log-density −½|z|² − d·ln√(2π), plus the log-determinants, over d.
-        let last = graph.ints("axis", &[1], &[-1]);
-        let squared = graph.op("ReduceSumSquare", &[&z, &last], vec![attr_int("keepdims", 0)]);
-        let gaussian = layers::affine(graph, &squared, -0.5, -(LN_SQRT_2PI * self.dim as f64) as f32);
-        let total = match log_det {
-            Some(log_det) => graph.op("Add", &[&gaussian, &log_det], vec![]),
-            None => gaussian,
-        };
-        let dim = graph.scalar("dim", self.dim as f32);
-        Ok(graph.op("Div", &[&total, &dim], vec![]).with_shape(vec![x.shape[0], x.shape[1]]))
+        Ok(record_per_dim(graph, &z, log_det, self.dim).with_shape(vec![x.shape[0], x.shape[1]]))
     }
 
     /// Log-likelihood of each row under the flow, divided by the dimension (comparable across levels).
@@ -505,6 +496,20 @@ pub fn assemble_outputs(
             AnomalyOutput { score: map.max(), map }
         })
         .collect()
+}
+
+/// The recorded end of a flow's log-likelihood: the Gaussian log-density −½|z|² − d·ln√(2π) along the last
+/// axis, plus the blocks' log-determinants, over d ([`VectorFlow::log_likelihood_per_dim`]).
+pub fn record_per_dim(graph: &mut Graph, z: &Value, log_det: Option<Value>, dim: usize) -> Value {
+    let last = graph.ints("axis", &[1], &[-1]);
+    let squared = graph.op("ReduceSumSquare", &[z, &last], vec![attr_int("keepdims", 0)]);
+    let gaussian = layers::affine(graph, &squared, -0.5, -(LN_SQRT_2PI * dim as f64) as f32);
+    let total = match log_det {
+        Some(log_det) => graph.op("Add", &[&gaussian, &log_det], vec![]),
+        None => gaussian,
+    };
+    let dim = graph.scalar("dim", dim as f32);
+    graph.op("Div", &[&total, &dim], vec![])
 }
 
 /// Records [`assemble_outputs`]: each modelled level's NLL `(N, positions)` calibrated, upsampled to the input
