@@ -93,6 +93,26 @@ fn fit_eval_infer_on_a_synthetic_benchmark() {
     let not_onnx = loupe(&["export", "--show", text(&model)]);
     assert_eq!(not_onnx.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&not_onnx.stderr).contains("not an ONNX model"));
+
+    // A bundle scores the same on a machine without the backbone weights; the plain file cannot run there.
+    let bundle = dir.join("bundle.safetensors");
+    let export = loupe(&["export", "--model", text(&model), "--format", "loupe-bundle", "--out", text(&bundle)]);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let spot = data.join("test/spot");
+    let scores = |model: &Path, weights: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_loupe"));
+        command.args(["infer", "--model", text(model), "--json", text(&spot)]);
+        if let Some(weights) = weights {
+            command.env("LOUPE_WEIGHTS", weights);
+        }
+        command.output().unwrap()
+    };
+    let nowhere = text(&dir.join("no-weights-here.safetensors")).to_string();
+    let (installed, bundled) = (scores(&model, None), scores(&bundle, Some(&nowhere)));
+    assert!(bundled.status.success(), "{}", String::from_utf8_lossy(&bundled.stderr));
+    assert_eq!(String::from_utf8_lossy(&installed.stdout), String::from_utf8_lossy(&bundled.stdout));
+    let plain_without_weights = scores(&model, Some(&nowhere));
+    assert!(String::from_utf8_lossy(&plain_without_weights.stderr).contains("backbone weights not found"));
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -247,6 +247,26 @@ fn damaged_or_foreign_model_files_are_clear_errors() {
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     assert!(model_file::load(&truncated, backbone.clone()).is_err());
 
+    // A bundle is written only with the weights the model was trained with, and a bundle that claims to carry
+    // its backbone but does not is a clear error, never the installed weights in its place.
+    let mut other_weights = weights::read_weights(&weights::default_weights_path()).unwrap();
+    other_weights.values_mut().next().unwrap().data[0] += 1.0;
+    let bundle = dir.join("bundle.safetensors");
+    let message = format!(
+        "{:#}",
+        model_file::save_bundle(&bundle, outcome.model.as_ref(), &outcome.manifest, &other_weights).unwrap_err()
+    );
+    assert!(message.contains("use the weights it was trained with"), "{message}");
+    let weights = weights::read_weights(&weights::default_weights_path()).unwrap();
+    model_file::save_bundle(&bundle, outcome.model.as_ref(), &outcome.manifest, &weights).unwrap();
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let renamed = bytes.windows(9).position(|w| w == b"backbone/").unwrap();
+    bytes[renamed..renamed + 9].copy_from_slice(b"backbonX/");
+    std::fs::write(&bundle, &bytes).unwrap();
+    let opened = model_file::open(&bundle, &Device::Cpu, || Ok(backbone.clone()));
+    let message = format!("{:#}", opened.err().unwrap());
+    assert!(message.contains("bundle.safetensors") && message.contains("bundled backbone"), "{message}");
+
     // Any setting read from a file is untrusted: a blur of σ 1e9 once made `infer` allocate 24 GB.
     let mut manifest = outcome.manifest.clone();
     manifest.settings["blur_sigma"] = serde_json::json!(1e9);

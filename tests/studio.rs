@@ -807,5 +807,12 @@ fn the_active_model_exports_to_onnx_with_the_thresholds_of_the_moment() {
     assert_eq!(metadata["loupe.method"], "patchcore");
     assert_eq!(metadata["loupe.decision_threshold"], chosen.to_string());
     assert!(harness.state().messages().iter().any(|m| m.contains("line.onnx")), "{:?}", harness.state().messages());
+
+    let bundle = dir.join("line.bundle.safetensors");
+    harness.state_mut().start_bundle_export(&ctx, bundle.clone());
+    wait_until_idle(&mut harness, "the bundle export");
+    let manifest = loupe_engine::model_file::read_manifest(&bundle).unwrap();
+    assert!(manifest.backbone_embedded);
+    assert_eq!(manifest.thresholds.decision, Some(chosen));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -47,6 +47,9 @@ fn main() {
     loupe_engine::device::configure_cpu_thread_pools();
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Studio(commands::studio::StudioArgs::default()));
+    if matches!(command, Command::Infer(_) | Command::Eval(_) | Command::Export(_) | Command::Methods) {
+        end_quietly_when_the_reader_closes();
+    }
     let result = match command {
         Command::Fit(args) => commands::fit::run(args),
         Command::Eval(args) => commands::eval::run(args),
@@ -66,5 +69,16 @@ fn main() {
     if let Err(error) = result {
         eprintln!("error: {error:#}");
         std::process::exit(1);
+    }
+}
+
+/// `loupe infer … | head` ends quietly when the reader closes, as other Unix tools do, instead of panicking on
+/// the next line printed: Rust ignores SIGPIPE, this restores its default action. Only for the commands whose
+/// output is read through pipes: a long-running one with network sinks must survive a closed connection.
+fn end_quietly_when_the_reader_closes() {
+    #[cfg(unix)]
+    // SAFETY: sets the process-wide disposition of SIGPIPE to its default; no handler of ours runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

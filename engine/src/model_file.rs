@@ -5,6 +5,9 @@
 //! safetensors holds only data, so opening an untrusted model file can never run code.
 
 use crate::atomic_file::write_atomic;
+use crate::backbone::efficientnet_lite0::STRIDE16_BLOCK;
+use crate::backbone::torch_pth::PthTensor;
+use crate::backbone::weights::{weights_hash, NamedTensors};
 use crate::backbone::{Backbone, BACKBONE_NAME};
 use crate::methods::{find_method, AnomalyModel};
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,6 +25,8 @@ pub const MAX_IMAGE_SIZE: u32 = 4096;
 /// Model files larger than this are refused before reading: loading takes about three times the file's size
 /// (its bytes, the tensors, a transposed copy), and no model Loupe trains comes near it.
 pub const MAX_MODEL_BYTES: u64 = 2 << 30;
+/// Where a bundle's backbone tensors are named (`backbone/<name in the weights file>`).
+pub const BUNDLED_BACKBONE_PREFIX: &str = "backbone/";
 pub const NORMALIZATION: &str = "rgb in [0,1], resized to image_size², then (x*255-127)/128";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,6 +119,10 @@ pub struct Manifest {
     pub thresholds: Thresholds,
     pub validation: ScoreStats,
     pub training: TrainingInfo,
+    /// A bundle: the backbone weights travel in the file (tensors under [`BUNDLED_BACKBONE_PREFIX`]), so it runs
+    /// where they were never fetched.
+    #[serde(default)]
+    pub backbone_embedded: bool,
 }
 
 impl Manifest {
@@ -130,6 +139,7 @@ impl Manifest {
             thresholds,
             validation: ScoreStats::default(),
             training: TrainingInfo::default(),
+            backbone_embedded: false,
         }
     }
 }
@@ -160,22 +170,53 @@ impl Manifest {
 /// Writes the model file atomically. Refuses a manifest with a non-finite number rather than write a file that
 /// cannot be read back.
 pub fn save(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest) -> Result<()> {
-    manifest.check_finite().with_context(|| format!("{}: not written", path.display()))?;
-    let tensors: Vec<(String, Tensor)> = model
+    let mut manifest = manifest.clone();
+    manifest.backbone_embedded = false;
+    write_file(path, &manifest, model_tensors(model)?)
+}
+
+/// Writes a bundle: the model file with the backbone weights it was trained with inside (checked against the
+/// manifest's hash), so `loupe infer` runs it on a machine where they were never fetched.
+pub fn save_bundle(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest, weights: &NamedTensors) -> Result<()> {
+    let hash = weights_hash(weights);
+    if manifest.backbone_weights_sha256 != hash {
+        bail!(
+            "{}: not written: the model was trained with backbone weights {}, but the weights given are {}; use \
+             the weights it was trained with",
+            path.display(),
+            short(&manifest.backbone_weights_sha256, 12),
+            short(&hash, 12)
+        );
+    }
+    let mut tensors = model_tensors(model)?;
+    for (name, tensor) in weights {
+        tensors.push((format!("{BUNDLED_BACKBONE_PREFIX}{name}"), tensor.shape.clone(), tensor.data.clone()));
+    }
+    let mut manifest = manifest.clone();
+    manifest.backbone_embedded = true;
+    write_file(path, &manifest, tensors)
+}
+
+fn model_tensors(model: &dyn AnomalyModel) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    model
         .state()?
         .into_iter()
-        .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
         .map(|(name, t)| {
-            let values = t.flatten_all()?.to_vec1::<f32>()?;
-            Ok((name.clone(), values.iter().flat_map(|v| v.to_le_bytes()).collect(), t.dims().to_vec()))
+            let t = t.to_device(&Device::Cpu)?.contiguous()?;
+            Ok((name, t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?))
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+fn write_file(path: &Path, manifest: &Manifest, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<()> {
+    manifest.check_finite().with_context(|| format!("{}: not written", path.display()))?;
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, shape, values)| (name, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
+        .collect();
     let views = data
         .iter()
-        .map(|(name, bytes, shape)| {
+        .map(|(name, shape, bytes)| {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
                 .map(|view| (name.clone(), view))
                 .map_err(|e| anyhow!("{name}: {e}"))
@@ -184,6 +225,13 @@ pub fn save(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest) -> Resul
     let metadata = HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(manifest)?)]);
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| anyhow!("serialising model: {e}"))?;
     write_atomic(path, &bytes)
+}
+
+fn f32_values(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
+    if view.dtype() != safetensors::Dtype::F32 {
+        bail!("a tensor is {:?}, expected F32", view.dtype());
+    }
+    Ok(view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 /// Reads a model file whole, refusing one over [`MAX_MODEL_BYTES`] before reading it.
@@ -236,6 +284,33 @@ pub fn load(path: &Path, backbone: Arc<Backbone>) -> Result<LoadedModel> {
     load_bytes(&bytes, backbone).with_context(context)
 }
 
+/// Loads a model file with the backbone a bundle carries, or else with `installed()` (the weights fetched on
+/// this machine), which is then the only place a plain model file's backbone can come from.
+pub fn open(path: &Path, device: &Device, installed: impl FnOnce() -> Result<Arc<Backbone>>) -> Result<LoadedModel> {
+    let bytes = read_bounded(path)?;
+    let context = || format!("{}: cannot load model", path.display());
+    let manifest = manifest_from_bytes(&bytes).with_context(context)?;
+    let backbone = if manifest.backbone_embedded {
+        Arc::new(bundled_backbone(&bytes, device).with_context(context)?)
+    } else {
+        installed()?
+    };
+    load_bytes(&bytes, backbone).with_context(context)
+}
+
+/// The backbone a bundle carries.
+fn bundled_backbone(bytes: &[u8], device: &Device) -> Result<Backbone> {
+    let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{e}"))?;
+    let mut named = NamedTensors::new();
+    for (name, view) in file.tensors() {
+        if let Some(weight_name) = name.strip_prefix(BUNDLED_BACKBONE_PREFIX) {
+            let data = f32_values(&view).with_context(|| format!("tensor {name}"))?;
+            named.insert(weight_name.to_string(), PthTensor { shape: view.shape().to_vec(), data });
+        }
+    }
+    Backbone::from_named(named, device, STRIDE16_BLOCK, false).context("its bundled backbone weights are incomplete")
+}
+
 /// [`load`] from the file's bytes (the fuzz target's entry).
 pub fn load_bytes(bytes: &[u8], backbone: Arc<Backbone>) -> Result<LoadedModel> {
     let manifest = manifest_from_bytes(bytes)?;
@@ -253,11 +328,10 @@ pub fn load_bytes(bytes: &[u8], backbone: Arc<Backbone>) -> Result<LoadedModel> 
     let file = safetensors::SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{e}"))?;
     let mut tensors = HashMap::new();
     for (name, view) in file.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            bail!("tensor {name} is {:?}, expected F32", view.dtype());
+        if name.starts_with(BUNDLED_BACKBONE_PREFIX) {
+            continue;
         }
-        let values: Vec<f32> =
-            view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let values = f32_values(&view).with_context(|| format!("tensor {name}"))?;
         tensors.insert(name, Tensor::from_vec(values, view.shape().to_vec(), &backbone.device)?);
     }
     let model = (info.load)(backbone, manifest.image_size, &manifest.settings, tensors)?;

@@ -117,9 +117,7 @@ fn print_human(report: &EvalReport) {
 
 pub fn run(args: EvalArgs) -> Result<()> {
     let benchmark = benchmark(&args)?;
-    let backbone = args.engine.load_backbone()?;
-    let device = backbone.device.clone();
-    let mut loaded = model_file::load(&args.model, backbone)?;
+    let (mut loaded, device) = args.engine.open_model(&args.model)?;
     refuse_training_images(&args, &loaded.manifest.training)?;
     let progress = TerminalProgress::new();
     let mut report =

@@ -1,8 +1,10 @@
-//! `loupe export --model <model.safetensors> --format onnx --out <model.onnx>`; `loupe export --show <model.onnx>`
+//! `loupe export --model <model.safetensors> --format onnx --out <model.onnx>`; `--format loupe-bundle` (the model
+//! file with its backbone weights inside); `loupe export --show <model.onnx>`
 
 use super::EngineArgs;
 use anyhow::{Context, Result};
 use loupe_engine::atomic_file::write_atomic;
+use loupe_engine::backbone::weights::{default_weights_path, read_weights};
 use loupe_engine::model_file;
 use loupe_engine::onnx::{self, ThresholdInputs};
 use std::path::PathBuf;
@@ -34,6 +36,9 @@ pub enum Format {
     /// ONNX (opset 18): uint8 frames in; anomaly map, score and verdict out; thresholds as inputs with the tuned
     /// defaults; backbone weights and preprocessing inside.
     Onnx,
+    /// The Loupe model file with the backbone weights inside: `loupe infer` / `eval` run it on a machine where
+    /// `loupe weights fetch` never ran.
+    LoupeBundle,
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
@@ -44,17 +49,23 @@ pub fn run(args: ExportArgs) -> Result<()> {
         return Ok(());
     }
     let (Some(model_path), Some(out)) = (&args.model, &args.out) else { unreachable!("clap requires both") };
-    let backbone = args.engine.load_backbone()?;
-    let loaded = model_file::load(model_path, backbone)?;
     let started = Instant::now();
-    let exported = match args.format {
-        Format::Onnx => {
-            let thresholds =
-                if args.required_thresholds { ThresholdInputs::Required } else { ThresholdInputs::WithDefaults };
-            onnx::export(loaded.model.as_ref(), &loaded.manifest, thresholds)
-        }
+    let (loaded, _) = args.engine.open_model(model_path)?;
+    if let Format::LoupeBundle = args.format {
+        let weights_path = args.engine.weights.clone().unwrap_or_else(default_weights_path);
+        model_file::save_bundle(out, loaded.model.as_ref(), &loaded.manifest, &read_weights(&weights_path)?)?;
+        let size = std::fs::metadata(out).map(|m| m.len()).unwrap_or_default();
+        println!(
+            "{}: the model and its backbone weights, {:.1} MB, in {:.2} s",
+            out.display(),
+            size as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
     }
-    .with_context(|| format!("{}: cannot export", model_path.display()))?;
+    let thresholds = if args.required_thresholds { ThresholdInputs::Required } else { ThresholdInputs::WithDefaults };
+    let exported = onnx::export(loaded.model.as_ref(), &loaded.manifest, thresholds)
+        .with_context(|| format!("{}: cannot export", model_path.display()))?;
     write_atomic(out, &exported.bytes)?;
     println!(
         "{}: {} nodes, {:.1} MB of weights, {:.1} MB in all, in {:.2} s",

@@ -9,7 +9,7 @@ use loupe_engine::dataset::layout::list_images;
 use loupe_engine::dataset::{decode_all, ImageRecord};
 use loupe_engine::maps::ScoreMap;
 use loupe_engine::methods::images_to_tensor;
-use loupe_engine::model_file::{self, Thresholds};
+use loupe_engine::model_file::Thresholds;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -92,9 +92,7 @@ fn list_inputs(inputs: &[PathBuf], out: Option<&Path>) -> Result<Vec<(PathBuf, O
 
 pub fn run(args: InferArgs) -> Result<i32> {
     let listed = list_inputs(&args.inputs, args.out.as_deref())?;
-    let backbone = args.engine.load_backbone()?;
-    let device = backbone.device.clone();
-    let loaded = model_file::load(&args.model, backbone)?;
+    let (loaded, device) = args.engine.open_model(&args.model)?;
     let (model, manifest) = (loaded.model, loaded.manifest);
     if args.fail_on.is_some() && manifest.thresholds.decision.is_none() {
         bail!("--fail-on needs a threshold, and {} has none: choose one (eval --save-threshold)", args.model.display());

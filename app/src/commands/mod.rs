@@ -11,9 +11,11 @@ pub mod studio;
 pub mod weights;
 
 use anyhow::Result;
+use candle_core::Device;
 use loupe_engine::backbone::{weights::default_weights_path, Backbone};
 use loupe_engine::device::DeviceChoice;
 use loupe_engine::methods::{Family, REGISTRY};
+use loupe_engine::model_file;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -30,9 +32,20 @@ pub struct EngineArgs {
 
 impl EngineArgs {
     pub fn load_backbone(&self) -> Result<Arc<Backbone>> {
-        let device = self.device.open()?;
+        self.load_backbone_on(&self.device.open()?)
+    }
+
+    fn load_backbone_on(&self, device: &Device) -> Result<Arc<Backbone>> {
         let path = self.weights.clone().unwrap_or_else(default_weights_path);
-        Ok(Arc::new(Backbone::load(&path, &device)?))
+        Ok(Arc::new(Backbone::load(&path, device)?))
+    }
+
+    /// A model file with its backbone (the one a bundle carries, else the installed weights), and the device
+    /// it runs on.
+    pub fn open_model(&self, path: &std::path::Path) -> Result<(model_file::LoadedModel, Device)> {
+        let device = self.device.open()?;
+        let loaded = model_file::open(path, &device, || self.load_backbone_on(&device))?;
+        Ok((loaded, device))
     }
 }
 

@@ -24,6 +24,8 @@ use frame_stats::FrameStats;
 use image_loader::ImageLoader;
 use jobs::{Job, JobFailure};
 use loupe_engine::evaluate::EvalReport;
+use loupe_engine::methods::AnomalyModel;
+use loupe_engine::model_file::Manifest;
 use project::{relative_to, resolve, Project, Source};
 use saver::{AutosavePolicy, Saver};
 use std::collections::HashMap;
@@ -146,6 +148,7 @@ enum DialogResult {
     ExportLabels(PathBuf),
     ExportModel(PathBuf),
     ExportOnnx(PathBuf),
+    ExportBundle(PathBuf),
 }
 
 pub struct StudioApp {
@@ -665,6 +668,7 @@ impl StudioApp {
                 DialogResult::ExportLabels(folder) => self.start_labels_export(ctx, folder),
                 DialogResult::ExportModel(path) => self.export_model(path),
                 DialogResult::ExportOnnx(path) => self.start_onnx_export(ctx, path),
+                DialogResult::ExportBundle(path) => self.start_bundle_export(ctx, path),
             }
         }
     }
@@ -721,19 +725,24 @@ impl StudioApp {
         }
     }
 
+    /// The active model and its manifest with the thresholds the project holds now, or why there is none yet.
+    fn active_model_as_tuned(&mut self) -> Option<(std::sync::Arc<dyn AnomalyModel>, Manifest)> {
+        let studio = &self.studio;
+        let index = studio.project.active_model?;
+        let entry = &studio.project.models[index];
+        let runtime = &studio.runtimes[index];
+        let (Some(model), Some(mut manifest)) = (runtime.model.clone(), runtime.manifest.clone()) else {
+            self.error("the model is still loading; export it when it is ready");
+            return None;
+        };
+        (manifest.thresholds.decision, manifest.thresholds.review) = (entry.decision, entry.review);
+        Some((model, manifest))
+    }
+
     /// Writes the active model as ONNX with the thresholds the project holds now (a job: a large memory bank
     /// takes seconds).
     pub fn start_onnx_export(&mut self, ctx: &egui::Context, path: PathBuf) {
-        let studio = &self.studio;
-        let Some(index) = studio.project.active_model else { return };
-        let entry = &studio.project.models[index];
-        let runtime = &studio.runtimes[index];
-        let (Some(model), Some(manifest)) = (runtime.model.clone(), runtime.manifest.clone()) else {
-            self.error("the model is still loading; export it when it is ready");
-            return;
-        };
-        let mut manifest = manifest;
-        (manifest.thresholds.decision, manifest.thresholds.review) = (entry.decision, entry.review);
+        let Some((model, manifest)) = self.active_model_as_tuned() else { return };
         self.spawn_job(ctx, "Exporting to ONNX", move |progress| {
             progress.begin("recording the graph", 0);
             let exported = loupe_engine::onnx::export(model.as_ref(), &manifest, Default::default())?;
@@ -742,6 +751,21 @@ impl StudioApp {
                 "exported {} ({:.1} MB): uint8 frames in; anomaly map, score and verdict out",
                 path.display(),
                 exported.bytes.len() as f64 / 1e6
+            )))
+        });
+    }
+
+    /// Writes the active model with its backbone weights inside (a Loupe bundle) and the thresholds of the moment.
+    pub fn start_bundle_export(&mut self, ctx: &egui::Context, path: PathBuf) {
+        let Some((model, manifest)) = self.active_model_as_tuned() else { return };
+        let weights = self.weights.clone();
+        self.spawn_job(ctx, "Exporting a Loupe bundle", move |progress| {
+            progress.begin("writing the model and its backbone weights", 0);
+            let backbone_weights = loupe_engine::backbone::weights::read_weights(&weights)?;
+            loupe_engine::model_file::save_bundle(&path, model.as_ref(), &manifest, &backbone_weights)?;
+            Ok(JobOutput::Reported(format!(
+                "exported {}: `loupe infer --model` runs it on a machine without the backbone weights",
+                path.display()
             )))
         });
     }
@@ -853,6 +877,23 @@ impl StudioApp {
                             .add_filter("ONNX model", &["onnx"])
                             .save_file()
                             .map(DialogResult::ExportOnnx)
+                    });
+                }
+                let export_bundle = egui::Button::new("Export the active model for a line PC (Loupe bundle)…");
+                if ui
+                    .add_enabled(has_model, export_bundle)
+                    .on_hover_text(
+                        "The model file with the backbone weights inside: `loupe infer` runs it where the weights \
+                         were never fetched",
+                    )
+                    .clicked()
+                {
+                    self.spawn_dialog(|| {
+                        rfd::FileDialog::new()
+                            .add_filter("Loupe model", &["safetensors"])
+                            .set_file_name("model.bundle.safetensors")
+                            .save_file()
+                            .map(DialogResult::ExportBundle)
                     });
                 }
             });

@@ -29,14 +29,24 @@ impl Backbone {
 
     pub fn load_truncated(path: &Path, device: &Device, last_block: usize, with_head: bool) -> Result<Self> {
         let named = weights::read_weights(path)?;
+        Self::from_named(named, device, last_block, with_head)
+            .with_context(|| format!("{}: not EfficientNet-Lite0 weights", path.display()))
+    }
+
+    /// The backbone from weights already read (a weights file, or the copy a model bundle carries).
+    pub fn from_named(
+        named: weights::NamedTensors,
+        device: &Device,
+        last_block: usize,
+        with_head: bool,
+    ) -> Result<Self> {
         let weights_hash = weights::weights_hash(&named);
         let tensors = named
             .into_iter()
             .map(|(name, t)| Ok((name, Tensor::from_vec(t.data, t.shape, device)?)))
             .collect::<Result<HashMap<_, _>>>()?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let net = EfficientNetLite0::new(vb, last_block, with_head)
-            .with_context(|| format!("{}: not EfficientNet-Lite0 weights", path.display()))?;
+        let net = EfficientNetLite0::new(vb, last_block, with_head)?;
         Ok(Self { net, weights_hash, device: device.clone() })
     }
 

@@ -193,7 +193,10 @@ fn decode_one(index: usize, record: &ImageRecord, size: u32) -> Result<DecodedIm
     let skip = |path: &Path, reason: String| SkippedFile { path: path.to_path_buf(), reason };
     let image = open_image(&record.path).map_err(|reason| skip(&record.path, reason))?;
     let original_size = (image.width(), image.height());
-    let rgb = image.resize_exact(size, size, FilterType::Triangle).to_rgb8().into_raw();
+    let rgb = {
+        let full = image.to_rgb8();
+        super::resize::resize_rgb(full.as_raw(), full.width() as usize, full.height() as usize, size as usize)
+    };
     // Its budget is released before the mask takes its own: a thread never holds one permit while waiting for
     // another.
     drop(image);

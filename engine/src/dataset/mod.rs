@@ -4,6 +4,7 @@
 
 pub mod decode;
 pub mod layout;
+pub mod resize;
 pub mod synthetic;
 
 pub use decode::{decode_all, DecodedImage, SkippedFile};

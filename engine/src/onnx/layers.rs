@@ -9,6 +9,7 @@ use crate::backbone::efficientnet_lite0::{
     STRIDE8_BLOCK,
 };
 use crate::backbone::Backbone;
+use crate::dataset::resize;
 use crate::maps::{gaussian_kernel, reflect_index};
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::flow::Standardise;
@@ -474,60 +475,76 @@ pub fn resize_bilinear(graph: &mut Graph, x: &Value, height: usize, width: usize
     resize_last_two(graph, x, height, width, mode)
 }
 
-/// The camera's frames `(N, H, W, 3)` uint8 to the model's input `(N, 3, S, S)` in [0, 1], as Loupe's decoder
-/// makes it (image-rs `resize_exact` with the `Triangle` filter, then 8 bits, then / 255).
-///
-/// The resize is written out rather than left to ONNX `Resize`: runtimes disagree on its antialiased mode
-/// (OpenVINO's shrunk images differed by up to 15 grey levels from ONNX Runtime's), while two matrix products
-/// with the filter's weights compute the same thing everywhere.
+/// The camera's frames `(N, H, W, 3)` uint8 to the model's input `(N, 3, S, S)` in [0, 1]: the resize of
+/// [`crate::dataset::resize`], step for step — columns, then rows, each a `MatMul` with integer weights built from
+/// the frame's own `H` and `W`, every sum an integer below 2²⁴, so the runtime's summation order cannot move a
+/// byte.
 pub fn camera_to_input(graph: &mut Graph, frames: &Value, size: usize) -> Value {
     let float = graph.op("Cast", &[frames], vec![attr_int("to", super::graph::FLOAT as i64)]);
     let planar = graph.op("Transpose", &[&float], vec![attr_ints("perm", &[0, 3, 1, 2])]);
     let shape = graph.op("Shape", &[frames], vec![]);
-    let mut side_weights = |axis: i64| {
+    let mut side_taps = |axis: i64, unit: f32| {
         let index = graph.ints("axis", &[], &[axis]);
         let length = graph.op("Gather", &[&shape, &index], vec![attr_int("axis", 0)]);
-        let length = graph.op("Cast", &[&length], vec![attr_int("to", super::graph::FLOAT as i64)]);
-        triangle_weights(graph, &length, size)
+        triangle_taps(graph, &length, size, unit)
     };
-    let (rows, columns) = (side_weights(1), side_weights(2));
+    let (rows, columns) = (side_taps(1, resize::ROW_UNIT), side_taps(2, resize::COLUMN_UNIT));
     // (N, 3, H, W) · (W, S) → (N, 3, H, S), then (S, H) · that → (N, 3, S, S).
     let columns_t = graph.op("Transpose", &[&columns], vec![attr_ints("perm", &[1, 0])]);
     let narrowed = graph.op("MatMul", &[&planar, &columns_t], vec![]);
-    let resized = graph.op("MatMul", &[&rows, &narrowed], vec![]).with_shape(shape4(frames.shape[0], 3, size, size));
-    // image-rs rounds half away from zero (ONNX `Round` rounds half to even, and an upscale by 4/3 makes many
-    // exact halves); the values are not negative, so that is ⌊x + ½⌋.
-    let half = graph.scalar("half", 0.5);
-    let shifted = graph.op("Add", &[&resized, &half], vec![]);
-    let rounded = graph.op("Floor", &[&shifted], vec![]).with_shape(resized.shape.clone());
-    let bytes = clip(graph, &rounded, 0.0, 255.0);
+    let narrowed = shift_right(graph, &narrowed, resize::COLUMN_SHIFT);
+    let resized = graph.op("MatMul", &[&rows, &narrowed], vec![]);
+    let bytes = shift_right(graph, &resized, resize::ROW_SHIFT).with_shape(shape4(frames.shape[0], 3, size, size));
+    let bytes = clip(graph, &bytes, 0.0, 255.0);
     let scale = graph.scalar("full_scale", 255.0);
-    graph.op("Div", &[&bytes, &scale], vec![]).with_shape(resized.shape)
+    graph.op("Div", &[&bytes, &scale], vec![]).with_shape(bytes.shape)
 }
 
-/// The `(S, L)` weights of image-rs's triangle-filter resize of a side of `length` pixels to `size`: output
-/// pixel `o` centred at `c = (o + ½)·L/S − ½` in the input, support `s = max(L/S, 1)`, input pixel `i` weighted
-/// `max(0, 1 − |i − c| / s)`, each row normalised (pixels outside the image get no weight).
-fn triangle_weights(graph: &mut Graph, length: &Value, size: usize) -> Value {
-    let centres_half: Vec<f32> = (0..size).map(|o| o as f32 + 0.5).collect();
-    let centres_half = graph.floats("output_centres", &[size, 1], &centres_half);
-    let size_value = graph.scalar("size", size as f32);
-    let ratio = graph.op("Div", &[length, &size_value], vec![]);
-    let scaled = graph.op("Mul", &[&centres_half, &ratio], vec![]);
-    let half = graph.scalar("half", 0.5);
-    let centres = graph.op("Sub", &[&scaled, &half], vec![]);
-    let one = graph.scalar("one", 1.0);
-    let support = graph.op("Max", &[&ratio, &one], vec![]);
-    let zero = graph.scalar("zero", 0.0);
+/// `(x + 2^(shift−1)) >> shift` of non-negative integers held exactly in floats.
+fn shift_right(graph: &mut Graph, x: &Value, shift: u32) -> Value {
+    let half = graph.scalar("half_step", (1u32 << (shift - 1)) as f32);
+    let step = graph.scalar("step", (1u32 << shift) as f32);
+    let shifted = graph.op("Add", &[x, &half], vec![]);
+    let scaled = graph.op("Div", &[&shifted, &step], vec![]);
+    graph.op("Floor", &[&scaled], vec![])
+}
+
+/// The `(S, L)` integer weights of [`resize::side_taps`] for a side of `length` (an int64 scalar) pixels, as
+/// floats: `num = 2·S·i + S − (2o + 1)·L` in int64, the raw weight `max(0, 4096 − ⌊2048·|num| / max(L, S) + ½⌋)`,
+/// then `⌊raw · unit / Σ raw + ½⌋` per row.
+fn triangle_taps(graph: &mut Graph, length: &Value, size: usize, unit: f32) -> Value {
+    let float = |graph: &mut Graph, x: &Value| graph.op("Cast", &[x], vec![attr_int("to", super::graph::FLOAT as i64)]);
+    let zero = graph.ints("zero", &[], &[0]);
+    let one = graph.ints("one", &[], &[1]);
     let inputs = graph.op("Range", &[&zero, length, &one], vec![]);
-    let distance = graph.op("Sub", &[&inputs, &centres], vec![]);
-    let distance = graph.op("Abs", &[&distance], vec![]);
-    let relative = graph.op("Div", &[&distance, &support], vec![]);
-    let falling = graph.op("Sub", &[&one, &relative], vec![]);
-    let weights = graph.op("Relu", &[&falling], vec![]);
+    let twice_size = graph.ints("twice_size", &[], &[2 * size as i64]);
+    let scaled_inputs = graph.op("Mul", &[&inputs, &twice_size], vec![]);
+    let odd: Vec<i64> = (0..size as i64).map(|o| 2 * o + 1).collect();
+    let odd = graph.ints("odd_outputs", &[size, 1], &odd);
+    let size_value = graph.ints("size", &[], &[size as i64]);
+    let centres = graph.op("Mul", &[&odd, length], vec![]);
+    let centres = graph.op("Sub", &[&centres, &size_value], vec![]);
+    let num = graph.op("Sub", &[&scaled_inputs, &centres], vec![]);
+    let distance = graph.op("Abs", &[&num], vec![]);
+    let distance = float(graph, &distance);
+    let longer = graph.op("Max", &[length, &size_value], vec![]);
+    let longer = float(graph, &longer);
+    let ratio = graph.op("Div", &[&distance, &longer], vec![]);
+    let half_unit = graph.scalar("half_raw_unit", resize::RAW_UNIT / 2.0);
+    let scaled = graph.op("Mul", &[&ratio, &half_unit], vec![]);
+    let half = graph.scalar("half", 0.5);
+    let rounded = graph.op("Add", &[&scaled, &half], vec![]);
+    let rounded = graph.op("Floor", &[&rounded], vec![]);
+    let raw_unit = graph.scalar("raw_unit", resize::RAW_UNIT);
+    let falling = graph.op("Sub", &[&raw_unit, &rounded], vec![]);
+    let raw = graph.op("Relu", &[&falling], vec![]);
     let axis = graph.ints("axis", &[1], &[1]);
-    let total = graph.op("ReduceSum", &[&weights, &axis], vec![attr_int("keepdims", 1)]);
-    graph.op("Div", &[&weights, &total], vec![])
+    let total = graph.op("ReduceSum", &[&raw, &axis], vec![attr_int("keepdims", 1)]);
+    let unit = graph.scalar("unit", unit);
+    let weighted = graph.op("Mul", &[&raw, &unit], vec![]);
+    let normalised = graph.op("Div", &[&weighted, &total], vec![]);
+    let normalised = graph.op("Add", &[&normalised, &half], vec![]);
+    graph.op("Floor", &[&normalised], vec![])
 }
 
 /// [`crate::maps::ScoreMap::blurred`] of maps `(N, 1, H, W)`: the Gaussian's horizontal pass, then its vertical
