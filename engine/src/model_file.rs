@@ -197,7 +197,10 @@ pub fn save_bundle(path: &Path, model: &dyn AnomalyModel, manifest: &Manifest, w
     write_file(path, &manifest, tensors)
 }
 
-fn model_tensors(model: &dyn AnomalyModel) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+/// Named tensors as written: name, shape, values.
+type FileTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn model_tensors(model: &dyn AnomalyModel) -> Result<FileTensors> {
     model
         .state()?
         .into_iter()
@@ -208,7 +211,7 @@ fn model_tensors(model: &dyn AnomalyModel) -> Result<Vec<(String, Vec<usize>, Ve
         .collect()
 }
 
-fn write_file(path: &Path, manifest: &Manifest, tensors: Vec<(String, Vec<usize>, Vec<f32>)>) -> Result<()> {
+fn write_file(path: &Path, manifest: &Manifest, tensors: FileTensors) -> Result<()> {
     manifest.check_finite().with_context(|| format!("{}: not written", path.display()))?;
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
