@@ -64,7 +64,8 @@ pub fn read_labelme(bytes: &[u8]) {
 /// An image or a mask, through the decoder every image goes through, then resized as for a model.
 pub fn read_image(bytes: &[u8]) {
     if let Ok(image) = decode_image(bytes.to_vec()) {
-        let _ = image.resize_exact(16, 16, image::imageops::FilterType::Triangle).to_rgb8();
+        let rgb = image.to_rgb8();
+        let _ = crate::dataset::resize::resize_rgb(rgb.as_raw(), rgb.width() as usize, rgb.height() as usize, 16);
     }
     let _ = DefectMask::decode(bytes.to_vec());
 }
