@@ -145,8 +145,8 @@ fn labelme_import_then_mvtec_export() {
     let dir = temp_dir("labels");
     let data = dir.join("data");
     generate_mvtec(&data, &SyntheticSpec::tiny(9)).unwrap();
-    let mut project = loupe::studio::project::Project::new("labels");
-    project.sources.push(loupe::studio::project::Source::Benchmark("data".into()));
+    let mut project = loupe::project::Project::new("labels");
+    project.sources.push(loupe::project::Source::Benchmark("data".into()));
     let project_path = dir.join("labels.ron");
     project.save(&project_path).unwrap();
     let image = std::fs::read_dir(data.join("test/good")).unwrap().next().unwrap().unwrap().path();
@@ -186,7 +186,7 @@ fn labelme_import_then_mvtec_export() {
     assert!(stderr.contains("broken.json"), "a bad file is named: {stderr}");
     assert!(stderr.contains("crack (point)"), "a shape without area is reported: {stderr}");
     assert!(stderr.contains("resized.json: it says its image is 192×192, but"), "{stderr}");
-    let project = loupe::studio::project::Project::load(&project_path).unwrap();
+    let project = loupe::project::Project::load(&project_path).unwrap();
     assert!(!project.labels.contains_key(&format!("data/test/good/{other}")), "the mismatched mask is not imported");
     let key = format!("data/test/good/{name}");
     let label = project.labels.get(&key).unwrap_or_else(|| panic!("no label under {key}: {:?}", project.labels));

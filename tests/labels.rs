@@ -3,8 +3,8 @@
 //! change) is killed with SIGKILL at random moments, 100 times; after each kill the project must open, hold every
 //! edit the process had reported saved, and name mask files that exist and hold every stroke reported saved.
 
+use loupe::project::Project;
 use loupe::studio::mask_edits::{MaskEdits, MaskState};
-use loupe::studio::project::Project;
 use loupe::studio::saver::{AutosavePolicy, Saver};
 use loupe_engine::labels::mask::DefectMask;
 use loupe_engine::labels::{ImageLabel, Verdict};

@@ -11,7 +11,7 @@ use loupe_engine::backbone::{weights, Backbone};
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::dataset::{decode_all, scan_mvtec, ImageRecord};
 use loupe_engine::methods::find_method;
-use loupe_engine::onnx::{self, ThresholdInputs};
+use loupe_engine::onnx::{self, ThresholdInputs, WeightPlacement};
 use loupe_engine::pipeline::{fit, score_images, FitRequest};
 use loupe_engine::progress::NoProgress;
 use std::path::{Path, PathBuf};
@@ -62,11 +62,15 @@ fn exports_within(method: &str, settings: serde_json::Value, image_size: u32, bo
 
     let expected_dir = dir.join("expected");
     std::fs::create_dir_all(&expected_dir).unwrap();
-    for (file, thresholds) in
-        [("model.onnx", ThresholdInputs::WithDefaults), ("required.onnx", ThresholdInputs::Required)]
-    {
+    for (file, thresholds, placement) in [
+        ("model.onnx", ThresholdInputs::WithDefaults, WeightPlacement::Auto),
+        ("required.onnx", ThresholdInputs::Required, WeightPlacement::Auto),
+        // The weights in `external.onnx.data`: what exports above 2 GB do, checked here on a small model.
+        ("external.onnx", ThresholdInputs::WithDefaults, WeightPlacement::External),
+    ] {
         let exported = onnx::export(outcome.model.as_ref(), &outcome.manifest, thresholds).unwrap();
-        write_atomic(&expected_dir.join(file), &exported.bytes).unwrap();
+        let written = exported.write(&expected_dir.join(file), placement).unwrap();
+        assert_eq!(written.external_data.is_some(), placement == WeightPlacement::External, "{file}");
     }
 
     let records = images_to_compare(&data, &dir);

@@ -162,8 +162,17 @@ def main():
     import onnx
 
     ok = True
-    for file in ("model.onnx", "required.onnx"):
+    for file in ("model.onnx", "required.onnx", "external.onnx"):
         path = os.path.join(base, file)
+        if file == "external.onnx":
+            if not os.path.exists(path):
+                continue
+            # The weights must really be outside: a model file of graph and small constants only.
+            inline = [t.name for t in onnx.load(path, load_external_data=False).graph.initializer
+                      if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024]
+            if inline or not os.path.exists(path + ".data"):
+                print(f"{file}: weights not in {file}.data (inline: {inline[:3]})", file=sys.stderr)
+                ok = False
         onnx.checker.check_model(path, full_check=True)
         for name in args.runtimes.split(","):
             try:

@@ -6,8 +6,8 @@
 use eframe::egui;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions};
-use loupe::studio::project::{Project, Source};
-use loupe::studio::workspace::Split;
+use loupe::project::sources::Split;
+use loupe::project::{Project, Source};
 use loupe::studio::{StudioApp, StudioOptions, View};
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::metrics::ThresholdTable;

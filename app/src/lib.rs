@@ -1,3 +1,6 @@
-//! The Loupe studio as a library, so integration tests (egui_kittest) drive the same window the binary opens.
+//! Loupe as a library: the project's files and verdicts without a window (the CLI and the line runtime use
+//! them), and the studio, so integration tests (egui_kittest) drive the same window the binary opens.
 
+pub mod project;
+#[cfg(feature = "studio")]
 pub mod studio;

@@ -38,6 +38,7 @@ enum Command {
     /// Micro-benchmarks (backbone speed, coreset selection, threshold recomputation).
     Bench(commands::bench::BenchArgs),
     /// Open the studio window (the default when no command is given).
+    #[cfg(feature = "studio")]
     Studio(commands::studio::StudioArgs),
     /// Import labelme annotations into a project; export its labels in MVTec AD layout.
     Labels(commands::labels::LabelsArgs),
@@ -46,7 +47,10 @@ enum Command {
 fn main() {
     loupe_engine::device::configure_cpu_thread_pools();
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Studio(commands::studio::StudioArgs::default()));
+    let Some(command) = cli.command.or_else(default_command) else {
+        eprintln!("loupe was built without the studio (`--no-default-features`): name a command, see `loupe --help`");
+        std::process::exit(2);
+    };
     if matches!(command, Command::Infer(_) | Command::Eval(_) | Command::Export(_) | Command::Methods) {
         end_quietly_when_the_reader_closes();
     }
@@ -63,6 +67,7 @@ fn main() {
         Command::Demo(args) => commands::demo::run(args),
         Command::Methods => commands::list_methods(),
         Command::Bench(args) => commands::bench::run(args),
+        #[cfg(feature = "studio")]
         Command::Studio(args) => commands::studio::run(args),
         Command::Labels(args) => commands::labels::run(args),
     };
@@ -70,6 +75,14 @@ fn main() {
         eprintln!("error: {error:#}");
         std::process::exit(1);
     }
+}
+
+/// What `loupe` alone runs: the studio, where it is built in.
+fn default_command() -> Option<Command> {
+    #[cfg(feature = "studio")]
+    return Some(Command::Studio(commands::studio::StudioArgs::default()));
+    #[cfg(not(feature = "studio"))]
+    None
 }
 
 /// `loupe infer … | head` ends quietly when the reader closes, as other Unix tools do, instead of panicking on

@@ -28,6 +28,11 @@ pub fn refuse_writes_in(folder: &Path, refuse: bool) {
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |file| Ok(file.write_all(bytes)?))
+}
+
+/// [`write_atomic`] for content too large to hold twice: `write` streams it into the temp file.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -46,7 +51,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .open(&temp)
         .with_context(|| format!("{}: cannot create", temp.display()))?;
     let result = (|| -> Result<()> {
-        file.write_all(bytes).with_context(|| format!("{}: write failed", temp.display()))?;
+        write(&mut file).with_context(|| format!("{}: write failed", temp.display()))?;
         file.sync_all().with_context(|| format!("{}: fsync failed", temp.display()))?;
         fs::rename(&temp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
         if let Ok(dir) = File::open(folder) {

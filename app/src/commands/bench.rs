@@ -168,7 +168,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn bench_threshold(count: usize, thresholds: usize) -> Result<()> {
-    use loupe::studio::verdict::band_counts;
+    use loupe::project::verdict::band_counts;
     use loupe_engine::metrics::ThresholdTable;
     use loupe_engine::rng::SplitMix64;
     let mut rng = SplitMix64::new(1);

@@ -3,10 +3,9 @@
 
 use super::EngineArgs;
 use anyhow::{Context, Result};
-use loupe_engine::atomic_file::write_atomic;
 use loupe_engine::backbone::weights::{default_weights_path, read_weights};
 use loupe_engine::model_file;
-use loupe_engine::onnx::{self, ThresholdInputs};
+use loupe_engine::onnx::{self, ThresholdInputs, WeightPlacement};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -24,6 +23,10 @@ pub struct ExportArgs {
     /// constants (OpenVINO); the tuned values are in the metadata.
     #[arg(long)]
     pub required_thresholds: bool,
+    /// Write the weights to `<out>.data` beside the model (ONNX external data) instead of inside it; exports
+    /// above 2 GB do so without being asked.
+    #[arg(long)]
+    pub external_data: bool,
     /// Print the metadata (the Loupe manifest: method, settings, thresholds, …) of an exported ONNX file.
     #[arg(long, conflicts_with_all = ["model", "out"])]
     pub show: Option<PathBuf>,
@@ -66,13 +69,18 @@ pub fn run(args: ExportArgs) -> Result<()> {
     let thresholds = if args.required_thresholds { ThresholdInputs::Required } else { ThresholdInputs::WithDefaults };
     let exported = onnx::export(loaded.model.as_ref(), &loaded.manifest, thresholds)
         .with_context(|| format!("{}: cannot export", model_path.display()))?;
-    write_atomic(out, &exported.bytes)?;
+    let (nodes, weight_bytes) = (exported.nodes, exported.weight_bytes);
+    let placement = if args.external_data { WeightPlacement::External } else { WeightPlacement::Auto };
+    let written = exported.write(out, placement)?;
+    let external = match &written.external_data {
+        Some((path, _)) => format!(" (weights in {})", path.display()),
+        None => String::new(),
+    };
     println!(
-        "{}: {} nodes, {:.1} MB of weights, {:.1} MB in all, in {:.2} s",
+        "{}: {nodes} nodes, {:.1} MB of weights, {:.1} MB in all{external}, in {:.2} s",
         out.display(),
-        exported.nodes,
-        exported.weight_bytes as f64 / 1e6,
-        exported.bytes.len() as f64 / 1e6,
+        weight_bytes as f64 / 1e6,
+        written.total_bytes() as f64 / 1e6,
         started.elapsed().as_secs_f64()
     );
     Ok(())

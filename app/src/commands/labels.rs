@@ -2,8 +2,8 @@
 //! in MVTec AD layout.
 
 use anyhow::{bail, Result};
-use loupe::studio::label_files::{export_labels, export_report, import_labelme, json_files};
-use loupe::studio::project::Project;
+use loupe::project::label_files::{export_labels, export_report, import_labelme, json_files};
+use loupe::project::Project;
 use loupe_engine::progress::NoProgress;
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,6 @@
 //! Where the studio keeps its own files, and the demo project it opens on a first start.
 
-use super::project::Project;
+use crate::project::Project;
 use anyhow::{Context, Result};
 use loupe_engine::atomic_file::write_atomic;
 use std::path::PathBuf;

@@ -7,6 +7,7 @@
 //! project on disk still agrees with its masks. The files a change left behind are deleted by the saver once a
 //! project that no longer names them is on disk.
 
+use crate::project::mask_files::{is_own_mask_file, mask_file, session_stamp};
 use loupe_engine::labels::mask::{DefectMask, Dirty, MaskHistory};
 use loupe_engine::labels::{ImageLabel, Verdict};
 use std::collections::HashMap;
@@ -15,34 +16,6 @@ use std::sync::{mpsc, Arc};
 
 /// Masks kept in memory (with their undo history) besides the unsaved ones; older saved ones are dropped.
 const KEPT_MASKS: usize = 8;
-
-/// The file the mask of label `key` is written to in its version `version` (unique per write), relative to the
-/// project folder: under `masks/`, whatever the key holds (only its plain names are used: no root, no `..`, no
-/// drive).
-pub fn mask_file(key: &str, version: &str) -> PathBuf {
-    let mut path = PathBuf::from("masks");
-    for part in key.split(['/', '\\']) {
-        let mut components = Path::new(part).components();
-        if let (Some(std::path::Component::Normal(name)), None) = (components.next(), components.next()) {
-            path.push(name);
-        }
-    }
-    let name = path.file_name().filter(|_| path != Path::new("masks")).map(|n| n.to_string_lossy().into_owned());
-    path.set_file_name(format!("{}.{version}.png", name.as_deref().unwrap_or("mask")));
-    if path.parent() == Some(Path::new("")) {
-        path = Path::new("masks").join(path);
-    }
-    path
-}
-
-/// Whether `path` (from a project file) is a mask file Loupe wrote inside the project: only those are ever
-/// deleted when a newer revision replaces them.
-pub fn is_own_mask_file(path: &Path) -> bool {
-    let mut components = path.components();
-    components.next() == Some(std::path::Component::Normal("masks".as_ref()))
-        && components.all(|c| matches!(c, std::path::Component::Normal(_)))
-        && path.extension().is_some_and(|e| e == "png")
-}
 
 pub struct EditedMask {
     pub mask: DefectMask,
@@ -106,12 +79,6 @@ pub struct MaskEdits {
     superseded: Vec<PathBuf>,
     /// This session's stamp in mask file names (milliseconds since 1970, hexadecimal).
     session: String,
-}
-
-/// A stamp that differs between sessions (and from an earlier import), for file names written once.
-pub fn session_stamp() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    format!("{:x}", now.as_millis())
 }
 
 impl Default for MaskEdits {
@@ -265,19 +232,6 @@ impl MaskEdits {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn mask_files_stay_under_masks_whatever_the_key() {
-        assert_eq!(mask_file("tiles/test/crack/000.png", "a-3"), Path::new("masks/tiles/test/crack/000.png.a-3.png"));
-        for key in ["/../../etc/passwd", "../x", "/", "", "a/../../b", "C:\\evil\\x"] {
-            let file = mask_file(key, "1");
-            assert!(is_own_mask_file(&file), "{key:?} gives {}", file.display());
-            assert!(!file.components().any(|c| c == std::path::Component::ParentDir), "{}", file.display());
-        }
-        assert_eq!(mask_file("/../../etc/passwd", "1"), Path::new("masks/etc/passwd.1.png"));
-        assert!(!is_own_mask_file(Path::new("/etc/passwd")));
-        assert!(!is_own_mask_file(Path::new("masks/../project.ron")));
-    }
 
     #[test]
     fn every_change_names_a_new_file_and_supersedes_the_last() {

@@ -9,15 +9,14 @@ pub mod demo;
 mod frame_stats;
 mod image_loader;
 pub mod jobs;
-pub mod label_files;
 pub mod mask_edits;
-pub mod project;
 pub mod saver;
-pub mod verdict;
 pub mod views;
 pub mod widgets;
 pub mod workspace;
 
+use crate::project::label_files;
+use crate::project::{relative_to, resolve, sources, Project, Source};
 use anyhow::Result;
 use eframe::egui;
 use frame_stats::FrameStats;
@@ -26,7 +25,6 @@ use jobs::{Job, JobFailure};
 use loupe_engine::evaluate::EvalReport;
 use loupe_engine::methods::AnomalyModel;
 use loupe_engine::model_file::Manifest;
-use project::{relative_to, resolve, Project, Source};
 use saver::{AutosavePolicy, Saver};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -398,7 +396,7 @@ impl StudioApp {
             return;
         }
         // A folder that lists no usable image would fail every later import of the project: refuse it now.
-        if let Err(error) = workspace::labelled_paths(&dir, std::slice::from_ref(&source)) {
+        if let Err(error) = sources::labelled_paths(&dir, std::slice::from_ref(&source)) {
             self.error(format!("{error:#}; the folder was not added"));
             return;
         }
@@ -746,11 +744,11 @@ impl StudioApp {
         self.spawn_job(ctx, "Exporting to ONNX", move |progress| {
             progress.begin("recording the graph", 0);
             let exported = loupe_engine::onnx::export(model.as_ref(), &manifest, Default::default())?;
-            loupe_engine::atomic_file::write_atomic(&path, &exported.bytes)?;
+            let written = exported.write(&path, Default::default())?;
             Ok(JobOutput::Reported(format!(
                 "exported {} ({:.1} MB): uint8 frames in; anomaly map, score and verdict out",
                 path.display(),
-                exported.bytes.len() as f64 / 1e6
+                written.total_bytes() as f64 / 1e6
             )))
         });
     }
@@ -1039,7 +1037,7 @@ impl StudioApp {
         }
         let count = |split| self.studio.images.iter().filter(|i| i.split == split).count();
         let (train, test, inspect) =
-            (count(workspace::Split::Train), count(workspace::Split::Test), count(workspace::Split::Inspect));
+            (count(sources::Split::Train), count(sources::Split::Test), count(sources::Split::Inspect));
         ui.label(format!("{train} training images, {test} test images"));
         if inspect > 0 {
             ui.label(format!("{inspect} images to inspect"));

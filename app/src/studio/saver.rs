@@ -2,8 +2,8 @@
 //! tens of milliseconds on a slow disk, which the UI thread must not wait for. A failed save leaves the previous
 //! file intact, is reported, and is retried after a pause; the edits stay in memory meanwhile.
 
-use super::project::ModelEntry;
 use super::workspace::write_thresholds;
+use crate::project::ModelEntry;
 use anyhow::Context;
 use eframe::egui;
 use loupe_engine::labels::mask::DefectMask;

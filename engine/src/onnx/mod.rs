@@ -12,24 +12,112 @@ pub mod proto;
 
 pub use graph::{Dim, Graph, Value};
 
+use crate::atomic_file::{write_atomic, write_atomic_with};
 use crate::methods::AnomalyModel;
 use crate::model_file::Manifest;
 use anyhow::{bail, Context, Result};
 use prost::Message;
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
 /// Metadata key holding the whole manifest as JSON.
 pub const MANIFEST_KEY: &str = "loupe.manifest";
-/// A protobuf message cannot exceed 2 GiB; larger weights would need ONNX external data.
+/// A protobuf message cannot exceed 2 GiB: above this many bytes of weights they go to an external data file.
 const MAX_INLINE_BYTES: usize = 2_000_000_000;
+/// Initializers smaller than this stay inside the `.onnx` file when the weights go external (shapes, axes,
+/// scalars: what a reader wants without a second file), as `onnx.external_data_helper` does.
+const EXTERNAL_MIN_TENSOR_BYTES: usize = 1024;
+/// Each external tensor starts at a multiple of this, so a runtime may map the file instead of copying it.
+const EXTERNAL_ALIGNMENT: u64 = 4096;
 /// Most bytes `read_metadata` reads from a file (an ONNX file Loupe writes is under 2 GB).
 const MAX_READ_BYTES: u64 = 2_147_483_648;
 
-/// An exported model and what the note about it reports.
+/// An exported model, ready to write, and what the note about it reports.
 pub struct Exported {
-    pub bytes: Vec<u8>,
+    model: proto::ModelProto,
     pub nodes: usize,
     pub weight_bytes: usize,
+}
+
+/// Where an export puts the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightPlacement {
+    /// Inside the `.onnx` file, unless they exceed what one protobuf holds (2 GB): then as [`Self::External`].
+    #[default]
+    Auto,
+    /// In an external data file beside the model (`<file>.data`, the ONNX external data convention), which
+    /// some toolchains prefer for large models.
+    External,
+}
+
+/// The files an export wrote.
+pub struct WrittenFiles {
+    pub model_bytes: u64,
+    /// The external data file and its size, when the weights went there.
+    pub external_data: Option<(PathBuf, u64)>,
+}
+
+impl WrittenFiles {
+    pub fn total_bytes(&self) -> u64 {
+        self.model_bytes + self.external_data.as_ref().map_or(0, |(_, size)| *size)
+    }
+}
+
+impl Exported {
+    /// Writes the model to `path`, and its weights to `<path>.data` when `placement` (or their size) says so.
+    /// Each file is written atomically, the data file first, so a `.onnx` never names data that is not there.
+    pub fn write(mut self, path: &Path, placement: WeightPlacement) -> Result<WrittenFiles> {
+        let file_name = path.file_name().context("the ONNX file needs a file name")?.to_string_lossy();
+        let data_name = format!("{file_name}.data");
+        let data_path = path.with_file_name(&data_name);
+        let external = placement == WeightPlacement::External || self.weight_bytes > MAX_INLINE_BYTES;
+        let external_data = if external {
+            let graph = self.model.graph.as_mut().expect("an exported model has a graph");
+            let size = write_external_data(&mut graph.initializer, &data_path, &data_name)?;
+            Some((data_path.clone(), size))
+        } else {
+            None
+        };
+        let bytes = self.model.encode_to_vec();
+        write_atomic(path, &bytes)?;
+        if external_data.is_none() {
+            // A data file left by an earlier external export of this path would only mislead.
+            let _ = std::fs::remove_file(&data_path);
+        }
+        Ok(WrittenFiles { model_bytes: bytes.len() as u64, external_data })
+    }
+
+    /// The model as one protobuf, weights inline (tests and in-memory use).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.model.encode_to_vec()
+    }
+}
+
+/// Moves every initializer of at least [`EXTERNAL_MIN_TENSOR_BYTES`] into the file at `data_path`, which the
+/// model names by `location` (relative to the model's folder); returns the file's size.
+fn write_external_data(initializers: &mut [proto::TensorProto], data_path: &Path, location: &str) -> Result<u64> {
+    let mut offset = 0u64;
+    write_atomic_with(data_path, |file| {
+        for tensor in initializers.iter_mut().filter(|t| t.raw_data.len() >= EXTERNAL_MIN_TENSOR_BYTES) {
+            let padding = offset.next_multiple_of(EXTERNAL_ALIGNMENT) - offset;
+            file.write_all(&vec![0u8; padding as usize])?;
+            offset += padding;
+            let length = tensor.raw_data.len() as u64;
+            file.write_all(&tensor.raw_data)?;
+            let entry = |key: &str, value: String| proto::StringStringEntryProto { key: key.into(), value };
+            tensor.external_data = vec![
+                entry("location", location.into()),
+                entry("offset", offset.to_string()),
+                entry("length", length.to_string()),
+            ];
+            tensor.data_location = proto::DATA_LOCATION_EXTERNAL;
+            tensor.raw_data = Vec::new();
+            offset += length;
+        }
+        Ok(())
+    })
+    .with_context(|| format!("{}: cannot write the external weights", data_path.display()))?;
+    Ok(offset)
 }
 
 /// How the exported graph takes its thresholds.
@@ -86,17 +174,10 @@ pub fn export(model: &dyn AnomalyModel, manifest: &Manifest, thresholds: Thresho
     );
     graph.output(&recorded.score, "score", graph::FLOAT, &[batch()], "image score (the map's maximum)");
     graph.output(&verdict, "verdict", graph::INT64, &[batch()], "0 pass, 1 review, 2 reject");
-    if graph.weight_bytes > MAX_INLINE_BYTES {
-        bail!(
-            "the model's weights take {} MB, above the 2 GB an ONNX file holds inline; writing them as external \
-             data is not done yet",
-            graph.weight_bytes / 1_000_000
-        );
-    }
     let weight_bytes = graph.weight_bytes;
     let onnx = graph.into_model(&manifest.method, &manifest.loupe_version, metadata(manifest)?);
     let nodes = onnx.graph.as_ref().map_or(0, |g| g.node.len());
-    Ok(Exported { bytes: onnx.encode_to_vec(), nodes, weight_bytes })
+    Ok(Exported { model: onnx, nodes, weight_bytes })
 }
 
 /// The manifest as `metadata_props`: whole (JSON, [`MANIFEST_KEY`]) and the fields a line reads most, flat.

@@ -114,6 +114,9 @@ pub struct AttributeProto {
     pub ints: Vec<i64>,
 }
 
+/// `TensorProto.DataLocation.EXTERNAL`.
+pub const DATA_LOCATION_EXTERNAL: i32 = 1;
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct TensorProto {
     #[prost(int64, repeated, tag = "1")]
@@ -128,7 +131,7 @@ pub struct TensorProto {
     /// `location`, `offset`, `length` when the values live in an external data file.
     #[prost(message, repeated, tag = "13")]
     pub external_data: Vec<StringStringEntryProto>,
-    /// 0 = in `raw_data`, 1 = external.
+    /// 0 = in `raw_data`, [`DATA_LOCATION_EXTERNAL`] = in an external data file.
     #[prost(int32, tag = "14")]
     pub data_location: i32,
 }

@@ -4,7 +4,8 @@
 //! judges the models against the labeller's verdicts, defect types and masks.
 
 use super::{metric, percent, Action, ViewContext};
-use crate::studio::workspace::{labelled_test_set, Split, YOUR_LABELS};
+use crate::project::sources::Split;
+use crate::studio::workspace::{labelled_test_set, YOUR_LABELS};
 use crate::studio::Studio;
 use eframe::egui;
 use loupe_engine::dataset::GOOD;

@@ -2,8 +2,8 @@
 //! sorted by score or name, filtered by label, verdict, defect type and split. Click opens the inspector.
 
 use super::Action;
-use crate::studio::verdict::{verdict, Verdict};
-use crate::studio::workspace::Split;
+use crate::project::sources::Split;
+use crate::project::verdict::{verdict, Verdict};
 use crate::studio::Studio;
 use eframe::egui;
 use std::collections::HashMap;

@@ -4,10 +4,10 @@
 //! types (`widgets::verdict_bar`) and paints a defect mask over the image (`widgets::mask_painter`).
 
 use super::ViewContext;
+use crate::project::resolve;
+use crate::project::verdict::verdict;
 use crate::studio::image_loader::{ImageLoader, ImageState};
 use crate::studio::mask_edits::{EditedMask, MaskState};
-use crate::studio::project::resolve;
-use crate::studio::verdict::verdict;
 use crate::studio::widgets::heatmap::{paint_overlay, Colormap, OverlayData, OverlayStyle};
 use crate::studio::widgets::mask_painter::MaskPainter;
 use crate::studio::widgets::verdict_bar;

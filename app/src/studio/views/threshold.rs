@@ -5,7 +5,7 @@
 //! Folder layout) or the labeller's own verdicts; the agreement between model and labeller is drawn per threshold.
 
 use super::{percent, Action, ViewContext};
-use crate::studio::verdict::{agreement, agreement_curve, band_counts};
+use crate::project::verdict::{agreement, agreement_curve, band_counts};
 use crate::studio::Studio;
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Line, Plot, Points, VLine};

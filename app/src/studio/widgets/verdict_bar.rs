@@ -4,7 +4,7 @@
 //! changed (the autosave writes them within a second). In review, the model's verdict on the image can be
 //! accepted (A) or rejected (R): the label becomes the model's verdict or its opposite, and the answer is kept.
 
-use crate::studio::verdict::{verdict, Verdict as ModelVerdict};
+use crate::project::verdict::{verdict, Verdict as ModelVerdict};
 use crate::studio::Studio;
 use eframe::egui;
 use loupe_engine::labels::{ReviewAnswer, Verdict};

@@ -2,9 +2,9 @@
 //! images; the labelled images leave in MVTec AD layout for any other tool. Used by `loupe labels` and by the
 //! studio's Labels menu (in a background job: both read and write many files).
 
-use super::mask_edits::{mask_file, session_stamp};
-use super::project::{resolve, Project};
-use super::workspace::labelled_paths;
+use super::mask_files::{mask_file, session_stamp};
+use super::sources::labelled_paths;
+use super::{resolve, Project};
 use anyhow::{Context, Result};
 use loupe_engine::labels::export::{export_mvtec, ExportItem, ExportSummary};
 use loupe_engine::labels::{labelme, write_mask_png, ImageLabel, Verdict};
