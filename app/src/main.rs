@@ -4,8 +4,9 @@
 //! --fail-on` found an image at or above that verdict.
 
 mod commands;
-mod overlay;
 mod progress_bar;
+
+use loupe::overlay;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +41,8 @@ enum Command {
     /// Open the studio window (the default when no command is given).
     #[cfg(feature = "studio")]
     Studio(commands::studio::StudioArgs),
+    /// The line runtime: score every image that arrives in a folder, once; log, sort and report each verdict.
+    Watch(commands::watch::WatchArgs),
     /// Import labelme annotations into a project; export its labels in MVTec AD layout.
     Labels(commands::labels::LabelsArgs),
 }
@@ -70,6 +73,7 @@ fn main() {
         #[cfg(feature = "studio")]
         Command::Studio(args) => commands::studio::run(args),
         Command::Labels(args) => commands::labels::run(args),
+        Command::Watch(args) => commands::watch::run(args),
     };
     if let Err(error) = result {
         eprintln!("error: {error:#}");

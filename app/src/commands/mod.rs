@@ -9,6 +9,7 @@ pub mod infer;
 pub mod labels;
 #[cfg(feature = "studio")]
 pub mod studio;
+pub mod watch;
 pub mod weights;
 
 use anyhow::Result;
