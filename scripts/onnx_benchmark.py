@@ -10,7 +10,8 @@ libjpeg-turbo and by Loupe's image-rs differs by a grey level here and there, wh
 
 Fits each method with its defaults (or reuses OUT/METHOD.safetensors), exports it, scores the test images with
 `loupe infer --json` and `loupe eval --json`, then runs the exported file over the same images (maps are
-compared by the synthetic parity test, tests/onnx_export.rs). Prints a Markdown table.
+written by `loupe infer --maps` and compared as the parity test does: largest difference over the map's range).
+Prints a Markdown table.
 """
 
 import argparse
@@ -104,7 +105,11 @@ def main():
                 row[runtime.name] = {"batch1": images_per_second(runtime, timed, 1), "batch8": images_per_second(runtime, timed, 8)}
             print(json.dumps(row), flush=True)
             continue
-        scored = [json.loads(line) for line in loupe("infer", "--model", model, "--json", test_dir).splitlines()]
+        maps_dir = os.path.join(args.out, "maps", method)
+        scored = [
+            json.loads(line)
+            for line in loupe("infer", "--model", model, "--json", "--maps", maps_dir, test_dir).splitlines()
+        ]
         labels = [f"{os.sep}good{os.sep}" not in row["path"] for row in scored]
         images = [load_rgb(row["path"]) for row in scored]
         row = {
@@ -116,30 +121,43 @@ def main():
             "loupe_images_per_s": evaluation["test_images_per_s"],
         }
         for runtime in (OnnxRuntime(onnx_path), OpenVino(onnx_path)):
-            scores = [float(runtime.run(image)[1][0]) for image in images]
-            errors = [abs(s - r["score"]) / max(abs(r["score"]), 1e-12) for s, r in zip(scores, scored)]
-            verdicts = [{0: "pass", 1: "review", 2: "reject"}[int(runtime.run(i)[2][0])] for i in images[:32]]
+            score_errors, map_errors, verdicts_equal, scores = [], [], 0, []
+            for image, expected in zip(images, scored):
+                anomaly_map, score, verdict = runtime.run(image)
+                size = expected["map_size"]
+                loupe_map = np.fromfile(expected["map_file"], dtype="<f4").reshape(size, size)
+                scores.append(float(score[0]))
+                score_errors.append(abs(scores[-1] - expected["score"]) / max(abs(expected["score"]), 1e-12))
+                span = max(float(loupe_map.max() - loupe_map.min()), 1e-12)
+                map_errors.append(float(np.abs(anomaly_map[0] - loupe_map).max()) / span)
+                verdicts_equal += {0: "pass", 1: "review", 2: "reject"}[int(verdict[0])] == expected["verdict"]
             row[runtime.name] = {
-                "max_score_error": max(errors),
+                "max_score_error": max(score_errors),
+                "max_map_error_of_range": max(map_errors),
                 "auroc": auroc(scores, labels),
-                "verdicts_equal": sum(v == r["verdict"] for v, r in zip(verdicts, scored)) / len(verdicts),
+                "verdicts_equal": verdicts_equal / len(images),
                 "batch1": images_per_second(runtime, images, 1),
                 "batch8": images_per_second(runtime, images, 8),
             }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| method | export | size | Loupe AUROC (same files) | img/s Loupe (b1) | ORT: max score err, AUROC, img/s b1 / b8 | OpenVINO: same |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| method | export | file | AUROC Loupe / ORT / OpenVINO | max score rel. error ORT / OV "
+        "| max map error (of range) ORT / OV | verdicts equal ORT / OV | img/s Loupe (eval, b1) "
+        "| img/s ORT b1 / b8 | img/s OpenVINO b1 / b8 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = []
-        for name in ("onnxruntime", "openvino"):
-            x = r[name]
-            cells.append(f"{x['max_score_error']:.1e}, {x['auroc']:.4f}, {x['batch1']:.1f} / {x['batch8']:.1f}")
+        ort, ov = r["onnxruntime"], r["openvino"]
         print(
-            f"| {r['method']} | {r['export_s']:.1f} s | {r['size_mb']:.1f} MB | {r['loupe_auroc']:.4f} | "
-            f"{r['loupe_images_per_s'] or 0:.1f} | {cells[0]} | {cells[1]} |"
+            f"| {r['method']} | {r['export_s']:.2f} s | {r['size_mb']:.1f} MB "
+            f"| {r['loupe_auroc']:.5f} / {ort['auroc']:.5f} / {ov['auroc']:.5f} "
+            f"| {ort['max_score_error']:.1e} / {ov['max_score_error']:.1e} "
+            f"| {ort['max_map_error_of_range']:.1e} / {ov['max_map_error_of_range']:.1e} "
+            f"| {100 * ort['verdicts_equal']:.0f} % / {100 * ov['verdicts_equal']:.0f} % "
+            f"| {r['loupe_images_per_s'] or 0:.1f} | {ort['batch1']:.1f} / {ort['batch8']:.1f} "
+            f"| {ov['batch1']:.1f} / {ov['batch8']:.1f} |"
         )
-
 
 if __name__ == "__main__":
     main()

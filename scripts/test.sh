@@ -7,3 +7,4 @@ cd "$(dirname "$0")/.."
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check --only-binary=:all: -r tests/requirements.txt
 cargo run --release --quiet -p loupe -- weights fetch
 cargo test --release --workspace
+./scripts/gui_free_build.sh

@@ -108,7 +108,8 @@ fn every_image_is_decided_once_across_a_kill_and_a_restart() {
     drop_file(&inbox, "cut.png", &png[..png.len() / 2]);
     let expected = images.len() + 2;
 
-    let restarted = watch(&model, &inbox, &[&sort[..], &["--exit-when-idle", "2"]].concat()).wait_with_output().unwrap();
+    let restarted =
+        watch(&model, &inbox, &[&sort[..], &["--exit-when-idle", "2"]].concat()).wait_with_output().unwrap();
     assert!(restarted.status.success());
 
     let results = lines(&log);
@@ -130,7 +131,8 @@ fn every_image_is_decided_once_across_a_kill_and_a_restart() {
     assert!(reason("notes.png").contains("not") || reason("notes.png").contains("format"), "{}", reason("notes.png"));
     assert!(!reason("cut.png").is_empty());
     // Most defects are rejected, most good parts pass (the model is small; this checks the verdicts are real).
-    let rejected_defects = results.iter().filter(|r| !r["file"].as_str().unwrap().starts_with("good") && r["verdict"] == "reject").count();
+    let rejected_defects =
+        results.iter().filter(|r| !r["file"].as_str().unwrap().starts_with("good") && r["verdict"] == "reject").count();
     assert!(rejected_defects >= 6, "{by_verdict:?}");
     // The inbox holds nothing but the state folder.
     let left: Vec<_> = std::fs::read_dir(&inbox).unwrap().flatten().map(|e| e.file_name()).collect();
@@ -138,11 +140,12 @@ fn every_image_is_decided_once_across_a_kill_and_a_restart() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// The webhook receiver (tests/webhook_server.py) on `port` (0: a free one), writing to `received`.
-fn webhook_server(received: &Path, port: u16) -> (Child, u16) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/webhook_server.py");
+/// A receiver started from `script` (tests/webhook_server.py, tests/mqtt_broker.py) on `port` (0: a free one),
+/// recording what it receives in `received`; returns it with its port.
+fn receiver(script: &str, received: &Path, port: u16) -> (Child, u16) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests").join(script);
     let mut server = Command::new("python3")
-        .arg(script)
+        .arg(&script)
         .arg(received)
         .arg(port.to_string())
         .stdout(Stdio::piped())
@@ -150,20 +153,24 @@ fn webhook_server(received: &Path, port: u16) -> (Child, u16) {
         .expect("python3 runs");
     let mut first_line = String::new();
     BufReader::new(server.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
-    (server, first_line.trim().parse().expect("the server prints its port"))
+    let port = first_line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{script:?} did not start (pip install -r tests/requirements.txt)"));
+    (server, port)
 }
 
-#[test]
-fn a_webhook_that_goes_down_gets_every_result_once_when_it_returns() {
-    let dir = temp_dir("webhook");
+/// Scores images while the receiver of `sink` (the `--webhook` or `--mqtt` value built from the port) is up,
+/// down, and up again: scoring never waits, and every result reaches it once, in order.
+fn sink_outage_loses_nothing(script: &str, sink_option: &str, url: impl Fn(u16) -> String) {
+    let dir = temp_dir(sink_option.trim_start_matches('-'));
     let (model, data) = fitted(&dir);
     let inbox = dir.join("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
     let log = inbox.join(".loupe/results.jsonl");
     let received = dir.join("received.jsonl");
-    let (mut server, port) = webhook_server(&received, 0);
-    let url = format!("http://127.0.0.1:{port}/results");
-    let running = watch(&model, &inbox, &["--webhook", &url, "--exit-when-idle", "6"]);
+    let (mut server, port) = receiver(script, &received, 0);
+    let running = watch(&model, &inbox, &[sink_option, &url(port), "--exit-when-idle", "6"]);
     let images = test_images(&data);
     let (before, during) = (&images[..4], &images[4..10]);
     for (name, path) in before {
@@ -176,9 +183,9 @@ fn a_webhook_that_goes_down_gets_every_result_once_when_it_returns() {
     for (name, path) in during {
         drop_file(&inbox, name, &std::fs::read(path).unwrap());
     }
-    // Scoring goes on while the webhook is down.
+    // Scoring goes on while the receiver is down.
     wait_for("scoring during the outage", Duration::from_secs(60), || lines(&log).len() == 10);
-    let (mut server, _) = webhook_server(&received, port);
+    let (mut server, _) = receiver(script, &received, port);
     wait_for("delivery after the outage", Duration::from_secs(60), || lines(&received).len() >= 10);
     let finished = running.wait_with_output().unwrap();
     assert!(finished.status.success());
@@ -189,4 +196,14 @@ fn a_webhook_that_goes_down_gets_every_result_once_when_it_returns() {
     };
     assert_eq!(ids(lines(&received)), ids(lines(&log)), "every result once, in order");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_webhook_that_goes_down_gets_every_result_once_when_it_returns() {
+    sink_outage_loses_nothing("webhook_server.py", "--webhook", |port| format!("http://127.0.0.1:{port}/results"));
+}
+
+#[test]
+fn an_mqtt_broker_that_goes_down_gets_every_result_once_when_it_returns() {
+    sink_outage_loses_nothing("mqtt_broker.py", "--mqtt", |port| format!("mqtt://127.0.0.1:{port}/line1/results"));
 }

@@ -3,7 +3,7 @@
 use super::EngineArgs;
 use crate::overlay::overlay;
 use anyhow::{bail, Context, Result};
-use loupe_engine::atomic_file::write_image_atomic;
+use loupe_engine::atomic_file::{write_atomic, write_image_atomic};
 use loupe_engine::dataset::decode::open_image;
 use loupe_engine::dataset::layout::list_images;
 use loupe_engine::dataset::{decode_all, ImageRecord};
@@ -26,6 +26,10 @@ pub struct InferArgs {
     /// Folder for heatmap PNGs, mirroring the inputs' folders (`<path>_heatmap.png`); none written when absent.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Folder for each image's raw anomaly map: `<n>.f32`, the map's values as little-endian float32, row-major,
+    /// `map_size × map_size` (with --json the line names the file and its size). For comparing with an export.
+    #[arg(long)]
+    pub maps: Option<PathBuf>,
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -109,9 +113,22 @@ pub fn run(args: InferArgs) -> Result<i32> {
         let (path, heatmap) = &listed[image.index];
         let verdict = verdict(thresholds, output.score);
         *counts.entry(verdict).or_default() += 1;
+        let map_file = match &args.maps {
+            Some(folder) => {
+                let file = folder.join(format!("{}.f32", image.index));
+                let bytes: Vec<u8> = output.map.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                write_atomic(&file, &bytes)?;
+                Some(file.display().to_string())
+            }
+            None => None,
+        };
         if args.json {
-            let line =
+            let mut line =
                 serde_json::json!({"path": path.display().to_string(), "score": output.score, "verdict": verdict});
+            if let Some(file) = map_file {
+                line["map_file"] = file.into();
+                line["map_size"] = output.map.width.into();
+            }
             println!("{line}");
         } else {
             println!("{:>10.4}  {:<12}  {}", output.score, verdict, path.display());

@@ -31,6 +31,9 @@ pub struct WatchArgs {
     /// POST each result's JSON line to this URL (a webhook); results wait in the log while it is down.
     #[arg(long)]
     pub webhook: Option<String>,
+    /// Publish each result's JSON line to an MQTT topic, QoS 1: mqtt://HOST[:PORT]/TOPIC.
+    #[arg(long)]
+    pub mqtt: Option<String>,
     /// Milliseconds a file's size must hold still when its writer's close is not seen (network shares).
     #[arg(long, default_value_t = 1000)]
     pub settle_ms: u64,
@@ -62,10 +65,14 @@ pub fn run(args: WatchArgs) -> Result<()> {
     }
     let (loaded, device) = args.engine.open_model(&args.model)?;
     if loaded.manifest.thresholds.decision.is_none() {
-        bail!("{} has no decision threshold: choose one (eval --save-threshold) before it runs a line", args.model.display());
+        bail!(
+            "{} has no decision threshold: choose one (eval --save-threshold) before it runs a line",
+            args.model.display()
+        );
     }
     // `open_model` read the file within its size bound, so reading it again to hash it is bounded too.
-    let hash = sha256_hex(&std::fs::read(&args.model).with_context(|| format!("{}: cannot read", args.model.display()))?);
+    let hash =
+        sha256_hex(&std::fs::read(&args.model).with_context(|| format!("{}: cannot read", args.model.display()))?);
     let config = WatchConfig {
         state_dir: args.state_dir.clone().unwrap_or_else(|| args.input.join(".loupe")),
         input: args.input,
@@ -82,6 +89,9 @@ pub fn run(args: WatchArgs) -> Result<()> {
     let mut outputs: Vec<Box<dyn sinks::Sink>> = Vec::new();
     if let Some(url) = &args.webhook {
         outputs.push(Box::new(sinks::Webhook::new(url)));
+    }
+    if let Some(url) = &args.mqtt {
+        outputs.push(Box::new(sinks::Mqtt::from_url(url)?));
     }
     let scorer = Scorer { model: loaded.model.as_ref(), manifest: &loaded.manifest, device: &device };
     line::watch(&config, &scorer, outputs)

@@ -96,11 +96,8 @@ impl Inbox {
                 continue;
             }
             let closed = self.finished_writing.remove(&path);
-            let observation = self.pending.entry(path.clone()).or_insert(Observation {
-                size,
-                modified,
-                unchanged_since: now,
-            });
+            let observation =
+                self.pending.entry(path.clone()).or_insert(Observation { size, modified, unchanged_since: now });
             if (observation.size, observation.modified) != (size, modified) {
                 *observation = Observation { size, modified, unchanged_since: now };
             }

@@ -76,14 +76,19 @@ pub fn watch(config: &WatchConfig, scorer: &Scorer, sinks: Vec<Box<dyn sinks::Si
     let log_path = config.state_dir.join("results.jsonl");
     let (mut log, recovered) = ResultsLog::open(&log_path)?;
     if recovered.torn_tail_bytes > 0 {
-        eprintln!("{}: cut a torn last line ({} bytes); that image is scored again", log_path.display(), recovered.torn_tail_bytes);
+        eprintln!(
+            "{}: cut a torn last line ({} bytes); that image is scored again",
+            log_path.display(),
+            recovered.torn_tail_bytes
+        );
     }
     if recovered.unreadable_lines > 0 {
         eprintln!("{}: {} lines are not JSON; skipped", log_path.display(), recovered.unreadable_lines);
     }
     let mut decided = recovered.decided;
     let stop = Arc::new(AtomicBool::new(false));
-    let deliveries: Vec<sinks::Delivery> = sinks.into_iter().map(|sink| sinks::start(sink, &log_path, stop.clone())).collect();
+    let deliveries: Vec<sinks::Delivery> =
+        sinks.into_iter().map(|sink| sinks::start(sink, &log_path, stop.clone())).collect();
     let mut inbox = Inbox::open(&config.input, config.settle)?;
     let mut stats = stats::Window::new(&scorer.manifest.validation, config.drift_warning);
     let mut last_stats = Instant::now();
@@ -97,7 +102,8 @@ pub fn watch(config: &WatchConfig, scorer: &Scorer, sinks: Vec<Box<dyn sinks::Si
     );
     let moving = config.sort_into.is_some() && !config.copy;
     loop {
-        let wait = if inbox.has_pending() { config.settle.min(Duration::from_millis(50)) } else { Duration::from_millis(250) };
+        let wait =
+            if inbox.has_pending() { config.settle.min(Duration::from_millis(50)) } else { Duration::from_millis(250) };
         // Decided images still in the inbox are skipped, except when moving: then a kill came between the log
         // and the move, which is finished now.
         let arrivals = inbox.complete(wait, |arrival| !moving && decided.contains_key(&arrival.id()))?;

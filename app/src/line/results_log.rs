@@ -54,7 +54,10 @@ impl ResultsLog {
             }
             if line.last() != Some(&b'\n') {
                 if line.len() > MAX_LINE_BYTES {
-                    anyhow::bail!("{}: a line longer than {MAX_LINE_BYTES} bytes; not a Loupe results log", path.display());
+                    anyhow::bail!(
+                        "{}: a line longer than {MAX_LINE_BYTES} bytes; not a Loupe results log",
+                        path.display()
+                    );
                 }
                 recovered.torn_tail_bytes = line.len() as u64;
                 break;

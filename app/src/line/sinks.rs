@@ -54,6 +54,71 @@ impl Sink for Webhook {
     }
 }
 
+/// MQTT publish (QoS 1: delivered once the broker's PUBACK comes) of each result's JSON to a topic.
+pub struct Mqtt {
+    host: String,
+    port: u16,
+    topic: String,
+    /// The connection, opened on first use and dropped after any failure: a fresh one never re-sends what the
+    /// old one had in flight, so the retry of a line is its only second copy.
+    session: Option<(rumqttc::Client, rumqttc::Connection)>,
+}
+
+/// How long one publish may wait for its acknowledgement.
+const MQTT_ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Mqtt {
+    /// From `mqtt://HOST[:PORT]/TOPIC` (port 1883 when absent).
+    pub fn from_url(url: &str) -> Result<Mqtt> {
+        let rest = url.strip_prefix("mqtt://").context("an MQTT sink is mqtt://HOST[:PORT]/TOPIC")?;
+        let (address, topic) = rest.split_once('/').context("the MQTT URL names no topic: mqtt://HOST[:PORT]/TOPIC")?;
+        if topic.is_empty() || topic.contains(['+', '#']) {
+            anyhow::bail!("{url}: the topic must be a plain topic name (no wildcards)");
+        }
+        let (host, port) = match address.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().with_context(|| format!("{url}: {port:?} is not a port"))?),
+            None => (address, 1883),
+        };
+        Ok(Mqtt { host: host.to_string(), port, topic: topic.to_string(), session: None })
+    }
+
+    fn publish(&mut self, line: &str) -> Result<()> {
+        let (client, connection) = self.session.get_or_insert_with(|| {
+            let mut options =
+                rumqttc::MqttOptions::new(format!("loupe-watch-{}", std::process::id()), &self.host, self.port);
+            options.set_keep_alive(Duration::from_secs(15));
+            rumqttc::Client::new(options, 16)
+        });
+        client.publish(&self.topic, rumqttc::QoS::AtLeastOnce, false, line.as_bytes().to_vec())?;
+        let deadline = std::time::Instant::now() + MQTT_ACK_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match connection.recv_timeout(left) {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => anyhow::bail!("mqtt://{}:{}: {error}", self.host, self.port),
+                Err(_) => {
+                    anyhow::bail!("mqtt://{}:{}: no acknowledgement within {MQTT_ACK_TIMEOUT:?}", self.host, self.port)
+                }
+            }
+        }
+    }
+}
+
+impl Sink for Mqtt {
+    fn name(&self) -> String {
+        "mqtt".into()
+    }
+
+    fn deliver(&mut self, line: &str) -> Result<()> {
+        let result = self.publish(line);
+        if result.is_err() {
+            self.session = None;
+        }
+        result
+    }
+}
+
 /// A sink's delivery thread and how to wake or stop it.
 pub struct Delivery {
     pub name: String,
