@@ -215,10 +215,14 @@ fn route(config: &WatchConfig, path: &Path, verdict: &str) -> Result<()> {
         None => return Ok(()),
     };
     std::fs::create_dir_all(&folder).with_context(|| format!("{}: cannot create", folder.display()))?;
-    let target = free_name(&folder, path);
     if config.copy && verdict != UNREADABLE {
-        return copy_atomic(path, &target);
+        // A copy redone after a kill (same name, same length) replaces its first try instead of adding "-2".
+        let same = folder.join(path.file_name().unwrap_or_default());
+        let redo =
+            std::fs::metadata(&same).ok().zip(std::fs::metadata(path).ok()).is_some_and(|(a, b)| a.len() == b.len());
+        return copy_atomic(path, &if redo { same } else { free_name(&folder, path) });
     }
+    let target = free_name(&folder, path);
     if std::fs::rename(path, &target).is_err() {
         // Another file system: copy, then remove.
         copy_atomic(path, &target)?;
