@@ -66,6 +66,21 @@ pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut File) -> Result<()
     result
 }
 
+/// Opens (creating it if needed) an append-only log for reading and appending: the one kind of file that is not
+/// replaced whole. Its writer keeps it torn-free by appending each record in one `write` and syncing it (the
+/// line runtime's results log).
+pub fn open_append_only(path: &Path) -> Result<File> {
+    if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(folder).with_context(|| format!("{}: cannot create folder", folder.display()))?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))
+}
+
 /// Encodes `image` in the format its extension names (PNG for masks and heatmaps) and writes it atomically.
 pub fn write_image_atomic(path: &Path, image: &image::DynamicImage) -> Result<()> {
     let format = image::ImageFormat::from_path(path).unwrap_or(image::ImageFormat::Png);

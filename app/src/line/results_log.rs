@@ -6,8 +6,9 @@
 //! can leave a torn last line, which opening the log cuts off (that image is then scored again).
 
 use anyhow::{Context, Result};
+use loupe_engine::atomic_file::open_append_only;
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
@@ -30,15 +31,7 @@ pub struct Recovered {
 impl ResultsLog {
     /// Opens (or creates) the log at `path` for appending, after reading back the ids it already holds.
     pub fn open(path: &Path) -> Result<(ResultsLog, Recovered)> {
-        if let Some(folder) = path.parent() {
-            std::fs::create_dir_all(folder).with_context(|| format!("{}: cannot create", folder.display()))?;
-        }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("{}: cannot open the results log", path.display()))?;
+        let mut file = open_append_only(path).context("cannot open the results log")?;
         let mut recovered = Recovered { decided: HashMap::new(), unreadable_lines: 0, torn_tail_bytes: 0 };
         let mut whole_bytes = 0u64;
         let mut reader = BufReader::new(&mut file);
@@ -131,7 +124,7 @@ mod tests {
         drop(log);
         let whole = std::fs::metadata(&path).unwrap().len();
         // A power cut in the middle of the third line.
-        OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"id\": \"c\", \"sc").unwrap();
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"{\"id\": \"c\", \"sc").unwrap();
         let (mut log, recovered) = ResultsLog::open(&path).unwrap();
         let ids: Vec<&String> = recovered.decided.keys().collect();
         assert_eq!(ids.len(), 2, "{ids:?}");
