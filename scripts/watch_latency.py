@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 
 LOUPE = os.path.join(os.path.dirname(__file__), "..", "target", "release", "loupe")
@@ -44,6 +45,8 @@ def main():
     )
     while "watching" not in watch.stderr.readline():
         pass
+    # Keep reading what it reports, so a full pipe never stalls it.
+    threading.Thread(target=lambda: [None for _ in watch.stderr], daemon=True).start()
     start = time.perf_counter()
     for index, image in enumerate(images):
         name = f"{index:05d}_{os.path.basename(image)}"

@@ -234,3 +234,55 @@ fn folder_shape_never_tests_on_training_images() {
     assert!(accepted.status.success(), "{}", String::from_utf8_lossy(&accepted.stderr));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Beyond one machine: the Triton repository entry `export --format triton` writes (its config checked against
+/// Triton's own ModelConfig message, batching emulated), and the Ray batch path (`scripts/ray_batch.py`, a local
+/// cluster with 1 and 2 workers) scoring as `loupe infer` does. Needs `pip install -r tests/requirements.txt`.
+#[test]
+fn triton_repository_and_ray_batch_scoring() {
+    let dir = temp_dir("engines");
+    let data = dir.join("data");
+    generate_mvtec(&data, &SyntheticSpec::tiny(7)).unwrap();
+    let model = dir.join("line-3 padim.safetensors");
+    let fit = loupe(&["fit", "--method", "padim", "--data", text(&data), "--out", text(&model), "--image-size", "96"]);
+    assert!(fit.status.success(), "{}", String::from_utf8_lossy(&fit.stderr));
+
+    let repository = dir.join("repository");
+    let export = loupe(&["export", "--model", text(&model), "--format", "triton", "--out", text(&repository)]);
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let entry = repository.join("line-3_padim");
+    assert!(entry.join("1/model.onnx").is_file() && entry.join("config.pbtxt").is_file());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let checked = Command::new("python3").arg(root.join("tests/triton_repository.py")).arg(&entry).output().unwrap();
+    assert!(
+        checked.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let bad_name = loupe(&[
+        "export",
+        "--model",
+        text(&model),
+        "--format",
+        "triton",
+        "--name",
+        "../outside",
+        "--out",
+        text(&repository),
+    ]);
+    assert_eq!(bad_name.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad_name.stderr).contains("cannot name a Triton model"));
+
+    let ray = Command::new("python3")
+        .arg(root.join("scripts/ray_check.py"))
+        .args(["--model", text(&model), "--images", text(&data.join("test")), "--workers", "1,2"])
+        .args(["--out", text(&dir.join("ray")), "--loupe", env!("CARGO_BIN_EXE_loupe")])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&ray.stdout);
+    eprintln!("{report}");
+    assert!(ray.status.success(), "{report}{}", String::from_utf8_lossy(&ray.stderr));
+    assert_eq!(report.lines().filter(|line| line.contains("\"passed\": true")).count(), 2, "{report}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -2,7 +2,8 @@
 //! the synthetic set, exported, and `tests/onnx_parity.py` runs the file in ONNX Runtime and OpenVINO on the
 //! test images — as stored (smaller than the model's input: an upscale) and re-saved larger and not square (a
 //! shrink) — against Loupe's scores, maps and verdicts; the export with required threshold inputs (fed from
-//! its metadata) too, where OpenVINO's verdicts must follow a fed threshold. Needs `pip install -r
+//! its metadata) too, where OpenVINO's verdicts must follow a fed threshold; the weights-outside export; and the
+//! Triton repository entry (`tests/triton_repository.py`: config, shapes, dynamic batching emulated). Needs `pip install -r
 //! tests/requirements.txt` (`scripts/test.sh` does it).
 
 use candle_core::Device;
@@ -11,6 +12,7 @@ use loupe_engine::backbone::{weights, Backbone};
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::dataset::{decode_all, scan_mvtec, ImageRecord};
 use loupe_engine::methods::find_method;
+use loupe_engine::onnx::triton::TritonOptions;
 use loupe_engine::onnx::{self, ThresholdInputs, WeightPlacement};
 use loupe_engine::pipeline::{fit, score_images, FitRequest};
 use loupe_engine::progress::NoProgress;
@@ -72,6 +74,9 @@ fn exports_within(method: &str, settings: serde_json::Value, image_size: u32, bo
         let written = exported.write(&expected_dir.join(file), placement).unwrap();
         assert_eq!(written.external_data.is_some(), placement == WeightPlacement::External, "{file}");
     }
+    let triton = TritonOptions { name: "model".into(), max_batch_size: 4, max_queue_delay_us: 1000 };
+    onnx::triton::write_repository(outcome.model.as_ref(), &outcome.manifest, &expected_dir.join("triton"), &triton)
+        .unwrap();
 
     let records = images_to_compare(&data, &dir);
     let (images, skipped) = decode_all(&records, image_size, &|_| {});

@@ -3,7 +3,9 @@
     python3 tests/onnx_parity.py EXPECTED_DIR [--runtimes onnxruntime,openvino]
 
 EXPECTED_DIR holds `model.onnx` (threshold inputs with the tuned defaults), `required.onnx` (the same with
-threshold inputs every call feeds, from the file's metadata) and `expected.jsonl`, one line per image as Loupe scored it:
+threshold inputs every call feeds, from the file's metadata), optionally `external.onnx` (weights in
+`external.onnx.data`) and `triton/model/` (a Triton repository entry, checked by `triton_repository.py`), and
+`expected.jsonl`, one line per image as Loupe scored it:
 {"image": path, "score": float, "verdict": 0|1|2, "map": file of little-endian float32 (S*S), "size": S}.
 Each image is fed as the camera would give it (uint8 RGB, [1, H, W, 3]); the graph resizes it itself.
 
@@ -184,6 +186,11 @@ def main():
                 print(f"{name}: required.onnx has no threshold inputs", file=sys.stderr)
                 ok = False
             ok &= check(runtime, expected, base, file, args.score_error, args.map_error)
+    triton_entry = os.path.join(base, "triton", "model")
+    if os.path.isdir(triton_entry):
+        from triton_repository import check_repository
+
+        ok &= check_repository(triton_entry, base)
     sys.exit(0 if ok else 1)
 
 

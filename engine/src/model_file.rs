@@ -238,7 +238,7 @@ fn f32_values(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>> {
 }
 
 /// Reads a model file whole, refusing one over [`MAX_MODEL_BYTES`] before reading it.
-fn read_bounded(path: &Path) -> Result<Vec<u8>> {
+pub fn read_bounded(path: &Path) -> Result<Vec<u8>> {
     let size = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?.len();
     if size > MAX_MODEL_BYTES {
         bail!(
@@ -316,7 +316,18 @@ fn bundled_backbone(bytes: &[u8], device: &Device) -> Result<Backbone> {
 
 /// [`load`] from the file's bytes (the fuzz target's entry).
 pub fn load_bytes(bytes: &[u8], backbone: Arc<Backbone>) -> Result<LoadedModel> {
-    let manifest = manifest_from_bytes(bytes)?;
+    load_bytes_with_settings(bytes, backbone, |_| {})
+}
+
+/// [`load_bytes`] with the method's settings edited first (benchmarks compare settings that need no refit,
+/// such as PatchCore's search, on one file).
+pub fn load_bytes_with_settings(
+    bytes: &[u8],
+    backbone: Arc<Backbone>,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Result<LoadedModel> {
+    let mut manifest = manifest_from_bytes(bytes)?;
+    edit(&mut manifest.settings);
     if manifest.backbone != BACKBONE_NAME || manifest.backbone_weights_sha256 != backbone.weights_hash {
         bail!(
             "the model was trained with backbone {} (weights {}), but the loaded weights are {} ({}); \

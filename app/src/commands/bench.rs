@@ -61,6 +61,24 @@ pub enum BenchWhat {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// PatchCore's nearest-neighbour search side by side on one model file: the exhaustive search and the
+    /// inverted index at each `--probes`. Reports, per search, image AUROC and AUPRO on the benchmark's test
+    /// set, images/s at batch 1, and the largest image-score difference from the exhaustive search on the held-out
+    /// good images of train/good (the fit's validation split: the label-free figure the default is chosen on).
+    Search {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// An MVTec AD category folder.
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
+        probes: Vec<usize>,
+        /// Index sizes to try (lists; 0 = the default for the bank's size).
+        #[arg(long, value_delimiter = ',', default_value = "0")]
+        lists: Vec<usize>,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
     /// Time what the studio's threshold panel recomputes per drag step (confusion, FAR/MAR, pass/review/reject)
     /// over many image scores: the table is sorted once, then every threshold is two binary searches per class.
     Threshold {
@@ -144,6 +162,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
         BenchWhat::Threshold { scores, thresholds } => bench_threshold(scores, thresholds)?,
+        BenchWhat::Search { model, data, probes, lists, engine } => {
+            bench_search(&model, &data, &probes, &lists, &engine)?
+        }
         BenchWhat::Coreset { data, cache, points, ratio, engine } => {
             let dim = PATCH_CHANNELS;
             let data = match data {
@@ -164,6 +185,85 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn bench_search(model: &Path, data: &Path, probes: &[usize], lists: &[usize], engine: &EngineArgs) -> Result<()> {
+    use loupe_engine::evaluate::evaluate;
+    use loupe_engine::model_file::{load_bytes_with_settings, read_bounded};
+    use loupe_engine::pipeline::{score_images, validation_split, FitRequest};
+    let backbone = engine.load_backbone()?;
+    let device = backbone.device.clone();
+    let bytes = read_bounded(model)?;
+    let benchmark = loupe_engine::dataset::scan_mvtec(data)?;
+    let defaults = FitRequest::new(loupe_engine::methods::find_method("patchcore")?, data.to_path_buf());
+    let (_, held_out) = validation_split(benchmark.train.clone(), defaults.validation_fraction, defaults.seed);
+    let mut variants = vec![("exhaustive".to_string(), serde_json::json!({"search": "exhaustive"}))];
+    for &l in lists {
+        variants.extend(probes.iter().map(|&p| {
+            let lists = if l == 0 { "default lists".to_string() } else { format!("{l} lists") };
+            (
+                format!("inverted, {lists}, {p} probes"),
+                serde_json::json!({"search": "inverted", "search_probes": p, "search_lists": l}),
+            )
+        }));
+    }
+    let mut exhaustive_held_out: Option<Vec<loupe_engine::methods::AnomalyOutput>> = None;
+    println!(
+        "| search | index build | image AUROC | AUPRO | images/s (b1) | held-out good: max image-score difference \
+         | max map difference (of the map's range) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, overrides) in variants {
+        let started = Instant::now();
+        let loaded = load_bytes_with_settings(&bytes, backbone.clone(), |settings| {
+            for (key, value) in overrides.as_object().into_iter().flatten() {
+                settings[key] = value.clone();
+            }
+        })?;
+        let build_s = started.elapsed().as_secs_f64();
+        if loaded.manifest.method != "patchcore" {
+            anyhow::bail!(
+                "{} is a {} model; the search benchmark needs PatchCore",
+                model.display(),
+                loaded.manifest.method
+            );
+        }
+        let (decoded, _) = decode_all(&held_out, loaded.model.image_size(), &|_| {});
+        let (outputs, _) = score_images(loaded.model.as_ref(), &decoded, 1, &device, &NoProgress)?;
+        let differences = match &exhaustive_held_out {
+            None => {
+                exhaustive_held_out = Some(outputs);
+                ("—".to_string(), "—".to_string())
+            }
+            Some(exact) => {
+                let (mut score, mut map) = (0f32, 0f32);
+                for (e, o) in exact.iter().zip(&outputs) {
+                    score = score.max(((o.score - e.score) / e.score.abs().max(1e-12)).abs());
+                    let (low, high) =
+                        e.map.data.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+                    let largest = e.map.data.iter().zip(&o.map.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    map = map.max(largest / (high - low).max(1e-12));
+                }
+                (format!("{score:.1e}"), format!("{:.2} %", map * 100.0))
+            }
+        };
+        let report = evaluate(loaded.model.as_ref(), &loaded.manifest, &benchmark, 1, &device, &NoProgress)?;
+        println!(
+            "| {name} | {build_s:.2} s | {:.5} | {} | {:.1} | {} | {} |",
+            report.image_auroc,
+            report.aupro.map_or("—".to_string(), |a| format!("{a:.5}")),
+            report.test_images_per_s,
+            differences.0,
+            differences.1
+        );
+    }
+    println!(
+        "({} held-out good images, {} test images, {} threads)",
+        held_out.len(),
+        benchmark.test.len(),
+        rayon::current_num_threads()
+    );
     Ok(())
 }
 

@@ -1,10 +1,12 @@
 //! `loupe export --model <model.safetensors> --format onnx --out <model.onnx>`; `--format loupe-bundle` (the model
-//! file with its backbone weights inside); `loupe export --show <model.onnx>`
+//! file with its backbone weights inside); `--format triton --out REPO/` (a Triton model repository entry);
+//! `loupe export --show <model.onnx>`
 
 use super::EngineArgs;
 use anyhow::{Context, Result};
 use loupe_engine::backbone::weights::{default_weights_path, read_weights};
 use loupe_engine::model_file;
+use loupe_engine::onnx::triton::{self, TritonOptions};
 use loupe_engine::onnx::{self, ThresholdInputs, WeightPlacement};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -16,9 +18,18 @@ pub struct ExportArgs {
     pub model: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "onnx")]
     pub format: Format,
-    /// Where to write the exported file.
+    /// Where to write the exported file (for `triton`: the model repository folder).
     #[arg(long, required_unless_present = "show")]
     pub out: Option<PathBuf>,
+    /// `triton`: the model's name in the repository (default: the model file's name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// `triton`: largest batch the dynamic batcher forms.
+    #[arg(long, default_value_t = 8)]
+    pub max_batch_size: usize,
+    /// `triton`: how long the dynamic batcher waits to fill a batch, in microseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub max_queue_delay_us: u64,
     /// Threshold inputs every call must feed (no defaults), for runtimes that fold inputs with defaults into
     /// constants (OpenVINO); the tuned values are in the metadata.
     #[arg(long)]
@@ -42,6 +53,9 @@ pub enum Format {
     /// The Loupe model file with the backbone weights inside: `loupe infer` / `eval` run it on a machine where
     /// `loupe weights fetch` never ran.
     LoupeBundle,
+    /// An NVIDIA Triton Inference Server model repository entry: `OUT/<name>/config.pbtxt` (ONNX Runtime
+    /// backend, dynamic batching) and `OUT/<name>/1/model.onnx`, thresholds as constants of the graph.
+    Triton,
 }
 
 pub fn run(args: ExportArgs) -> Result<()> {
@@ -62,6 +76,25 @@ pub fn run(args: ExportArgs) -> Result<()> {
             "{}: the model and its backbone weights, {:.1} MB, in {:.2} s",
             out.display(),
             size as f64 / 1e6,
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    if let Format::Triton = args.format {
+        let stem = model_path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let options = TritonOptions {
+            name: args.name.clone().unwrap_or_else(|| triton::model_name(&stem)),
+            max_batch_size: args.max_batch_size,
+            max_queue_delay_us: args.max_queue_delay_us,
+        };
+        let written = triton::write_repository(loaded.model.as_ref(), &loaded.manifest, out, &options)
+            .with_context(|| format!("{}: cannot export for Triton", model_path.display()))?;
+        println!(
+            "{}: Triton model `{}` (config.pbtxt, 1/model.onnx: {:.1} MB), dynamic batching up to {}, in {:.2} s",
+            written.folder.display(),
+            options.name,
+            written.onnx.total_bytes() as f64 / 1e6,
+            options.max_batch_size,
             started.elapsed().as_secs_f64()
         );
         return Ok(());

@@ -9,6 +9,7 @@
 pub mod graph;
 pub mod layers;
 pub mod proto;
+pub mod triton;
 
 pub use graph::{Dim, Graph, Value};
 
@@ -129,6 +130,9 @@ pub enum ThresholdInputs {
     WithDefaults,
     /// Inputs every call must feed (the tuned values are in the metadata): for runtimes that fold defaults.
     Required,
+    /// No inputs: the tuned values are constants of the graph. For servers that batch requests (Triton), where
+    /// every input needs the batch dimension and a per-call scalar has none.
+    Constants,
 }
 
 /// Writes `model` (with the thresholds and everything else its `manifest` records) as an ONNX model.
@@ -158,6 +162,9 @@ pub fn export(model: &dyn AnomalyModel, manifest: &Manifest, thresholds: Thresho
             graph.input("decision_threshold", graph::FLOAT, &[], decision_doc),
             graph.input("review_threshold", graph::FLOAT, &[], review_doc),
         ),
+        ThresholdInputs::Constants => {
+            (graph.scalar("decision_threshold", decision), graph.scalar("review_threshold", review))
+        }
     };
     let images = layers::camera_to_input(&mut graph, &frames, size);
     let recorded = model.record_onnx(&mut graph, &images)?;

@@ -5,8 +5,15 @@
 //! (greedy k-center, default 10 %). Score: each test patch's distance to its nearest bank entry is the anomaly
 //! map (upsampled to the input, Gaussian σ = 4); the image score is the largest patch distance, re-weighted by
 //! how isolated its nearest bank entry is among its `num_neighbors` neighbours (the paper's Eq. 7).
+//!
+//! On the CPU a large bank is searched through an inverted index (`search`, see `nearest.rs`). Its distances
+//! are never below the exact ones, so the image score stays exact: patches are re-searched exhaustively from the
+//! largest indexed distance down until the next indexed distance cannot beat the largest exact one found. Only
+//! the map can differ (slightly higher where the index missed a patch's nearest entry). The exhaustive search
+//! stays available and is what the ONNX export computes.
 
 use super::coreset::{greedy_coreset, random_projection, CoresetMethod};
+use super::nearest::InvertedIndex;
 use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
@@ -28,7 +35,13 @@ method_info!(
     title: "PatchCore",
     family: Family::Representation,
     summary: "Memory bank of pretrained patch features, reduced by greedy coreset; nearest-neighbour distance.",
-    ranges: ["coreset_ratio": 0.000001..=1, "num_neighbors": 1..=1024, "projection_dim": 0..=1024],
+    ranges: [
+        "coreset_ratio": 0.000001..=1,
+        "num_neighbors": 1..=1024,
+        "projection_dim": 0..=1024,
+        "search_probes": 1..=65536,
+        "search_lists": 0..=65536,
+    ],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -45,6 +58,39 @@ pub struct PatchCoreSettings {
     pub seed: u64,
     /// σ of the Gaussian that smooths the anomaly map, in input pixels.
     pub blur_sigma: f32,
+    /// How a patch finds its nearest bank entry on the CPU: `auto` (the inverted index for banks of at least
+    /// `INDEX_MIN_BANK` rows), `exhaustive` or `inverted`.
+    pub search: NearestSearch,
+    /// Lists of the inverted index each patch searches.
+    pub search_probes: usize,
+    /// Lists the inverted index splits the bank into (0: `LISTS_PER_ROOT`·√bank rows).
+    pub search_lists: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NearestSearch {
+    #[default]
+    Auto,
+    Exhaustive,
+    Inverted,
+}
+
+/// Lists each patch searches by default; chosen on held-out good images (see ARCHITECTURE.md, "PatchCore on the line").
+pub const DEFAULT_PROBES: usize = 4;
+
+/// Below this many bank rows the exhaustive search is fast enough and `auto` keeps it.
+pub const INDEX_MIN_BANK: usize = 16384;
+
+/// Lists of the inverted index per √(bank rows) by default: ∝ √rows balances the centroid search against the
+/// lists'.
+pub const LISTS_PER_ROOT: f64 = 4.0;
+
+fn index_lists(rows: usize, setting: usize) -> usize {
+    if setting > 0 {
+        return setting.min(rows);
+    }
+    ((rows as f64).sqrt() * LISTS_PER_ROOT).round().max(1.0) as usize
 }
 
 impl Default for PatchCoreSettings {
@@ -56,6 +102,9 @@ impl Default for PatchCoreSettings {
             coreset_method: CoresetMethod::Auto,
             seed: 0,
             blur_sigma: 4.0,
+            search: NearestSearch::Auto,
+            search_probes: DEFAULT_PROBES,
+            search_lists: 0,
         }
     }
 }
@@ -73,8 +122,9 @@ pub struct PatchCore {
     memory_bank_t: Tensor,
     /// `(1, M)` squared norms of the bank rows.
     bank_norms: Tensor,
-    /// Host copy of the bank and its norms for the fused CPU nearest-neighbour search.
-    cpu_bank: Option<(Vec<f32>, Vec<f32>)>,
+    /// The CPU's search structure (one list for the exhaustive search) and the lists each patch probes; `None`
+    /// on a GPU, which runs the tensor ops.
+    cpu_index: Option<(InvertedIndex, usize)>,
 }
 
 impl PatchCore {
@@ -130,12 +180,26 @@ impl PatchCore {
     ) -> Result<Self> {
         let memory_bank_t = memory_bank.t()?.contiguous()?;
         let bank_norms = memory_bank.sqr()?.sum_keepdim(1)?.t()?.contiguous()?;
-        let cpu_bank = if memory_bank.device().is_cpu() {
-            Some((memory_bank.flatten_all()?.to_vec1()?, bank_norms.flatten_all()?.to_vec1()?))
+        let rows = memory_bank.dims()[0];
+        let cpu_index = if memory_bank.device().is_cpu() {
+            let bank: Vec<f32> = memory_bank.flatten_all()?.to_vec1()?;
+            let indexed = settings.search == NearestSearch::Inverted
+                || (settings.search == NearestSearch::Auto && rows >= INDEX_MIN_BANK);
+            Some(if indexed {
+                let index = InvertedIndex::build(
+                    &bank,
+                    PATCH_CHANNELS,
+                    index_lists(rows, settings.search_lists),
+                    settings.seed,
+                );
+                (index, settings.search_probes.max(1))
+            } else {
+                (InvertedIndex::single_list(&bank, PATCH_CHANNELS), 1)
+            })
         } else {
             None
         };
-        Ok(Self { backbone, settings, image_size, memory_bank, memory_bank_t, bank_norms, cpu_bank })
+        Ok(Self { backbone, settings, image_size, memory_bank, memory_bank_t, bank_norms, cpu_index })
     }
 
     pub fn load(
@@ -162,14 +226,6 @@ impl PatchCore {
         let row_norms = rows.sqr()?.sum_keepdim(1)?;
         let dots = rows.matmul(&self.memory_bank_t)?;
         Ok(dots.affine(-2.0, 0.0)?.broadcast_add(&row_norms)?.broadcast_add(&self.bank_norms)?.relu()?)
-    }
-
-    /// Nearest bank entry of every row: (distance, index).
-    fn nearest(&self, rows: &Tensor) -> Result<(Vec<f32>, Vec<u32>)> {
-        if let Some((bank, bank_norms)) = &self.cpu_bank {
-            return Ok(nearest_on_cpu(&rows.flatten_all()?.to_vec1()?, bank, bank_norms));
-        }
-        self.nearest_with_tensor_ops(rows)
     }
 
     /// The device-portable nearest-neighbour search (GPUs), in blocks of queries.
@@ -206,68 +262,84 @@ impl PatchCore {
         }
         let to_feature: Vec<f32> = self.squared_distances(feature)?.flatten_all()?.to_vec1()?;
         let distances: Vec<f32> = support.iter().map(|&i| to_feature[i].sqrt()).collect();
-        let max = distances.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let total: f32 = distances.iter().map(|d| (d - max).exp()).sum();
-        let weight = 1.0 - (distances[0] - max).exp() / total;
-        Ok(weight * score)
+        Ok(reweighting(&distances) * score)
     }
 }
 
-/// Nearest bank row of every query row, fused: one gemm per block of queries into a buffer that stays in cache,
-/// then min/argmin of `|b|² − 2 q·b` over it (`|q|²` is added after). Blocks run in parallel.
-fn nearest_on_cpu(rows: &[f32], bank: &[f32], bank_norms: &[f32]) -> (Vec<f32>, Vec<u32>) {
-    use rayon::prelude::*;
-    const BLOCK: usize = 64;
-    let (m, c) = (bank_norms.len(), PATCH_CHANNELS);
-    let n = rows.len() / c;
-    let mut distances = vec![0f32; n];
-    let mut indices = vec![0u32; n];
-    distances.par_chunks_mut(BLOCK).zip(indices.par_chunks_mut(BLOCK)).enumerate().for_each(
-        |(block, (block_distances, block_indices))| {
-            let queries = &rows[block * BLOCK * c..(block * BLOCK + block_distances.len()) * c];
-            let q = block_distances.len();
-            let mut dots = vec![0f32; q * m];
-            // SAFETY: row-major q×c times (m×c)ᵀ into q×m, all buffers sized accordingly.
-            unsafe {
-                gemm::gemm(
-                    q,
-                    m,
-                    c,
-                    dots.as_mut_ptr(),
-                    1,
-                    m as isize,
-                    false,
-                    queries.as_ptr(),
-                    1,
-                    c as isize,
-                    bank.as_ptr(),
-                    c as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for (i, row_dots) in dots.chunks_exact(m).enumerate() {
-                let (mut best, mut best_index) = (f32::INFINITY, 0u32);
-                for (j, (&dot, &norm)) in row_dots.iter().zip(bank_norms).enumerate() {
-                    let partial = norm - 2.0 * dot;
-                    if partial < best {
-                        best = partial;
-                        best_index = j as u32;
-                    }
-                }
-                let query = &queries[i * c..(i + 1) * c];
-                let query_norm: f32 = query.iter().map(|v| v * v).sum();
-                block_distances[i] = (best + query_norm).max(0.0).sqrt();
-                block_indices[i] = best_index;
-            }
-        },
-    );
-    (distances, indices)
+/// Before the exhaustive passes, this many of an image's highest patches are searched again through
+/// `REFINED_PROBES_FACTOR` times the probes (a good image otherwise needed about four exhaustive passes).
+const REFINED_PATCHES: usize = 16;
+const REFINED_PROBES_FACTOR: usize = 8;
+
+/// One image's score on the CPU, exact whatever the index: its patches' indexed distances (`distances`, never
+/// below the exact ones) are re-searched exhaustively, largest first, until the next one cannot beat the
+/// largest exact distance found; that patch's nearest entry is the anchor of the re-weighting, whose support
+/// (the anchor's `k` nearest bank entries) is searched exhaustively too. Corrects `distances` where it
+/// re-searched. `rows` are the image's patch rows.
+fn exact_image_score(index: &InvertedIndex, probes: usize, rows: &[f32], distances: &mut [f32], k: usize) -> f32 {
+    // The patches most likely to hold the maximum searched again through more lists first: still upper
+    // bounds, but tighter, so fewer of them need the exhaustive pass below.
+    let mut order: Vec<usize> = (0..distances.len()).collect();
+    order.sort_by(|&a, &b| distances[b].total_cmp(&distances[a]));
+    let top = &order[..REFINED_PATCHES.min(order.len())];
+    let top_rows: Vec<f32> =
+        top.iter().flat_map(|&p| rows[p * PATCH_CHANNELS..(p + 1) * PATCH_CHANNELS].iter().copied()).collect();
+    let (refined, _) = index.nearest_squared(&top_rows, probes * REFINED_PROBES_FACTOR);
+    for (&position, squared) in top.iter().zip(refined) {
+        distances[position] = distances[position].min(squared.sqrt());
+    }
+    order.sort_by(|&a, &b| distances[b].total_cmp(&distances[a]));
+    // (distance, squared distances to every member, the nearest member's position)
+    let mut best: Option<(f32, Vec<f32>, usize)> = None;
+    for position in order {
+        if best.as_ref().is_some_and(|(largest, _, _)| distances[position] <= *largest) {
+            break;
+        }
+        let to_members =
+            index.squared_distances_to_members(&rows[position * PATCH_CHANNELS..(position + 1) * PATCH_CHANNELS]);
+        // Ties go to the lower bank index, as in the exhaustive tensor search.
+        let nearest = (0..to_members.len())
+            .min_by(|&a, &b| to_members[a].total_cmp(&to_members[b]).then(index.member_id(a).cmp(&index.member_id(b))))
+            .expect("the bank is not empty");
+        distances[position] = to_members[nearest].sqrt();
+        if best.as_ref().is_none_or(|(largest, _, _)| distances[position] > *largest) {
+            best = Some((distances[position], to_members, nearest));
+        }
+    }
+    let Some((score, to_feature, anchor)) = best else { return 0.0 };
+    let k = k.min(to_feature.len());
+    if k <= 1 {
+        return score;
+    }
+    let to_anchor = index.squared_distances_to_members(index.member_row(anchor));
+    // The k nearest, ordered by (distance, bank index) as the tensor path sorts them; a running top-k, since
+    // most entries fail one comparison with the k-th.
+    let mut nearest_k: Vec<(f32, u32, usize)> = Vec::with_capacity(k + 1);
+    for (position, &distance) in to_anchor.iter().enumerate() {
+        if nearest_k.len() == k && distance > nearest_k[k - 1].0 {
+            continue;
+        }
+        let key = (distance, index.member_id(position));
+        let at = nearest_k.partition_point(|&(d, id, _)| (d, id) < key);
+        if at < k {
+            nearest_k.insert(at, (key.0, key.1, position));
+            nearest_k.truncate(k);
+        }
+    }
+    let mut support: Vec<usize> = nearest_k.into_iter().map(|(_, _, position)| position).collect();
+    if let Some(at) = support.iter().position(|&p| p == anchor) {
+        support.swap(0, at);
+    }
+    let distances: Vec<f32> = support.iter().map(|&p| to_feature[p].sqrt()).collect();
+    reweighting(&distances) * score
+}
+
+/// The paper's weight for an image score, from the maximal patch's distances to the anchor's support set
+/// (the anchor first): `1 − softmax(distances)[anchor]`.
+fn reweighting(distances: &[f32]) -> f32 {
+    let max = distances.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f32 = distances.iter().map(|d| (d - max).exp()).sum();
+    1.0 - (distances[0] - max).exp() / total
 }
 
 impl AnomalyModel for PatchCore {
@@ -277,22 +349,52 @@ impl AnomalyModel for PatchCore {
         let (batch, _, height, width) = images.dims4()?;
         let (height, width) = (height.div_ceil(PATCH_STRIDE), width.div_ceil(PATCH_STRIDE));
         let rows = patch_feature_rows(&self.backbone, images)?.contiguous()?;
-        let (distances, nearest) = self.nearest(&rows)?;
         let per_image = height * width;
+        let mut scores = Vec::with_capacity(batch);
+        let distances = match &self.cpu_index {
+            Some((index, probes)) => {
+                let rows: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+                let (squared, _) = index.nearest_squared(&rows, *probes);
+                let mut distances: Vec<f32> = squared.into_iter().map(f32::sqrt).collect();
+                for (image_rows, image_distances) in
+                    rows.chunks_exact(per_image * PATCH_CHANNELS).zip(distances.chunks_exact_mut(per_image))
+                {
+                    scores.push(exact_image_score(
+                        index,
+                        *probes,
+                        image_rows,
+                        image_distances,
+                        self.settings.num_neighbors,
+                    ));
+                }
+                distances
+            }
+            None => {
+                let (distances, nearest) = self.nearest_with_tensor_ops(&rows)?;
+                for b in 0..batch {
+                    let patch_scores = &distances[b * per_image..(b + 1) * per_image];
+                    let (argmax, &max) = patch_scores
+                        .iter()
+                        .enumerate()
+                        .max_by(|x, y| x.1.total_cmp(y.1))
+                        .context("empty feature map")?;
+                    let row = b * per_image + argmax;
+                    scores.push(self.reweighted_score(&rows.narrow(0, row, 1)?, max, nearest[row])?);
+                }
+                distances
+            }
+        };
         let size = self.image_size as usize;
-        let mut outputs = Vec::with_capacity(batch);
-        for b in 0..batch {
-            let patch_scores = &distances[b * per_image..(b + 1) * per_image];
-            let (argmax, &max) =
-                patch_scores.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).context("empty feature map")?;
-            let row = b * per_image + argmax;
-            let score = self.reweighted_score(&rows.narrow(0, row, 1)?, max, nearest[row])?;
-            let map = ScoreMap::new(width, height, patch_scores.to_vec())
-                .resized(size, size)
-                .blurred(self.settings.blur_sigma);
-            outputs.push(AnomalyOutput { score, map });
-        }
-        Ok(outputs)
+        Ok(distances
+            .chunks_exact(per_image)
+            .zip(scores)
+            .map(|(patch_scores, score)| {
+                let map = ScoreMap::new(width, height, patch_scores.to_vec())
+                    .resized(size, size)
+                    .blurred(self.settings.blur_sigma);
+                AnomalyOutput { score, map }
+            })
+            .collect())
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -378,6 +480,7 @@ impl AnomalyModel for PatchCore {
 mod tests {
     use super::*;
     use crate::dataset::synthetic::clustered_features;
+    use crate::methods::representation::nearest::nearest_squared;
 
     #[test]
     fn fused_cpu_search_matches_the_tensor_ops() -> Result<()> {
@@ -385,7 +488,8 @@ mod tests {
         let rows = clustered_features(300, PATCH_CHANNELS, 8, 2);
         let bank_tensor = Tensor::from_vec(bank.clone(), (700, PATCH_CHANNELS), &Device::Cpu)?;
         let norms: Vec<f32> = bank.chunks_exact(PATCH_CHANNELS).map(|r| r.iter().map(|v| v * v).sum()).collect();
-        let (fused_distances, fused_indices) = nearest_on_cpu(&rows, &bank, &norms);
+        let (fused_squared, fused_indices) = nearest_squared(&rows, &bank, &norms, PATCH_CHANNELS);
+        let fused_distances: Vec<f32> = fused_squared.into_iter().map(f32::sqrt).collect();
         let model = PatchCore {
             backbone: Arc::new(Backbone::without_weights_for_tests()),
             settings: PatchCoreSettings::default(),
@@ -393,7 +497,7 @@ mod tests {
             memory_bank_t: bank_tensor.t()?.contiguous()?,
             bank_norms: bank_tensor.sqr()?.sum_keepdim(1)?.t()?.contiguous()?,
             memory_bank: bank_tensor,
-            cpu_bank: None,
+            cpu_index: None,
         };
         let rows_tensor = Tensor::from_vec(rows, (300, PATCH_CHANNELS), &Device::Cpu)?;
         let (distances, indices) = model.nearest_with_tensor_ops(&rows_tensor)?;
@@ -401,6 +505,47 @@ mod tests {
         for (a, b) in fused_distances.iter().zip(&distances) {
             assert!((a - b).abs() <= 1e-3 * b.max(1.0), "{a} vs {b}");
         }
+        Ok(())
+    }
+
+    /// The CPU path's image score through a coarse index (one probe, which misses often) equals the tensor
+    /// search's exhaustive score, re-weighting included.
+    #[test]
+    fn indexed_image_scores_are_the_exhaustive_ones() -> Result<()> {
+        let m = 3000;
+        let bank = clustered_features(m, PATCH_CHANNELS, 12, 5);
+        let bank_tensor = Tensor::from_vec(bank.clone(), (m, PATCH_CHANNELS), &Device::Cpu)?;
+        let model = PatchCore {
+            backbone: Arc::new(Backbone::without_weights_for_tests()),
+            settings: PatchCoreSettings::default(),
+            image_size: 64,
+            memory_bank_t: bank_tensor.t()?.contiguous()?,
+            bank_norms: bank_tensor.sqr()?.sum_keepdim(1)?.t()?.contiguous()?,
+            memory_bank: bank_tensor,
+            cpu_index: None,
+        };
+        let index = InvertedIndex::build(&bank, PATCH_CHANNELS, 40, 0);
+        let norms: Vec<f32> = bank.chunks_exact(PATCH_CHANNELS).map(|r| r.iter().map(|v| v * v).sum()).collect();
+        let mut missed = 0;
+        for seed in 0..5 {
+            // Patches off the bank's clusters, as a defect's are.
+            let rows: Vec<f32> =
+                clustered_features(256, PATCH_CHANNELS, 12, 100 + seed).iter().map(|v| v * 1.3 + 0.5).collect();
+            let rows_tensor = Tensor::from_vec(rows.clone(), (256, PATCH_CHANNELS), &Device::Cpu)?;
+            let (exact, nearest) = model.nearest_with_tensor_ops(&rows_tensor)?;
+            let (argmax, &max) = exact.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap();
+            let expected = model.reweighted_score(&rows_tensor.narrow(0, argmax, 1)?, max, nearest[argmax])?;
+
+            let (squared, _) = index.nearest_squared(&rows, 1);
+            let (exhaustive, _) = nearest_squared(&rows, &bank, &norms, PATCH_CHANNELS);
+            missed += squared.iter().zip(&exhaustive).filter(|(s, e)| **s > **e * 1.001).count();
+            let mut distances: Vec<f32> = squared.into_iter().map(f32::sqrt).collect();
+            let score = exact_image_score(&index, 1, &rows, &mut distances, model.settings.num_neighbors);
+            assert!((score - expected).abs() <= 1e-4 * expected, "seed {seed}: {score} vs exhaustive {expected}");
+            let map_max = distances.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert!((map_max - max).abs() <= 1e-4 * max, "the map's maximum is the exact one");
+        }
+        assert!(missed > 0, "one probe found every nearest entry: the test would prove nothing");
         Ok(())
     }
 }
