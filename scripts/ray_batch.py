@@ -85,7 +85,9 @@ def score_archive(model, folder, workers, batch_size=8, address=None):
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            # One CPU per scoring actor, plus one for the tasks that read the files (else they wait forever
+            # behind the actors holding every CPU).
+            ray.init(num_cpus=workers + 1, include_dashboard=False, log_to_driver=False)
     files = image_files(folder)
     if not files:
         sys.exit(f"{folder}: no images")

@@ -51,7 +51,13 @@ def check_repository(entry, expected_dir=None):
     from tritonclient.grpc import model_config_pb2
 
     failures = []
-    config = parse_config(os.path.join(entry, "config.pbtxt"))
+    from google.protobuf.text_format import ParseError
+
+    try:
+        config = parse_config(os.path.join(entry, "config.pbtxt"))
+    except ParseError as error:
+        print(json.dumps({"entry": entry, "failures": [f"config.pbtxt is not a Triton ModelConfig: {error}"]}))
+        return False
     data_type = model_config_pb2.DataType.Name
     if config.name != os.path.basename(os.path.normpath(entry)):
         failures.append(f"config name {config.name!r} is not the folder's name")

@@ -66,10 +66,13 @@ pub fn write_repository(
 
 fn config_text(manifest: &Manifest, map_size: usize, options: &TritonOptions) -> String {
     let decision = manifest.thresholds.decision.unwrap_or(f32::NAN);
-    let review = manifest.thresholds.review.unwrap_or(decision);
+    let band = match manifest.thresholds.review {
+        Some(review) if review < decision => format!("review at {review} <= score < {decision}"),
+        _ => "no review band".into(),
+    };
     format!(
         r#"# Written by Loupe {version} from a {method} model. The thresholds are constants of the graph, as tuned in
-# Loupe: reject at score >= {decision}, review at {review} <= score < {decision}; verdict 0 pass, 1 review, 2 reject.
+# Loupe: reject at score >= {decision}, {band}; verdict 0 pass, 1 review, 2 reject.
 # Requests batch together when their frames have the same height and width.
 name: "{name}"
 backend: "onnxruntime"
