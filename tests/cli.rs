@@ -286,3 +286,14 @@ fn triton_repository_and_ray_batch_scoring() {
     assert_eq!(report.lines().filter(|line| line.contains("\"passed\": true")).count(), 2, "{report}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn methods_explain_their_settings_in_words() {
+    let explained = loupe(&["methods", "--settings", "patchcore"]);
+    assert!(explained.status.success(), "{}", String::from_utf8_lossy(&explained.stderr));
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(text.contains("Memory bank share (--set coreset_ratio=0.1, allowed"), "{text}");
+    assert!(text.contains("Advanced") && text.contains("Index probes"), "{text}");
+    let unknown = loupe(&["methods", "--settings", "nosuchmethod"]);
+    assert_eq!(unknown.status.code(), Some(1));
+}

@@ -34,8 +34,8 @@ enum Command {
     Weights(commands::weights::WeightsArgs),
     /// Generate the synthetic demo set, train PatchCore on it and print its metrics.
     Demo(commands::demo::DemoArgs),
-    /// List the methods, grouped by family.
-    Methods,
+    /// List the methods, grouped by family; `--settings NAME` explains one method's settings.
+    Methods(commands::MethodsArgs),
     /// Micro-benchmarks (backbone speed, coreset selection, threshold recomputation).
     Bench(commands::bench::BenchArgs),
     /// Open the studio window (the default when no command is given).
@@ -54,7 +54,7 @@ fn main() {
         eprintln!("loupe was built without the studio (`--no-default-features`): name a command, see `loupe --help`");
         std::process::exit(2);
     };
-    if matches!(command, Command::Infer(_) | Command::Eval(_) | Command::Export(_) | Command::Methods) {
+    if matches!(command, Command::Infer(_) | Command::Eval(_) | Command::Export(_) | Command::Methods(_)) {
         end_quietly_when_the_reader_closes();
     }
     let result = match command {
@@ -68,7 +68,7 @@ fn main() {
         Command::Export(args) => commands::export::run(args),
         Command::Weights(args) => commands::weights::run(args),
         Command::Demo(args) => commands::demo::run(args),
-        Command::Methods => commands::list_methods(),
+        Command::Methods(args) => commands::list_methods(args),
         Command::Bench(args) => commands::bench::run(args),
         #[cfg(feature = "studio")]
         Command::Studio(args) => commands::studio::run(args),

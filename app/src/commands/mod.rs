@@ -16,6 +16,7 @@ use anyhow::Result;
 use candle_core::Device;
 use loupe_engine::backbone::{weights::default_weights_path, Backbone};
 use loupe_engine::device::DeviceChoice;
+use loupe_engine::methods::setting_docs;
 use loupe_engine::methods::{Family, REGISTRY};
 use loupe_engine::model_file;
 use std::path::PathBuf;
@@ -51,7 +52,17 @@ impl EngineArgs {
     }
 }
 
-pub fn list_methods() -> Result<()> {
+#[derive(clap::Args)]
+pub struct MethodsArgs {
+    /// Explain this method's settings: label, help, default, allowed range, unit, the paper's value.
+    #[arg(long, value_name = "METHOD")]
+    pub settings: Option<String>,
+}
+
+pub fn list_methods(args: MethodsArgs) -> Result<()> {
+    if let Some(name) = &args.settings {
+        return explain_settings(name);
+    }
     for family in Family::ALL {
         let methods: Vec<_> = REGISTRY.iter().filter(|m| m.family == family).collect();
         println!("{}", family.title());
@@ -68,6 +79,29 @@ pub fn list_methods() -> Result<()> {
                 let range = method.range_of(name).map(|r| format!("  (allowed {})", r.describe())).unwrap_or_default();
                 println!("  {:<12}   --set {name}={value}{range}", "");
             }
+        }
+    }
+    println!("\n`loupe methods --settings NAME` explains a method's settings.");
+    Ok(())
+}
+
+/// One method's settings in words, common ones first (the studio's Train view shows the same).
+fn explain_settings(name: &str) -> Result<()> {
+    let method = loupe_engine::methods::find_method(name)?;
+    println!("{} ({}): {}", method.title, method.family.title(), method.summary);
+    let defaults = (method.default_settings)();
+    for advanced in [false, true] {
+        println!("\n{}", if advanced { "Advanced" } else { "Common" });
+        for (key, value) in defaults.as_object().into_iter().flatten() {
+            let Some(doc) = setting_docs::doc(method.name, key) else { continue };
+            if doc.advanced != advanced {
+                continue;
+            }
+            let unit = if doc.unit.is_empty() { String::new() } else { format!(" {}", doc.unit) };
+            let range = method.range_of(key).map(|r| format!(", allowed {}", r.describe())).unwrap_or_default();
+            let paper = doc.paper.map(|p| format!(", paper: {p}")).unwrap_or_default();
+            println!("  {} (--set {key}={value}{unit}{range}{paper})", doc.label);
+            println!("      {}", doc.help);
         }
     }
     Ok(())

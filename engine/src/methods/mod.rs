@@ -81,6 +81,7 @@ pub mod gaussian;
 pub mod layers;
 pub mod reconstruction;
 pub mod representation;
+pub mod setting_docs;
 pub mod settings;
 pub mod ssim;
 pub mod training;

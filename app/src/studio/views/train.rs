@@ -6,6 +6,7 @@ use crate::studio::Studio;
 use eframe::egui;
 use egui_plot::{Line, Plot};
 use loupe_engine::device::DeviceChoice;
+use loupe_engine::methods::setting_docs;
 use loupe_engine::methods::{find_method, Family, REGISTRY};
 
 pub fn show(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
@@ -76,10 +77,19 @@ fn settings_editor(ui: &mut egui::Ui, studio: &mut Studio) {
     egui::Grid::new("settings").num_columns(2).striped(true).show(ui, |ui| {
         for (key, value) in object.iter_mut() {
             let range = method.range_of(key);
-            let mut label = ui.label(key.as_str());
-            if let Some(range) = range {
-                label = label.on_hover_text(format!("allowed: {}", range.describe()));
+            let doc = setting_docs::doc(method.name, key);
+            let mut hover = doc.map(|d| d.help.to_string()).unwrap_or_default();
+            if let Some(unit) = doc.map(|d| d.unit).filter(|u| !u.is_empty()) {
+                hover.push_str(&format!("\nunit: {unit}"));
             }
+            if let Some(range) = range {
+                hover.push_str(&format!("\nallowed: {}", range.describe()));
+            }
+            if let Some(paper) = doc.and_then(|d| d.paper) {
+                hover.push_str(&format!("\npaper: {paper}"));
+            }
+            hover.push_str(&format!("\nsetting: {key}"));
+            let label = ui.label(doc.map_or(key.as_str(), |d| d.label)).on_hover_text(hover.trim_start());
             let (min, max) = range.map_or((f64::MIN, f64::MAX), |r| (r.min, r.max));
             let editor = match value {
                 serde_json::Value::Number(number) => {

@@ -210,7 +210,10 @@ impl PatchCore {
         mut tensors: HashMap<String, Tensor>,
     ) -> Result<Self> {
         let bank = tensors.remove("memory_bank").context("model file has no `memory_bank` tensor")?;
-        let (_, channels) = bank.dims2().context("memory_bank must be 2-D")?;
+        let (rows, channels) = bank.dims2().context("memory_bank must be 2-D")?;
+        if rows == 0 {
+            bail!("memory_bank is empty");
+        }
         if channels != PATCH_CHANNELS {
             bail!("memory_bank has {channels} channels, expected {PATCH_CHANNELS}");
         }
@@ -547,6 +550,23 @@ mod tests {
             assert!((map_max - max).abs() <= 1e-4 * max, "the map's maximum is the exact one");
         }
         assert!(missed > 0, "one probe found every nearest entry: the test would prove nothing");
+        Ok(())
+    }
+
+    #[test]
+    fn an_empty_or_nan_bank_from_a_file_is_an_error_or_a_score_never_a_panic() -> Result<()> {
+        let backbone = Arc::new(Backbone::without_weights_for_tests());
+        let empty =
+            HashMap::from([("memory_bank".to_string(), Tensor::zeros((0, PATCH_CHANNELS), DType::F32, &Device::Cpu)?)]);
+        let error = PatchCore::load(backbone.clone(), 64, PatchCoreSettings::default(), empty).err().expect("refused");
+        assert!(error.to_string().contains("empty"), "{error}");
+        // A bank of NaN (a corrupt file) indexed and searched: scores are NaN, which the caller reports.
+        let bank = vec![f32::NAN; 40 * PATCH_CHANNELS];
+        let index = InvertedIndex::build(&bank, PATCH_CHANNELS, 4, 0);
+        let rows = clustered_features(16, PATCH_CHANNELS, 2, 1);
+        let (squared, _) = index.nearest_squared(&rows, 2);
+        let mut distances: Vec<f32> = squared.into_iter().map(f32::sqrt).collect();
+        exact_image_score(&index, 2, &rows, &mut distances, 9);
         Ok(())
     }
 }
