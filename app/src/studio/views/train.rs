@@ -7,7 +7,7 @@ use eframe::egui;
 use egui_plot::{Line, Plot};
 use loupe_engine::device::DeviceChoice;
 use loupe_engine::methods::setting_docs;
-use loupe_engine::methods::{find_method, Family, REGISTRY};
+use loupe_engine::methods::{find_method, Family, MethodInfo, REGISTRY};
 
 pub fn show(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
     ui.columns(2, |columns| {
@@ -74,51 +74,19 @@ fn settings_editor(ui: &mut egui::Ui, studio: &mut Studio) {
             }
         });
     }
-    egui::Grid::new("settings").num_columns(2).striped(true).show(ui, |ui| {
-        for (key, value) in object.iter_mut() {
-            let range = method.range_of(key);
-            let doc = setting_docs::doc(method.name, key);
-            let mut hover = doc.map(|d| d.help.to_string()).unwrap_or_default();
-            if let Some(unit) = doc.map(|d| d.unit).filter(|u| !u.is_empty()) {
-                hover.push_str(&format!("\nunit: {unit}"));
-            }
-            if let Some(range) = range {
-                hover.push_str(&format!("\nallowed: {}", range.describe()));
-            }
-            if let Some(paper) = doc.and_then(|d| d.paper) {
-                hover.push_str(&format!("\npaper: {paper}"));
-            }
-            hover.push_str(&format!("\nsetting: {key}"));
-            let label = ui.label(doc.map_or(key.as_str(), |d| d.label)).on_hover_text(hover.trim_start());
-            let (min, max) = range.map_or((f64::MIN, f64::MAX), |r| (r.min, r.max));
-            let editor = match value {
-                serde_json::Value::Number(number) => {
-                    let mut v = number.as_f64().unwrap_or_default();
-                    let (speed, decimals) = if number.is_f64() { (0.001, 6) } else { (1.0, 0) };
-                    let response =
-                        ui.add(egui::DragValue::new(&mut v).speed(speed).max_decimals(decimals).range(min..=max));
-                    if response.changed() {
-                        // Integer settings are non-negative; `as` saturates at u64::MAX.
-                        let new = if number.is_f64() {
-                            serde_json::Number::from_f64(v)
-                        } else {
-                            Some(serde_json::Number::from(v.round().max(0.0) as u64))
-                        };
-                        if let Some(new) = new {
-                            *number = new;
-                            changed = true;
-                        }
-                    }
-                    response
-                }
-                serde_json::Value::Bool(flag) => ui.checkbox(flag, ""),
-                serde_json::Value::String(text) => ui.text_edit_singleline(text),
-                other => ui.label(other.to_string()),
-            };
-            changed |= editor.changed();
-            editor.labelled_by(label.id);
-            ui.end_row();
+    // Common settings first; the advanced ones (worth changing only with a reason) folded away.
+    let is_advanced = |key: &str| setting_docs::doc(method.name, key).is_some_and(|d| d.advanced);
+    egui::Grid::new("settings").num_columns(3).striped(true).show(ui, |ui| {
+        for (key, value) in object.iter_mut().filter(|(key, _)| !is_advanced(key)) {
+            changed |= setting_row(ui, method, key, value);
         }
+    });
+    egui::CollapsingHeader::new("Advanced").id_salt("advanced settings").show(ui, |ui| {
+        egui::Grid::new("advanced settings grid").num_columns(3).striped(true).show(ui, |ui| {
+            for (key, value) in object.iter_mut().filter(|(key, _)| is_advanced(key)) {
+                changed |= setting_row(ui, method, key, value);
+            }
+        });
     });
     // What training would refuse, said before the button is pressed (a project file may hold anything).
     if let Err(error) = method.settings_with(&settings) {
@@ -128,6 +96,55 @@ fn settings_editor(ui: &mut egui::Ui, studio: &mut Studio) {
         studio.project.training.settings_json = settings.to_string();
         studio.changed();
     }
+}
+
+/// One setting: its label in words (help, unit, range, paper value and key on hover), its editor, its unit.
+/// Returns whether the value changed.
+fn setting_row(ui: &mut egui::Ui, method: &MethodInfo, key: &str, value: &mut serde_json::Value) -> bool {
+    let range = method.range_of(key);
+    let doc = setting_docs::doc(method.name, key);
+    let mut hover = doc.map(|d| d.help.to_string()).unwrap_or_default();
+    if let Some(unit) = doc.map(|d| d.unit).filter(|u| !u.is_empty()) {
+        hover.push_str(&format!("\nunit: {unit}"));
+    }
+    if let Some(range) = range {
+        hover.push_str(&format!("\nallowed: {}", range.describe()));
+    }
+    if let Some(paper) = doc.and_then(|d| d.paper) {
+        hover.push_str(&format!("\npaper: {paper}"));
+    }
+    hover.push_str(&format!("\nsetting: {key}"));
+    let label = ui.label(doc.map_or(key, |d| d.label)).on_hover_text(hover.trim_start());
+    let (min, max) = range.map_or((f64::MIN, f64::MAX), |r| (r.min, r.max));
+    let mut changed = false;
+    let editor = match value {
+        serde_json::Value::Number(number) => {
+            let mut v = number.as_f64().unwrap_or_default();
+            let (speed, decimals) = if number.is_f64() { (0.001, 6) } else { (1.0, 0) };
+            let response = ui.add(egui::DragValue::new(&mut v).speed(speed).max_decimals(decimals).range(min..=max));
+            if response.changed() {
+                // Integer settings are non-negative; `as` saturates at u64::MAX.
+                let new = if number.is_f64() {
+                    serde_json::Number::from_f64(v)
+                } else {
+                    Some(serde_json::Number::from(v.round().max(0.0) as u64))
+                };
+                if let Some(new) = new {
+                    *number = new;
+                    changed = true;
+                }
+            }
+            response
+        }
+        serde_json::Value::Bool(flag) => ui.checkbox(flag, ""),
+        serde_json::Value::String(text) => ui.text_edit_singleline(text),
+        other => ui.label(other.to_string()),
+    };
+    changed |= editor.changed();
+    editor.labelled_by(label.id);
+    ui.label(doc.map_or("", |d| d.unit));
+    ui.end_row();
+    changed
 }
 
 fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
