@@ -103,6 +103,15 @@ def load_rgb(path):
     return np.ascontiguousarray(np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)[None])
 
 
+def errors_against(row, base, anomaly_map, score):
+    """One image's output against Loupe's line in expected.jsonl: map error as a share of Loupe's map range,
+    the absolute map error, that range, and the score's relative error."""
+    want_map = np.fromfile(os.path.join(base, row["map"]), dtype="<f4").reshape(row["size"], row["size"])
+    span = max(float(want_map.max() - want_map.min()), 1e-12)
+    largest = float(np.abs(anomaly_map - want_map).max())
+    return largest / span, largest, span, abs(float(score) - row["score"]) / max(abs(row["score"]), 1e-12)
+
+
 def check(runtime, expected, base, file, score_bound, map_bound):
     worst_score = worst_map = worst_abs = 0.0
     smallest_span = float("inf")
@@ -111,12 +120,10 @@ def check(runtime, expected, base, file, score_bound, map_bound):
     for row in expected:
         image = load_rgb(row["image"])
         anomaly_map, score, verdict = runtime.run(image)
-        want_map = np.fromfile(os.path.join(base, row["map"]), dtype="<f4").reshape(row["size"], row["size"])
-        span = max(float(want_map.max() - want_map.min()), 1e-12)
-        worst_map = max(worst_map, float(np.abs(anomaly_map[0] - want_map).max()) / span)
-        worst_abs = max(worst_abs, float(np.abs(anomaly_map[0] - want_map).max()))
+        map_error, map_abs, span, score_error = errors_against(row, base, anomaly_map[0], score[0])
+        worst_map, worst_abs = max(worst_map, map_error), max(worst_abs, map_abs)
         smallest_span = min(smallest_span, span)
-        worst_score = max(worst_score, abs(float(score[0]) - row["score"]) / max(abs(row["score"]), 1e-12))
+        worst_score = max(worst_score, score_error)
         if int(verdict[0]) != row["verdict"]:
             mismatched.append(row["image"])
         scores.append((image, float(score[0])))

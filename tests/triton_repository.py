@@ -26,7 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from onnx_parity import MAP_ERROR_OF_RANGE, SCORE_RELATIVE_ERROR, load_rgb  # noqa: E402
+from onnx_parity import MAP_ERROR_OF_RANGE, SCORE_RELATIVE_ERROR, errors_against, load_rgb  # noqa: E402
 
 ONNX_TO_TRITON = {"tensor(uint8)": "TYPE_UINT8", "tensor(float)": "TYPE_FP32", "tensor(int64)": "TYPE_INT64"}
 
@@ -108,10 +108,8 @@ def check_repository(entry, expected_dir=None):
                 for index, (row, image) in enumerate(chunk):
                     alone_map, alone_score, _ = session.run(None, {"image": image})
                     worst_batching = max(worst_batching, abs(float(alone_score[0]) - float(scores[index])))
-                    want_map = np.fromfile(os.path.join(expected_dir, row["map"]), dtype="<f4").reshape(row["size"], row["size"])
-                    span = max(float(want_map.max() - want_map.min()), 1e-12)
-                    worst_map = max(worst_map, float(np.abs(maps[index] - want_map).max()) / span)
-                    worst_score = max(worst_score, abs(float(scores[index]) - row["score"]) / max(abs(row["score"]), 1e-12))
+                    map_error, _, _, score_error = errors_against(row, expected_dir, maps[index], scores[index])
+                    worst_map, worst_score = max(worst_map, map_error), max(worst_score, score_error)
                     mismatched += int(verdicts[index]) != row["verdict"]
         if worst_score > SCORE_RELATIVE_ERROR:
             failures.append(f"batched score relative error {worst_score:.2e} > {SCORE_RELATIVE_ERROR}")

@@ -486,15 +486,10 @@ mod tests {
     use crate::dataset::synthetic::clustered_features;
     use crate::methods::representation::nearest::nearest_squared;
 
-    #[test]
-    fn fused_cpu_search_matches_the_tensor_ops() -> Result<()> {
-        let bank = clustered_features(700, PATCH_CHANNELS, 8, 1);
-        let rows = clustered_features(300, PATCH_CHANNELS, 8, 2);
-        let bank_tensor = Tensor::from_vec(bank.clone(), (700, PATCH_CHANNELS), &Device::Cpu)?;
-        let norms: Vec<f32> = bank.chunks_exact(PATCH_CHANNELS).map(|r| r.iter().map(|v| v * v).sum()).collect();
-        let (fused_squared, fused_indices) = nearest_squared(&rows, &bank, &norms, PATCH_CHANNELS);
-        let fused_distances: Vec<f32> = fused_squared.into_iter().map(f32::sqrt).collect();
-        let model = PatchCore {
+    /// A model on `bank` that searches with the tensor ops (as on a GPU), without backbone weights.
+    fn tensor_search_model(bank: &[f32]) -> Result<PatchCore> {
+        let bank_tensor = Tensor::from_vec(bank.to_vec(), (bank.len() / PATCH_CHANNELS, PATCH_CHANNELS), &Device::Cpu)?;
+        Ok(PatchCore {
             backbone: Arc::new(Backbone::without_weights_for_tests()),
             settings: PatchCoreSettings::default(),
             image_size: 64,
@@ -502,7 +497,17 @@ mod tests {
             bank_norms: bank_tensor.sqr()?.sum_keepdim(1)?.t()?.contiguous()?,
             memory_bank: bank_tensor,
             cpu_index: None,
-        };
+        })
+    }
+
+    #[test]
+    fn fused_cpu_search_matches_the_tensor_ops() -> Result<()> {
+        let bank = clustered_features(700, PATCH_CHANNELS, 8, 1);
+        let rows = clustered_features(300, PATCH_CHANNELS, 8, 2);
+        let norms: Vec<f32> = bank.chunks_exact(PATCH_CHANNELS).map(|r| r.iter().map(|v| v * v).sum()).collect();
+        let (fused_squared, fused_indices) = nearest_squared(&rows, &bank, &norms, PATCH_CHANNELS);
+        let fused_distances: Vec<f32> = fused_squared.into_iter().map(f32::sqrt).collect();
+        let model = tensor_search_model(&bank)?;
         let rows_tensor = Tensor::from_vec(rows, (300, PATCH_CHANNELS), &Device::Cpu)?;
         let (distances, indices) = model.nearest_with_tensor_ops(&rows_tensor)?;
         assert_eq!(fused_indices, indices);
@@ -518,16 +523,7 @@ mod tests {
     fn indexed_image_scores_are_the_exhaustive_ones() -> Result<()> {
         let m = 3000;
         let bank = clustered_features(m, PATCH_CHANNELS, 12, 5);
-        let bank_tensor = Tensor::from_vec(bank.clone(), (m, PATCH_CHANNELS), &Device::Cpu)?;
-        let model = PatchCore {
-            backbone: Arc::new(Backbone::without_weights_for_tests()),
-            settings: PatchCoreSettings::default(),
-            image_size: 64,
-            memory_bank_t: bank_tensor.t()?.contiguous()?,
-            bank_norms: bank_tensor.sqr()?.sum_keepdim(1)?.t()?.contiguous()?,
-            memory_bank: bank_tensor,
-            cpu_index: None,
-        };
+        let model = tensor_search_model(&bank)?;
         let index = InvertedIndex::build(&bank, PATCH_CHANNELS, 40, 0);
         let norms: Vec<f32> = bank.chunks_exact(PATCH_CHANNELS).map(|r| r.iter().map(|v| v * v).sum()).collect();
         let mut missed = 0;
