@@ -297,3 +297,55 @@ fn methods_explain_their_settings_in_words() {
     let unknown = loupe(&["methods", "--settings", "nosuchmethod"]);
     assert_eq!(unknown.status.code(), Some(1));
 }
+
+/// `loupe report` on a 500-test-image project with two models: one HTML file that parses cleanly, references
+/// nothing outside itself, stays under a megabyte, renders its pictures and plots in headless Chromium and
+/// prints to a several-page PDF (tests/report_check.py).
+#[test]
+fn report_is_one_file_a_browser_renders() {
+    use loupe::project::{ModelEntry, Project, Source};
+    let dir = temp_dir("report");
+    let spec = SyntheticSpec { seed: 11, size: 96, train_good: 30, test_good: 200, test_per_defect: 100 };
+    generate_mvtec(&dir.join("data"), &spec).unwrap();
+    let mut project = Project::new("line 3 <pilot>");
+    project.sources.push(Source::Benchmark("data".into()));
+    for method in ["padim", "patchcore"] {
+        let out = dir.join(format!("{method}.safetensors"));
+        let fit = loupe(&["fit", "--method", method, "--data", text(&dir.join("data")), "--out", text(&out)]);
+        assert!(fit.status.success(), "{}", String::from_utf8_lossy(&fit.stderr));
+        project.models.push(ModelEntry {
+            name: format!("{method} v1"),
+            method: method.into(),
+            file: format!("{method}.safetensors").into(),
+            decision: None,
+            review: None,
+            evaluations: Default::default(),
+            inspected: Default::default(),
+            fit_seconds: 0.0,
+            images_used: 0,
+        });
+    }
+    project.active_model = Some(0);
+    let project_path = dir.join("line3.ron");
+    project.save(&project_path).unwrap();
+
+    let out = dir.join("report.html");
+    let report = loupe(&["report", "--project", text(&project_path), "--out", text(&out)]);
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let html = std::fs::read_to_string(&out).unwrap();
+    assert!(html.contains("line 3 &lt;pilot&gt;") && html.contains("Model comparison") && html.contains("patchcore v1"));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let checked = Command::new("python3")
+        .arg(root.join("tests/report_check.py"))
+        .args([text(&out), text(&dir.join("browser")), "--max-bytes", "1000000"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&checked.stdout);
+    eprintln!("{said}");
+    assert!(checked.status.success(), "{said}{}", String::from_utf8_lossy(&checked.stderr));
+
+    let unknown = loupe(&["report", "--project", text(&project_path), "--model", "nope", "--out", text(&out)]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no model named \"nope\" (it has: padim v1, patchcore v1)"));
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -4,5 +4,6 @@
 pub mod line;
 pub mod overlay;
 pub mod project;
+pub mod report;
 #[cfg(feature = "studio")]
 pub mod studio;

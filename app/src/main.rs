@@ -30,6 +30,8 @@ enum Command {
     Infer(commands::infer::InferArgs),
     /// Export a model to run outside Loupe (ONNX), or show what an exported file carries.
     Export(commands::export::ExportArgs),
+    /// Write a project model's report: one HTML file a manager opens without Loupe.
+    Report(commands::report::ReportArgs),
     /// Get or convert the ImageNet backbone weights.
     Weights(commands::weights::WeightsArgs),
     /// Generate the synthetic demo set, train PatchCore on it and print its metrics.
@@ -66,6 +68,7 @@ fn main() {
             }
         }),
         Command::Export(args) => commands::export::run(args),
+        Command::Report(args) => commands::report::run(args),
         Command::Weights(args) => commands::weights::run(args),
         Command::Demo(args) => commands::demo::run(args),
         Command::Methods(args) => commands::list_methods(args),

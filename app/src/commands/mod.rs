@@ -7,6 +7,7 @@ pub mod export;
 pub mod fit;
 pub mod infer;
 pub mod labels;
+pub mod report;
 #[cfg(feature = "studio")]
 pub mod studio;
 pub mod watch;
