@@ -333,7 +333,9 @@ fn report_is_one_file_a_browser_renders() {
     let report = loupe(&["report", "--project", text(&project_path), "--out", text(&out)]);
     assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
     let html = std::fs::read_to_string(&out).unwrap();
-    assert!(html.contains("line 3 &lt;pilot&gt;") && html.contains("Model comparison") && html.contains("patchcore v1"));
+    assert!(
+        html.contains("line 3 &lt;pilot&gt;") && html.contains("Model comparison") && html.contains("patchcore v1")
+    );
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let checked = Command::new("python3")
         .arg(root.join("tests/report_check.py"))
@@ -346,6 +348,8 @@ fn report_is_one_file_a_browser_renders() {
 
     let unknown = loupe(&["report", "--project", text(&project_path), "--model", "nope", "--out", text(&out)]);
     assert_eq!(unknown.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no model named \"nope\" (it has: padim v1, patchcore v1)"));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no model named \"nope\" (it has: padim v1, patchcore v1)")
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -786,8 +786,8 @@ fn thresholds_reach_the_model_file_only_when_chosen_and_are_never_overwritten_si
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Model ▸ Export the active model as ONNX writes the file with the thresholds the project holds at that moment
-/// (a threshold dragged a moment ago, not the one the model file had).
+/// Model ▸ Export the active model as ONNX (and as a bundle, and Project ▸ Export report) writes the file with the
+/// thresholds the project holds at that moment (a threshold dragged a moment ago, not the one the model file had).
 #[test]
 fn the_active_model_exports_to_onnx_with_the_thresholds_of_the_moment() {
     let dir = temp_dir("onnx-export");
@@ -816,5 +816,13 @@ fn the_active_model_exports_to_onnx_with_the_thresholds_of_the_moment() {
     let manifest = loupe_engine::model_file::read_manifest(&bundle).unwrap();
     assert!(manifest.backbone_embedded);
     assert_eq!(manifest.thresholds.decision, Some(chosen));
+
+    // Project ▸ Export report: the report states the threshold of the moment and where it came from.
+    let report = dir.join("line report.html");
+    harness.state_mut().start_report_export(&ctx, report.clone());
+    wait_until_idle(&mut harness, "the report");
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(html.contains(&format!("{chosen:.4}")) && html.contains("set in Loupe&#39;s threshold panel"), "{html}");
+    assert!(html.matches("data:image/jpeg;base64,").count() >= 2, "image + heatmap pairs are embedded");
     let _ = std::fs::remove_dir_all(&dir);
 }

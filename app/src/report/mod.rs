@@ -227,14 +227,13 @@ fn threshold_facts(entry: &ModelEntry, loaded: &LoadedModel) -> ThresholdFacts {
     let rule = if decision.is_none() {
         "none chosen: the model was fitted without validation images".to_string()
     } else if entry.decision.is_some() && entry.decision != file.decision {
-        "set by hand in Loupe's threshold panel".to_string()
+        "set in Loupe's threshold panel (not yet written to the model file)".to_string()
     } else {
-        let by = match file.chosen_by {
-            ChosenBy::Fit => "at fit time",
-            ChosenBy::Studio => "in the studio",
-            ChosenBy::Command => "by `loupe eval --choose-threshold`",
-        };
-        format!("{} ({by})", file.rule)
+        match file.chosen_by {
+            ChosenBy::Studio => "set in Loupe's threshold panel".to_string(),
+            ChosenBy::Fit => format!("{} (at fit time)", file.rule),
+            ChosenBy::Command => format!("{} (by `loupe eval --choose-threshold`)", file.rule),
+        }
     };
     ThresholdFacts { decision, review: entry.review.or(file.review), rule }
 }

@@ -22,6 +22,7 @@ use eframe::egui;
 use frame_stats::FrameStats;
 use image_loader::ImageLoader;
 use jobs::{Job, JobFailure};
+use loupe_engine::device::DeviceChoice;
 use loupe_engine::evaluate::EvalReport;
 use loupe_engine::methods::AnomalyModel;
 use loupe_engine::model_file::Manifest;
@@ -147,6 +148,7 @@ enum DialogResult {
     ExportModel(PathBuf),
     ExportOnnx(PathBuf),
     ExportBundle(PathBuf),
+    ExportReport(PathBuf),
 }
 
 pub struct StudioApp {
@@ -667,6 +669,7 @@ impl StudioApp {
                 DialogResult::ExportModel(path) => self.export_model(path),
                 DialogResult::ExportOnnx(path) => self.start_onnx_export(ctx, path),
                 DialogResult::ExportBundle(path) => self.start_bundle_export(ctx, path),
+                DialogResult::ExportReport(path) => self.start_report_export(ctx, path),
             }
         }
     }
@@ -768,6 +771,24 @@ impl StudioApp {
         });
     }
 
+    /// Writes the active model's report (one HTML file, see `crate::report`) with the thresholds of the moment.
+    pub fn start_report_export(&mut self, ctx: &egui::Context, path: PathBuf) {
+        let project = self.studio.project.clone();
+        let dir = self.studio.dir();
+        let (backbones, weights) = (self.backbones.clone(), self.weights.clone());
+        self.spawn_job(ctx, "Writing the report", move |progress| {
+            let device: DeviceChoice = project.training.device.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+            let backbone = backbones.get(device, &weights, progress)?;
+            let open_model = |file: &std::path::Path| loupe_engine::model_file::load(file, backbone.clone());
+            let bytes = crate::report::write(&project, &dir, None, (&open_model, &backbone.device), &path, progress)?;
+            Ok(JobOutput::Reported(format!(
+                "wrote the report {} ({:.0} kB): one file that opens in any browser, offline",
+                path.display(),
+                bytes as f64 / 1e3
+            )))
+        });
+    }
+
     fn write_frame_stats(&mut self) {
         self.frame_stats_written = Instant::now();
         if let Some(path) = &self.frame_stats_path {
@@ -806,6 +827,24 @@ impl StudioApp {
                             .add_filter("Loupe project", &["ron"])
                             .save_file()
                             .map(DialogResult::SaveAs)
+                    });
+                }
+                let has_model = self.studio.project.active_model.is_some();
+                let export_report = egui::Button::new("Export report…");
+                if ui
+                    .add_enabled(has_model, export_report)
+                    .on_hover_text(
+                        "One HTML file for people without Loupe: what was trained on what, the thresholds and what \
+                         they cost, ROC and score plots, the worst misses and false alarms with heatmaps",
+                    )
+                    .clicked()
+                {
+                    self.spawn_dialog(|| {
+                        rfd::FileDialog::new()
+                            .add_filter("HTML report", &["html"])
+                            .set_file_name("report.html")
+                            .save_file()
+                            .map(DialogResult::ExportReport)
                     });
                 }
                 ui.separator();
