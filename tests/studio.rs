@@ -109,6 +109,8 @@ fn train_then_drag_the_threshold_and_watch_far_and_mar() {
     harness.run_steps(2);
     // Settings are shown in words (the engine's setting docs), the key in the hover text.
     harness.get_by_label("Memory bank share");
+    // The method in two lines: what it models, when it wins and its measured CPU cost.
+    harness.get_by_label(loupe_engine::methods::representation::patchcore::INFO.guide);
     harness.get_by_label("Train PatchCore").click();
     harness.run_steps(2);
     wait_until_idle(&mut harness, "training");

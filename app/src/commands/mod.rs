@@ -72,6 +72,7 @@ pub fn list_methods(args: MethodsArgs) -> Result<()> {
         }
         for method in methods {
             println!("  {:<12} {}", method.name, method.summary);
+            println!("  {:<12} {}", "", method.guide);
             for preset in method.presets {
                 println!("  {:<12}   --preset {}: {}", "", preset.name, preset.about);
             }
@@ -89,7 +90,7 @@ pub fn list_methods(args: MethodsArgs) -> Result<()> {
 /// One method's settings in words, common ones first (the studio's Train view shows the same).
 fn explain_settings(name: &str) -> Result<()> {
     let method = loupe_engine::methods::find_method(name)?;
-    println!("{} ({}): {}", method.title, method.family.title(), method.summary);
+    println!("{} ({}): {}\n{}", method.title, method.family.title(), method.summary, method.guide);
     let defaults = (method.default_settings)();
     for advanced in [false, true] {
         println!("\n{}", if advanced { "Advanced" } else { "Common" });

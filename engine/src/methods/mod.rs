@@ -8,13 +8,14 @@
 /// (`ranges`: the method's own settings; the shared ones are in [`settings::COMMON_RANGES`]).
 macro_rules! method_info {
     ($model:ident, $settings:ty, name: $name:expr, title: $title:expr, family: $family:expr, summary: $summary:expr,
-     ranges: [$($key:literal: $min:literal..=$max:literal),* $(,)?]
+     guide: $guide:expr, ranges: [$($key:literal: $min:literal..=$max:literal),* $(,)?]
      $(, presets: [$($preset:literal: $about:literal => $make:path),* $(,)?])? $(,)?) => {
         pub static INFO: $crate::methods::MethodInfo = $crate::methods::MethodInfo {
             name: $name,
             title: $title,
             family: $family,
             summary: $summary,
+            guide: $guide,
             ranges: &[$($crate::methods::settings::SettingRange::new($key, $min as f64, $max as f64)),*],
             check: |settings| {
                 $crate::methods::settings::check_ranges($name, INFO.ranges, settings)?;
@@ -189,6 +190,9 @@ pub struct MethodInfo {
     pub title: &'static str,
     pub family: Family,
     pub summary: &'static str,
+    /// When it wins and what it costs on a CPU, measured on MTD (761 training images, 2 cores; ARCHITECTURE.md
+    /// "Measured"): the second line of its description in the Train view and `loupe methods`.
+    pub guide: &'static str,
     /// The ranges of the method's own numeric settings (the shared ones: [`settings::COMMON_RANGES`]).
     pub ranges: &'static [settings::SettingRange],
     /// Checks complete settings: every value in its range, and the shape the method's settings type reads.

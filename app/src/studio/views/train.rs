@@ -42,6 +42,14 @@ fn method_list(ui: &mut egui::Ui, studio: &mut Studio) {
     }
 }
 
+/// The method in two lines: what it models, then when it wins and its measured CPU cost.
+fn describe(ui: &mut egui::Ui, method: &MethodInfo) {
+    ui.label(egui::RichText::new(format!("{} ({})", method.title, method.family.title())).strong());
+    ui.label(method.summary);
+    ui.label(egui::RichText::new(method.guide).weak());
+    ui.add_space(4.0);
+}
+
 /// One editor per setting the method declares, pre-filled with its default (or the project's choice).
 fn settings_editor(ui: &mut egui::Ui, studio: &mut Studio) {
     let Ok(method) = find_method(&studio.project.training.method) else {
@@ -55,6 +63,7 @@ fn settings_editor(ui: &mut egui::Ui, studio: &mut Studio) {
     }
     let Some(object) = settings.as_object_mut() else { return };
     let mut changed = false;
+    describe(ui, method);
     if !method.presets.is_empty() {
         ui.horizontal(|ui| {
             ui.label("preset");

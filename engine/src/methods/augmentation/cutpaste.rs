@@ -41,6 +41,7 @@ method_info!(
     title: "CutPaste",
     family: Family::DataAugmentation,
     summary: "Patch embeddings trained to spot CutPaste / scar augmentations; Gaussian density of normal patches.",
+    guide: "Wins on small irregular defects (scratches, cracks) on textured surfaces. On 2 CPU cores, MTD (761 training images): fit 3 min 40 s, 46 images/s, image AUROC 0.845.",
     ranges: ["embedding_dim": 2..=1024, "shrinkage": 0..=1],
     presets: ["published": "the paper's training length, for a GPU" => CutpasteSettings::published],
 );

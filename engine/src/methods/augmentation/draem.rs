@@ -64,6 +64,7 @@ method_info!(
     title: "DRAEM",
     family: Family::DataAugmentation,
     summary: "Reconstructive + discriminative networks trained on Perlin-noise synthetic anomalies.",
+    guide: "Wins where defects look like foreign texture pasted on the part; localises them sharply. On 2 CPU cores, MTD (761 training images): fit 3 min 42 s, 28 images/s, image AUROC 0.779.",
     ranges: ["downsample": 1..=4, "reconstructive_width": 1..=256, "discriminative_width": 1..=512],
     presets: ["published": "the paper's training length, for a GPU" => DraemSettings::published],
 );

@@ -40,6 +40,7 @@ method_info!(
     title: "FCDD",
     family: Family::AlgorithmEnhancement,
     summary: "Fully convolutional one-class classifier with outlier exposure; explanation heatmaps.",
+    guide: "Wins when some outliers (real or synthetic) can be shown in training; its maps explain the score. On 2 CPU cores, MTD (761 training images): fit 6 min 26 s, 34 images/s, image AUROC 0.776.",
     ranges: ["width": 1..=1024, "gauss_std": 0..=32],
     presets: ["published": "the paper's training length, for a GPU" => FcddSettings::published],
 );

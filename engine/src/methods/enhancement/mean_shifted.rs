@@ -48,6 +48,7 @@ method_info!(
     title: "Mean-shifted contrastive",
     family: Family::AlgorithmEnhancement,
     summary: "Contrastive adaptation around the normal centre; angular distance to it per patch.",
+    guide: "Wins when pretrained features need a light adaptation to the parts. On 2 CPU cores, MTD (761 training images): fit 1 min 56 s, 65 images/s, image AUROC 0.820.",
     ranges: ["positions_per_step": 2..=65536, "hidden": 1..=4096, "temperature": 0.001..=100],
     presets: ["published": "the paper's training length, for a GPU" => MeanShiftedSettings::published],
 );

@@ -36,6 +36,7 @@ method_info!(
     title: "FastFlow",
     family: Family::NormalizingFlow,
     summary: "2-D normalizing flows on feature maps (convolutional couplings); likelihood.",
+    guide: "Wins when good parts vary smoothly in texture: a likelihood per location. On 2 CPU cores, MTD (761 training images): fit 7 min 18 s, 26 images/s, image AUROC 0.910.",
     ranges: ["flow_steps": 1..=64, "hidden_ratio": 0.01..=8, "clamp_alpha": 0.01..=20, "levels": 0..=1],
     presets: ["published": "the paper's training length, for a GPU" => FastflowSettings::published],
 );

@@ -33,6 +33,7 @@ method_info!(
     title: "PaDiM",
     family: Family::Representation,
     summary: "Per-position Gaussian of pretrained features; Mahalanobis distance.",
+    guide: "Wins on aligned parts, and is the fastest to fit: a first model in seconds. On 2 CPU cores, MTD (761 training images): fit 14 s, 58–69 images/s, image AUROC 0.956.",
     ranges: ["feature_count": 1..=152, "regularization": 0..=1000],
 );
 

@@ -35,6 +35,7 @@ method_info!(
     title: "PatchCore",
     family: Family::Representation,
     summary: "Memory bank of pretrained patch features, reduced by greedy coreset; nearest-neighbour distance.",
+    guide: "Wins on most parts out of the box, with no training; memory grows with the training set. On 2 CPU cores, MTD (761 training images): fit 59 s, 40 images/s, image AUROC 0.965.",
     ranges: [
         "coreset_ratio": 0.000001..=1,
         "num_neighbors": 1..=1024,
