@@ -59,3 +59,20 @@ wait "$pid" 2>/dev/null || true
 for view in inspector gallery benchmark train; do
   shoot "$view" 10
 done
+
+# Presentation mode (F5) as a projector shows it: 1920×1080, and 3840×2160 at 2 pixels per point (hi-DPI).
+present_shot() { # name, width, height, scale factor
+  local screen=:$((80 + RANDOM % 9))
+  Xvfb "$screen" -screen 0 "${2}x${3}x24" >/dev/null 2>&1 &
+  local server=$!
+  sleep 1
+  DISPLAY=$screen WINIT_X11_SCALE_FACTOR=$4 target/release/loupe studio --present >"$out/$1.log" 2>&1 &
+  local pid=$!
+  sleep 15
+  DISPLAY=$screen import -window root "$out/$1.png"
+  kill "$pid" "$server" 2>/dev/null || true
+  wait "$pid" "$server" 2>/dev/null || true
+  echo "$out/$1.png"
+}
+present_shot present-1080p 1920 1080 1
+present_shot present-4k 3840 2160 2

@@ -43,6 +43,7 @@ fn harness(project: PathBuf, view: Option<View>) -> Harness<'static, StudioApp> 
         exit_when_idle: false,
         frame_stats: None,
         view,
+        present: false,
     };
     Harness::builder().with_size(egui::vec2(1280.0, 820.0)).wgpu().build_eframe(|cc| StudioApp::new(cc, options))
 }
@@ -826,5 +827,87 @@ fn the_active_model_exports_to_onnx_with_the_thresholds_of_the_moment() {
     let html = std::fs::read_to_string(&report).unwrap();
     assert!(html.contains(&format!("{chosen:.4}")) && html.contains("set in Loupe&#39;s threshold panel"), "{html}");
     assert!(html.matches("data:image/jpeg;base64,").count() >= 2, "image + heatmap pairs are embedded");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// F5 presents: the menus give way to the part, its heatmap and the verdict, FAR and MAR in large type; ←/→ walk
+/// the playlist; an image pinned in the inspector is in the pinned playlist (and in the saved project); a second
+/// model is loaded and shown beside the first; Esc returns to the studio.
+#[test]
+fn presentation_mode_walks_playlists_and_compares_two_models() {
+    use loupe::studio::views::present::{playlist_images, Playlist};
+    let dir = temp_dir("present");
+    let project = tiny_project(&dir);
+    let mut harness = harness(project.clone(), Some(View::Train));
+    wait_until_idle(&mut harness, "the import");
+    for method in
+        [&loupe_engine::methods::representation::patchcore::INFO, &loupe_engine::methods::representation::padim::INFO]
+    {
+        harness.state_mut().studio.project.training.method = method.name.into();
+        if method.name == "padim" {
+            harness.state_mut().studio.project.training.settings_json = "{}".into();
+        }
+        harness.run_steps(2);
+        harness.get_by_label(&format!("Train {}", method.title)).click();
+        harness.run_steps(2);
+        wait_until_idle(&mut harness, "training");
+    }
+    assert_eq!(harness.state().studio.project.models.len(), 2, "{:?}", harness.state().messages());
+    assert_eq!(harness.state().studio.project.active_model, Some(1), "the last trained model is active");
+
+    // Pin the first defective test image in the inspector.
+    let defective = harness.state().studio.images.iter().position(|i| i.label.is_anomalous()).unwrap();
+    harness.state_mut().studio.selected = Some(defective);
+    harness.state_mut().studio.project.pinned.clear();
+    let ctx = harness.ctx.clone();
+    harness.state_mut().present(&ctx, false);
+    harness.get_by_label("Inspector").click();
+    harness.run_steps(2);
+    harness.get_by_label("Pin for presenting").click();
+    harness.run_steps(2);
+    let pinned_key = harness.state().studio.images[defective].label_key.clone();
+    assert_eq!(harness.state().studio.project.pinned, [pinned_key.clone()]);
+
+    harness.key_press(egui::Key::F5);
+    harness.run_steps(3);
+    assert!(harness.state().is_presenting());
+    assert!(harness.query_by_label("Project").is_none(), "menus are hidden while presenting");
+    harness.get_by_label("FAR: good parts rejected");
+    harness.get_by_label("MAR: defects passed");
+    let studio = &harness.state().studio;
+    assert_eq!(playlist_images(studio, &Playlist::Pinned), [defective]);
+    let scratches = playlist_images(studio, &Playlist::DefectType("scratch".into()));
+    assert_eq!(scratches.len(), 4, "every scratch test image");
+    let scores: Vec<f32> = scratches.iter().map(|&i| studio.score_of(&studio.images[i]).unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "highest score first: {scores:?}");
+    let decision = studio.thresholds().unwrap().0;
+    for &i in &playlist_images(studio, &Playlist::WorstFalseAlarms) {
+        assert!(!studio.images[i].label.is_anomalous() && studio.score_of(&studio.images[i]).unwrap() >= decision);
+    }
+
+    harness.state_mut().presentation().playlist = Playlist::DefectType("scratch".into());
+    harness.state_mut().presentation().position = 0;
+    harness.run_steps(2);
+    harness.key_press(egui::Key::ArrowRight);
+    harness.run_steps(2);
+    assert_eq!(harness.state_mut().presentation().position, 1);
+    harness.get_by_label("2 of 4");
+
+    // Side by side: the other model is loaded on demand and named over its heatmap.
+    harness.state_mut().presentation().compare_with = Some(0);
+    harness.run_steps(2);
+    wait_until_idle(&mut harness, "loading the second model");
+    harness.run_steps(3);
+    assert!(harness.state().studio.runtimes[0].model.is_some(), "the compared model was loaded");
+    let first_name = harness.state().studio.project.models[0].name.clone();
+    harness.get_by_label(&first_name);
+    assert_eq!(harness.query_all_by_label("FAR: good parts rejected").count(), 2, "each model's figures");
+
+    harness.key_press(egui::Key::Escape);
+    harness.run_steps(2);
+    assert!(!harness.state().is_presenting());
+    harness.get_by_label("Project");
+    wait_until_idle(&mut harness, "the autosave");
+    assert_eq!(Project::load(&project).unwrap().pinned, [pinned_key], "pins are saved with the project");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -33,6 +33,9 @@ pub struct Project {
     /// The project's defect types, in the order the labeller made them.
     #[serde(default)]
     pub defect_types: Vec<String>,
+    /// Images pinned for presenting (the presentation mode's hand-picked playlist), by label key, in order.
+    #[serde(default)]
+    pub pinned: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,6 +146,7 @@ impl Project {
             training: TrainingChoice::default(),
             labels: LabelSet::new(),
             defect_types: Vec::new(),
+            pinned: Vec::new(),
         }
     }
 
@@ -233,6 +237,12 @@ impl Project {
             }
         }
         self.labels.extend(moving);
+        // Pins are label keys too: each moves once, with the first rename that matches it.
+        for pin in &mut self.pinned {
+            if let Some((old, new)) = renamed.iter().find(|(old, _)| pin.starts_with(old.as_str())) {
+                *pin = format!("{new}{}", &pin[old.len()..]);
+            }
+        }
         Ok(())
     }
 
@@ -301,6 +311,7 @@ mod tests {
         project.active_model = Some(0);
         project.training.settings_json = r#"{"coreset_ratio":0.01}"#.into();
         project.defect_types = vec!["crack".into(), "blowhole".into()];
+        project.pinned = vec!["tiles/test/crack/000.png".into()];
         project.labels.insert(
             "tiles/test/crack/000.png".into(),
             crate::labels::ImageLabel {
@@ -335,12 +346,13 @@ mod tests {
     }
 
     #[test]
-    fn relinking_a_renamed_folder_moves_its_labels() {
+    fn relinking_a_renamed_folder_moves_its_labels_and_pins() {
         let mut project = sample();
         project.relink_source(0, "/mnt/moved/tiles-2024".into()).unwrap();
         assert_eq!(project.sources[0], Source::Benchmark("/mnt/moved/tiles-2024".into()));
         let keys: Vec<&String> = project.labels.keys().collect();
         assert_eq!(keys, ["tiles-2024/test/crack/000.png"]);
+        assert_eq!(project.pinned, ["tiles-2024/test/crack/000.png"], "pins move with their folder");
         assert!(project.relink_source(7, "/x".into()).is_err());
         // A Folder layout moves with its parent folder.
         project.sources[1] = Source::Folder {

@@ -22,6 +22,9 @@ pub struct StudioArgs {
     /// The view to show first and keep: train, gallery, inspector, threshold or benchmark.
     #[arg(long, value_parser = parse_view)]
     pub view: Option<View>,
+    /// Start in presentation mode (full screen; Esc returns to the studio).
+    #[arg(long)]
+    pub present: bool,
 }
 
 fn parse_view(name: &str) -> Result<View, String> {
@@ -40,5 +43,6 @@ pub fn run(args: StudioArgs) -> anyhow::Result<()> {
         exit_when_idle: args.exit_when_idle,
         frame_stats: args.frame_stats,
         view: args.view,
+        present: args.present,
     })
 }

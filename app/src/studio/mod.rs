@@ -50,6 +50,8 @@ pub struct StudioOptions {
     pub frame_stats: Option<PathBuf>,
     /// The view shown first (and after training); `None`: the gallery, then the threshold panel after training.
     pub view: Option<View>,
+    /// Open in presentation mode.
+    pub present: bool,
 }
 
 /// The open project and everything held in memory for it.
@@ -156,6 +158,8 @@ pub struct StudioApp {
     view: View,
     /// The view was chosen on the command line: training does not switch away from it.
     fixed_view: bool,
+    /// Presentation mode (full screen, the presentation alone): F5 or Project ▸ Present, Esc leaves.
+    presenting: bool,
     /// At most one background job; opening another project cancels it and drops its result.
     job: Option<Job<JobOutput>>,
     messages: Vec<Message>,
@@ -223,6 +227,7 @@ impl StudioApp {
             studio: Studio::new(project, path),
             view: options.view.unwrap_or(View::Gallery),
             fixed_view: options.view.is_some(),
+            presenting: options.present,
             job: None,
             messages,
             saver: Saver::spawn(cc.egui_ctx.clone()),
@@ -830,6 +835,9 @@ impl StudioApp {
                     });
                 }
                 let has_model = self.studio.project.active_model.is_some();
+                if ui.button("Present (F5)").on_hover_text("Full screen for a projector; Esc returns").clicked() {
+                    self.present(ui.ctx(), true);
+                }
                 let export_report = egui::Button::new("Export report…");
                 if ui
                     .add_enabled(has_model, export_report)
@@ -1140,6 +1148,20 @@ impl eframe::App for StudioApp {
 
     fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         let started = Instant::now();
+        let (f5, escape) = ui.input(|i| (i.key_pressed(egui::Key::F5), i.key_pressed(egui::Key::Escape)));
+        if f5 || (escape && self.presenting) {
+            self.present(ui.ctx(), !self.presenting);
+        }
+        if self.presenting {
+            let mut actions = Vec::new();
+            egui::CentralPanel::default_margins().show(ui, |ui| {
+                let state = &mut self.views.present;
+                views::present::show(ui, &mut self.studio, state, &mut self.loader, self.gpu_overlay, &mut actions);
+            });
+            self.handle_actions(ui.ctx(), actions);
+            self.frame_stats.record(started.elapsed(), frame.info().cpu_usage, self.job.is_some(), self.tiles_uploaded);
+            return;
+        }
         egui::Panel::top("menu").show(ui, |ui| {
             self.menu_bar(ui);
             self.banners(ui);
@@ -1164,9 +1186,36 @@ impl eframe::App for StudioApp {
                 &mut actions,
             );
         });
+        self.handle_actions(ui.ctx(), actions);
+        self.frame_stats.record(started.elapsed(), frame.info().cpu_usage, self.job.is_some(), self.tiles_uploaded);
+    }
+
+    fn on_exit(&mut self) {
+        self.flush_save();
+        self.write_frame_stats();
+    }
+}
+
+impl StudioApp {
+    /// Enters or leaves presentation mode: the window full screen with the presentation alone, or back.
+    pub fn present(&mut self, ctx: &egui::Context, on: bool) {
+        self.presenting = on;
+        ctx.send_viewport_cmd(egui::ViewportCommand::Fullscreen(on));
+    }
+
+    pub fn is_presenting(&self) -> bool {
+        self.presenting
+    }
+
+    /// The presentation's playlist and comparison choices.
+    pub fn presentation(&mut self) -> &mut views::present::PresentState {
+        &mut self.views.present
+    }
+
+    fn handle_actions(&mut self, ctx: &egui::Context, actions: Vec<views::Action>) {
         for action in actions {
             match action {
-                views::Action::Train => self.start_training(ui.ctx()),
+                views::Action::Train => self.start_training(ctx),
                 views::Action::CancelJob => {
                     if let Some(job) = &self.job {
                         job.cancel();
@@ -1180,17 +1229,18 @@ impl eframe::App for StudioApp {
                     if !self.weights_present() {
                         self.error("re-evaluating needs the backbone weights: use “Fetch weights” first");
                     } else if let Some(active) = self.studio.project.active_model.filter(|_| self.job.is_none()) {
-                        self.start_reload(ui.ctx(), active);
+                        self.start_reload(ctx, active);
+                    }
+                }
+                views::Action::LoadModel(index) => {
+                    if !self.weights_present() {
+                        self.error("loading a model needs the backbone weights: use “Fetch weights” first");
+                    } else {
+                        self.start_reload(ctx, index);
                     }
                 }
             }
         }
-        self.frame_stats.record(started.elapsed(), frame.info().cpu_usage, self.job.is_some(), self.tiles_uploaded);
-    }
-
-    fn on_exit(&mut self) {
-        self.flush_save();
-        self.write_frame_stats();
     }
 }
 
@@ -1199,6 +1249,7 @@ pub fn run(options: StudioOptions) -> Result<()> {
     let native = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_inner_size([1360.0, 860.0])
+            .with_fullscreen(options.present)
             .with_title("Loupe")
             .with_drag_and_drop(true),
         renderer: eframe::Renderer::Wgpu,

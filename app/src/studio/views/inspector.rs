@@ -6,7 +6,7 @@
 use super::ViewContext;
 use crate::project::resolve;
 use crate::project::verdict::verdict;
-use crate::studio::image_loader::{ImageLoader, ImageState};
+use crate::studio::image_loader::{ImageLoader, ImageState, LoadedImage};
 use crate::studio::mask_edits::{EditedMask, MaskState};
 use crate::studio::widgets::heatmap::{paint_overlay, Colormap, OverlayData, OverlayStyle};
 use crate::studio::widgets::mask_painter::MaskPainter;
@@ -80,6 +80,26 @@ fn visible_part(view: egui::Rect, image: egui::Rect) -> Option<(egui::Rect, egui
     Some((visible, egui::Rect::from_min_max(to_uv(visible.min), to_uv(visible.max))))
 }
 
+/// Paints the image's tiles where the whole image occupies `whole`, clipped to `pane`; returns the visible part
+/// and its texture coordinates (where an overlay goes), if any of it is visible.
+pub fn paint_image(
+    painter: &egui::Painter,
+    pane: egui::Rect,
+    whole: egui::Rect,
+    loaded: &LoadedImage,
+) -> Option<(egui::Rect, egui::Rect)> {
+    let visible = visible_part(pane, whole)?;
+    let scale = whole.width() / loaded.size[0] as f32;
+    for tile in &loaded.tiles {
+        let origin = whole.min + egui::vec2(tile.origin[0] as f32, tile.origin[1] as f32) * scale;
+        let rect = egui::Rect::from_min_size(origin, egui::vec2(tile.size[0] as f32, tile.size[1] as f32) * scale);
+        if let Some((tile_visible, tile_uv)) = visible_part(pane, rect) {
+            painter.image(tile.texture.id(), tile_visible, tile_uv, egui::Color32::WHITE);
+        }
+    }
+    Some(visible)
+}
+
 /// The labeller's mask of image `index` (read in the background on first use), and `use_mask` applied to it;
 /// when it changed the mask, the label and the autosave learn of it.
 fn with_mask(
@@ -108,9 +128,10 @@ fn with_mask(
     }
 }
 
-fn overlay_key(studio: &Studio, image_key: &str) -> u64 {
+/// Names one model's overlay of one image (the shader caches its uploaded map by this key).
+pub fn overlay_key(model_file: Option<&std::path::PathBuf>, image_key: &str) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    studio.project.active().map(|m| &m.file).hash(&mut hasher);
+    model_file.hash(&mut hasher);
     image_key.hash(&mut hasher);
     hasher.finish()
 }
@@ -149,6 +170,15 @@ pub fn show(
         }
         if let Some(position) = position {
             ui.label(format!("· {} of {} (left/right arrow keys)", position + 1, order.len()));
+        }
+        let pinned = studio.project.pinned.iter().position(|key| key == &image.label_key);
+        let pin = ui.selectable_label(pinned.is_some(), "Pin for presenting");
+        if pin.on_hover_text("Adds the image to the presentation's pinned playlist (F5 presents)").clicked() {
+            match pinned {
+                Some(at) => drop(studio.project.pinned.remove(at)),
+                None => studio.project.pinned.push(image.label_key.clone()),
+            }
+            studio.changed();
         }
     });
     if verdict_bar::show(ui, studio, shown) {
@@ -250,15 +280,7 @@ pub fn show(
         let painter = ui.painter_at(pane);
         painter.rect_filled(pane, 0.0, egui::Color32::from_gray(20));
         let whole = image_rect(pane, image_size, state);
-        let Some((visible, uv)) = visible_part(pane, whole) else { continue };
-        let scale = whole.width() / image_size.x;
-        for tile in &loaded.tiles {
-            let origin = whole.min + egui::vec2(tile.origin[0] as f32, tile.origin[1] as f32) * scale;
-            let rect = egui::Rect::from_min_size(origin, egui::vec2(tile.size[0] as f32, tile.size[1] as f32) * scale);
-            if let Some((tile_visible, tile_uv)) = visible_part(pane, rect) {
-                painter.image(tile.texture.id(), tile_visible, tile_uv, egui::Color32::WHITE);
-            }
-        }
+        let Some((visible, uv)) = paint_image(&painter, pane, whole, loaded) else { continue };
         if let (Some(map), true, true) = (&map, with_overlay, context.gpu_overlay) {
             let range = map_range.unwrap_or((map.data.iter().copied().fold(f32::INFINITY, f32::min), map.max()));
             let style = OverlayStyle {
@@ -274,8 +296,11 @@ pub fn show(
                 mask_outline: state.mask_outline,
                 hide_below_threshold: state.hide_below_threshold && threshold.is_finite(),
             };
-            let data =
-                OverlayData { key: overlay_key(studio, &image.key()), map: map.clone(), mask: loaded.mask.clone() };
+            let data = OverlayData {
+                key: overlay_key(studio.project.active().map(|m| &m.file), &image.key()),
+                map: map.clone(),
+                mask: loaded.mask.clone(),
+            };
             paint_overlay(&painter, visible, uv, &data, &style);
         }
         // The labeller's mask goes over the heatmap: it is what they are working on.

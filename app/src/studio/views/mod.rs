@@ -4,6 +4,7 @@
 mod benchmark;
 pub mod gallery;
 mod inspector;
+pub mod present;
 mod threshold;
 mod train;
 
@@ -44,6 +45,8 @@ pub enum Action {
     Inspect(usize),
     /// Score the active model again, on the folders and on the labeller's current labels.
     Reevaluate,
+    /// Load a model that is not the active one (its scores and maps), for a side-by-side comparison.
+    LoadModel(usize),
 }
 
 /// Read-only facts about the app a view may show.
@@ -59,6 +62,7 @@ pub struct ViewStates {
     pub gallery: gallery::GalleryState,
     pub inspector: inspector::InspectorState,
     pub threshold: threshold::ThresholdState,
+    pub present: present::PresentState,
 }
 
 #[allow(clippy::too_many_arguments)]
