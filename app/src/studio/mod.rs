@@ -160,6 +160,8 @@ pub struct StudioApp {
     fixed_view: bool,
     /// Presentation mode (full screen, the presentation alone): F5 or Project ▸ Present, Esc leaves.
     presenting: bool,
+    /// The window's size before presentation mode sized it to the monitor by hand (see `fill_the_screen`).
+    windowed_size: Option<egui::Vec2>,
     /// At most one background job; opening another project cancels it and drops its result.
     job: Option<Job<JobOutput>>,
     messages: Vec<Message>,
@@ -228,6 +230,7 @@ impl StudioApp {
             view: options.view.unwrap_or(View::Gallery),
             fixed_view: options.view.is_some(),
             presenting: options.present,
+            windowed_size: None,
             job: None,
             messages,
             saver: Saver::spawn(cc.egui_ctx.clone()),
@@ -1153,6 +1156,7 @@ impl eframe::App for StudioApp {
             self.present(ui.ctx(), !self.presenting);
         }
         if self.presenting {
+            self.fill_the_screen(ui.ctx());
             let mut actions = Vec::new();
             egui::CentralPanel::default_margins().show(ui, |ui| {
                 let state = &mut self.views.present;
@@ -1201,6 +1205,22 @@ impl StudioApp {
     pub fn present(&mut self, ctx: &egui::Context, on: bool) {
         self.presenting = on;
         ctx.send_viewport_cmd(egui::ViewportCommand::Fullscreen(on));
+        if let (false, Some(size)) = (on, self.windowed_size.take()) {
+            ctx.send_viewport_cmd(egui::ViewportCommand::InnerSize(size));
+        }
+    }
+
+    /// Without a window manager (a bare X server, some kiosk set-ups) a full-screen request does nothing: then
+    /// the window is sized to the monitor by hand, and given its size back when the presentation ends.
+    fn fill_the_screen(&mut self, ctx: &egui::Context) {
+        let (monitor, inner) = ctx.input(|i| (i.viewport().monitor_size, i.viewport().inner_rect.map(|r| r.size())));
+        let (Some(monitor), Some(inner)) = (monitor, inner) else { return };
+        // The window's own fullscreen flag is no help: winit reports it set even where nothing honoured it.
+        if (inner - monitor).length() > 1.0 {
+            self.windowed_size.get_or_insert(inner);
+            ctx.send_viewport_cmd(egui::ViewportCommand::OuterPosition(egui::Pos2::ZERO));
+            ctx.send_viewport_cmd(egui::ViewportCommand::InnerSize(monitor));
+        }
     }
 
     pub fn is_presenting(&self) -> bool {

@@ -209,7 +209,8 @@ pub fn show(
         state.overlay = !state.overlay;
     }
     chooser(ui, studio, state);
-    if !state.opened && studio.active_runtime().is_some_and(|runtime| !runtime.scores.is_empty()) {
+    let scored = studio.active_runtime().is_some_and(|runtime| !runtime.scores.is_empty());
+    if !state.opened && scored && !studio.images.is_empty() {
         // Open on the first playlist with something to show (a good model may miss nothing).
         state.opened = true;
         let first_type = defect_types(studio).into_iter().next().map(Playlist::DefectType);
