@@ -866,7 +866,7 @@ fn presentation_mode_walks_playlists_and_compares_two_models() {
     harness.get_by_label("Pin for presenting").click();
     harness.run_steps(2);
     let pinned_key = harness.state().studio.images[defective].label_key.clone();
-    assert_eq!(harness.state().studio.project.pinned, [pinned_key.clone()]);
+    assert_eq!(harness.state().studio.project.pinned, std::slice::from_ref(&pinned_key));
 
     harness.key_press(egui::Key::F5);
     harness.run_steps(3);

@@ -9,8 +9,12 @@ pub trait Progress: Sync {
     fn begin(&self, stage: &str, total: u64);
     /// `steps` more of the current stage are done.
     fn advance(&self, steps: u64);
-    /// A short status line (a loss value, a count).
+    /// A short status line (a count, a skipped file).
     fn note(&self, _text: &str) {}
+    /// A training epoch's mean loss, as a number (the studio plots it); by default, a note.
+    fn loss(&self, epoch: usize, epochs: usize, value: f64) {
+        self.note(&format!("loss {value:.5} (epoch {} of {epochs})", epoch + 1));
+    }
     /// Polled between steps; long work returns `Cancelled` soon after this turns true.
     fn is_cancelled(&self) -> bool {
         false

@@ -191,9 +191,9 @@ fn evaluation_section(page: &mut String, index: usize, section: &EvaluationSecti
             bands.pass, bands.review, bands.reject
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         page,
-        "<div class=\"plots\">{}{}{}</div>\n",
+        "<div class=\"plots\">{}{}{}</div>",
         section.roc_svg, section.trade_off_svg, section.histogram_svg
     );
     page.push_str(

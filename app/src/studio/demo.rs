@@ -51,6 +51,32 @@ pub fn remember_last_project(path: &std::path::Path) {
     }
 }
 
+/// The project the window opens with: the one asked for, else the last one, else the demo project (else an
+/// empty one); with the errors met on the way, for the banner.
+pub fn first_project(requested: Option<PathBuf>) -> (Project, PathBuf, Vec<String>) {
+    let mut errors = Vec::new();
+    let opened = match requested.clone().or_else(last_project) {
+        Some(path) => Project::load(&path).map(|p| (p, path)),
+        None => Err(anyhow::anyhow!("no project yet")),
+    };
+    let (project, path) = match opened {
+        Ok(opened) => opened,
+        Err(error) => {
+            if requested.is_some() {
+                errors.push(format!("{error:#} — the file was left untouched; the demo project is open instead."));
+            }
+            match ensure_demo_project().and_then(|path| Ok((Project::load(&path)?, path))) {
+                Ok(opened) => opened,
+                Err(error) => {
+                    errors.push(format!("cannot open the demo project: {error:#}"));
+                    (Project::new("untitled"), std::env::temp_dir().join("loupe-untitled.ron"))
+                }
+            }
+        }
+    };
+    (project, path, errors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,12 +56,6 @@ impl JobStatus {
     }
 }
 
-/// Parses a `loss 0.123` / `loss=0.123` note.
-fn loss_of(note: &str) -> Option<f64> {
-    let rest = note.trim().strip_prefix("loss")?;
-    rest.trim_start_matches([' ', '=', ':']).split_whitespace().next()?.parse().ok()
-}
-
 /// The engine's progress interface writing into a shared status and waking the UI.
 struct SharedProgress {
     status: Arc<Mutex<JobStatus>>,
@@ -103,16 +97,21 @@ impl Progress for SharedProgress {
     fn note(&self, text: &str) {
         {
             let mut status = self.status();
-            if let Some(loss) = loss_of(text) {
-                let index = status.loss_curve.len() as f64;
-                status.loss_curve.push([index, loss]);
-            }
             if status.notes.len() == MAX_NOTES {
                 status.notes.remove(0);
             }
             status.notes.push(text.to_string());
         }
         (self.wake)();
+    }
+
+    fn loss(&self, epoch: usize, epochs: usize, value: f64) {
+        {
+            let mut status = self.status();
+            let index = status.loss_curve.len() as f64;
+            status.loss_curve.push([index, value]);
+        }
+        self.note(&format!("loss {value:.5} (epoch {} of {epochs})", epoch + 1));
     }
 
     fn is_cancelled(&self) -> bool {
@@ -210,8 +209,8 @@ mod tests {
             |progress| {
                 progress.begin("training", 4);
                 progress.advance(1);
-                progress.note("loss 2.5");
-                progress.note("loss=1.25 (epoch 2)");
+                progress.loss(0, 2, 2.5);
+                progress.loss(1, 2, 1.25);
                 progress.note("42 images");
                 progress.advance(1);
                 Ok(7)

@@ -81,7 +81,7 @@ pub fn train(
         }
         let mean = total / plan.steps_per_epoch.max(1) as f64;
         record.epoch_losses.push(mean);
-        progress.note(&format!("loss {mean:.5} (epoch {} of {})", epoch + 1, plan.epochs));
+        progress.loss(epoch, plan.epochs, mean);
         if best.as_ref().is_none_or(|(b, _)| mean < *b) {
             best = Some((mean, snapshot(varmap)?));
             record.best_epoch = epoch;

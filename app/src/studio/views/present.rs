@@ -167,10 +167,11 @@ fn chooser(ui: &mut egui::Ui, studio: &Studio, state: &mut PresentState) {
     });
 }
 
-fn big_number(ui: &mut egui::Ui, value: &str, caption: &str, colour: egui::Color32, scale: f32) {
+/// A figure in large type (`size` points at 1080p) over its caption.
+fn big_number(ui: &mut egui::Ui, (value, size): (&str, f32), caption: &str, colour: egui::Color32, scale: f32) {
     ui.vertical(|ui| {
-        ui.label(egui::RichText::new(value).size(56.0 * scale).strong().color(colour));
-        ui.label(egui::RichText::new(caption).size(18.0 * scale).weak());
+        ui.label(egui::RichText::new(value).size(size * scale).strong().color(colour));
+        ui.label(egui::RichText::new(caption).size(21.0 * scale).weak());
     });
 }
 
@@ -341,15 +342,19 @@ fn figures(
                 let colour = super::gallery::verdict_colour(v);
                 big_number(
                     ui,
-                    &v.name().to_uppercase(),
+                    (&v.name().to_uppercase(), 60.0),
                     &format!("score {score:.3} · threshold {decision:.3}"),
                     colour,
                     scale,
                 );
             }
-            (Some(score), None) => {
-                big_number(ui, &format!("{score:.3}"), "score (no threshold yet)", ui.visuals().text_color(), scale)
-            }
+            (Some(score), None) => big_number(
+                ui,
+                (&format!("{score:.3}"), 60.0),
+                "score (no threshold yet)",
+                ui.visuals().text_color(),
+                scale,
+            ),
             (None, _) => {
                 ui.label(egui::RichText::new("not scored").size(28.0 * scale).weak());
             }
@@ -359,25 +364,29 @@ fn figures(
             ui.horizontal(|ui| {
                 big_number(
                     ui,
-                    &super::percent(confusion.far()),
+                    (&super::percent(confusion.far()), 44.0),
                     "FAR: good parts rejected",
                     egui::Color32::from_rgb(220, 70, 60),
-                    scale * 0.8,
+                    scale,
                 );
                 ui.add_space(24.0 * scale);
                 big_number(
                     ui,
-                    &super::percent(confusion.mar()),
+                    (&super::percent(confusion.mar()), 44.0),
                     "MAR: defects passed",
                     egui::Color32::from_rgb(235, 140, 30),
-                    scale * 0.8,
+                    scale,
                 );
             });
         }
         ui.add_space(24.0 * scale);
     }
     ui.with_layout(egui::Layout::bottom_up(egui::Align::Min), |ui| {
-        ui.label(egui::RichText::new("Left / right arrow: next image · H: heatmap over or beside · Esc: leave").size(16.0 * scale).weak());
+        ui.label(
+            egui::RichText::new("Left / right arrow: next image · H: heatmap over or beside · Esc: leave")
+                .size(16.0 * scale)
+                .weak(),
+        );
         ui.label(
             egui::RichText::new("Colours: each model's threshold is the middle (green) of the scale")
                 .size(16.0 * scale)
