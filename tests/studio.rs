@@ -911,3 +911,59 @@ fn presentation_mode_walks_playlists_and_compares_two_models() {
     assert_eq!(Project::load(&project).unwrap().pinned, [pinned_key], "pins are saved with the project");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Reopening a project does not score again what did not change: the evaluation and its heatmaps come from
+/// the cache beside the model file while the weights, images and labels are those it was computed from; a
+/// touched image or a corrupt cache means scoring again (and the same results).
+#[test]
+fn reopening_reuses_the_heatmaps_of_an_unchanged_model() {
+    let dir = temp_dir("map-cache");
+    let project = tiny_project(&dir);
+    let mut harness = harness(project.clone(), Some(View::Train));
+    wait_until_idle(&mut harness, "the import");
+    harness.get_by_label("Train PatchCore").click();
+    harness.run_steps(2);
+    wait_until_idle(&mut harness, "training");
+    let model = dir.join(&harness.state().studio.project.models[0].file);
+    let cache = model.with_extension("maps.safetensors");
+    assert!(cache.is_file(), "training keeps its heatmaps for the next opening");
+    let maps_of = |harness: &Harness<'_, StudioApp>| {
+        let runtime = harness.state().studio.active_runtime().unwrap();
+        let mut maps: Vec<(String, Vec<f32>)> = runtime.maps.iter().map(|(k, m)| (k.clone(), m.data.clone())).collect();
+        maps.sort_by(|a, b| a.0.cmp(&b.0));
+        maps
+    };
+    let trained = maps_of(&harness);
+    drop(harness);
+
+    let written = std::fs::metadata(&cache).unwrap().modified().unwrap();
+    let mut reopened = self::harness(project.clone(), None);
+    wait_until_idle(&mut reopened, "reopening");
+    assert_eq!(maps_of(&reopened), trained, "the same heatmaps");
+    assert_eq!(std::fs::metadata(&cache).unwrap().modified().unwrap(), written, "read, not recomputed");
+    drop(reopened);
+
+    // A changed image invalidates the cache: scored again, the same maps, the cache rewritten.
+    let image = reopened_image(&dir);
+    let bytes = std::fs::read(&image).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&image, bytes).unwrap();
+    let mut rescored = self::harness(project.clone(), None);
+    wait_until_idle(&mut rescored, "reopening after a change");
+    assert_eq!(maps_of(&rescored), trained);
+    assert_ne!(std::fs::metadata(&cache).unwrap().modified().unwrap(), written, "recomputed and kept again");
+    drop(rescored);
+
+    // A corrupt cache is a miss, not an error.
+    std::fs::write(&cache, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a cache").unwrap();
+    let mut recovered = self::harness(project, None);
+    wait_until_idle(&mut recovered, "reopening with a corrupt cache");
+    assert!(recovered.state().messages().is_empty(), "{:?}", recovered.state().messages());
+    assert_eq!(maps_of(&recovered), trained);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One test image of the tiny project.
+fn reopened_image(dir: &Path) -> PathBuf {
+    dir.join("data/test/good").read_dir().unwrap().next().unwrap().unwrap().path()
+}

@@ -12,6 +12,7 @@ mod frame_stats;
 mod image_loader;
 mod job_flow;
 pub mod jobs;
+mod map_cache;
 pub mod mask_edits;
 mod menu;
 mod panels;

@@ -5,6 +5,7 @@
 
 use crate::project::sources::{path_in_source, source_records, Split};
 use crate::project::{resolve, source_names, ModelEntry, Project, Source, TrainingChoice};
+use crate::studio::map_cache;
 use anyhow::{bail, Context, Result};
 use eframe::egui::ColorImage;
 use loupe_engine::backbone::Backbone;
@@ -392,7 +393,10 @@ pub fn train(
     let evaluated = if progress.is_cancelled() {
         Evaluated { evaluations: BTreeMap::new(), inspected: BTreeMap::new(), maps: HashMap::new() }
     } else {
-        evaluate_all(model.as_ref(), &outcome.manifest, images, (project_dir, labels), &backbone.device, progress)?
+        let evaluated =
+            evaluate_all(model.as_ref(), &outcome.manifest, images, (project_dir, labels), &backbone.device, progress)?;
+        remember(&path, images, labels, &evaluated, progress);
+        evaluated
     };
     let entry = ModelEntry {
         name: format!("{} {}", method.title, file.file_stem().unwrap_or_default().to_string_lossy()),
@@ -430,11 +434,36 @@ pub fn reload(
     let device: DeviceChoice = project.training.device.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     let backbone = backbones.get(device, weights, progress)?;
     progress.begin("loading the model", 0);
-    let loaded = model_file::load(&resolve(project_dir, &entry.file), backbone.clone())?;
+    let path = resolve(project_dir, &entry.file);
+    let loaded = model_file::load(&path, backbone.clone())?;
     let model: Arc<dyn AnomalyModel> = Arc::from(loaded.model);
-    let labels = (project_dir, &project.labels);
-    let evaluated = evaluate_all(model.as_ref(), &loaded.manifest, images, labels, &backbone.device, progress)?;
+    let evaluated = match map_cache::load(&path, images, &project.labels) {
+        Some(cached) => {
+            progress.note("scores and heatmaps from the last evaluation: model, images and labels are unchanged");
+            cached
+        }
+        None => {
+            let labels = (project_dir, &project.labels);
+            let evaluated = evaluate_all(model.as_ref(), &loaded.manifest, images, labels, &backbone.device, progress)?;
+            remember(&path, images, &project.labels, &evaluated, progress);
+            evaluated
+        }
+    };
     Ok(Reloaded { model_index, model, manifest: loaded.manifest, evaluated })
+}
+
+/// Keeps an evaluation for the next opening of the project; failing to is only worth a note.
+fn remember(
+    model_path: &Path,
+    images: &[StudioImage],
+    labels: &LabelSet,
+    evaluated: &Evaluated,
+    progress: &dyn Progress,
+) {
+    progress.begin("keeping the heatmaps for the next opening", 0);
+    if let Err(error) = map_cache::store(model_path, images, labels, evaluated) {
+        progress.note(&format!("{error:#}"));
+    }
 }
 
 /// Rewrites a model file with the project's thresholds, so the threshold chosen in the studio travels with it.
