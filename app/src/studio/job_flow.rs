@@ -113,7 +113,7 @@ impl StudioApp {
         self.job = None;
         self.thumbnails.clear();
         self.studio = Studio::new(project, path);
-        self.views = views::ViewStates::default();
+        self.views = views::Views::default();
         demo::remember_last_project(&self.studio.path);
         self.start_import(ctx);
     }

@@ -93,7 +93,7 @@ pub struct StudioApp {
     path_input: String,
     /// The source being relinked and the folder typed for it.
     relinking: Option<(usize, String)>,
-    views: views::ViewStates,
+    views: views::Views,
 }
 
 impl StudioApp {
@@ -134,7 +134,7 @@ impl StudioApp {
             dialogs: mpsc::channel(),
             path_input: String::new(),
             relinking: None,
-            views: views::ViewStates::default(),
+            views: views::Views::default(),
         };
         app.start_import(&cc.egui_ctx);
         app
@@ -205,38 +205,24 @@ impl eframe::App for StudioApp {
         }
         if self.presenting {
             self.fill_the_screen(ui.ctx());
-            let mut actions = Vec::new();
-            egui::CentralPanel::default_margins().show(ui, |ui| {
-                let state = &mut self.views.present;
-                views::present::show(ui, &mut self.studio, state, &mut self.loader, self.gpu_overlay, &mut actions);
+        } else {
+            egui::Panel::top("menu").show(ui, |ui| {
+                self.menu_bar(ui);
+                self.banners(ui);
             });
-            self.handle_actions(ui.ctx(), actions);
-            self.frame_stats.record(started.elapsed(), frame.info().cpu_usage, self.job.is_some(), self.tiles_uploaded);
-            return;
+            egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
+            egui::Panel::left("project").resizable(true).default_size(220.0).show(ui, |ui| self.project_panel(ui));
         }
-        egui::Panel::top("menu").show(ui, |ui| {
-            self.menu_bar(ui);
-            self.banners(ui);
-        });
-        egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
-        egui::Panel::left("project").resizable(true).default_size(220.0).show(ui, |ui| self.project_panel(ui));
         let context = views::ViewContext {
             job: self.job.as_ref().map(Job::status),
             gpu_overlay: self.gpu_overlay,
             weights_present: self.weights_present(),
         };
         let mut actions = Vec::new();
+        let view = (!self.presenting).then_some(self.view);
         egui::CentralPanel::default_margins().show(ui, |ui| {
-            views::show(
-                ui,
-                self.view,
-                &mut self.studio,
-                &mut self.views,
-                &mut self.thumbnails,
-                &mut self.loader,
-                &context,
-                &mut actions,
-            );
+            let shared = (&mut self.studio, &mut self.thumbnails, &mut self.loader, &context, &mut actions);
+            self.views.show(ui, view, shared);
         });
         self.handle_actions(ui.ctx(), actions);
         self.frame_stats.record(started.elapsed(), frame.info().cpu_usage, self.job.is_some(), self.tiles_uploaded);

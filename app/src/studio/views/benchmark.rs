@@ -3,7 +3,7 @@
 //! model's worst false alarms and worst misses open in the inspector with one click. The category "your labels"
 //! judges the models against the labeller's verdicts, defect types and masks.
 
-use super::{metric, percent, Action, ViewContext};
+use super::{metric, percent, Action, StudioView, ViewContext, ViewFrame};
 use crate::project::sources::Split;
 use crate::studio::workspace::{labelled_test_set, YOUR_LABELS};
 use crate::studio::Studio;
@@ -49,7 +49,16 @@ fn your_labels_note(ui: &mut egui::Ui, studio: &Studio, context: &ViewContext, a
     });
 }
 
-pub fn show(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
+/// The Benchmark view (no state of its own).
+pub struct BenchmarkView;
+
+impl StudioView for BenchmarkView {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut ViewFrame<'_>) {
+        show(ui, frame.studio, frame.context, frame.actions);
+    }
+}
+
+fn show(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
     let categories: BTreeSet<String> =
         studio.project.models.iter().flat_map(|m| m.evaluations.keys().cloned()).collect();
     if categories.is_empty() {

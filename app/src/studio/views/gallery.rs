@@ -1,7 +1,7 @@
 //! Gallery: every image as a thumbnail with its score badge and verdict under the active model's thresholds;
 //! sorted by score or name, filtered by label, verdict, defect type and split. Click opens the inspector.
 
-use super::Action;
+use super::{Action, StudioView, ViewFrame};
 use crate::project::sources::Split;
 use crate::project::verdict::{verdict, Verdict};
 use crate::studio::Studio;
@@ -132,7 +132,16 @@ fn filters(ui: &mut egui::Ui, studio: &Studio, state: &mut GalleryState) {
     });
 }
 
-pub fn show(
+/// The Gallery view: its sort and filters are the frame's `browse` (the inspector follows the same order).
+pub struct GalleryView;
+
+impl StudioView for GalleryView {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut ViewFrame<'_>) {
+        show(ui, frame.studio, frame.browse, frame.thumbnails, frame.actions);
+    }
+}
+
+fn show(
     ui: &mut egui::Ui,
     studio: &mut Studio,
     state: &mut GalleryState,

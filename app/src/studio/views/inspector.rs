@@ -3,7 +3,7 @@
 //! side-by-side original / overlay, and ←/→ through the gallery's order. The labeller gives a verdict and defect
 //! types (`widgets::verdict_bar`) and paints a defect mask over the image (`widgets::mask_painter`).
 
-use super::ViewContext;
+use super::{StudioView, ViewContext, ViewFrame};
 use crate::project::resolve;
 use crate::project::verdict::verdict;
 use crate::studio::image_loader::{ImageLoader, ImageState, LoadedImage};
@@ -136,7 +136,14 @@ pub fn overlay_key(model_file: Option<&std::path::PathBuf>, image_key: &str) -> 
     hasher.finish()
 }
 
-pub fn show(
+impl StudioView for InspectorState {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut ViewFrame<'_>) {
+        let order = frame.browse.order(frame.studio);
+        show(ui, frame.studio, self, frame.loader, &order, frame.context);
+    }
+}
+
+fn show(
     ui: &mut egui::Ui,
     studio: &mut Studio,
     state: &mut InspectorState,

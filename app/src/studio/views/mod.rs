@@ -1,5 +1,6 @@
-//! One file per view; [`show`] draws the one the tab bar selected. Views change the [`Studio`] directly and ask the
-//! app for anything that starts background work through [`Action`]s.
+//! One file per view, each a [`StudioView`] owning its state; [`Views::show`] draws the one the tab bar selected
+//! (or the presentation). Views change the [`Studio`] directly and ask the app for anything that starts background
+//! work through [`Action`]s.
 
 mod benchmark;
 pub mod gallery;
@@ -56,37 +57,74 @@ pub struct ViewContext {
     pub weights_present: bool,
 }
 
-/// Per-view state that lives as long as the project is open.
-#[derive(Default)]
-pub struct ViewStates {
-    pub gallery: gallery::GalleryState,
-    pub inspector: inspector::InspectorState,
-    pub threshold: threshold::ThresholdState,
+/// What a view draws from besides its own state: the studio, the parts of the app every view may use, and the
+/// list it pushes its requests on.
+pub struct ViewFrame<'a> {
+    pub studio: &'a mut Studio,
+    /// The gallery's sort and filters: the inspector's left/right arrows step through the same order.
+    pub browse: &'a mut gallery::GalleryState,
+    pub thumbnails: &'a mut HashMap<usize, egui::TextureHandle>,
+    pub loader: &'a mut ImageLoader,
+    pub context: &'a ViewContext,
+    pub actions: &'a mut Vec<Action>,
+}
+
+/// One view of the studio, owning its state (the shape of egui's demo windows).
+pub trait StudioView {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut ViewFrame<'_>);
+}
+
+/// Every view with its state, alive as long as the project is open.
+pub struct Views {
+    pub browse: gallery::GalleryState,
+    train: train::TrainView,
+    gallery: gallery::GalleryView,
+    inspector: inspector::InspectorState,
+    threshold: threshold::ThresholdState,
+    benchmark: benchmark::BenchmarkView,
+    /// Presentation mode: not a tab, the whole window (see `StudioApp::present`).
     pub present: present::PresentState,
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn show(
-    ui: &mut egui::Ui,
-    view: View,
-    studio: &mut Studio,
-    states: &mut ViewStates,
-    thumbnails: &mut HashMap<usize, egui::TextureHandle>,
-    loader: &mut ImageLoader,
-    context: &ViewContext,
-    actions: &mut Vec<Action>,
-) {
-    match view {
-        View::Train => train::show(ui, studio, context, actions),
-        View::Gallery => gallery::show(ui, studio, &mut states.gallery, thumbnails, actions),
-        View::Inspector => {
-            let order = states.gallery.order(studio);
-            inspector::show(ui, studio, &mut states.inspector, loader, &order, context)
+impl Default for Views {
+    fn default() -> Self {
+        Self {
+            browse: Default::default(),
+            train: train::TrainView,
+            gallery: gallery::GalleryView,
+            inspector: Default::default(),
+            threshold: Default::default(),
+            benchmark: benchmark::BenchmarkView,
+            present: Default::default(),
         }
-        View::Threshold => threshold::show(ui, studio, &mut states.threshold, context, actions),
-        View::Benchmark => benchmark::show(ui, studio, context, actions),
     }
 }
+
+impl Views {
+    /// Draws `view` (`None`: the presentation) with the frame's shared parts.
+    pub fn show(&mut self, ui: &mut egui::Ui, view: Option<View>, shared: SharedParts<'_>) {
+        let (studio, thumbnails, loader, context, actions) = shared;
+        let mut frame = ViewFrame { studio, browse: &mut self.browse, thumbnails, loader, context, actions };
+        let shown: &mut dyn StudioView = match view {
+            Some(View::Train) => &mut self.train,
+            Some(View::Gallery) => &mut self.gallery,
+            Some(View::Inspector) => &mut self.inspector,
+            Some(View::Threshold) => &mut self.threshold,
+            Some(View::Benchmark) => &mut self.benchmark,
+            None => &mut self.present,
+        };
+        shown.ui(ui, &mut frame);
+    }
+}
+
+/// The app's parts a frame lends the views.
+pub type SharedParts<'a> = (
+    &'a mut Studio,
+    &'a mut HashMap<usize, egui::TextureHandle>,
+    &'a mut ImageLoader,
+    &'a ViewContext,
+    &'a mut Vec<Action>,
+);
 
 pub fn format_duration(duration: Duration) -> String {
     let seconds = duration.as_secs();

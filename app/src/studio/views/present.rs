@@ -4,7 +4,7 @@
 //! second model's heatmap beside the first on the same colour scale. F5 enters (or Project ▸ Present), Esc leaves.
 
 use super::inspector::{overlay_key, paint_image};
-use super::Action;
+use super::{Action, StudioView, ViewFrame};
 use crate::project::sources::Split;
 use crate::project::verdict::verdict;
 use crate::studio::image_loader::{ImageLoader, ImageState};
@@ -195,7 +195,13 @@ fn relative_style(runtime: &ModelRuntime, threshold: Option<f32>, map: &loupe_en
     }
 }
 
-pub fn show(
+impl StudioView for PresentState {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut ViewFrame<'_>) {
+        show(ui, frame.studio, self, frame.loader, frame.context.gpu_overlay, frame.actions);
+    }
+}
+
+fn show(
     ui: &mut egui::Ui,
     studio: &mut Studio,
     state: &mut PresentState,

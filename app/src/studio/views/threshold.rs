@@ -4,7 +4,7 @@
 //! sorted once, so a drag costs microseconds even for 100,000 images. The ground truth is the folders' (MVTec or
 //! Folder layout) or the labeller's own verdicts; the agreement between model and labeller is drawn per threshold.
 
-use super::{percent, Action, ViewContext};
+use super::{percent, Action, StudioView, ViewContext, ViewFrame};
 use crate::project::verdict::{agreement, agreement_curve, band_counts};
 use crate::studio::Studio;
 use eframe::egui;
@@ -128,7 +128,13 @@ fn histogram(scores: &[f32], lo: f32, width: f32, name: &str, colour: egui::Colo
     BarChart::new(name, bars).color(colour)
 }
 
-pub fn show(
+impl StudioView for ThresholdState {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut ViewFrame<'_>) {
+        show(ui, frame.studio, self, frame.context, frame.actions);
+    }
+}
+
+fn show(
     ui: &mut egui::Ui,
     studio: &mut Studio,
     state: &mut ThresholdState,

@@ -1,7 +1,7 @@
 //! Train view: the methods grouped by the survey's five families (only what the engine registered), their
 //! settings with the engine's defaults, the device, and the running job's progress, ETA, curve and cancel.
 
-use super::{format_duration, Action, ViewContext};
+use super::{format_duration, Action, StudioView, ViewContext, ViewFrame};
 use crate::studio::Studio;
 use eframe::egui;
 use egui_plot::{Line, Plot};
@@ -9,7 +9,16 @@ use loupe_engine::device::DeviceChoice;
 use loupe_engine::methods::setting_docs;
 use loupe_engine::methods::{find_method, Family, MethodInfo, REGISTRY};
 
-pub fn show(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
+/// The Train view (no state of its own: the choices live in the project).
+pub struct TrainView;
+
+impl StudioView for TrainView {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut ViewFrame<'_>) {
+        show(ui, frame.studio, frame.context, frame.actions);
+    }
+}
+
+fn show(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
     ui.columns(2, |columns| {
         method_list(&mut columns[0], studio);
         settings(&mut columns[1], studio, context, actions);
