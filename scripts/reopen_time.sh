@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Times opening a project in the real studio window under Xvfb until the studio is idle (images imported, the
+# active model reloaded — from the map cache when nothing changed —, autosave done): `loupe studio PROJECT
+# --exit-when-idle`. Prints "open until idle: S s". Needs Xvfb (Debian: xvfb). Usage:
+#   scripts/reopen_time.sh PROJECT.ron [LOUPE_BINARY]
+# The binary must have the studio (`cargo build --release -p loupe`; the test script last builds one without).
+# Compare two builds side by side with the timing tool, e.g. A = this script with the new binary, B = the old.
+set -uo pipefail
+project=$1
+loupe=${2:-target/release/loupe}
+home=$(mktemp -d)
+export LOUPE_HOME="$home/loupe" XDG_RUNTIME_DIR="$home/run"
+mkdir -m 700 "$XDG_RUNTIME_DIR"
+n=70
+while [ -e "/tmp/.X$n-lock" ]; do n=$((n + 1)); done
+Xvfb ":$n" -screen 0 1400x900x24 >/dev/null 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$home"' EXIT
+sleep 1
+start=$(date +%s.%N)
+DISPLAY=":$n" "$loupe" studio "$project" --exit-when-idle >"$home/studio.log" 2>&1 || { echo "studio exited $?"; cat "$home/studio.log"; }
+end=$(date +%s.%N)
+echo "open until idle: $(python3 -c "print(round($end - $start, 2))") s"
