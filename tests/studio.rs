@@ -48,6 +48,17 @@ fn harness(project: PathBuf, view: Option<View>) -> Harness<'static, StudioApp> 
     Harness::builder().with_size(egui::vec2(1280.0, 820.0)).wgpu().build_eframe(|cc| StudioApp::new(cc, options))
 }
 
+/// The tiny project opened in the Train view, imported, and PatchCore trained from its button.
+fn trained_tiny_project(dir: &Path) -> (PathBuf, Harness<'static, StudioApp>) {
+    let project = tiny_project(dir);
+    let mut harness = harness(project.clone(), Some(View::Train));
+    wait_until_idle(&mut harness, "the import");
+    harness.get_by_label("Train PatchCore").click();
+    harness.run_steps(2);
+    wait_until_idle(&mut harness, "training");
+    (project, harness)
+}
+
 /// Steps the UI until the background work is done (import, training, autosave).
 fn wait_until_idle(harness: &mut Harness<'_, StudioApp>, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -722,12 +733,7 @@ fn an_empty_folder_is_refused_with_a_message_and_the_project_keeps_its_images() 
 fn thresholds_reach_the_model_file_only_when_chosen_and_are_never_overwritten_silently() {
     use loupe_engine::model_file::{self, ChosenBy};
     let dir = temp_dir("threshold-file");
-    let project = tiny_project(&dir);
-    let mut harness = harness(project.clone(), Some(View::Train));
-    wait_until_idle(&mut harness, "the import");
-    harness.get_by_label("Train PatchCore").click();
-    harness.run_steps(2);
-    wait_until_idle(&mut harness, "training");
+    let (project, mut harness) = trained_tiny_project(&dir);
     let file = dir.join(&harness.state().studio.project.models[0].file);
     let manifest_decision = || model_file::read_manifest(&file).unwrap().thresholds.decision;
     let fitted = manifest_decision().expect("fit chose a threshold");
@@ -794,12 +800,7 @@ fn thresholds_reach_the_model_file_only_when_chosen_and_are_never_overwritten_si
 #[test]
 fn the_active_model_exports_to_onnx_with_the_thresholds_of_the_moment() {
     let dir = temp_dir("onnx-export");
-    let project = tiny_project(&dir);
-    let mut harness = harness(project, Some(View::Train));
-    wait_until_idle(&mut harness, "the import");
-    harness.get_by_label("Train PatchCore").click();
-    harness.run_steps(2);
-    wait_until_idle(&mut harness, "training");
+    let (_, mut harness) = trained_tiny_project(&dir);
     let chosen = 1.25 * harness.state().studio.project.models[0].decision.expect("fit chose a threshold");
     harness.state_mut().studio.project.models[0].decision = Some(chosen);
     harness.state_mut().studio.changed();
@@ -918,12 +919,7 @@ fn presentation_mode_walks_playlists_and_compares_two_models() {
 #[test]
 fn reopening_reuses_the_heatmaps_of_an_unchanged_model() {
     let dir = temp_dir("map-cache");
-    let project = tiny_project(&dir);
-    let mut harness = harness(project.clone(), Some(View::Train));
-    wait_until_idle(&mut harness, "the import");
-    harness.get_by_label("Train PatchCore").click();
-    harness.run_steps(2);
-    wait_until_idle(&mut harness, "training");
+    let (project, harness) = trained_tiny_project(&dir);
     let model = dir.join(&harness.state().studio.project.models[0].file);
     let cache = model.with_extension("maps.safetensors");
     assert!(cache.is_file(), "training keeps its heatmaps for the next opening");

@@ -80,6 +80,27 @@ fn visible_part(view: egui::Rect, image: egui::Rect) -> Option<(egui::Rect, egui
     Some((visible, egui::Rect::from_min_max(to_uv(visible.min), to_uv(visible.max))))
 }
 
+/// The decoded image, or — while it is read, or when it cannot be — a spinner or the reason in `view`.
+pub fn ready_image<'a>(
+    ui: &mut egui::Ui,
+    view: egui::Rect,
+    loader: &'a mut ImageLoader,
+    path: &std::path::Path,
+    mask: Option<&std::path::Path>,
+) -> Option<&'a LoadedImage> {
+    match loader.get(path, mask) {
+        ImageState::Loading => {
+            ui.put(view, egui::Spinner::new().size(32.0));
+            None
+        }
+        ImageState::Failed(reason) => {
+            ui.put(view, egui::Label::new(format!("{}: {reason}", path.display())));
+            None
+        }
+        ImageState::Ready(loaded) => Some(loaded),
+    }
+}
+
 /// Paints the image's tiles where the whole image occupies `whole`, clipped to `pane`; returns the visible part
 /// and its texture coordinates (where an overlay goes), if any of it is visible.
 pub fn paint_image(
@@ -231,17 +252,7 @@ fn show(
         ui.label(note);
     }
     let (view, response) = ui.allocate_exact_size(ui.available_size(), egui::Sense::click_and_drag());
-    let loaded = match loader.get(&image.path, image.mask.as_deref()) {
-        ImageState::Loading => {
-            ui.put(view, egui::Spinner::new().size(32.0));
-            return;
-        }
-        ImageState::Failed(reason) => {
-            ui.put(view, egui::Label::new(format!("{}: {reason}", image.path.display())));
-            return;
-        }
-        ImageState::Ready(loaded) => loaded,
-    };
+    let Some(loaded) = ready_image(ui, view, loader, &image.path, image.mask.as_deref()) else { return };
     let primary_pans = state.mask.pans_with_primary();
     if response.double_clicked() && primary_pans {
         state.zoom = 1.0;

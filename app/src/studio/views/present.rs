@@ -3,11 +3,11 @@
 //! playlist (worst misses, worst false alarms, one defect type, random good parts, the pinned images), and a
 //! second model's heatmap beside the first on the same colour scale. F5 enters (or Project ▸ Present), Esc leaves.
 
-use super::inspector::{overlay_key, paint_image};
+use super::inspector::{overlay_key, paint_image, ready_image};
 use super::{Action, StudioView, ViewFrame};
 use crate::project::sources::Split;
 use crate::project::verdict::verdict;
-use crate::studio::image_loader::{ImageLoader, ImageState};
+use crate::studio::image_loader::ImageLoader;
 use crate::studio::widgets::heatmap::{paint_overlay, Colormap, OverlayData, OverlayStyle};
 use crate::studio::workspace::ModelRuntime;
 use crate::studio::Studio;
@@ -255,17 +255,7 @@ fn show(
         figures(ui, studio, &image, (state.position, list.len(), &state.playlist), compare, scale);
     });
     let (view, _) = ui.allocate_exact_size(ui.available_size(), egui::Sense::hover());
-    let loaded = match loader.get(&image.path, None) {
-        ImageState::Loading => {
-            ui.put(view, egui::Spinner::new().size(48.0));
-            return;
-        }
-        ImageState::Failed(reason) => {
-            ui.put(view, egui::Label::new(format!("{}: {reason}", image.path.display())));
-            return;
-        }
-        ImageState::Ready(loaded) => loaded,
-    };
+    let Some(loaded) = ready_image(ui, view, loader, &image.path, None) else { return };
     // Panes: the part, then one heatmap per model shown (or the heatmap over the part).
     let mut models: Vec<usize> = studio.project.active_model.into_iter().collect();
     models.extend(compare);
