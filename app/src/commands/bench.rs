@@ -79,6 +79,28 @@ pub enum BenchWhat {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Time one trained method's training step (forward + loss, backward, AdamW) on a random batch, as the
+    /// PyTorch reference script times its replica: warm-up steps, then the median, min and max of `--steps`.
+    TrainStep {
+        /// autoencoder or stfpm.
+        #[arg(long)]
+        method: String,
+        /// Images per step (default: the method's CPU default).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Side of the network's input in pixels (default: the method's CPU default).
+        #[arg(long)]
+        size: Option<usize>,
+        /// Worker threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value = "cpu")]
+        device: loupe_engine::device::DeviceChoice,
+    },
     /// Time what the studio's threshold panel recomputes per drag step (confusion, FAR/MAR, pass/review/reject)
     /// over many image scores: the table is sorted once, then every threshold is two binary searches per class.
     Threshold {
@@ -162,6 +184,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
         BenchWhat::Threshold { scores, thresholds } => bench_threshold(scores, thresholds)?,
+        BenchWhat::TrainStep { method, batch, size, threads, steps, warmup, device } => {
+            bench_train_step(&method, batch, size, threads, steps, warmup, &device.open()?)?
+        }
         BenchWhat::Search { model, data, probes, lists, engine } => {
             bench_search(&model, &data, &probes, &lists, &engine)?
         }
@@ -185,6 +210,52 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn bench_train_step(
+    method: &str,
+    batch: Option<usize>,
+    size: Option<usize>,
+    threads: Option<usize>,
+    steps: usize,
+    warmup: usize,
+    device: &candle_core::Device,
+) -> Result<()> {
+    use loupe_engine::methods::reconstruction::{autoencoder, stfpm};
+    use loupe_engine::methods::training::{parameter_count, time_steps};
+    if let Some(threads) = threads {
+        // candle's matrix products size their pool from the same variable rayon reads.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        rayon::ThreadPoolBuilder::new().num_threads(threads).build_global()?;
+    }
+    let mut step = match method {
+        "autoencoder" => autoencoder::bench_step(batch.unwrap_or(16), size.unwrap_or(64), device)?,
+        "stfpm" => stfpm::bench_step(batch.unwrap_or(8), size.unwrap_or(256), device)?,
+        other => anyhow::bail!("no training-step benchmark for `{other}` (autoencoder or stfpm)"),
+    };
+    if steps == 0 {
+        anyhow::bail!("--steps must be at least 1");
+    }
+    let timings = time_steps(&mut step, warmup, steps)?;
+    let median_of = |part: fn(&loupe_engine::methods::training::StepTiming) -> f64| {
+        median(timings.iter().map(part).collect())
+    };
+    let totals: Vec<f64> = timings.iter().map(|t| t.total).collect();
+    println!(
+        "RESULT side=loupe model={method} {} threads={} params={} step_med_ms={:.1} step_min_ms={:.1} \
+         step_max_ms={:.1} fwd_loss_med_ms={:.1} bwd_med_ms={:.1} opt_med_ms={:.1} steps={:?}",
+        step.geometry,
+        rayon::current_num_threads(),
+        parameter_count(&step.varmap),
+        median(totals.clone()),
+        totals.iter().copied().fold(f64::INFINITY, f64::min),
+        totals.iter().copied().fold(0.0, f64::max),
+        median_of(|t| t.forward_loss),
+        median_of(|t| t.backward),
+        median_of(|t| t.optimizer),
+        totals.iter().map(|t| (t * 10.0).round() / 10.0).collect::<Vec<_>>()
+    );
     Ok(())
 }
 

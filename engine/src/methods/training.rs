@@ -45,6 +45,70 @@ fn restore(varmap: &VarMap, saved: &HashMap<String, Tensor>) -> Result<()> {
     Ok(())
 }
 
+/// The optimizer every trained method uses (β = 0.9, 0.999; ε = 1e-8).
+fn adamw(varmap: &VarMap, learning_rate: f64, weight_decay: f64) -> Result<candle_nn::AdamW> {
+    Ok(candle_nn::AdamW::new(
+        varmap.all_vars(),
+        candle_nn::ParamsAdamW { lr: learning_rate, weight_decay, ..Default::default() },
+    )?)
+}
+
+/// One method's training step, set up on a synthetic batch so that it can be timed alone (`loupe bench
+/// train-step`): the method's own network, loss and optimizer settings.
+pub struct BenchStep {
+    pub varmap: VarMap,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// The loss of the batch, built afresh (forward included) at each call.
+    pub loss: Box<dyn FnMut() -> Result<Tensor>>,
+    /// What was set up, e.g. "batch 16, 64² input".
+    pub geometry: String,
+}
+
+/// The parts of one timed step, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct StepTiming {
+    pub total: f64,
+    pub forward_loss: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+}
+
+/// Runs `warmup + steps` AdamW steps of `step` and returns the timings of the last `steps`, measured as the
+/// PyTorch reference measures them (forward + loss, backward, optimizer update with the loss read back).
+pub fn time_steps(step: &mut BenchStep, warmup: usize, steps: usize) -> Result<Vec<StepTiming>> {
+    let mut optimizer = adamw(&step.varmap, step.learning_rate, step.weight_decay)?;
+    let mut timings = Vec::with_capacity(steps);
+    for index in 0..warmup + steps {
+        let started = Instant::now();
+        let loss = (step.loss)()?;
+        let after_forward = Instant::now();
+        let gradients = loss.backward()?;
+        let after_backward = Instant::now();
+        optimizer.step(&gradients)?;
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let done = Instant::now();
+        if !value.is_finite() {
+            bail!("the loss became {value} in step {}", index + 1);
+        }
+        if index >= warmup {
+            let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1e3;
+            timings.push(StepTiming {
+                total: ms(started, done),
+                forward_loss: ms(started, after_forward),
+                backward: ms(after_forward, after_backward),
+                optimizer: ms(after_backward, done),
+            });
+        }
+    }
+    Ok(timings)
+}
+
+/// The number of trained parameters.
+pub fn parameter_count(varmap: &VarMap) -> usize {
+    varmap.all_vars().iter().map(|var| var.elem_count()).sum()
+}
+
 /// Minimises `loss(epoch, step)` with AdamW over the variables of `varmap`. Reports `loss <value>` notes per
 /// epoch; when the user cancels (or the time budget ends) it stops and keeps the best epoch's parameters, so a
 /// stopped run still yields a usable model.
@@ -54,10 +118,7 @@ pub fn train(
     progress: &dyn Progress,
     mut loss: impl FnMut(usize, usize) -> Result<Tensor>,
 ) -> Result<TrainingRecord> {
-    let mut optimizer = candle_nn::AdamW::new(
-        varmap.all_vars(),
-        candle_nn::ParamsAdamW { lr: plan.learning_rate, weight_decay: plan.weight_decay, ..Default::default() },
-    )?;
+    let mut optimizer = adamw(varmap, plan.learning_rate, plan.weight_decay)?;
     let mut record = TrainingRecord::default();
     let mut best: Option<(f64, HashMap<String, Tensor>)> = None;
     let started = Instant::now();

@@ -22,7 +22,7 @@ use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::layers::{channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::{mean_ssim, ssim_map};
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, BenchStep, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
@@ -199,6 +199,34 @@ fn pixel_anomaly(input: &Tensor, reconstruction: &Tensor) -> Result<Tensor> {
     Ok((dissimilarity + error)?.mean(3)?)
 }
 
+impl Network {
+    /// Mean squared error plus (1 − mean SSIM) between a batch and its reconstruction.
+    fn training_loss(&self, x: &Tensor) -> Result<Tensor> {
+        let reconstruction = self.forward(x)?;
+        let l2 = (x - &reconstruction)?.sqr()?.mean_all()?;
+        let ssim = mean_ssim(x, &reconstruction)?.mean_all()?;
+        Ok((l2 + ssim.affine(-1.0, 1.0)?)?)
+    }
+}
+
+/// The autoencoder's training step with the default settings on a random `(batch, side, side, 3)` batch.
+pub fn bench_step(batch: usize, side: usize, device: &Device) -> Result<BenchStep> {
+    let settings = AutoencoderSettings::default();
+    if side == 0 || !side.is_multiple_of(1 << STAGES) {
+        bail!("the autoencoder's input side must be a multiple of 16, got {side}");
+    }
+    let varmap = VarMap::new();
+    let network = Network::new(VarBuilder::from_varmap(&varmap, DType::F32, device), side, &settings)?;
+    let x = Tensor::rand(0f32, 1f32, (batch, side, side, 3), device)?;
+    Ok(BenchStep {
+        varmap,
+        learning_rate: settings.learning_rate,
+        weight_decay: settings.weight_decay,
+        loss: Box::new(move || network.training_loss(&x)),
+        geometry: format!("batch {batch}, {side}² input"),
+    })
+}
+
 impl Autoencoder {
     pub fn fit(context: &FitContext, images: &[DecodedImage], settings: AutoencoderSettings) -> Result<Self> {
         let side = check_settings(&settings, context.image_size)?;
@@ -224,10 +252,7 @@ impl Autoencoder {
         let record = train(&varmap, &plan, progress, |_, step| {
             let chosen: Vec<u32> = batches.batch(step).iter().map(|&i| i as u32).collect();
             let x = inputs.index_select(&Tensor::new(chosen.as_slice(), &Device::Cpu)?, 0)?.to_device(&device)?;
-            let reconstruction = network.forward(&x)?;
-            let l2 = (&x - &reconstruction)?.sqr()?.mean_all()?;
-            let ssim = mean_ssim(&x, &reconstruction)?.mean_all()?;
-            Ok((l2 + ssim.affine(-1.0, 1.0)?)?)
+            network.training_loss(&x)
         })?;
         let mut model = Self {
             settings,

@@ -21,7 +21,7 @@ use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::layers::{channels_last, leaky_relu, Conv};
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, BenchStep, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
@@ -123,6 +123,37 @@ impl Student {
     }
 }
 
+impl Student {
+    /// The mean discrepancy to the teacher's maps, averaged over the two levels.
+    fn training_loss(&self, input: &Tensor, teacher: &[Tensor; 2]) -> Result<Tensor> {
+        let [fine, coarse] = self.forward(input)?;
+        let fine = discrepancy(&teacher[0], &fine)?.mean_all()?;
+        let coarse = discrepancy(&teacher[1], &coarse)?.mean_all()?;
+        Ok(((fine + coarse)? / 2.0)?)
+    }
+}
+
+/// The student's training step with the default settings on a random `(batch, side, side, 3)` batch, against
+/// random teacher maps (the frozen teacher's forward is not part of a step).
+pub fn bench_step(batch: usize, side: usize, device: &Device) -> Result<BenchStep> {
+    check_image_size(side as u32)?;
+    let settings = StfpmSettings::default();
+    let varmap = VarMap::new();
+    let student = Student::new(VarBuilder::from_varmap(&varmap, DType::F32, device), settings.width)?;
+    let input = Tensor::rand(0f32, 1f32, (batch, side, side, 3), device)?;
+    let teacher = [
+        Tensor::randn(0f32, 1f32, (batch, side / 8, side / 8, STRIDE8_CHANNELS), device)?,
+        Tensor::randn(0f32, 1f32, (batch, side / 16, side / 16, STRIDE16_CHANNELS), device)?,
+    ];
+    Ok(BenchStep {
+        varmap,
+        learning_rate: settings.learning_rate,
+        weight_decay: settings.weight_decay,
+        loss: Box::new(move || student.training_loss(&input, &teacher)),
+        geometry: format!("batch {batch}, {side}² input"),
+    })
+}
+
 /// Unit length along the last axis.
 fn normalise(x: &Tensor) -> Result<Tensor> {
     let norm = (x.sqr()?.sum_keepdim(3)? + 1e-12)?.sqrt()?;
@@ -192,13 +223,11 @@ impl Stfpm {
             let index = Tensor::new(chosen.as_slice(), &Device::Cpu)?;
             let refs: Vec<&DecodedImage> = chosen.iter().map(|&i| &images[i as usize]).collect();
             let input = channels_last(&images_to_tensor(&refs, &device)?)?;
-            let student_maps = student.forward(&input)?;
-            let mut loss = Tensor::zeros((), DType::F32, &device)?;
-            for (level, student_map) in student_maps.iter().enumerate() {
-                let target = teacher[level].index_select(&index, 0)?.to_device(&device)?;
-                loss = (loss + discrepancy(&target, student_map)?.mean_all()?)?;
-            }
-            Ok((loss / 2.0)?)
+            let targets = [
+                teacher[0].index_select(&index, 0)?.to_device(&device)?,
+                teacher[1].index_select(&index, 0)?.to_device(&device)?,
+            ];
+            student.training_loss(&input, &targets)
         })?;
         let mut model = Self {
             backbone: context.backbone.clone(),
