@@ -238,9 +238,8 @@ fn bench_train_step(
         anyhow::bail!("--steps must be at least 1");
     }
     let timings = time_steps(&mut step, warmup, steps)?;
-    let median_of = |part: fn(&loupe_engine::methods::training::StepTiming) -> f64| {
-        median(timings.iter().map(part).collect())
-    };
+    let median_of =
+        |part: fn(&loupe_engine::methods::training::StepTiming) -> f64| median(timings.iter().map(part).collect());
     let totals: Vec<f64> = timings.iter().map(|t| t.total).collect();
     println!(
         "RESULT side=loupe model={method} {} threads={} params={} step_med_ms={:.1} step_min_ms={:.1} \

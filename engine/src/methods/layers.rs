@@ -5,6 +5,7 @@
 //! cat, reshape, matmul), and its CPU matrix product is fast, whereas its `conv2d` backward is 4–10× slower than
 //! PyTorch's (measured when the stack was chosen, issue 5). The same code runs on CUDA and Metal.
 
+use crate::methods::fused;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
@@ -192,6 +193,20 @@ impl Conv {
         let rows = self.linear.forward(&patches(x, self.kernel, self.stride)?)?;
         Ok(rows.reshape((b, h.div_ceil(self.stride), w.div_ceil(self.stride), self.out_channels))?)
     }
+
+    /// `leaky_relu(self.forward(x))`, the bias and activation in one fused op.
+    pub fn forward_leaky(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, _) = x.dims4()?;
+        let rows = linear_leaky(&self.linear, &patches(x, self.kernel, self.stride)?)?;
+        Ok(rows.reshape((b, h.div_ceil(self.stride), w.div_ceil(self.stride), self.out_channels))?)
+    }
+}
+
+/// `leaky_relu(linear.forward(rows))` for `rows: (N, in)`: the matrix product, then bias and activation fused.
+pub fn linear_leaky(linear: &Linear, rows: &Tensor) -> Result<Tensor> {
+    let Some(bias) = linear.bias() else { return leaky_relu(&linear.forward(rows)?) };
+    let product = rows.matmul(&linear.weight().t()?)?;
+    Ok(fused::bias_leaky_relu(&product, bias, LEAKY_SLOPE as f32)?)
 }
 
 /// Nearest-neighbour ×2 upsampling of a channels-last map (differentiable: candle has no backward for bilinear).

@@ -78,6 +78,7 @@ pub mod calibration;
 pub mod enhancement;
 pub mod features;
 pub mod flow;
+pub mod fused;
 pub mod gaussian;
 pub mod layers;
 pub mod reconstruction;

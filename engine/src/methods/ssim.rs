@@ -22,16 +22,7 @@ pub fn gaussian_taps() -> Vec<f64> {
 
 /// Gaussian-weighted local means over the window, without padding: `(B, H−10, W−10, C)`.
 fn window_mean(x: &Tensor) -> Result<Tensor> {
-    let taps = gaussian_taps();
-    let along = |x: &Tensor, dim: usize| -> Result<Tensor> {
-        let out = x.dim(dim)? - 2 * RADIUS;
-        let mut sum = (x.narrow(dim, 0, out)? * taps[0])?;
-        for (k, &t) in taps.iter().enumerate().skip(1) {
-            sum = (sum + (x.narrow(dim, k, out)? * t)?)?;
-        }
-        Ok(sum)
-    };
-    along(&along(x, 2)?, 1)
+    Ok(crate::methods::fused::separable_filter_valid(x, &gaussian_taps())?)
 }
 
 /// The SSIM at every position whose window lies inside both images: `(B, H−10, W−10, C)`.

@@ -41,7 +41,7 @@ use crate::methods::features::{
     patch_feature_rows, patch_standardisation, position_standardisation, PATCH_CHANNELS, PATCH_STRIDE,
 };
 use crate::methods::flow::Standardise;
-use crate::methods::layers::{channels_first, channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
+use crate::methods::layers::{channels_first, channels_last, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::{mean_ssim, ssim_map};
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{
@@ -179,11 +179,11 @@ impl Reconstructive {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for (down, same) in &self.encoder {
-            h = leaky_relu(&same.forward(&leaky_relu(&down.forward(&h)?)?)?)?;
+            h = same.forward_leaky(&down.forward_leaky(&h)?)?;
         }
         for (after_upsampling, same) in &self.decoder {
-            h = leaky_relu(&after_upsampling.forward(&upsample2x(&h)?)?)?;
-            h = leaky_relu(&same.forward(&h)?)?;
+            h = after_upsampling.forward_leaky(&upsample2x(&h)?)?;
+            h = same.forward_leaky(&h)?;
         }
         Ok(candle_nn::ops::sigmoid(&pixel_shuffle(&self.output.forward(&h)?)?)?)
     }
@@ -230,17 +230,17 @@ impl Discriminative {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = leaky_relu(&self.input.1.forward(&leaky_relu(&self.input.0.forward(x)?)?)?)?;
+        let mut h = self.input.1.forward_leaky(&self.input.0.forward_leaky(x)?)?;
         let mut skips = vec![h.clone()];
         for (down, same) in &self.encoder {
-            h = leaky_relu(&same.forward(&leaky_relu(&down.forward(&h)?)?)?)?;
+            h = same.forward_leaky(&down.forward_leaky(&h)?)?;
             skips.push(h.clone());
         }
         skips.pop();
         for (merge, same) in &self.decoder {
             let skip = skips.pop().expect("one skip per decoder stage");
-            h = leaky_relu(&merge.forward(&Tensor::cat(&[&upsample2x(&h)?, &skip], 3)?)?)?;
-            h = leaky_relu(&same.forward(&h)?)?;
+            h = merge.forward_leaky(&Tensor::cat(&[&upsample2x(&h)?, &skip], 3)?)?;
+            h = same.forward_leaky(&h)?;
         }
         let logits = self.output.forward(&h)?;
         // A fixed skip from the deviation inputs to the "anomalous" logit: the focal loss on synthetic anomalies

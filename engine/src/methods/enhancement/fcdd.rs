@@ -20,7 +20,7 @@ use crate::maps::ScoreMap;
 use crate::methods::augmentation::synthetic_anomalies::random_anomaly;
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::flow::Standardise;
-use crate::methods::layers::{leaky_relu, Conv};
+use crate::methods::layers::Conv;
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
@@ -118,7 +118,7 @@ impl Head {
     fn forward(&self, features: &Tensor) -> Result<Tensor> {
         let mut h = features.clone();
         for layer in &self.layers {
-            h = leaky_relu(&layer.forward(&h)?)?;
+            h = layer.forward_leaky(&h)?;
         }
         Ok(self.output.forward(&h)?.squeeze(3)?)
     }

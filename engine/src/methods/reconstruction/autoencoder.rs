@@ -20,7 +20,7 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
-use crate::methods::layers::{channels_last, leaky_relu, pixel_shuffle, upsample2x, Conv};
+use crate::methods::layers::{channels_last, linear_leaky, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::{mean_ssim, ssim_map};
 use crate::methods::training::{load_varmap, train, varmap_state, BenchStep, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
@@ -149,15 +149,14 @@ impl Network {
         let batch = x.dim(0)?;
         let mut h = x.clone();
         for conv in &self.encoder {
-            h = leaky_relu(&conv.forward(&h)?)?;
+            h = conv.forward_leaky(&h)?;
         }
         let latent = self.to_latent.forward(&h.reshape((batch, ()))?)?;
         let side = self.bottleneck_side;
-        let mut h =
-            leaky_relu(&self.from_latent.forward(&latent)?)?.reshape((batch, side, side, self.bottleneck_channels))?;
+        let mut h = linear_leaky(&self.from_latent, &latent)?.reshape((batch, side, side, self.bottleneck_channels))?;
         for (after_upsampling, same_size) in &self.decoder {
-            h = leaky_relu(&after_upsampling.forward(&upsample2x(&h)?)?)?;
-            h = leaky_relu(&same_size.forward(&h)?)?;
+            h = after_upsampling.forward_leaky(&upsample2x(&h)?)?;
+            h = same_size.forward_leaky(&h)?;
         }
         Ok(candle_nn::ops::sigmoid(&pixel_shuffle(&self.output.forward(&h)?)?)?)
     }

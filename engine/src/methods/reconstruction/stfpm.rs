@@ -20,7 +20,7 @@ use crate::backbone::Backbone;
 use crate::dataset::DecodedImage;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::PositionCalibration;
-use crate::methods::layers::{channels_last, leaky_relu, Conv};
+use crate::methods::layers::{channels_last, Conv};
 use crate::methods::training::{load_varmap, train, varmap_state, BenchStep, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
@@ -113,11 +113,11 @@ impl Student {
     fn forward(&self, x: &Tensor) -> Result<[Tensor; 2]> {
         let mut h = x.affine(2.0, -1.0)?;
         for conv in &self.to_stride8 {
-            h = leaky_relu(&conv.forward(&h)?)?;
+            h = conv.forward_leaky(&h)?;
         }
         let stride8 = self.head8.forward(&h)?;
         for conv in &self.to_stride16 {
-            h = leaky_relu(&conv.forward(&h)?)?;
+            h = conv.forward_leaky(&h)?;
         }
         Ok([stride8, self.head16.forward(&h)?])
     }

@@ -1,0 +1,314 @@
+//! CPU kernels with their own backward for the hot sequences of a training step (issue 24).
+//!
+//! Composed from candle's element-wise ops these sequences cost many full-size passes, each into freshly
+//! allocated (and page-faulted) memory: leaky ReLU as `maximum(x, 0.2·x)` makes about ten in its backward, and
+//! candle's backprop adds a `zeros_like` and an add for every gradient it accumulates. Each op here does its
+//! forward in one pass and its backward in one or two, split across rayon's threads. Every op has a portable
+//! composition (the same maths from candle ops) that GPUs run and that the tests compare against, gradients
+//! included.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Values per rayon task: large enough that a task outweighs its scheduling, small enough to share work.
+const CHUNK: usize = 1 << 14;
+
+pub(crate) fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{op}: only f32 is supported") };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// True where the fused CPU kernels apply.
+fn fused_on(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+}
+
+/// `leaky_relu(rows + bias)` for `rows: (N, C)`, `bias: (C)`, with `slope` below zero.
+pub fn bias_leaky_relu(rows: &Tensor, bias: &Tensor, slope: f32) -> candle_core::Result<Tensor> {
+    if fused_on(rows) {
+        return rows.contiguous()?.apply_op2(&bias.contiguous()?, BiasLeakyRelu { slope });
+    }
+    let shifted = rows.broadcast_add(bias)?;
+    shifted.maximum(&(&shifted * slope as f64)?)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BiasLeakyRelu {
+    slope: f32,
+}
+
+impl CustomOp2 for BiasLeakyRelu {
+    fn name(&self) -> &'static str {
+        "bias-leaky-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        rows: &CpuStorage,
+        rows_layout: &Layout,
+        bias: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let rows = contiguous_f32(self.name(), rows, rows_layout)?;
+        let bias = contiguous_f32(self.name(), bias, bias_layout)?;
+        let channels = bias.len();
+        if channels == 0 || rows_layout.shape().dims().last() != Some(&channels) {
+            candle_core::bail!("bias-leaky-relu: bias of {channels} for rows {:?}", rows_layout.shape());
+        }
+        let slope = self.slope;
+        let mut output = vec![0f32; rows.len()];
+        let per_task = (CHUNK / channels).max(1) * channels;
+        output.par_chunks_mut(per_task).zip(rows.par_chunks(per_task)).for_each(|(out, rows)| {
+            for (out, rows) in out.chunks_exact_mut(channels).zip(rows.chunks_exact(channels)) {
+                for ((o, &r), &b) in out.iter_mut().zip(rows).zip(bias) {
+                    let v = r + b;
+                    *o = if v > 0.0 { v } else { v * slope };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(output), rows_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _rows: &Tensor,
+        bias: &Tensor,
+        result: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_rows = result.apply_op2_no_bwd(&grad.contiguous()?, &LeakyReluGrad { slope: self.slope })?;
+        let channels = bias.elem_count();
+        let grad_bias = grad_rows.reshape(((), channels))?.sum(0)?;
+        Ok((Some(grad_rows), Some(grad_bias)))
+    }
+}
+
+/// The gradient through a leaky ReLU from its output: `grad` where the output is positive, `slope·grad` elsewhere.
+#[derive(Debug, Clone, Copy)]
+struct LeakyReluGrad {
+    slope: f32,
+}
+
+impl CustomOp2 for LeakyReluGrad {
+    fn name(&self) -> &'static str {
+        "leaky-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        result: &CpuStorage,
+        result_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let result = contiguous_f32(self.name(), result, result_layout)?;
+        let grad = contiguous_f32(self.name(), grad, grad_layout)?;
+        if result.len() != grad.len() {
+            candle_core::bail!("leaky-relu-grad: {} outputs, {} gradients", result.len(), grad.len());
+        }
+        let slope = self.slope;
+        let mut output = vec![0f32; grad.len()];
+        output.par_chunks_mut(CHUNK).zip(result.par_chunks(CHUNK).zip(grad.par_chunks(CHUNK))).for_each(
+            |(out, (result, grad))| {
+                for ((o, &y), &g) in out.iter_mut().zip(result).zip(grad) {
+                    *o = if y > 0.0 { g } else { g * slope };
+                }
+            },
+        );
+        Ok((CpuStorage::F32(output), grad_layout.shape().clone()))
+    }
+}
+
+/// A separable filter along the two spatial axes of a channels-last map `(B, H, W, C)`, valid positions only:
+/// `(B, H − k + 1, W − k + 1, C)` with `k = taps.len()`. Its backward is the adjoint, the "full" filter with the
+/// taps reversed. The SSIM's Gaussian window means run through this.
+pub fn separable_filter_valid(x: &Tensor, taps: &[f64]) -> candle_core::Result<Tensor> {
+    if fused_on(x) {
+        let taps = taps.iter().map(|&t| t as f32).collect();
+        return x.contiguous()?.apply_op1(SeparableFilter { taps, adjoint: false, input: None });
+    }
+    separable_filter_portable(x, taps)
+}
+
+/// [`separable_filter_valid`] from candle's narrow, multiply and add: GPUs run it; the tests compare with it.
+pub fn separable_filter_portable(x: &Tensor, taps: &[f64]) -> candle_core::Result<Tensor> {
+    let along = |x: &Tensor, dim: usize| -> candle_core::Result<Tensor> {
+        let out = x.dim(dim)? + 1 - taps.len();
+        let mut sum = (x.narrow(dim, 0, out)? * taps[0])?;
+        for (k, &t) in taps.iter().enumerate().skip(1) {
+            sum = (sum + (x.narrow(dim, k, out)? * t)?)?;
+        }
+        Ok(sum)
+    };
+    along(&along(x, 2)?, 1)
+}
+
+/// The forward (valid correlation) or, with `adjoint`, its transpose back to `input`'s `(H, W)`.
+#[derive(Debug, Clone)]
+struct SeparableFilter {
+    taps: Vec<f32>,
+    adjoint: bool,
+    /// For the adjoint: the forward's input height and width.
+    input: Option<(usize, usize)>,
+}
+
+/// One image's pass along one axis. `source` is `(rows_in, cols, C)` flattened with `stride` between rows along the
+/// filtered axis; valid: `out[i] = Σ_k t[k]·src[i + k]`; adjoint: `out[j] = Σ_k t[k]·src[j − k]` for `j − k` in range.
+fn filter_axis(
+    source: &[f32],
+    target: &mut [f32],
+    taps: &[f32],
+    lines_out: usize,
+    lines_in: usize,
+    line: usize,
+    adjoint: bool,
+) {
+    for (o, out_line) in target.chunks_exact_mut(line).enumerate().take(lines_out) {
+        out_line.fill(0.0);
+        for (k, &t) in taps.iter().enumerate() {
+            let i = if adjoint {
+                match o.checked_sub(k) {
+                    Some(i) if i < lines_in => i,
+                    _ => continue,
+                }
+            } else {
+                o + k
+            };
+            for (v, &s) in out_line.iter_mut().zip(&source[i * line..(i + 1) * line]) {
+                *v += t * s;
+            }
+        }
+    }
+}
+
+impl CustomOp1 for SeparableFilter {
+    fn name(&self) -> &'static str {
+        "separable-filter"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(self.name(), storage, layout)?;
+        let (batch, height, width, channels) = layout.shape().dims4()?;
+        let span = self.taps.len() - 1;
+        let (out_h, out_w) = match (self.adjoint, self.input) {
+            (false, _) if height > span && width > span => (height - span, width - span),
+            (true, Some((h, w))) if h == height + span && w == width + span => (h, w),
+            _ => candle_core::bail!("separable-filter: a {height}×{width} map does not fit {} taps", span + 1),
+        };
+        let mut output = vec![0f32; batch * out_h * out_w * channels];
+        output
+            .par_chunks_exact_mut(out_h * out_w * channels)
+            .zip(input.par_chunks_exact(height * width * channels))
+            .for_each(|(out, image)| {
+                // Along W first (each row of H separately), then along H over whole rows.
+                let mut along_w = vec![0f32; height * out_w * channels];
+                for (row_out, row_in) in
+                    along_w.chunks_exact_mut(out_w * channels).zip(image.chunks_exact(width * channels))
+                {
+                    filter_axis(row_in, row_out, &self.taps, out_w, width, channels, self.adjoint);
+                }
+                filter_axis(&along_w, out, &self.taps, out_h, height, out_w * channels, self.adjoint);
+            });
+        Ok((CpuStorage::F32(output), Shape::from((batch, out_h, out_w, channels))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if self.adjoint {
+            candle_core::bail!("separable-filter: the adjoint has no backward");
+        }
+        let (_, height, width, _) = arg.dims4()?;
+        let adjoint = SeparableFilter { taps: self.taps.clone(), adjoint: true, input: Some((height, width)) };
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&adjoint)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn ramp(shape: &[usize], seed: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| (((i + seed) * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], tolerance: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tolerance * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// The gradient of Σ w·f(x) with respect to each input, by central differences, for a few positions.
+    fn finite_difference(f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, weights: &Tensor, at: &[usize]) -> Vec<f32> {
+        let base = values(x);
+        let eps = 1e-2f32;
+        at.iter()
+            .map(|&i| {
+                let shifted = |delta: f32| {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    let t = Tensor::from_vec(v, x.dims(), &Device::Cpu).unwrap();
+                    (f(&t) * weights).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+                };
+                (shifted(eps) - shifted(-eps)) / (2.0 * eps)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bias_leaky_relu_matches_the_composition_and_finite_differences() {
+        let rows = Var::from_tensor(&ramp(&[37, 5], 0)).unwrap();
+        // Offset so that no sum is exactly 0, where candle's `maximum` splits the gradient between its arguments.
+        let bias = Var::from_tensor(&(ramp(&[5], 3) + 0.01).unwrap()).unwrap();
+        let weights = ramp(&[37, 5], 11);
+        let fused = bias_leaky_relu(rows.as_tensor(), bias.as_tensor(), 0.2).unwrap();
+        let shifted = rows.as_tensor().broadcast_add(bias.as_tensor()).unwrap();
+        let composed = shifted.maximum(&(&shifted * 0.2).unwrap()).unwrap();
+        assert_close(&values(&fused), &values(&composed), 1e-6, "forward");
+        let gradients = |y: &Tensor| {
+            let g = (y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            (values(g.get(rows.as_tensor()).unwrap()), values(g.get(bias.as_tensor()).unwrap()))
+        };
+        let (fused_rows, fused_bias) = gradients(&fused);
+        let (composed_rows, composed_bias) = gradients(&composed);
+        assert_close(&fused_rows, &composed_rows, 1e-6, "rows gradient");
+        assert_close(&fused_bias, &composed_bias, 1e-5, "bias gradient");
+        let at = [0, 7, 50, 184];
+        let numeric =
+            finite_difference(&|r| bias_leaky_relu(r, bias.as_tensor(), 0.2).unwrap(), rows.as_tensor(), &weights, &at);
+        let analytic: Vec<f32> = at.iter().map(|&i| fused_rows[i]).collect();
+        assert_close(&analytic, &numeric, 1e-2, "finite differences");
+    }
+
+    #[test]
+    fn separable_filter_matches_the_composition_and_finite_differences() {
+        let taps = [0.1, 0.25, 0.3, 0.2, 0.15];
+        for dims in [[2, 9, 11, 3], [1, 5, 5, 1], [3, 12, 7, 4]] {
+            let x = Var::from_tensor(&ramp(&dims, 1)).unwrap();
+            let fused = separable_filter_valid(x.as_tensor(), &taps).unwrap();
+            let composed = separable_filter_portable(x.as_tensor(), &taps).unwrap();
+            assert_eq!(fused.dims(), composed.dims());
+            assert_close(&values(&fused), &values(&composed), 1e-5, "forward");
+            let weights = ramp(fused.dims(), 5);
+            let gradient = |y: &Tensor| {
+                values((y * &weights).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap())
+            };
+            let (g_fused, g_composed) = (gradient(&fused), gradient(&composed));
+            assert_close(&g_fused, &g_composed, 1e-5, "gradient");
+            let at = [0, 4, x.elem_count() / 2, x.elem_count() - 1];
+            let numeric =
+                finite_difference(&|t| separable_filter_valid(t, &taps).unwrap(), x.as_tensor(), &weights, &at);
+            let analytic: Vec<f32> = at.iter().map(|&i| g_fused[i]).collect();
+            assert_close(&analytic, &numeric, 1e-2, "finite differences");
+        }
+    }
+}
