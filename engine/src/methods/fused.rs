@@ -21,8 +21,77 @@ pub(crate) fn contiguous_f32<'a>(op: &str, storage: &'a CpuStorage, layout: &Lay
     }
 }
 
+/// A matrix in a slice, row-major or read transposed, for [`matmul_into`].
+#[derive(Clone, Copy)]
+pub(crate) struct Matrix<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// `data` holds `rows × cols` values row after row.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols, row_stride: cols, col_stride: 1 }
+    }
+
+    /// The same values read as the transposed matrix (no copy).
+    pub fn t(self) -> Self {
+        Self { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
+/// `out (m×n, row-major) = a (m×k) · b (k×n)`, added to what `out` holds when `accumulate`. `parallel` splits
+/// the product across rayon's threads (for one large product; callers running many in parallel pass false).
+pub(crate) fn matmul_into(out: &mut [f32], a: Matrix, b: Matrix, accumulate: bool, parallel: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(b.rows == k && out.len() == m * n && a.fits() && b.fits(), "matmul_into: shapes do not agree");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    let parallelism = if parallel { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    // SAFETY: the assertion above keeps every index the strides reach inside its slice, and `out` is m×n.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// True where the fused CPU kernels apply.
-fn fused_on(x: &Tensor) -> bool {
+pub(crate) fn fused_on(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
@@ -88,8 +157,8 @@ impl CustomOp2 for BiasLeakyRelu {
 
 /// The gradient through a leaky ReLU from its output: `grad` where the output is positive, `slope·grad` elsewhere.
 #[derive(Debug, Clone, Copy)]
-struct LeakyReluGrad {
-    slope: f32,
+pub(crate) struct LeakyReluGrad {
+    pub slope: f32,
 }
 
 impl CustomOp2 for LeakyReluGrad {

@@ -5,7 +5,7 @@
 //! cat, reshape, matmul), and its CPU matrix product is fast, whereas its `conv2d` backward is 4–10× slower than
 //! PyTorch's (measured when the stack was chosen, issue 5). The same code runs on CUDA and Metal.
 
-use crate::methods::fused;
+use crate::methods::{conv_kernel, fused};
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
@@ -59,29 +59,60 @@ struct Unfold {
     stride: usize,
 }
 
-/// Geometry shared by the unfold and the fold.
-struct UnfoldGeometry {
-    height: usize,
-    width: usize,
-    channels: usize,
-    out_h: usize,
-    out_w: usize,
-    kernel: usize,
-    stride: usize,
+/// Geometry shared by the unfold and the fold (and the fused convolution of `conv_kernel`).
+pub(crate) struct UnfoldGeometry {
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+    pub kernel: usize,
+    pub stride: usize,
 }
 
 impl UnfoldGeometry {
-    fn new(op: Unfold, height: usize, width: usize, channels: usize) -> Self {
-        let (out_h, out_w) = (height.div_ceil(op.stride), width.div_ceil(op.stride));
-        Self { height, width, channels, out_h, out_w, kernel: op.kernel, stride: op.stride }
+    pub fn new(kernel: usize, stride: usize, height: usize, width: usize, channels: usize) -> Self {
+        let (out_h, out_w) = (height.div_ceil(stride), width.div_ceil(stride));
+        Self { height, width, channels, out_h, out_w, kernel, stride }
     }
 
-    fn image_len(&self) -> usize {
+    pub fn image_len(&self) -> usize {
         self.height * self.width * self.channels
     }
 
-    fn rows_len(&self) -> usize {
-        self.out_h * self.out_w * self.kernel * self.kernel * self.channels
+    /// Output positions per image.
+    pub fn positions(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    /// Values per im2col row: k·k·C.
+    pub fn row_len(&self) -> usize {
+        self.kernel * self.kernel * self.channels
+    }
+
+    pub fn rows_len(&self) -> usize {
+        self.positions() * self.row_len()
+    }
+
+    /// True when the im2col rows are the image itself (1×1, stride 1).
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1
+    }
+
+    /// One image's im2col rows into `rows` (its padding entries must already be zero: they are never written).
+    pub fn unfold_into(&self, image: &[f32], rows: &mut [f32]) {
+        let c = self.channels;
+        self.for_each_tap(|row, at| rows[row..row + c].copy_from_slice(&image[at..at + c]));
+    }
+
+    /// Adds one image's im2col rows back onto the positions they were copied from (the adjoint of the unfold).
+    pub fn fold_into(&self, rows: &[f32], image: &mut [f32]) {
+        let c = self.channels;
+        self.for_each_tap(|row, at| {
+            for (target, value) in image[at..at + c].iter_mut().zip(&rows[row..row + c]) {
+                *target += value;
+            }
+        });
     }
 
     /// Calls `visit(row_offset, input_offset)` for every tap of one image that lies inside it: `channels`
@@ -125,13 +156,12 @@ impl CustomOp1 for Unfold {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let input = f32_slice(storage, layout)?;
         let (batch, height, width, channels) = layout.shape().dims4()?;
-        let g = UnfoldGeometry::new(*self, height, width, channels);
+        let g = UnfoldGeometry::new(self.kernel, self.stride, height, width, channels);
         let mut output = vec![0f32; batch * g.rows_len()];
-        output.par_chunks_exact_mut(g.rows_len()).zip(input.par_chunks_exact(g.image_len())).for_each(
-            |(rows, image)| {
-                g.for_each_tap(|row, at| rows[row..row + channels].copy_from_slice(&image[at..at + channels]));
-            },
-        );
+        output
+            .par_chunks_exact_mut(g.rows_len())
+            .zip(input.par_chunks_exact(g.image_len()))
+            .for_each(|(rows, image)| g.unfold_into(image, rows));
         let shape = Shape::from((batch * g.out_h * g.out_w, self.kernel * self.kernel * channels));
         Ok((CpuStorage::F32(output), shape))
     }
@@ -157,17 +187,12 @@ impl CustomOp1 for Fold {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let rows = f32_slice(storage, layout)?;
         let (batch, height, width, channels) = self.input_dims;
-        let g = UnfoldGeometry::new(self.unfold, height, width, channels);
+        let g = UnfoldGeometry::new(self.unfold.kernel, self.unfold.stride, height, width, channels);
         let mut output = vec![0f32; batch * g.image_len()];
-        output.par_chunks_exact_mut(g.image_len()).zip(rows.par_chunks_exact(g.rows_len())).for_each(
-            |(image, rows)| {
-                g.for_each_tap(|row, at| {
-                    for (target, value) in image[at..at + channels].iter_mut().zip(&rows[row..row + channels]) {
-                        *target += value;
-                    }
-                });
-            },
-        );
+        output
+            .par_chunks_exact_mut(g.image_len())
+            .zip(rows.par_chunks_exact(g.rows_len()))
+            .for_each(|(image, rows)| g.fold_into(rows, image));
         Ok((CpuStorage::F32(output), Shape::from(self.input_dims)))
     }
 }
@@ -189,15 +214,26 @@ impl Conv {
 
     /// `(B, H, W, Cin)` → `(B, ⌈H/stride⌉, ⌈W/stride⌉, Cout)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, h, w, _) = x.dims4()?;
-        let rows = self.linear.forward(&patches(x, self.kernel, self.stride)?)?;
-        Ok(rows.reshape((b, h.div_ceil(self.stride), w.div_ceil(self.stride), self.out_channels))?)
+        self.convolve(x, None)
     }
 
-    /// `leaky_relu(self.forward(x))`, the bias and activation in one fused op.
+    /// `leaky_relu(self.forward(x))`.
     pub fn forward_leaky(&self, x: &Tensor) -> Result<Tensor> {
+        self.convolve(x, Some(LEAKY_SLOPE as f32))
+    }
+
+    /// On the CPU one fused op (`conv_kernel`); elsewhere im2col, candle's matrix product, bias and activation.
+    fn convolve(&self, x: &Tensor, slope: Option<f32>) -> Result<Tensor> {
+        if let (true, Some(bias)) = (fused::fused_on(x), self.linear.bias()) {
+            let weight = self.linear.weight();
+            return Ok(conv_kernel::conv_forward(x, weight, bias, self.kernel, self.stride, slope)?);
+        }
         let (b, h, w, _) = x.dims4()?;
-        let rows = linear_leaky(&self.linear, &patches(x, self.kernel, self.stride)?)?;
+        let rows = patches(x, self.kernel, self.stride)?;
+        let rows = match slope {
+            Some(_) => linear_leaky(&self.linear, &rows)?,
+            None => self.linear.forward(&rows)?,
+        };
         Ok(rows.reshape((b, h.div_ceil(self.stride), w.div_ceil(self.stride), self.out_channels))?)
     }
 }

@@ -75,6 +75,7 @@ macro_rules! model_basics {
 
 pub mod augmentation;
 pub mod calibration;
+pub mod conv_kernel;
 pub mod enhancement;
 pub mod features;
 pub mod flow;
