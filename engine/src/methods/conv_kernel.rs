@@ -8,7 +8,7 @@
 //! Images are spread over rayon's threads (each product single-threaded); a batch smaller than the thread count
 //! splits each product instead. [`crate::methods::layers::Conv`] uses this on the CPU and the composition elsewhere.
 
-use crate::methods::fused::{contiguous_f32, matmul_into, LeakyReluGrad, Matrix};
+use crate::methods::fused::{column_sums, contiguous_f32, matmul_into, LeakyReluGrad, Matrix};
 use crate::methods::layers::UnfoldGeometry;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -36,6 +36,11 @@ struct ConvKernel {
 /// Fewer images than threads: split each product across the threads instead of spreading the images.
 fn split_products(batch: usize) -> bool {
     batch < rayon::current_num_threads()
+}
+
+/// Images per rayon task: one task per thread, so each scratch buffer (and partial sum) is made once per thread.
+fn images_per_task(batch: usize) -> usize {
+    batch.div_ceil(rayon::current_num_threads()).max(1)
 }
 
 /// The geometry of `x: (B, H, W, C)` for this op, with the weight's shape checked: (batch, geometry, Cout).
@@ -138,7 +143,7 @@ impl CustomOp3 for ConvKernel {
             None => grad,
         };
         let out_channels = weight.dim(0)?;
-        let grad_bias = grad.reshape(((), out_channels))?.sum(0)?;
+        let grad_bias = column_sums(&grad.reshape(((), out_channels))?)?;
         let grad_weight = grad.apply_op2_no_bwd(x, &WeightGrad { conv: *self })?;
         let input_dims = x.dims4()?;
         let grad_input = grad.apply_op2_no_bwd(weight, &InputGrad { conv: *self, input_dims })?;
@@ -191,6 +196,7 @@ impl CustomOp2 for WeightGrad {
             // One partial sum per rayon task, added up at the end.
             x.par_chunks_exact(g.image_len())
                 .zip(grad.par_chunks_exact(per_image_grad))
+                .with_min_len(images_per_task(batch))
                 .fold(
                     || (vec![0f32; out_channels * row_len], scratch()),
                     |(mut total, mut rows), (image, grad)| {

@@ -149,9 +149,42 @@ impl CustomOp2 for BiasLeakyRelu {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad_rows = result.apply_op2_no_bwd(&grad.contiguous()?, &LeakyReluGrad { slope: self.slope })?;
-        let channels = bias.elem_count();
-        let grad_bias = grad_rows.reshape(((), channels))?.sum(0)?;
+        let grad_bias = column_sums(&grad_rows.reshape(((), bias.elem_count()))?)?;
         Ok((Some(grad_rows), Some(grad_bias)))
+    }
+}
+
+/// `(N, C)` → `(C)`: the sum of the rows (a bias's gradient). candle's `sum(0)` over a leading axis visits every
+/// value with a division per axis; this adds whole rows, rows split across threads.
+pub fn column_sums(x: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_on(x) {
+        return x.contiguous()?.apply_op1_no_bwd(&ColumnSums);
+    }
+    x.sum(0)
+}
+
+struct ColumnSums;
+
+impl CustomOp1 for ColumnSums {
+    fn name(&self) -> &'static str {
+        "column-sums"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let values = contiguous_f32(self.name(), storage, layout)?;
+        let (_, channels) = layout.shape().dims2()?;
+        let add_rows = |mut total: Vec<f32>, rows: &[f32]| {
+            for row in rows.chunks_exact(channels.max(1)) {
+                total.iter_mut().zip(row).for_each(|(t, v)| *t += v);
+            }
+            total
+        };
+        let per_task = (CHUNK / channels.max(1)).max(1) * channels.max(1);
+        let sums = values
+            .par_chunks(per_task)
+            .fold(|| vec![0f32; channels], add_rows)
+            .reduce(|| vec![0f32; channels], |a, b| add_rows(a, &b));
+        Ok((CpuStorage::F32(sums), Shape::from(channels)))
     }
 }
 
@@ -191,6 +224,74 @@ impl CustomOp2 for LeakyReluGrad {
     }
 }
 
+/// Nearest-neighbour ×2 upsampling of `(B, H, W, C)`: each pixel becomes a 2×2 block. Backward: the sum of each
+/// block (candle's broadcast backward sums over two strided axes value by value).
+pub fn upsample2x(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    if !fused_on(x) {
+        return Ok(None);
+    }
+    Ok(Some(x.contiguous()?.apply_op1(Upsample2x)?))
+}
+
+struct Upsample2x;
+
+impl CustomOp1 for Upsample2x {
+    fn name(&self) -> &'static str {
+        "upsample-2x"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(self.name(), storage, layout)?;
+        let (batch, height, width, channels) = layout.shape().dims4()?;
+        let row = width * channels;
+        let mut output = vec![0f32; input.len() * 4];
+        output.par_chunks_exact_mut(4 * row).zip(input.par_chunks_exact(row.max(1))).for_each(|(out, row_in)| {
+            let (first, second) = out.split_at_mut(2 * row);
+            for (pair, pixel) in first.chunks_exact_mut(2 * channels).zip(row_in.chunks_exact(channels)) {
+                pair[..channels].copy_from_slice(pixel);
+                pair[channels..].copy_from_slice(pixel);
+            }
+            second.copy_from_slice(first);
+        });
+        Ok((CpuStorage::F32(output), Shape::from((batch, 2 * height, 2 * width, channels))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&BlockSums2x)?))
+    }
+}
+
+/// `(B, 2H, 2W, C)` → `(B, H, W, C)`: the sum of each 2×2 block, the adjoint of [`Upsample2x`].
+struct BlockSums2x;
+
+impl CustomOp1 for BlockSums2x {
+    fn name(&self) -> &'static str {
+        "block-sums-2x"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(self.name(), storage, layout)?;
+        let (batch, height, width, channels) = layout.shape().dims4()?;
+        if height % 2 != 0 || width % 2 != 0 {
+            candle_core::bail!("block-sums-2x: odd size {height}×{width}");
+        }
+        let row = width / 2 * channels;
+        let mut output = vec![0f32; input.len() / 4];
+        output.par_chunks_exact_mut(row.max(1)).zip(input.par_chunks_exact(4 * row.max(1))).for_each(|(out, rows)| {
+            let (first, second) = rows.split_at(2 * row);
+            for (o, (a, b)) in out
+                .chunks_exact_mut(channels)
+                .zip(first.chunks_exact(2 * channels).zip(second.chunks_exact(2 * channels)))
+            {
+                for c in 0..channels {
+                    o[c] = a[c] + a[channels + c] + b[c] + b[channels + c];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(output), Shape::from((batch, height / 2, width / 2, channels))))
+    }
+}
+
 /// A separable filter along the two spatial axes of a channels-last map `(B, H, W, C)`, valid positions only:
 /// `(B, H − k + 1, W − k + 1, C)` with `k = taps.len()`. Its backward is the adjoint, the "full" filter with the
 /// taps reversed. The SSIM's Gaussian window means run through this.
@@ -224,8 +325,9 @@ struct SeparableFilter {
     input: Option<(usize, usize)>,
 }
 
-/// One image's pass along one axis. `source` is `(rows_in, cols, C)` flattened with `stride` between rows along the
-/// filtered axis; valid: `out[i] = Σ_k t[k]·src[i + k]`; adjoint: `out[j] = Σ_k t[k]·src[j − k]` for `j − k` in range.
+/// One pass along an axis whose consecutive positions are `line` values apart. Valid: `lines_out` positions,
+/// `out[i] = Σ_k t[k]·src[i + k]`; adjoint: `out[j] = Σ_k t[k]·src[j − k]` over `lines_in` source positions. In
+/// channels-last maps both are one long multiply-add per tap (a shift by `k` positions is a shift by `k·line`).
 fn filter_axis(
     source: &[f32],
     target: &mut [f32],
@@ -235,21 +337,15 @@ fn filter_axis(
     line: usize,
     adjoint: bool,
 ) {
-    for (o, out_line) in target.chunks_exact_mut(line).enumerate().take(lines_out) {
-        out_line.fill(0.0);
-        for (k, &t) in taps.iter().enumerate() {
-            let i = if adjoint {
-                match o.checked_sub(k) {
-                    Some(i) if i < lines_in => i,
-                    _ => continue,
-                }
-            } else {
-                o + k
-            };
-            for (v, &s) in out_line.iter_mut().zip(&source[i * line..(i + 1) * line]) {
-                *v += t * s;
-            }
-        }
+    let target = &mut target[..lines_out * line];
+    target.fill(0.0);
+    for (k, &t) in taps.iter().enumerate() {
+        let (to, from) = if adjoint {
+            (&mut target[k * line..(k + lines_in) * line], &source[..lines_in * line])
+        } else {
+            (&mut *target, &source[k * line..(k + lines_out) * line])
+        };
+        to.iter_mut().zip(from).for_each(|(o, &v)| *o += t * v);
     }
 }
 
@@ -356,6 +452,34 @@ mod tests {
             finite_difference(&|r| bias_leaky_relu(r, bias.as_tensor(), 0.2).unwrap(), rows.as_tensor(), &weights, &at);
         let analytic: Vec<f32> = at.iter().map(|&i| fused_rows[i]).collect();
         assert_close(&analytic, &numeric, 1e-2, "finite differences");
+    }
+
+    #[test]
+    fn upsampling_matches_the_broadcast_and_its_gradient() {
+        let x = Var::from_tensor(&ramp(&[2, 3, 5, 4], 1)).unwrap();
+        let (b, h, w, c) = x.dims4().unwrap();
+        let fused = upsample2x(x.as_tensor()).unwrap().unwrap();
+        let composed = x
+            .reshape((b, h, 1, w, 1, c))
+            .unwrap()
+            .broadcast_as((b, h, 2, w, 2, c))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b, 2 * h, 2 * w, c))
+            .unwrap();
+        assert_eq!(values(&fused), values(&composed));
+        let weights = ramp(fused.dims(), 9);
+        let gradient = |y: &Tensor| {
+            values((y * &weights).unwrap().sum_all().unwrap().backward().unwrap().get(x.as_tensor()).unwrap())
+        };
+        assert_close(&gradient(&fused), &gradient(&composed), 1e-6, "gradient");
+    }
+
+    #[test]
+    fn column_sums_add_the_rows() {
+        let x = ramp(&[1000, 7], 2);
+        assert_close(&values(&column_sums(&x).unwrap()), &values(&x.sum(0).unwrap()), 1e-5, "sums");
     }
 
     #[test]

@@ -247,6 +247,9 @@ pub fn linear_leaky(linear: &Linear, rows: &Tensor) -> Result<Tensor> {
 
 /// Nearest-neighbour ×2 upsampling of a channels-last map (differentiable: candle has no backward for bilinear).
 pub fn upsample2x(x: &Tensor) -> Result<Tensor> {
+    if let Some(fused) = fused::upsample2x(x)? {
+        return Ok(fused);
+    }
     let (b, h, w, c) = x.dims4()?;
     Ok(x.reshape((b, h, 1, w, 1, c))?.broadcast_as((b, h, 2, w, 2, c))?.contiguous()?.reshape((b, 2 * h, 2 * w, c))?)
 }
