@@ -349,6 +349,23 @@ fn filter_axis(
     }
 }
 
+/// One channels-last image `(height, width, channels)` filtered along W (each row), then along H (whole rows),
+/// into `out: (out_h, out_w, channels)`: valid positions, or with `adjoint` the transpose back to the full size.
+pub(crate) fn filter_image(
+    image: &[f32],
+    out: &mut [f32],
+    taps: &[f32],
+    (height, width, channels): (usize, usize, usize),
+    (out_h, out_w): (usize, usize),
+    adjoint: bool,
+) {
+    let mut along_w = vec![0f32; height * out_w * channels];
+    for (row_out, row_in) in along_w.chunks_exact_mut(out_w * channels).zip(image.chunks_exact(width * channels)) {
+        filter_axis(row_in, row_out, taps, out_w, width, channels, adjoint);
+    }
+    filter_axis(&along_w, out, taps, out_h, height, out_w * channels, adjoint);
+}
+
 impl CustomOp1 for SeparableFilter {
     fn name(&self) -> &'static str {
         "separable-filter"
@@ -368,14 +385,7 @@ impl CustomOp1 for SeparableFilter {
             .par_chunks_exact_mut(out_h * out_w * channels)
             .zip(input.par_chunks_exact(height * width * channels))
             .for_each(|(out, image)| {
-                // Along W first (each row of H separately), then along H over whole rows.
-                let mut along_w = vec![0f32; height * out_w * channels];
-                for (row_out, row_in) in
-                    along_w.chunks_exact_mut(out_w * channels).zip(image.chunks_exact(width * channels))
-                {
-                    filter_axis(row_in, row_out, &self.taps, out_w, width, channels, self.adjoint);
-                }
-                filter_axis(&along_w, out, &self.taps, out_h, height, out_w * channels, self.adjoint);
+                filter_image(image, out, &self.taps, (height, width, channels), (out_h, out_w), self.adjoint)
             });
         Ok((CpuStorage::F32(output), Shape::from((batch, out_h, out_w, channels))))
     }

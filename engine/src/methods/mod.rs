@@ -87,6 +87,7 @@ pub mod representation;
 pub mod setting_docs;
 pub mod settings;
 pub mod ssim;
+pub mod ssim_kernel;
 pub mod training;
 
 use crate::backbone::Backbone;
