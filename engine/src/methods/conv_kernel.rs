@@ -62,21 +62,43 @@ fn for_each_image(
     input_len: usize,
     outputs: &mut [f32],
     output_len: usize,
-    per_image: impl Fn(&[f32], &mut [f32], &mut Vec<f32>, bool) + Sync,
+    per_image: impl Fn(&[f32], &mut [f32], &mut [f32], bool) + Sync,
 ) {
     let batch = outputs.len() / output_len.max(1);
-    let scratch = || if g.is_pointwise() { Vec::new() } else { vec![0f32; g.rows_len()] };
+    let rows_len = if g.is_pointwise() { 0 } else { g.rows_len() };
     if split_products(batch) {
-        let mut rows = scratch();
-        for (image, out) in inputs.chunks_exact(input_len).zip(outputs.chunks_exact_mut(output_len)) {
-            per_image(image, out, &mut rows, true);
-        }
+        with_scratch(rows_len, |rows| {
+            for (image, out) in inputs.chunks_exact(input_len).zip(outputs.chunks_exact_mut(output_len)) {
+                per_image(image, out, rows, true);
+            }
+        });
     } else {
         inputs
             .par_chunks_exact(input_len)
             .zip(outputs.par_chunks_exact_mut(output_len))
-            .for_each_init(scratch, |rows, (image, out)| per_image(image, out, rows, false));
+            .with_min_len(images_per_task(batch))
+            .for_each(|(image, out)| with_scratch(rows_len, |rows| per_image(image, out, rows, false)));
     }
+}
+
+thread_local! {
+    /// Each thread's im2col buffer, kept between calls: allocated fresh, megabytes of rows per image would be
+    /// zeroed and page-faulted in at every convolution of every step.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `work` with this thread's scratch buffer, at least `len` long (contents left from earlier calls).
+fn with_scratch<R>(len: usize, work: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+            work(&mut buffer[..len])
+        }
+        // Re-entered on this thread (rayon may run another task while one waits): a buffer of its own.
+        Err(_) => work(&mut vec![0f32; len]),
+    })
 }
 
 /// One image's im2col rows: the image itself for a 1×1 stride-1 kernel, else unfolded into `scratch`.
@@ -145,9 +167,12 @@ impl CustomOp3 for ConvKernel {
         let out_channels = weight.dim(0)?;
         let grad_bias = column_sums(&grad.reshape(((), out_channels))?)?;
         let grad_weight = grad.apply_op2_no_bwd(x, &WeightGrad { conv: *self })?;
-        let input_dims = x.dims4()?;
-        let grad_input = grad.apply_op2_no_bwd(weight, &InputGrad { conv: *self, input_dims })?;
-        Ok((Some(grad_input), Some(grad_weight), Some(grad_bias)))
+        // A network's first convolution reads data: its input needs no gradient.
+        let grad_input = match x.track_op() {
+            true => Some(grad.apply_op2_no_bwd(weight, &InputGrad { conv: *self, input_dims: x.dims4()? })?),
+            false => None,
+        };
+        Ok((grad_input, Some(grad_weight), Some(grad_bias)))
     }
 }
 
@@ -179,17 +204,18 @@ impl CustomOp2 for WeightGrad {
         let x = contiguous_f32(self.name(), x, x_layout)?;
         let (positions, row_len) = (g.positions(), g.row_len());
         let per_image_grad = positions * out_channels;
-        let product = |image: &[f32], grad: &[f32], scratch: &mut Vec<f32>, total: &mut [f32], parallel| {
-            let rows = rows_of(&g, image, scratch);
-            let grad = Matrix::row_major(grad, positions, out_channels).t();
-            matmul_into(total, grad, Matrix::row_major(rows, positions, row_len), true, parallel);
+        let rows_len = if g.is_pointwise() { 0 } else { g.rows_len() };
+        let product = |image: &[f32], grad: &[f32], total: &mut [f32], parallel| {
+            with_scratch(rows_len, |scratch| {
+                let rows = rows_of(&g, image, scratch);
+                let grad = Matrix::row_major(grad, positions, out_channels).t();
+                matmul_into(total, grad, Matrix::row_major(rows, positions, row_len), true, parallel);
+            })
         };
-        let scratch = || if g.is_pointwise() { Vec::new() } else { vec![0f32; g.rows_len()] };
         let total = if split_products(batch) {
             let mut total = vec![0f32; out_channels * row_len];
-            let mut rows = scratch();
             for (image, grad) in x.chunks_exact(g.image_len()).zip(grad.chunks_exact(per_image_grad)) {
-                product(image, grad, &mut rows, &mut total, true);
+                product(image, grad, &mut total, true);
             }
             total
         } else {
@@ -198,13 +224,12 @@ impl CustomOp2 for WeightGrad {
                 .zip(grad.par_chunks_exact(per_image_grad))
                 .with_min_len(images_per_task(batch))
                 .fold(
-                    || (vec![0f32; out_channels * row_len], scratch()),
-                    |(mut total, mut rows), (image, grad)| {
-                        product(image, grad, &mut rows, &mut total, false);
-                        (total, rows)
+                    || vec![0f32; out_channels * row_len],
+                    |mut total, (image, grad)| {
+                        product(image, grad, &mut total, false);
+                        total
                     },
                 )
-                .map(|(total, _)| total)
                 .reduce_with(|mut a, b| {
                     a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                     a

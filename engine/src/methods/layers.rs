@@ -99,40 +99,42 @@ impl UnfoldGeometry {
         self.kernel == 1 && self.stride == 1
     }
 
-    /// One image's im2col rows into `rows` (its padding entries must already be zero: they are never written).
+    /// One image's im2col rows into `rows`, every entry written (padding as zeros): a reused buffer may be dirty.
     pub fn unfold_into(&self, image: &[f32], rows: &mut [f32]) {
         let c = self.channels;
-        self.for_each_tap(|row, at| rows[row..row + c].copy_from_slice(&image[at..at + c]));
+        self.for_each_tap(|row, at| match at {
+            Some(at) => rows[row..row + c].copy_from_slice(&image[at..at + c]),
+            None => rows[row..row + c].fill(0.0),
+        });
     }
 
     /// Adds one image's im2col rows back onto the positions they were copied from (the adjoint of the unfold).
     pub fn fold_into(&self, rows: &[f32], image: &mut [f32]) {
         let c = self.channels;
         self.for_each_tap(|row, at| {
-            for (target, value) in image[at..at + c].iter_mut().zip(&rows[row..row + c]) {
-                *target += value;
+            if let Some(at) = at {
+                for (target, value) in image[at..at + c].iter_mut().zip(&rows[row..row + c]) {
+                    *target += value;
+                }
             }
         });
     }
 
-    /// Calls `visit(row_offset, input_offset)` for every tap of one image that lies inside it: `channels`
-    /// consecutive values at both offsets correspond.
-    fn for_each_tap(&self, mut visit: impl FnMut(usize, usize)) {
+    /// Calls `visit(row_offset, Some(input_offset))` for every tap of one image that lies inside it (`channels`
+    /// consecutive values at both offsets correspond) and `visit(row_offset, None)` for every tap in the padding.
+    fn for_each_tap(&self, mut visit: impl FnMut(usize, Option<usize>)) {
         let (k, c, pad) = (self.kernel, self.channels, self.kernel / 2);
+        let inside = |position: usize, tap: usize, size: usize| {
+            (position * self.stride + tap).checked_sub(pad).filter(|&i| i < size)
+        };
         for oy in 0..self.out_h {
             for ox in 0..self.out_w {
                 let row = (oy * self.out_w + ox) * k * k * c;
                 for dy in 0..k {
-                    let iy = (oy * self.stride + dy) as isize - pad as isize;
-                    if iy < 0 || iy >= self.height as isize {
-                        continue;
-                    }
+                    let iy = inside(oy, dy, self.height);
                     for dx in 0..k {
-                        let ix = (ox * self.stride + dx) as isize - pad as isize;
-                        if ix < 0 || ix >= self.width as isize {
-                            continue;
-                        }
-                        visit(row + (dy * k + dx) * c, (iy as usize * self.width + ix as usize) * c);
+                        let at = iy.zip(inside(ox, dx, self.width)).map(|(iy, ix)| (iy * self.width + ix) * c);
+                        visit(row + (dy * k + dx) * c, at);
                     }
                 }
             }
