@@ -230,7 +230,8 @@ impl CustomOp2 for LeakyReluGrad {
             candle_core::bail!("leaky-relu-grad: {} outputs, {} gradients", result.len(), grad.len());
         }
         let slope = self.slope;
-        let output = zip_map(result, grad, |y, g| g * if y > 0.0 { 1.0 } else { slope });
+        // Arithmetic rather than a branch per value: signs are random, and the select keeps the loop vectorised.
+        let output = zip_map(result, grad, |y, g| g * (slope + f32::from(u8::from(y > 0.0)) * (1.0 - slope)));
         Ok((CpuStorage::F32(output), grad_layout.shape().clone()))
     }
 }
