@@ -12,6 +12,7 @@ use crate::methods::fused::{column_sums, contiguous_f32, matmul_into, LeakyReluG
 use crate::methods::layers::UnfoldGeometry;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// `(B, H, W, Cin)` convolved with `weight: (Cout, k·k·Cin)` (columns tap-major `(dy, dx, c)`) plus `bias`,
 /// then a leaky ReLU with `slope` when given: `(B, ⌈H/s⌉, ⌈W/s⌉, Cout)`. CPU, f32.
@@ -54,31 +55,53 @@ fn geometry(op: &ConvKernel, x: &Shape, weight: &Shape) -> candle_core::Result<(
     Ok((batch, g, out_channels))
 }
 
-/// Runs `per_image(image, output, rows_scratch, parallel_product)` for every image and its output slice, images
-/// across threads (or one after the other with split products); the scratch holds one image's im2col rows.
-fn for_each_image(
+/// Builds a `batch × output_len` buffer image by image: each image's slice is first filled by `fill`, then
+/// `per_image(image, output, rows_scratch, parallel_product)` runs on it, images across threads (or one after the
+/// other with split products); the scratch holds one image's im2col rows. The slices are never zeroed as a whole
+/// first: that pass, and the page faults of fresh memory, would run on one thread.
+fn map_images(
     g: &UnfoldGeometry,
     inputs: &[f32],
     input_len: usize,
-    outputs: &mut [f32],
     output_len: usize,
+    fill: impl Fn(&mut [MaybeUninit<f32>]) + Sync,
     per_image: impl Fn(&[f32], &mut [f32], &mut [f32], bool) + Sync,
-) {
-    let batch = outputs.len() / output_len.max(1);
+) -> Vec<f32> {
+    let batch = inputs.len() / input_len.max(1);
+    let total = batch * output_len;
     let rows_len = if g.is_pointwise() { 0 } else { g.rows_len() };
+    let mut output = Vec::with_capacity(total);
+    let run = |image: &[f32], out: &mut [MaybeUninit<f32>], rows: &mut [f32], parallel: bool| {
+        fill(out);
+        // SAFETY: `fill` wrote every slot of `out` (each caller's fill writes the whole slice), and f32 has no
+        // invalid bit patterns.
+        let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        per_image(image, out, rows, parallel);
+    };
+    let slots = &mut output.spare_capacity_mut()[..total];
     if split_products(batch) {
         with_scratch(rows_len, |rows| {
-            for (image, out) in inputs.chunks_exact(input_len).zip(outputs.chunks_exact_mut(output_len)) {
-                per_image(image, out, rows, true);
+            for (image, out) in inputs.chunks_exact(input_len).zip(slots.chunks_exact_mut(output_len)) {
+                run(image, out, rows, true);
             }
         });
     } else {
         inputs
             .par_chunks_exact(input_len)
-            .zip(outputs.par_chunks_exact_mut(output_len))
+            .zip(slots.par_chunks_exact_mut(output_len))
             .with_min_len(images_per_task(batch))
-            .for_each(|(image, out)| with_scratch(rows_len, |rows| per_image(image, out, rows, false)));
+            .for_each(|(image, out)| with_scratch(rows_len, |rows| run(image, out, rows, false)));
     }
+    // SAFETY: every image's slice of the first `total` slots was written by `run`.
+    unsafe { output.set_len(total) };
+    output
+}
+
+/// Fills with zeros.
+fn zeros(slots: &mut [MaybeUninit<f32>]) {
+    slots.iter_mut().for_each(|slot| {
+        slot.write(0.0);
+    });
 }
 
 thread_local! {
@@ -133,20 +156,30 @@ impl CustomOp3 for ConvKernel {
             candle_core::bail!("conv: {} biases for {out_channels} output channels", bias.len());
         }
         let positions = g.positions();
-        // Started from the bias, the product accumulates onto it: no separate pass adds it.
-        let mut output = Vec::with_capacity(batch * positions * out_channels);
-        for _ in 0..batch * positions {
-            output.extend_from_slice(bias);
-        }
         let transposed_weight = Matrix::row_major(weight, out_channels, g.row_len()).t();
         let slope = self.slope;
-        for_each_image(&g, x, g.image_len(), &mut output, positions * out_channels, |image, out, scratch, parallel| {
-            let rows = rows_of(&g, image, scratch);
-            matmul_into(out, Matrix::row_major(rows, positions, g.row_len()), transposed_weight, true, parallel);
-            if let Some(slope) = slope {
-                out.iter_mut().for_each(|v| *v = if *v > 0.0 { *v } else { *v * slope });
+        // Started from the bias, the product accumulates onto it: no separate pass adds it.
+        let start_from_bias = |slots: &mut [MaybeUninit<f32>]| {
+            for position in slots.chunks_exact_mut(out_channels) {
+                position.iter_mut().zip(bias).for_each(|(slot, &b)| {
+                    slot.write(b);
+                });
             }
-        });
+        };
+        let output = map_images(
+            &g,
+            x,
+            g.image_len(),
+            positions * out_channels,
+            start_from_bias,
+            |image, out, scratch, parallel| {
+                let rows = rows_of(&g, image, scratch);
+                matmul_into(out, Matrix::row_major(rows, positions, g.row_len()), transposed_weight, true, parallel);
+                if let Some(slope) = slope {
+                    out.iter_mut().for_each(|v| *v *= if *v > 0.0 { 1.0 } else { slope });
+                }
+            },
+        );
         Ok((CpuStorage::F32(output), Shape::from((batch, g.out_h, g.out_w, out_channels))))
     }
 
@@ -266,14 +299,8 @@ impl CustomOp2 for InputGrad {
         let grad = contiguous_f32(self.name(), grad, grad_layout)?;
         let weight = Matrix::row_major(contiguous_f32(self.name(), weight, weight_layout)?, out_channels, g.row_len());
         let positions = g.positions();
-        let mut output = vec![0f32; batch * g.image_len()];
-        for_each_image(
-            &g,
-            grad,
-            positions * out_channels,
-            &mut output,
-            g.image_len(),
-            |grad, image, scratch, parallel| {
+        let output =
+            map_images(&g, grad, positions * out_channels, g.image_len(), zeros, |grad, image, scratch, parallel| {
                 let grad = Matrix::row_major(grad, positions, out_channels);
                 if g.is_pointwise() {
                     matmul_into(image, grad, weight, false, parallel);
@@ -281,8 +308,7 @@ impl CustomOp2 for InputGrad {
                     matmul_into(scratch, grad, weight, false, parallel);
                     g.fold_into(scratch, image);
                 }
-            },
-        );
+            });
         Ok((CpuStorage::F32(output), Shape::from(self.input_dims)))
     }
 }
