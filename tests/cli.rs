@@ -19,6 +19,37 @@ fn text(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// The training-step benchmark builds the very networks the PyTorch replica in `../shared/peer` builds (its
+/// parameter counts: 289,328 and 443,696 for the autoencoder at 64² and 128², 592,536 for the STFPM student) and
+/// runs real steps.
+#[test]
+fn bench_train_step_runs_the_replicas_networks() {
+    for (method, size, parameters) in
+        [("autoencoder", "64", 289_328), ("autoencoder", "128", 443_696), ("stfpm", "64", 592_536)]
+    {
+        let run = loupe(&[
+            "bench",
+            "train-step",
+            "--method",
+            method,
+            "--batch",
+            "2",
+            "--size",
+            size,
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+        ]);
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        let line = String::from_utf8_lossy(&run.stdout).to_string();
+        assert!(line.contains(&format!("params={parameters} ")), "{method} {size}: {line}");
+        assert!(line.contains("step_med_ms="), "{line}");
+    }
+    let unknown = loupe(&["bench", "train-step", "--method", "patchcore"]);
+    assert!(!unknown.status.success());
+}
+
 #[test]
 fn fit_eval_infer_on_a_synthetic_benchmark() {
     let dir = temp_dir("flow");
@@ -48,6 +79,14 @@ fn fit_eval_infer_on_a_synthetic_benchmark() {
     }
     assert!(report["image_auroc"].as_f64().unwrap() > 0.9);
     assert!(report["per_defect_type"]["scratch"]["image_auroc"].is_number());
+
+    // Label-free validation: held-out good images against synthetic anomalies made from them.
+    let validate = loupe(&["bench", "validate", "--model", text(&model), "--data", text(&data)]);
+    assert!(validate.status.success(), "{}", String::from_utf8_lossy(&validate.stderr));
+    let line = String::from_utf8_lossy(&validate.stdout).to_string();
+    let auroc: f64 =
+        line.split("validation image AUROC ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    assert!((0.0..=1.0).contains(&auroc), "{line}");
 
     // A threshold chosen on the labelled test set at the user's request, saved, is the one the model then uses.
     let choose = loupe(&[

@@ -101,6 +101,21 @@ pub enum BenchWhat {
         #[arg(long, default_value = "cpu")]
         device: loupe_engine::device::DeviceChoice,
     },
+    /// A model's image AUROC on label-free validation data: the held-out good images of an MVTec folder's
+    /// train/good (the fit's validation split, never trained on) against the same images with a seeded synthetic
+    /// anomaly each (CutPaste, scar or a Perlin-blended foreign texture). Chooses defaults without test labels; for
+    /// the methods that train on these anomalies (CutPaste, DRAEM, FCDD) it flatters.
+    Validate {
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// An MVTec AD category folder.
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
     /// Time what the studio's threshold panel recomputes per drag step (confusion, FAR/MAR, pass/review/reject)
     /// over many image scores: the table is sorted once, then every threshold is two binary searches per class.
     Threshold {
@@ -184,6 +199,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
         BenchWhat::Threshold { scores, thresholds } => bench_threshold(scores, thresholds)?,
+        BenchWhat::Validate { model, data, seed, engine } => bench_validate(&model, &data, seed, &engine)?,
         BenchWhat::TrainStep { method, batch, size, threads, steps, warmup, device } => {
             bench_train_step(&method, batch, size, threads, steps, warmup, &device.open()?)?
         }
@@ -210,6 +226,43 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn bench_validate(model: &Path, data: &Path, seed: u64, engine: &EngineArgs) -> Result<()> {
+    use loupe_engine::methods::augmentation::synthetic_anomalies::random_anomaly;
+    use loupe_engine::methods::planar_to_tensor;
+    use loupe_engine::pipeline::{validation_split, FitRequest};
+    let (loaded, device) = engine.open_model(model)?;
+    let benchmark = loupe_engine::dataset::scan_mvtec(data)?;
+    let defaults = FitRequest::new(loupe_engine::methods::find_method(&loaded.manifest.method)?, data.to_path_buf());
+    let (_, held_out) = validation_split(benchmark.train.clone(), defaults.validation_fraction, defaults.seed);
+    let size = loaded.model.image_size();
+    let (decoded, _) = decode_all(&held_out, size, &|_| {});
+    if decoded.len() < 2 {
+        anyhow::bail!("{}: fewer than two held-out good images", data.display());
+    }
+    let planar: Vec<Vec<f32>> = decoded.iter().map(|image| image.to_chw_f32()).collect();
+    let mut rng = loupe_engine::rng::SplitMix64::new(seed);
+    let mut scores = Vec::new();
+    let mut labels = Vec::new();
+    for (i, good) in planar.iter().enumerate() {
+        let other = &planar[(i + 1) % planar.len()];
+        let anomalous = random_anomaly(good, other, size as usize, &mut rng).image;
+        for (image, defective) in [(good, false), (&anomalous, true)] {
+            let output =
+                loaded.model.score_batch(&planar_to_tensor(std::slice::from_ref(image), size as usize, &device)?)?;
+            scores.push(output[0].score);
+            labels.push(defective);
+        }
+    }
+    let auroc = loupe_engine::metrics::roc::auroc(&scores, &labels)?;
+    println!(
+        "{}: validation image AUROC {auroc:.4} ({} held-out good images of {} against the same with a synthetic anomaly, seed {seed})",
+        model.display(),
+        decoded.len(),
+        data.display()
+    );
     Ok(())
 }
 

@@ -1,9 +1,10 @@
-//! Trainable layers for the methods that learn convolutional networks (autoencoder, CutPaste's head, …).
+//! Trainable layers for the methods that learn convolutional networks (autoencoder, STFPM, DRAEM, FCDD).
 //!
 //! Maps are channels-last `(B, H, W, C)`. A convolution is im2col — the k×k shifted views of the zero-padded
-//! map concatenated along the channels — followed by one matrix product. candle differentiates both (narrow,
-//! cat, reshape, matmul), and its CPU matrix product is fast, whereas its `conv2d` backward is 4–10× slower than
-//! PyTorch's (measured when the stack was chosen, issue 5). The same code runs on CUDA and Metal.
+//! map concatenated along the channels — followed by one matrix product (candle's `conv2d` backward was 4–10×
+//! slower than PyTorch's when the stack was chosen, issue 5). On the CPU the whole convolution, bias and
+//! activation included, is one op with its own backward (`conv_kernel`, issue 24); on CUDA and Metal it is
+//! composed from candle ops (narrow, cat, reshape, matmul), which candle differentiates.
 
 use crate::methods::{conv_kernel, fused};
 use anyhow::{bail, Result};
