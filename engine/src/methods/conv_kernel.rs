@@ -380,6 +380,33 @@ mod tests {
         }
     }
 
+    /// At a real layer's size (FCDD's first head layer: 152 → 128 channels, 3×3, on the 32×32 grid of a
+    /// 256-pixel image, a step's 8 images) the fused op still equals the composition, gradients included.
+    #[test]
+    fn fused_convolution_matches_the_composition_at_a_real_layers_size() {
+        let scaled = |shape: &[usize], seed: usize, scale: f64| (ramp(shape, seed) * scale).unwrap();
+        let x = Var::from_tensor(&scaled(&[8, 32, 32, 152], 1, 1.0)).unwrap();
+        let w = Var::from_tensor(&scaled(&[128, 9 * 152], 2, 0.03)).unwrap();
+        let b = Var::from_tensor(&scaled(&[128], 3, 0.1)).unwrap();
+        let fused = conv_forward(x.as_tensor(), w.as_tensor(), b.as_tensor(), 3, 1, Some(0.2)).unwrap();
+        let reference = composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), 3, 1, Some(0.2));
+        let weights = ramp(fused.dims(), 7);
+        let largest = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let (f, r) = (values(&fused), values(&reference));
+        let scale = largest(&r);
+        assert!(f.iter().zip(&r).all(|(a, b)| (a - b).abs() <= 1e-5 * scale), "forward");
+        let gradients = |y: &Tensor| {
+            let grads = (y * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            [&x, &w, &b].map(|v| values(grads.get(v.as_tensor()).unwrap()))
+        };
+        let (ours, theirs) = (gradients(&fused), gradients(&reference));
+        for (name, (a, b)) in ["input", "weight", "bias"].iter().zip(ours.iter().zip(&theirs)) {
+            let scale = largest(b);
+            let worst = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-4 * scale, "{name} gradient: largest difference {worst} of {scale}");
+        }
+    }
+
     /// The weight gradient agrees with central differences of the fused forward itself.
     #[test]
     fn fused_convolution_gradient_matches_finite_differences() {
