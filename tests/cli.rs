@@ -50,6 +50,28 @@ fn bench_train_step_runs_the_replicas_networks() {
     assert!(!unknown.status.success());
 }
 
+/// A scale benchmark's normal set: as many distinct, readable variants as asked, from an MVTec folder's good
+/// images, an unreadable source reported and skipped.
+#[test]
+fn make_normals_writes_distinct_readable_variants() {
+    let dir = temp_dir("normals");
+    let data = dir.join("data");
+    generate_mvtec(&data, &SyntheticSpec::tiny(3)).unwrap();
+    std::fs::write(data.join("train/good/broken.png"), b"not an image").unwrap();
+    let out = dir.join("normals");
+    let run =
+        loupe(&["bench", "make-normals", "--from", text(&data), "--count", "40", "--out", text(&out), "--size", "48"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("broken.png"), "the unreadable source is reported");
+    let mut distinct = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let image = image::open(entry.unwrap().path()).unwrap().to_rgb8();
+        assert_eq!(image.dimensions(), (48, 48));
+        distinct.insert(image.into_raw());
+    }
+    assert_eq!(distinct.len(), 40, "40 files, no two alike");
+}
+
 #[test]
 fn fit_eval_infer_on_a_synthetic_benchmark() {
     let dir = temp_dir("flow");

@@ -116,6 +116,21 @@ pub enum BenchWhat {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Write a large, varied set of normal images for scale benchmarks: `--count` seeded variants (crop, ±5°
+    /// rotation, flips, ±10 % brightness) of a folder's good images (an MVTec folder's train/good), PNG at `--size`.
+    MakeNormals {
+        /// A folder of good images, or an MVTec AD category folder (its train/good).
+        #[arg(long)]
+        from: std::path::PathBuf,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Time what the studio's threshold panel recomputes per drag step (confusion, FAR/MAR, pass/review/reject)
     /// over many image scores: the table is sorted once, then every threshold is two binary searches per class.
     Threshold {
@@ -199,6 +214,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
         BenchWhat::Threshold { scores, thresholds } => bench_threshold(scores, thresholds)?,
+        BenchWhat::MakeNormals { from, count, out, size, seed } => {
+            let folder = if loupe_engine::dataset::layout::is_mvtec(&from) { from.join("train/good") } else { from };
+            let sources = list_images(&folder)?;
+            let progress = crate::progress_bar::TerminalProgress::new();
+            let (written, skipped) = loupe_engine::dataset::augmented::write_augmented_normals(
+                &sources, count, size, seed, &out, &progress,
+            )?;
+            progress.finish();
+            for file in &skipped {
+                eprintln!("skipped {file}");
+            }
+            println!(
+                "{} variants of {} good images of {} written to {} ({size}², seed {seed})",
+                written.len(),
+                sources.len() - skipped.len(),
+                folder.display(),
+                out.display()
+            );
+        }
         BenchWhat::Validate { model, data, seed, engine } => bench_validate(&model, &data, seed, &engine)?,
         BenchWhat::TrainStep { method, batch, size, threads, steps, warmup, device } => {
             bench_train_step(&method, batch, size, threads, steps, warmup, &device.open()?)?

@@ -2,6 +2,7 @@
 //! shape; decoding them (in parallel) into fixed-size model inputs; and the synthetic generator the tests and the
 //! demo use. A file that cannot be used is skipped and reported with its reason; it never aborts a run.
 
+pub mod augmented;
 pub mod decode;
 pub mod layout;
 pub mod resize;
