@@ -143,21 +143,13 @@ impl UnfoldGeometry {
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else { candle_core::bail!("unfold: only f32 is supported") };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("unfold: input must be contiguous"),
-    }
-}
-
 impl CustomOp1 for Unfold {
     fn name(&self) -> &'static str {
         "unfold-channels-last"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let input = f32_slice(storage, layout)?;
+        let input = fused::contiguous_f32(self.name(), storage, layout)?;
         let (batch, height, width, channels) = layout.shape().dims4()?;
         let g = UnfoldGeometry::new(self.kernel, self.stride, height, width, channels);
         let mut output = vec![0f32; batch * g.rows_len()];
@@ -188,7 +180,7 @@ impl CustomOp1 for Fold {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let rows = f32_slice(storage, layout)?;
+        let rows = fused::contiguous_f32(self.name(), storage, layout)?;
         let (batch, height, width, channels) = self.input_dims;
         let g = UnfoldGeometry::new(self.unfold.kernel, self.unfold.stride, height, width, channels);
         let mut output = vec![0f32; batch * g.image_len()];
