@@ -8,6 +8,7 @@ use egui_kittest::kittest::Queryable;
 use egui_kittest::{Harness, SnapshotOptions};
 use loupe::project::sources::Split;
 use loupe::project::{Project, Source};
+use loupe::studio::workspace::{reported_path, ImageId};
 use loupe::studio::{StudioApp, StudioOptions, View};
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::metrics::ThresholdTable;
@@ -482,7 +483,7 @@ fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
         let gallery = GalleryState { sort: SortOrder::Triage, split: Some(Split::Inspect), ..Default::default() };
         let order = gallery.order(&app.studio);
         assert_eq!(order.len(), copied.len());
-        assert_eq!(app.studio.images[order[0]].key(), most_suspicious);
+        assert_eq!(reported_path(&app.studio.images[order[0]].path), most_suspicious);
     }
     let decision = harness.state().studio.project.models[0].decision.expect("a threshold");
     let test_images: Vec<(usize, bool, f32)> = {
@@ -526,7 +527,7 @@ fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
 
     // The labeller calls the first defective new part a defect.
     let part = copied.iter().find(|c| c.1).unwrap().0.display().to_string();
-    let part_index = harness.state().studio.images.iter().position(|i| i.key() == part).unwrap();
+    let part_index = harness.state().studio.images.iter().position(|i| reported_path(&i.path) == part).unwrap();
     press(&mut harness, part_index, egui::Key::D);
 
     harness.get_by_label("Threshold").click();
@@ -539,7 +540,9 @@ fn your_labels_become_the_ground_truth_of_the_threshold_panel() {
         .iter()
         .map(|&(index, _, defect)| (index, defect))
         .chain([(g2, false), (part_index, true)])
-        .map(|(index, defect)| (harness.state().studio.images[index].key(), if defect { "untyped" } else { "good" }))
+        .map(|(index, defect)| {
+            (reported_path(&harness.state().studio.images[index].path), if defect { "untyped" } else { "good" })
+        })
         .collect();
     let mut got: Vec<(String, &str)> = report.images.iter().map(|i| (i.path.clone(), i.defect_type.as_str())).collect();
     expected.sort();
@@ -924,8 +927,13 @@ fn reopening_reuses_the_heatmaps_of_an_unchanged_model() {
     let cache = model.with_extension("maps.safetensors");
     assert!(cache.is_file(), "training keeps its heatmaps for the next opening");
     let maps_of = |harness: &Harness<'_, StudioApp>| {
-        let runtime = harness.state().studio.active_runtime().unwrap();
-        let mut maps: Vec<(String, Vec<f32>)> = runtime.maps.iter().map(|(k, m)| (k.clone(), m.data.clone())).collect();
+        // Keyed by path: ids are given out per session, so two openings may number the images differently.
+        let studio = &harness.state().studio;
+        let runtime = studio.active_runtime().unwrap();
+        let path_of =
+            |id: &ImageId| studio.images.iter().find(|i| i.id == *id).map(|i| reported_path(&i.path)).unwrap();
+        let mut maps: Vec<(String, Vec<f32>)> =
+            runtime.maps.iter().map(|(k, m)| (path_of(k), m.data.clone())).collect();
         maps.sort_by(|a, b| a.0.cmp(&b.0));
         maps
     };

@@ -33,8 +33,9 @@ impl StudioApp {
     pub(super) fn start_import(&mut self, ctx: &egui::Context) {
         let dir = self.studio.dir();
         let sources = self.studio.project.sources.clone();
+        let ids = self.studio.image_ids.clone();
         self.spawn_job(ctx, "Importing images", move |progress| {
-            Ok(JobOutput::Imported(workspace::import(&dir, &sources, progress)?))
+            Ok(JobOutput::Imported(workspace::import(&dir, &sources, &ids, progress)?))
         });
     }
 
@@ -188,7 +189,7 @@ impl StudioApp {
             }
             Ok(JobOutput::Trained(trained)) => {
                 let trained = *trained;
-                let mut runtime = ModelRuntime::from_entry(&trained.entry);
+                let mut runtime = ModelRuntime::from_entry(&trained.entry, &self.studio.image_ids);
                 runtime.model = Some(trained.model);
                 runtime.manifest = Some(trained.manifest);
                 runtime.set_maps(trained.maps);
@@ -247,7 +248,7 @@ impl StudioApp {
                         );
                         self.messages.push(Message { kind: MessageKind::Info, text, details: Vec::new() });
                     }
-                    let mut runtime = ModelRuntime::from_entry(entry);
+                    let mut runtime = ModelRuntime::from_entry(entry, &self.studio.image_ids);
                     if changed || adopted {
                         self.studio.changed();
                     }

@@ -6,7 +6,7 @@
 //! evaluation runs as before and the cache is written again. The file is Loupe's own but read as untrusted: size
 //! bounded before reading, shapes checked against the data.
 
-use super::workspace::{Evaluated, StudioImage};
+use super::workspace::{ids_by_reported_path, reported_path, Evaluated, StudioImage};
 use anyhow::{anyhow, bail, Context, Result};
 use loupe_engine::atomic_file::write_atomic;
 use loupe_engine::labels::LabelSet;
@@ -46,7 +46,7 @@ fn inputs_identity(images: &[StudioImage], labels: &LabelSet) -> Result<String> 
     for image in images {
         let metadata = std::fs::metadata(&image.path)?;
         let modified = metadata.modified()?.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        hasher.update(image.key().as_bytes());
+        hasher.update(reported_path(&image.path).as_bytes());
         hasher.update([0, image.split as u8]);
         hasher.update(metadata.len().to_le_bytes());
         hasher.update(modified.to_le_bytes());
@@ -77,15 +77,18 @@ fn read(model_path: &Path, images: &[StudioImage], labels: &LabelSet) -> Result<
     }
     let keys: Vec<String> = serde_json::from_str(field("map_keys")?)?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{e}"))?;
+    let id_of = ids_by_reported_path(images);
     let mut maps = HashMap::with_capacity(keys.len());
     for (i, key) in keys.into_iter().enumerate() {
+        // The inputs' identity covers every image's path: a key naming none is a corrupt file.
+        let id = *id_of.get(&key).ok_or_else(|| anyhow!("map.{i}: no such image"))?;
         let view = file.tensor(&format!("map.{i}")).map_err(|e| anyhow!("{e}"))?;
         let [height, width] = view.shape() else { bail!("map.{i}: not two-dimensional") };
         if view.dtype() != Dtype::F32 || view.data().len() != height * width * 4 {
             bail!("map.{i}: not {height}×{width} f32 values");
         }
         let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
-        maps.insert(key, Arc::new(ScoreMap::new(*width, *height, data)));
+        maps.insert(id, Arc::new(ScoreMap::new(*width, *height, data)));
     }
     Ok(Evaluated {
         evaluations: serde_json::from_str(field("evaluations")?)?,
@@ -100,13 +103,12 @@ pub fn store(model_path: &Path, images: &[StudioImage], labels: &LabelSet, evalu
     if map_bytes > MAX_CACHE_BYTES / 2 {
         return Ok(());
     }
-    let keys: Vec<&String> = evaluated.maps.keys().collect();
-    let buffers: Vec<(Vec<usize>, Vec<u8>)> = keys
+    let mapped: Vec<(&StudioImage, &ScoreMap)> =
+        images.iter().filter_map(|image| Some((image, evaluated.maps.get(&image.id)?.as_ref()))).collect();
+    let keys: Vec<String> = mapped.iter().map(|(image, _)| reported_path(&image.path)).collect();
+    let buffers: Vec<(Vec<usize>, Vec<u8>)> = mapped
         .iter()
-        .map(|key| {
-            let map = &evaluated.maps[*key];
-            (vec![map.height, map.width], map.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-        })
+        .map(|(_, map)| (vec![map.height, map.width], map.data.iter().flat_map(|v| v.to_le_bytes()).collect()))
         .collect();
     let mut views = Vec::with_capacity(keys.len());
     for (i, (shape, data)) in buffers.iter().enumerate() {

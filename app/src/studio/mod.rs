@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 pub use views::View;
-use workspace::{BackboneCache, Imported, ModelRuntime, Reloaded, StudioImage, Trained};
+use workspace::{BackboneCache, ImageIds, Imported, ModelRuntime, Reloaded, StudioImage, Trained};
 
 pub struct StudioOptions {
     /// The project to open; `None` opens the last one, else the demo project.

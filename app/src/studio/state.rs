@@ -7,6 +7,8 @@ pub struct Studio {
     pub project: Project,
     pub path: PathBuf,
     pub images: Vec<StudioImage>,
+    /// The ids of `images` (and of every path the project's evaluations name).
+    pub image_ids: ImageIds,
     pub skipped: Vec<String>,
     /// Parallel to `project.models`.
     pub runtimes: Vec<ModelRuntime>,
@@ -21,11 +23,13 @@ pub struct Studio {
 
 impl Studio {
     pub(super) fn new(project: Project, path: PathBuf) -> Self {
-        let runtimes = project.models.iter().map(ModelRuntime::from_entry).collect();
+        let image_ids = ImageIds::default();
+        let runtimes = project.models.iter().map(|entry| ModelRuntime::from_entry(entry, &image_ids)).collect();
         Self {
             project,
             path,
             images: Vec::new(),
+            image_ids,
             skipped: Vec::new(),
             runtimes,
             selected: None,
@@ -60,6 +64,6 @@ impl Studio {
     }
 
     pub fn score_of(&self, image: &StudioImage) -> Option<f32> {
-        self.active_runtime()?.scores.get(&image.key()).copied()
+        self.active_runtime()?.scores.get(&image.id).copied()
     }
 }

@@ -23,13 +23,54 @@ use loupe_engine::progress::{check_cancelled, Progress};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// One image file of the open project, as the studio's tables name it: cheap to copy, hash and compare where a
+/// path string was matched before. Given out by [`ImageIds`], once per path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ImageId(u32);
+
+/// The ids of the open project's image files. A path keeps its id while the project is open, also across
+/// re-imports (a source added), so the maps and scores of models not evaluated again still find their images.
+/// Reports and caches on disk keep paths: ids are only ever in memory.
+#[derive(Clone, Default)]
+pub struct ImageIds(Arc<Mutex<HashMap<String, ImageId>>>);
+
+impl ImageIds {
+    /// The id of `path`, given out now if it has none yet.
+    pub fn of(&self, path: &Path) -> ImageId {
+        self.of_reported(&reported_path(path))
+    }
+
+    /// The id of a path as reports and caches store it ([`reported_path`]).
+    pub fn of_reported(&self, path: &str) -> ImageId {
+        let mut ids = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = ids.get(path) {
+            return *id;
+        }
+        let id = ImageId(u32::try_from(ids.len()).expect("fewer than 4 billion images"));
+        ids.insert(path.to_string(), id);
+        id
+    }
+}
+
+/// How reports, the project file and caches write an image's path. A file name that is not UTF-8 is written
+/// lossily, the same way everywhere, so it still finds its image.
+pub fn reported_path(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// The ids of `images` by their reported paths, for matching an engine report back to the images.
+pub(super) fn ids_by_reported_path(images: &[StudioImage]) -> HashMap<String, ImageId> {
+    images.iter().map(|image| (reported_path(&image.path), image.id)).collect()
+}
 
 /// Longest side of a gallery thumbnail, in pixels.
 pub const THUMBNAIL_SIZE: u32 = 112;
 
 #[derive(Clone)]
 pub struct StudioImage {
+    pub id: ImageId,
     pub path: PathBuf,
     pub split: Split,
     pub label: Label,
@@ -43,10 +84,6 @@ pub struct StudioImage {
 }
 
 impl StudioImage {
-    pub fn key(&self) -> String {
-        self.path.display().to_string()
-    }
-
     pub fn file_name(&self) -> String {
         self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
@@ -77,7 +114,7 @@ fn thumbnail_of(path: &Path) -> Result<(ColorImage, [usize; 2]), String> {
 
 /// Lists and reads every image of `sources`; unreadable files are listed, never fatal. A source that cannot be
 /// scanned at all (missing folder) is an error naming it.
-pub fn import(project_dir: &Path, sources: &[Source], progress: &dyn Progress) -> Result<Imported> {
+pub fn import(project_dir: &Path, sources: &[Source], ids: &ImageIds, progress: &dyn Progress) -> Result<Imported> {
     let mut listed = Vec::new();
     for (source, category) in sources.iter().zip(source_names(sources)) {
         progress.begin(&format!("listing {}", source.root().display()), 0);
@@ -98,6 +135,7 @@ pub fn import(project_dir: &Path, sources: &[Source], progress: &dyn Progress) -
             }
             let result = thumbnail_of(&record.path)
                 .map(|(thumbnail, original_size)| StudioImage {
+                    id: ids.of(&record.path),
                     path: record.path.clone(),
                     split,
                     label: record.label,
@@ -128,10 +166,10 @@ pub fn import(project_dir: &Path, sources: &[Source], progress: &dyn Progress) -
 pub struct ModelRuntime {
     pub model: Option<Arc<dyn AnomalyModel>>,
     pub manifest: Option<Manifest>,
-    /// Anomaly maps of the evaluated images, by image key.
-    pub maps: HashMap<String, Arc<ScoreMap>>,
-    /// Image scores by image key.
-    pub scores: HashMap<String, f32>,
+    /// Anomaly maps of the evaluated images.
+    pub maps: HashMap<ImageId, Arc<ScoreMap>>,
+    /// Image scores.
+    pub scores: HashMap<ImageId, f32>,
     /// Every evaluated image's score, split by its folder's label and sorted: FAR/MAR at any threshold by
     /// binary search.
     pub table: Arc<ThresholdTable>,
@@ -142,16 +180,16 @@ pub struct ModelRuntime {
 }
 
 impl ModelRuntime {
-    pub fn from_entry(entry: &ModelEntry) -> Self {
+    pub fn from_entry(entry: &ModelEntry, ids: &ImageIds) -> Self {
         let evaluations = &entry.evaluations;
         let mut runtime = Self::default();
-        runtime.scores.extend(entry.inspected.iter().map(|(key, score)| (key.clone(), *score)));
+        runtime.scores.extend(entry.inspected.iter().map(|(path, score)| (ids.of_reported(path), *score)));
         // The labelled images are also in their folders' categories: each table counts an image once.
         let (mut folders, mut labelled) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
         for (category, report) in evaluations {
             let (scores, anomalous) = if category == YOUR_LABELS { &mut labelled } else { &mut folders };
             for image in &report.images {
-                runtime.scores.insert(image.path.clone(), image.score);
+                runtime.scores.insert(ids.of_reported(&image.path), image.score);
                 scores.push(image.score);
                 anomalous.push(image.defect_type != loupe_engine::dataset::GOOD);
             }
@@ -161,7 +199,7 @@ impl ModelRuntime {
         runtime
     }
 
-    pub fn set_maps(&mut self, maps: HashMap<String, Arc<ScoreMap>>) {
+    pub fn set_maps(&mut self, maps: HashMap<ImageId, Arc<ScoreMap>>) {
         let range = maps.values().flat_map(|m| m.data.iter().copied()).fold(None, |range, v| match range {
             None => Some((v, v)),
             Some((lo, hi)) => Some((f32::min(lo, v), f32::max(hi, v))),
@@ -221,9 +259,9 @@ fn test_sets(images: &[StudioImage]) -> BTreeMap<String, Benchmark> {
 
 pub struct Evaluated {
     pub evaluations: BTreeMap<String, EvalReport>,
-    /// Scores of the images to inspect, by image key.
+    /// Scores of the images to inspect, by path (as the project file keeps them).
     pub inspected: BTreeMap<String, f32>,
-    pub maps: HashMap<String, Arc<ScoreMap>>,
+    pub maps: HashMap<ImageId, Arc<ScoreMap>>,
 }
 
 /// Scores every test image with `model`, per category, and the labelled images against the labeller's ground
@@ -237,8 +275,8 @@ pub fn evaluate_all(
     progress: &dyn Progress,
 ) -> Result<Evaluated> {
     let mut evaluated = Evaluated { evaluations: BTreeMap::new(), inspected: BTreeMap::new(), maps: HashMap::new() };
-    let to_inspect: Vec<ImageRecord> =
-        images.iter().filter(|i| i.split == Split::Inspect).map(|i| ImageRecord::normal(i.path.clone())).collect();
+    let inspect_images: Vec<&StudioImage> = images.iter().filter(|i| i.split == Split::Inspect).collect();
+    let to_inspect: Vec<ImageRecord> = inspect_images.iter().map(|i| ImageRecord::normal(i.path.clone())).collect();
     if !to_inspect.is_empty() {
         progress.begin("decoding the images to inspect", to_inspect.len() as u64);
         let (decoded, skipped) = decode_all(&to_inspect, model.image_size(), &|n| progress.advance(n as u64));
@@ -248,11 +286,12 @@ pub fn evaluate_all(
         progress.begin("scoring the images to inspect", decoded.len() as u64);
         let (outputs, _) = score_images(model, &decoded, 8, device, progress)?;
         for (image, output) in decoded.iter().zip(outputs) {
-            let key = to_inspect[image.index].path.display().to_string();
-            evaluated.inspected.insert(key.clone(), output.score);
-            evaluated.maps.insert(key, Arc::new(output.map));
+            let inspected = inspect_images[image.index];
+            evaluated.inspected.insert(reported_path(&inspected.path), output.score);
+            evaluated.maps.insert(inspected.id, Arc::new(output.map));
         }
     }
+    let id_of = ids_by_reported_path(images);
     let mut sets = test_sets(images);
     let (labelled, trained_on) = labelled_test_set(project_dir, labels, images);
     if trained_on > 0 {
@@ -270,7 +309,9 @@ pub fn evaluate_all(
         }
         let (report, maps) = evaluate_with_maps(model, manifest, &benchmark, 8, device, progress)?;
         for (image, map) in report.images.iter().zip(maps) {
-            evaluated.maps.insert(image.path.clone(), Arc::new(map));
+            if let Some(&id) = id_of.get(&image.path) {
+                evaluated.maps.insert(id, Arc::new(map));
+            }
         }
         evaluated.evaluations.insert(category, report);
     }
@@ -307,7 +348,7 @@ pub struct Trained {
     pub entry: ModelEntry,
     pub model: Arc<dyn AnomalyModel>,
     pub manifest: Manifest,
-    pub maps: HashMap<String, Arc<ScoreMap>>,
+    pub maps: HashMap<ImageId, Arc<ScoreMap>>,
     pub skipped: Vec<String>,
 }
 
@@ -483,6 +524,7 @@ mod tests {
 
     fn image(path: &str, split: Split) -> StudioImage {
         StudioImage {
+            id: ImageIds::default().of(Path::new(path)),
             path: path.into(),
             split,
             label: Label::Normal,

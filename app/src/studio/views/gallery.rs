@@ -4,6 +4,7 @@
 use super::{Action, StudioView, ViewFrame};
 use crate::project::sources::Split;
 use crate::project::verdict::{verdict, Verdict};
+use crate::studio::workspace::reported_path;
 use crate::studio::Studio;
 use eframe::egui;
 use std::collections::HashMap;
@@ -170,7 +171,11 @@ fn show(
                 for &index in order.iter().skip(row * columns).take(columns) {
                     let image = &studio.images[index];
                     let texture = thumbnails.entry(index).or_insert_with(|| {
-                        ui.ctx().load_texture(image.key(), (*image.thumbnail).clone(), egui::TextureOptions::LINEAR)
+                        ui.ctx().load_texture(
+                            reported_path(&image.path),
+                            (*image.thumbnail).clone(),
+                            egui::TextureOptions::LINEAR,
+                        )
                     });
                     let score = studio.score_of(image);
                     let selected = studio.selected == Some(index);

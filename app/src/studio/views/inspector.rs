@@ -11,6 +11,7 @@ use crate::studio::mask_edits::{EditedMask, MaskState};
 use crate::studio::widgets::heatmap::{paint_overlay, Colormap, OverlayData, OverlayStyle};
 use crate::studio::widgets::mask_painter::MaskPainter;
 use crate::studio::widgets::verdict_bar;
+use crate::studio::workspace::ImageId;
 use crate::studio::Studio;
 use eframe::egui;
 use std::hash::{Hash, Hasher};
@@ -150,10 +151,10 @@ fn with_mask(
 }
 
 /// Names one model's overlay of one image (the shader caches its uploaded map by this key).
-pub fn overlay_key(model_file: Option<&std::path::PathBuf>, image_key: &str) -> u64 {
+pub fn overlay_key(model_file: Option<&std::path::PathBuf>, image: ImageId) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     model_file.hash(&mut hasher);
-    image_key.hash(&mut hasher);
+    image.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -216,7 +217,7 @@ fn show(
         }
     }
     let runtime = studio.active_runtime();
-    let map = runtime.and_then(|r| r.maps.get(&image.key()).cloned());
+    let map = runtime.and_then(|r| r.maps.get(&image.id).cloned());
     let map_range = runtime.and_then(|r| r.map_range);
     let model_loading = runtime.is_some_and(|r| r.model.is_none());
     let ctx = ui.ctx().clone();
@@ -315,7 +316,7 @@ fn show(
                 hide_below_threshold: state.hide_below_threshold && threshold.is_finite(),
             };
             let data = OverlayData {
-                key: overlay_key(studio.project.active().map(|m| &m.file), &image.key()),
+                key: overlay_key(studio.project.active().map(|m| &m.file), image.id),
                 map: map.clone(),
                 mask: loaded.mask.clone(),
             };

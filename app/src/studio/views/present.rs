@@ -291,7 +291,7 @@ fn show(
         );
         let Some(model) = model else { continue };
         let runtime = &studio.runtimes[model];
-        let Some(map) = runtime.maps.get(&image.key()).cloned() else {
+        let Some(map) = runtime.maps.get(&image.id).cloned() else {
             let note =
                 if runtime.model.is_none() { "loading this model's heatmaps…" } else { "no heatmap for this image" };
             painter.text(
@@ -306,7 +306,7 @@ fn show(
         if gpu_overlay {
             let entry = &studio.project.models[model];
             let style = relative_style(runtime, entry.decision, &map);
-            let data = OverlayData { key: overlay_key(Some(&entry.file), &image.key()), map, mask: None };
+            let data = OverlayData { key: overlay_key(Some(&entry.file), image.id), map, mask: None };
             paint_overlay(&painter, visible, uv, &data, &style);
         }
     }
@@ -331,7 +331,7 @@ fn figures(
         let entry = &studio.project.models[model];
         let runtime = &studio.runtimes[model];
         ui.label(egui::RichText::new(&entry.name).size(22.0 * scale));
-        let score = runtime.scores.get(&image.key()).copied();
+        let score = runtime.scores.get(&image.id).copied();
         match (score, entry.decision) {
             (Some(score), Some(decision)) => {
                 let v = verdict(score, decision, entry.review);
