@@ -116,13 +116,28 @@ pub fn evaluate_with_maps(
     progress: &dyn Progress,
 ) -> Result<(EvalReport, Vec<ScoreMap>)> {
     progress.begin("decoding", benchmark.test.len() as u64);
-    let (decoded, skipped): (Vec<DecodedImage>, Vec<SkippedFile>) =
-        decode_all(&benchmark.test, model.image_size(), &|n| progress.advance(n as u64));
+    let (decoded, skipped) = decode_all(&benchmark.test, model.image_size(), &|n| progress.advance(n as u64));
+    evaluate_decoded(model, manifest, benchmark, &decoded, &skipped, batch_size, device, progress)
+}
+
+/// [`evaluate_with_maps`] on test images decoded by the caller (`decoded[i].index` into `benchmark.test`;
+/// `skipped` are the files that could not be).
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_decoded(
+    model: &dyn AnomalyModel,
+    manifest: &Manifest,
+    benchmark: &Benchmark,
+    decoded: &[DecodedImage],
+    skipped: &[SkippedFile],
+    batch_size: usize,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<(EvalReport, Vec<ScoreMap>)> {
     if decoded.is_empty() {
         bail!("none of the {} test images could be read", benchmark.test.len());
     }
     progress.begin("scoring", decoded.len() as u64);
-    let (outputs, seconds) = score_images(model, &decoded, batch_size, device, progress)?;
+    let (outputs, seconds) = score_images(model, decoded, batch_size, device, progress)?;
     let scored: Vec<Scored> = decoded
         .iter()
         .zip(outputs)

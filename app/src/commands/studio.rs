@@ -16,7 +16,7 @@ pub struct StudioArgs {
     /// Close the window when no work is left (with --auto-train: a scripted measurement).
     #[arg(long)]
     pub exit_when_idle: bool,
-    /// Write UI frame-time statistics (JSON) here on exit.
+    /// Write UI frame-time statistics and every finished job's stages with their seconds (JSON) here on exit.
     #[arg(long)]
     pub frame_stats: Option<PathBuf>,
     /// The view to show first and keep: train, gallery, inspector, threshold or benchmark.

@@ -1,7 +1,7 @@
 //! How long frames take — the figure that says whether the window stays fluid while a model trains. Two clocks:
 //! the time our `ui` code takes, and eframe's whole-frame CPU time (ui + tessellation + GPU submission, texture
 //! uploads included, vsync excluded), which eframe reports one frame late. Shown in the status bar; written as
-//! JSON on exit when asked (`loupe studio --frame-stats`).
+//! JSON on exit when asked (`loupe studio --frame-stats`), with each finished job's stages and their seconds.
 
 use std::time::Duration;
 
@@ -22,11 +22,13 @@ struct Sample {
 pub struct FrameStats {
     samples: Vec<Sample>,
     opened: std::time::Instant,
+    /// (job title, stage, seconds) of every finished job: where the time of opening or training went.
+    job_stages: Vec<(String, String, f64)>,
 }
 
 impl Default for FrameStats {
     fn default() -> Self {
-        Self { samples: Vec::new(), opened: std::time::Instant::now() }
+        Self { samples: Vec::new(), opened: std::time::Instant::now(), job_stages: Vec::new() }
     }
 }
 
@@ -66,6 +68,10 @@ impl FrameStats {
         });
     }
 
+    pub fn record_job(&mut self, title: &str, stages: Vec<(String, f64)>) {
+        self.job_stages.extend(stages.into_iter().map(|(stage, seconds)| (title.to_string(), stage, seconds)));
+    }
+
     pub fn summary(&self) -> String {
         let recent = &self.samples[self.samples.len().saturating_sub(RECENT)..];
         let mut frames: Vec<f64> = recent.iter().filter_map(|s| s.frame_ms).collect();
@@ -87,6 +93,7 @@ impl FrameStats {
             "frame_while_a_job_ran": describe(during().filter_map(|s| s.frame_ms)),
             "frame_uploading_image_tiles": describe(measured().filter(|(s, _)| s.tiles_uploaded > 0).map(|(_, ms)| ms)),
             "slowest_frames_at_seconds_ms": slowest,
+            "job_stages_seconds": self.job_stages,
         }))
         .expect("JSON of numbers")
     }

@@ -34,8 +34,9 @@ impl StudioApp {
         let dir = self.studio.dir();
         let sources = self.studio.project.sources.clone();
         let ids = self.studio.image_ids.clone();
+        let input_size = self.studio.project.training.image_size;
         self.spawn_job(ctx, "Importing images", move |progress| {
-            Ok(JobOutput::Imported(workspace::import(&dir, &sources, &ids, progress)?))
+            Ok(JobOutput::Imported(workspace::import(&dir, &sources, input_size, &ids, progress)?))
         });
     }
 
@@ -159,7 +160,9 @@ impl StudioApp {
             ctx.request_repaint_after(Duration::from_millis(100));
             return;
         };
-        let title = job.status().title;
+        let status = job.status();
+        let title = status.title.clone();
+        self.frame_stats.record_job(&title, status.stage_times());
         self.job = None;
         match result {
             Err(JobFailure::Cancelled) => self.messages.push(Message {

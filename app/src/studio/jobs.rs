@@ -23,6 +23,8 @@ pub struct JobStatus {
     pub progress_curve: Vec<[f64; 2]>,
     /// (report index, loss) for methods that report `loss <value>` notes while training.
     pub loss_curve: Vec<[f64; 2]>,
+    /// The stages before the current one and their seconds (the last [`MAX_NOTES`]): where a job's time went.
+    pub finished_stages: Vec<(String, f64)>,
 }
 
 impl JobStatus {
@@ -38,7 +40,14 @@ impl JobStatus {
             notes: Vec::new(),
             progress_curve: Vec::new(),
             loss_curve: Vec::new(),
+            finished_stages: Vec::new(),
         }
+    }
+
+    /// Every stage with its seconds so far, the current one included.
+    pub fn stage_times(&self) -> Vec<(String, f64)> {
+        let current = (self.stage.clone(), self.stage_started.elapsed().as_secs_f64());
+        self.finished_stages.iter().cloned().chain([current]).collect()
     }
 
     /// Fraction of the current stage done, when its size is known.
@@ -73,7 +82,11 @@ impl Progress for SharedProgress {
     fn begin(&self, stage: &str, total: u64) {
         {
             let mut status = self.status();
-            status.stage = stage.to_string();
+            if status.finished_stages.len() == MAX_NOTES {
+                status.finished_stages.remove(0);
+            }
+            let finished = (std::mem::replace(&mut status.stage, stage.to_string()), status.stage_started.elapsed());
+            status.finished_stages.push((finished.0, finished.1.as_secs_f64()));
             status.done = 0;
             status.total = total;
             status.stage_started = Instant::now();

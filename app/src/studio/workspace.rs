@@ -10,9 +10,9 @@ use anyhow::{bail, Context, Result};
 use eframe::egui::ColorImage;
 use loupe_engine::backbone::Backbone;
 use loupe_engine::dataset::decode::open_image;
-use loupe_engine::dataset::{decode_all, Benchmark, ImageRecord, Label};
+use loupe_engine::dataset::{decode_all_reusing, Benchmark, ImageRecord, Label, ResizedImage};
 use loupe_engine::device::DeviceChoice;
-use loupe_engine::evaluate::{evaluate_with_maps, EvalReport};
+use loupe_engine::evaluate::{evaluate_decoded, EvalReport};
 use loupe_engine::labels::{label_key, LabelSet, Verdict};
 use loupe_engine::maps::ScoreMap;
 use loupe_engine::methods::{find_method, AnomalyModel};
@@ -23,7 +23,9 @@ use loupe_engine::progress::{check_cancelled, Progress};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 /// One image file of the open project, as the studio's tables name it: cheap to copy, hash and compare where a
 /// path string was matched before. Given out by [`ImageIds`], once per path.
@@ -81,9 +83,30 @@ pub struct StudioImage {
     pub label_key: String,
     pub thumbnail: Arc<ColorImage>,
     pub original_size: [usize; 2],
+    /// The model-size pixels the import made while the file was open for the thumbnail: the first scoring takes
+    /// them instead of decoding the file again. Test and inspect images only (training decodes its own), within
+    /// [`KEPT_INPUT_BYTES`] over the project.
+    pub kept_input: Option<Arc<KeptInput>>,
+}
+
+/// At most this many bytes of model-size pixels are kept from an import (MTD's 583 test images at 256²: 115 MB).
+pub const KEPT_INPUT_BYTES: u64 = 384 << 20;
+
+/// An image's pixels at one model input size, as they were when the import read the file.
+pub struct KeptInput {
+    pub resized: ResizedImage,
+    pub size: u32,
+    pub modified: SystemTime,
 }
 
 impl StudioImage {
+    /// The kept model-size pixels at `size`, while the file is unchanged since the import read it.
+    fn kept_input_at(&self, size: u32) -> Option<ResizedImage> {
+        let kept = self.kept_input.as_ref().filter(|kept| kept.size == size)?;
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok()?;
+        (modified == kept.modified).then(|| kept.resized.clone())
+    }
+
     pub fn file_name(&self) -> String {
         self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
@@ -104,17 +127,38 @@ pub struct Imported {
     pub skipped: Vec<String>,
 }
 
-fn thumbnail_of(path: &Path) -> Result<(ColorImage, [usize; 2]), String> {
+/// What one reading of an image file gives the studio: its thumbnail and, when asked, its model-size pixels.
+struct ReadImage {
+    thumbnail: ColorImage,
+    original_size: [usize; 2],
+    kept_input: Option<KeptInput>,
+}
+
+/// Reads `path` once for its thumbnail and, if `input_size` is given, its pixels at that model input size.
+fn read_image(path: &Path, input_size: Option<u32>) -> Result<ReadImage, String> {
+    // Taken before reading: a file changed while it is read looks changed (a miss), never the other way round.
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let image = open_image(path)?;
     let original_size = [image.width() as usize, image.height() as usize];
     let small = image.thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE).to_rgba8();
     let size = [small.width() as usize, small.height() as usize];
-    Ok((ColorImage::from_rgba_unmultiplied(size, small.as_raw()), original_size))
+    let kept_input = match (input_size, modified) {
+        (Some(size), Some(modified)) => Some(KeptInput { resized: ResizedImage::of(&image, size), size, modified }),
+        _ => None,
+    };
+    Ok(ReadImage { thumbnail: ColorImage::from_rgba_unmultiplied(size, small.as_raw()), original_size, kept_input })
 }
 
 /// Lists and reads every image of `sources`; unreadable files are listed, never fatal. A source that cannot be
-/// scanned at all (missing folder) is an error naming it.
-pub fn import(project_dir: &Path, sources: &[Source], ids: &ImageIds, progress: &dyn Progress) -> Result<Imported> {
+/// scanned at all (missing folder) is an error naming it. Test and inspect images also keep their pixels at
+/// `input_size` (the size the project trains at) for the first scoring, within [`KEPT_INPUT_BYTES`].
+pub fn import(
+    project_dir: &Path,
+    sources: &[Source],
+    input_size: u32,
+    ids: &ImageIds,
+    progress: &dyn Progress,
+) -> Result<Imported> {
     let mut listed = Vec::new();
     for (source, category) in sources.iter().zip(source_names(sources)) {
         progress.begin(&format!("listing {}", source.root().display()), 0);
@@ -127,14 +171,24 @@ pub fn import(project_dir: &Path, sources: &[Source], ids: &ImageIds, progress: 
         }));
     }
     progress.begin("reading images", listed.len() as u64);
+    let input_bytes = 3 * u64::from(input_size) * u64::from(input_size);
+    let kept_bytes = AtomicU64::new(0);
+    let keep_input = |split: Split| {
+        split != Split::Train
+            && kept_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |kept| {
+                    (kept + input_bytes <= KEPT_INPUT_BYTES).then_some(kept + input_bytes)
+                })
+                .is_ok()
+    };
     let results: Vec<Result<StudioImage, String>> = listed
         .into_par_iter()
         .map(|(record, split, category, label_key)| {
             if progress.is_cancelled() {
                 return Err(format!("{}: not read (cancelled)", record.path.display()));
             }
-            let result = thumbnail_of(&record.path)
-                .map(|(thumbnail, original_size)| StudioImage {
+            let result = read_image(&record.path, keep_input(split).then_some(input_size))
+                .map(|read| StudioImage {
                     id: ids.of(&record.path),
                     path: record.path.clone(),
                     split,
@@ -142,8 +196,9 @@ pub fn import(project_dir: &Path, sources: &[Source], ids: &ImageIds, progress: 
                     mask: record.mask,
                     category,
                     label_key,
-                    thumbnail: Arc::new(thumbnail),
-                    original_size,
+                    thumbnail: Arc::new(read.thumbnail),
+                    original_size: read.original_size,
+                    kept_input: read.kept_input.map(Arc::new),
                 })
                 .map_err(|reason| format!("{}: {reason}", record.path.display()));
             progress.advance(1);
@@ -277,9 +332,15 @@ pub fn evaluate_all(
     let mut evaluated = Evaluated { evaluations: BTreeMap::new(), inspected: BTreeMap::new(), maps: HashMap::new() };
     let inspect_images: Vec<&StudioImage> = images.iter().filter(|i| i.split == Split::Inspect).collect();
     let to_inspect: Vec<ImageRecord> = inspect_images.iter().map(|i| ImageRecord::normal(i.path.clone())).collect();
+    let by_path: HashMap<&Path, &StudioImage> = images.iter().map(|image| (image.path.as_path(), image)).collect();
+    let decode = |what: &str, records: &[ImageRecord]| {
+        progress.begin(what, records.len() as u64);
+        let size = model.image_size();
+        let kept = |index: usize| by_path.get(records[index].path.as_path())?.kept_input_at(size);
+        decode_all_reusing(records, size, &kept, &|n| progress.advance(n as u64))
+    };
     if !to_inspect.is_empty() {
-        progress.begin("decoding the images to inspect", to_inspect.len() as u64);
-        let (decoded, skipped) = decode_all(&to_inspect, model.image_size(), &|n| progress.advance(n as u64));
+        let (decoded, skipped) = decode("decoding the images to inspect", &to_inspect);
         for file in &skipped {
             progress.note(&file.to_string());
         }
@@ -307,7 +368,8 @@ pub fn evaluate_all(
             progress.note(&format!("{category}: needs good and defective test images to evaluate"));
             continue;
         }
-        let (report, maps) = evaluate_with_maps(model, manifest, &benchmark, 8, device, progress)?;
+        let (decoded, skipped) = decode("decoding", &benchmark.test);
+        let (report, maps) = evaluate_decoded(model, manifest, &benchmark, &decoded, &skipped, 8, device, progress)?;
         for (image, map) in report.images.iter().zip(maps) {
             if let Some(&id) = id_of.get(&image.path) {
                 evaluated.maps.insert(id, Arc::new(map));
@@ -533,6 +595,7 @@ mod tests {
             label_key: format!("parts/{path}"),
             thumbnail: Arc::new(ColorImage::default()),
             original_size: [1, 1],
+            kept_input: None,
         }
     }
 

@@ -189,17 +189,41 @@ pub fn decode_image(bytes: Vec<u8>) -> Result<OpenedImage, String> {
     })
 }
 
-fn decode_one(index: usize, record: &ImageRecord, size: u32) -> Result<DecodedImage, SkippedFile> {
-    let skip = |path: &Path, reason: String| SkippedFile { path: path.to_path_buf(), reason };
-    let image = open_image(&record.path).map_err(|reason| skip(&record.path, reason))?;
-    let original_size = (image.width(), image.height());
-    let rgb = {
+/// An image already at a model's input size, made by whoever had the file open anyway (the studio's import,
+/// while it draws the thumbnail), so scoring does not decode it again.
+#[derive(Debug, Clone)]
+pub struct ResizedImage {
+    pub original_size: (u32, u32),
+    /// RGB, row-major `size × size × 3`.
+    pub rgb: Vec<u8>,
+}
+
+impl ResizedImage {
+    /// `image` resized to the model's square input, as every decode path does it.
+    pub fn of(image: &DynamicImage, size: u32) -> Self {
         let full = image.to_rgb8();
-        super::resize::resize_rgb(full.as_raw(), full.width() as usize, full.height() as usize, size as usize)
+        let rgb =
+            super::resize::resize_rgb(full.as_raw(), full.width() as usize, full.height() as usize, size as usize);
+        Self { original_size: (image.width(), image.height()), rgb }
+    }
+}
+
+fn decode_one(
+    index: usize,
+    record: &ImageRecord,
+    size: u32,
+    resized: Option<ResizedImage>,
+) -> Result<DecodedImage, SkippedFile> {
+    let skip = |path: &Path, reason: String| SkippedFile { path: path.to_path_buf(), reason };
+    let ResizedImage { original_size, rgb } = match resized {
+        Some(resized) if resized.rgb.len() == (size * size * 3) as usize => resized,
+        _ => {
+            let image = open_image(&record.path).map_err(|reason| skip(&record.path, reason))?;
+            // Its budget is released (dropped here) before the mask takes its own: a thread never holds one
+            // permit while waiting for another.
+            ResizedImage::of(&image, size)
+        }
     };
-    // Its budget is released before the mask takes its own: a thread never holds one permit while waiting for
-    // another.
-    drop(image);
     let mask = match &record.mask {
         None => None,
         Some(mask_path) => {
@@ -230,11 +254,22 @@ pub fn decode_all(
     size: u32,
     on_done: &(dyn Fn(usize) + Sync),
 ) -> (Vec<DecodedImage>, Vec<SkippedFile>) {
+    decode_all_reusing(records, size, &|_| None, on_done)
+}
+
+/// [`decode_all`], taking a record's pixels from `resized` (by record index) where it has them at `size`: only
+/// the rest, and the masks, are read from disk.
+pub fn decode_all_reusing(
+    records: &[ImageRecord],
+    size: u32,
+    resized: &(dyn Fn(usize) -> Option<ResizedImage> + Sync),
+    on_done: &(dyn Fn(usize) + Sync),
+) -> (Vec<DecodedImage>, Vec<SkippedFile>) {
     let results: Vec<Result<DecodedImage, SkippedFile>> = records
         .par_iter()
         .enumerate()
         .map(|(index, record)| {
-            let result = decode_one(index, record, size);
+            let result = decode_one(index, record, size, resized(index));
             on_done(1);
             result
         })

@@ -8,5 +8,5 @@ pub mod layout;
 pub mod resize;
 pub mod synthetic;
 
-pub use decode::{decode_all, DecodedImage, SkippedFile};
+pub use decode::{decode_all, decode_all_reusing, DecodedImage, ResizedImage, SkippedFile};
 pub use layout::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label, GOOD};
