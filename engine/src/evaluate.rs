@@ -4,7 +4,7 @@
 use crate::dataset::{decode_all, Benchmark, DecodedImage, ImageRecord, SkippedFile};
 use crate::maps::ScoreMap;
 use crate::methods::AnomalyModel;
-use crate::metrics::{aupro, auroc, Confusion, ThresholdTable};
+use crate::metrics::{auroc, Confusion, SortedPixels, ThresholdTable};
 use crate::model_file::Manifest;
 use crate::pipeline::score_images;
 use crate::progress::Progress;
@@ -77,21 +77,34 @@ struct Scored<'a> {
     map: ScoreMap,
 }
 
-fn pixel_metrics(items: &[&Scored]) -> (Option<f64>, Option<f64>) {
-    let with_masks: Vec<&&Scored> =
-        items.iter().filter(|s| s.decoded.mask.is_some() || !s.record.label.is_anomalous()).collect();
-    if with_masks.is_empty() {
-        return (None, None);
+/// The pixels of the images pixel metrics can use — defective ones with a mask, good ones (no defect pixels) —
+/// sorted once for the whole set and every defect type.
+struct PixelCurves {
+    sorted: Option<SortedPixels>,
+    /// Index into the scored images of each image in `sorted`.
+    members: Vec<usize>,
+}
+
+impl PixelCurves {
+    fn new(scored: &[Scored]) -> Self {
+        let members: Vec<usize> = (0..scored.len())
+            .filter(|&i| scored[i].decoded.mask.is_some() || !scored[i].record.label.is_anomalous())
+            .collect();
+        let Some(&first) = members.first() else { return Self { sorted: None, members } };
+        let size = scored[first].decoded.size as usize;
+        let zeros = vec![0u8; size * size];
+        let masks: Vec<&[u8]> = members.iter().map(|&i| scored[i].decoded.mask.as_deref().unwrap_or(&zeros)).collect();
+        let maps: Vec<&[f32]> = members.iter().map(|&i| scored[i].map.data.as_slice()).collect();
+        Self { sorted: SortedPixels::new(&maps, &masks, size, size).ok(), members }
     }
-    let size = with_masks[0].decoded.size as usize;
-    let zeros = vec![0u8; size * size];
-    let masks: Vec<&[u8]> = with_masks.iter().map(|s| s.decoded.mask.as_deref().unwrap_or(&zeros)).collect();
-    let maps: Vec<&[f32]> = with_masks.iter().map(|s| s.map.data.as_slice()).collect();
-    let scores: Vec<f32> = maps.iter().flat_map(|m| m.iter().copied()).collect();
-    let labels: Vec<bool> = masks.iter().flat_map(|m| m.iter().map(|&v| v != 0)).collect();
-    let pixel_auroc = auroc(&scores, &labels).ok();
-    let pro = aupro(&maps, &masks, size, size, AUPRO_FPR_LIMIT).ok();
-    (pixel_auroc, pro)
+
+    /// (pixel AUROC, AUPRO) over the images `keep` keeps.
+    fn metrics(&self, scored: &[Scored], keep: impl Fn(&Scored) -> bool) -> (Option<f64>, Option<f64>) {
+        let Some(sorted) = &self.sorted else { return (None, None) };
+        let include: Vec<bool> = self.members.iter().map(|&i| keep(&scored[i])).collect();
+        let metrics = sorted.metrics(&include, AUPRO_FPR_LIMIT);
+        (metrics.auroc.ok(), metrics.aupro.ok())
+    }
 }
 
 pub fn evaluate(
@@ -155,8 +168,8 @@ pub fn evaluate_decoded(
     let (f1_threshold, f1_max) = table.f1_max().expect("both classes present");
     let threshold = manifest.thresholds.decision;
     progress.begin("pixel metrics", 1);
-    let all: Vec<&Scored> = scored.iter().collect();
-    let (pixel_auroc, pro) = pixel_metrics(&all);
+    let pixels = PixelCurves::new(&scored);
+    let (pixel_auroc, pro) = pixels.metrics(&scored, |_| true);
     let mut per_defect_type = BTreeMap::new();
     let goods: Vec<&Scored> = scored.iter().filter(|s| !s.record.label.is_anomalous()).collect();
     let mut types: Vec<&str> =
@@ -168,7 +181,8 @@ pub fn evaluate_decoded(
         let subset: Vec<&Scored> = goods.iter().chain(&of_type).copied().collect();
         let subset_scores: Vec<f32> = subset.iter().map(|s| s.score).collect();
         let subset_labels: Vec<bool> = subset.iter().map(|s| s.record.label.is_anomalous()).collect();
-        let (pixel_auroc, aupro) = pixel_metrics(&subset);
+        let in_subset = |s: &Scored| !s.record.label.is_anomalous() || s.record.label.type_name() == defect_type;
+        let (pixel_auroc, aupro) = pixels.metrics(&scored, in_subset);
         per_defect_type.insert(
             defect_type.to_string(),
             DefectTypeReport {

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// How often the window redraws a running job's progress.
+const JOB_FRAME_INTERVAL: Duration = Duration::from_millis(100);
+
 pub(super) enum JobOutput {
     Imported(Imported),
     Trained(Box<Trained>),
@@ -26,7 +29,9 @@ impl StudioApp {
             return false;
         }
         let ctx = ctx.clone();
-        self.job = Some(Job::spawn(title, move || ctx.request_repaint(), work));
+        // News from the job coalesces into at most one frame per `JOB_FRAME_INTERVAL`: a repaint per scored image
+        // would draw hundreds of frames a second, and under a software renderer take a core from the job.
+        self.job = Some(Job::spawn(title, move || ctx.request_repaint_after(JOB_FRAME_INTERVAL), work));
         true
     }
 
@@ -157,7 +162,7 @@ impl StudioApp {
     pub(super) fn finish_job(&mut self, ctx: &egui::Context) {
         let Some(job) = self.job.as_mut() else { return };
         let Some(result) = job.try_finish() else {
-            ctx.request_repaint_after(Duration::from_millis(100));
+            ctx.request_repaint_after(JOB_FRAME_INTERVAL);
             return;
         };
         let status = job.status();

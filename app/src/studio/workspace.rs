@@ -599,6 +599,35 @@ mod tests {
         }
     }
 
+    /// The import's kept pixels are what decoding the file gives, for test images only, and only while the file
+    /// is unchanged.
+    #[test]
+    fn the_import_keeps_test_pixels_that_equal_a_decode_until_the_file_changes() {
+        use loupe_engine::dataset::decode_all;
+        use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
+        let dir = std::env::temp_dir().join(format!("loupe-kept-inputs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        generate_mvtec(&dir, &SyntheticSpec::tiny(5)).unwrap();
+        let size = 64;
+        let progress = loupe_engine::progress::NoProgress;
+        let imported = import(&dir, &[Source::Benchmark(dir.clone())], size, &ImageIds::default(), &progress).unwrap();
+        let (tests, trains): (Vec<&StudioImage>, Vec<&StudioImage>) =
+            imported.images.iter().partition(|image| image.split == Split::Test);
+        assert!(trains.iter().all(|image| image.kept_input.is_none()), "training decodes its own");
+        let records: Vec<ImageRecord> = tests.iter().map(|image| ImageRecord::normal(image.path.clone())).collect();
+        let (decoded, _) = decode_all(&records, size, &|_| {});
+        for (image, decoded) in tests.iter().zip(&decoded) {
+            let kept = image.kept_input_at(size).expect("kept");
+            assert_eq!((kept.rgb.as_slice(), kept.original_size), (decoded.rgb.as_slice(), decoded.original_size));
+            assert!(image.kept_input_at(size * 2).is_none(), "another size decodes");
+        }
+        let touched = tests[0];
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        std::fs::File::options().write(true).open(&touched.path).unwrap().set_modified(later).unwrap();
+        assert!(touched.kept_input_at(size).is_none(), "a changed file is read again");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn images_the_labeller_called_defective_or_unsure_never_train() {
         let images = [

@@ -2,15 +2,17 @@
 //! decides (FAR, MAR, confusion matrix). Scores are raw: higher means more anomalous; a score ≥ threshold is
 //! flagged as a defect.
 
+pub mod pixel;
 pub mod pro;
 pub mod roc;
 pub mod threshold;
 
+pub use pixel::{PixelMetrics, SortedPixels};
 pub use pro::aupro;
 pub use roc::{auroc, roc_curve, RocCurve};
 pub use threshold::{Confusion, ThresholdRule, ThresholdTable};
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum MetricError {
     #[error("needs both normal and anomalous samples, but only {0} were given")]
     OneClassOnly(&'static str),
@@ -18,6 +20,8 @@ pub enum MetricError {
     Empty,
     #[error("scores contain NaN")]
     NaN,
+    #[error("more than 2³¹ images or defect regions")]
+    TooLarge,
 }
 
 pub(crate) fn check_inputs(scores: &[f32], labels: &[bool]) -> Result<(usize, usize), MetricError> {

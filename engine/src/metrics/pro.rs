@@ -2,11 +2,12 @@
 //! divided by that limit (Bergmann et al. 2021; anomalib's `AUPRO`). Each connected defect region (8-connected)
 //! counts equally, however small, which is why it complements pixel AUROC, which large defects dominate.
 //!
-//! Exact for every distinct threshold: all pixels are sorted once by score, normal pixels advance the FPR by
-//! 1/#normal pixels and a region's pixels advance the mean overlap by 1/(#regions · region size).
+//! Exact for every distinct threshold: all pixels are sorted once by score ([`SortedPixels`]), normal pixels
+//! advance the FPR by 1/#normal pixels and a region's pixels advance the mean overlap by 1/(#regions · region
+//! size).
 
+use super::pixel::SortedPixels;
 use super::MetricError;
-use rayon::prelude::*;
 
 /// Labels 8-connected regions of a binary mask: 0 = background, 1..=n regions. Returns (labels, sizes).
 pub fn connected_regions(mask: &[u8], width: usize, height: usize) -> (Vec<u32>, Vec<usize>) {
@@ -50,56 +51,12 @@ pub fn aupro(
     height: usize,
     fpr_limit: f64,
 ) -> Result<f64, MetricError> {
-    assert_eq!(maps.len(), masks.len(), "one mask per map");
-    // Per pixel: its score and what it advances: region weight index (0 = a normal pixel).
-    let per_image: Vec<(Vec<u32>, Vec<usize>)> =
-        masks.par_iter().map(|mask| connected_regions(mask, width, height)).collect();
-    let region_count: usize = per_image.iter().map(|(_, sizes)| sizes.len()).sum();
-    let normal_pixels: usize = masks.iter().map(|m| m.iter().filter(|&&v| v == 0).count()).sum();
-    if region_count == 0 {
-        return Err(MetricError::OneClassOnly("normal"));
-    }
-    if normal_pixels == 0 {
-        return Err(MetricError::OneClassOnly("anomalous"));
-    }
-    let mut region_weight = vec![0f64];
-    let mut pixels: Vec<(f32, u32)> = Vec::with_capacity(maps.len() * width * height);
-    for (map, (labels, sizes)) in maps.iter().zip(&per_image) {
-        let base = region_weight.len() as u32 - 1;
-        region_weight.extend(sizes.iter().map(|&s| 1.0 / (region_count as f64 * s as f64)));
-        for (&score, &label) in map.iter().zip(labels) {
-            if score.is_nan() {
-                return Err(MetricError::NaN);
-            }
-            pixels.push((score, if label == 0 { 0 } else { base + label }));
-        }
-    }
-    pixels.par_sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
-    let fpr_step = 1.0 / normal_pixels as f64;
-    let (mut fpr, mut pro, mut area) = (0.0f64, 0.0f64, 0.0f64);
-    let mut i = 0;
-    while i < pixels.len() {
-        let score = pixels[i].0;
-        let (fpr_before, pro_before) = (fpr, pro);
-        while i < pixels.len() && pixels[i].0 == score {
-            match pixels[i].1 {
-                0 => fpr += fpr_step,
-                region => pro += region_weight[region as usize],
-            }
-            i += 1;
-        }
-        if fpr >= fpr_limit {
-            let pro_at_limit = pro_before + (pro - pro_before) * (fpr_limit - fpr_before) / (fpr - fpr_before);
-            area += (fpr_limit - fpr_before) * (pro_at_limit + pro_before) / 2.0;
-            return Ok(area / fpr_limit);
-        }
-        area += (fpr - fpr_before) * (pro + pro_before) / 2.0;
-    }
-    Ok(area / fpr_limit)
+    let sorted = SortedPixels::new(maps, masks, width, height)?;
+    sorted.metrics(&vec![true; maps.len()], fpr_limit).aupro
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
