@@ -21,7 +21,7 @@ use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE}
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
-use crate::progress::check_cancelled;
+use crate::progress::{check_cancelled, Progress};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -38,6 +38,7 @@ method_info!(
     guide: "Wins on most parts out of the box, with no training; memory grows with the training set. On 2 CPU cores, MTD (761 training images): fit 59 s, 40 images/s, image AUROC 0.965.",
     ranges: [
         "coreset_ratio": 0.000001..=1,
+        "max_bank": 0..=16777216,
         "num_neighbors": 1..=1024,
         "projection_dim": 0..=1024,
         "search_probes": 1..=65536,
@@ -50,6 +51,9 @@ method_info!(
 pub struct PatchCoreSettings {
     /// Fraction of all training patches kept in the memory bank.
     pub coreset_ratio: f64,
+    /// Most rows the memory bank keeps, whatever the ratio (0: the ratio alone): a larger training folder then
+    /// costs fit time, not scoring time or bank memory.
+    pub max_bank: usize,
     /// Bank neighbours used to re-weight the image score (1 = plain maximum).
     pub num_neighbors: usize,
     /// Dimensions of the random projection used while selecting the coreset (0 = no projection).
@@ -99,6 +103,7 @@ impl Default for PatchCoreSettings {
     fn default() -> Self {
         Self {
             coreset_ratio: 0.1,
+            max_bank: 0,
             num_neighbors: 9,
             projection_dim: 128,
             coreset_method: CoresetMethod::Auto,
@@ -108,6 +113,88 @@ impl Default for PatchCoreSettings {
             search_probes: DEFAULT_PROBES,
             search_lists: 0,
         }
+    }
+}
+
+/// Patch feature rows gathered before a training set too large for one selection cuts them to candidates: 2²⁰
+/// rows (608 MB at 152 channels), more than MTD's 685 training images give (701,440 at 256²), so sets up to about
+/// 1,000 such images select in one pass, exactly as they did before chunks.
+const SELECTION_CHUNK_ROWS: usize = 1 << 20;
+/// Each chunk keeps this multiple of its share of the final bank as candidates for the final selection.
+const CANDIDATE_OVERSAMPLING: f64 = 2.0;
+
+/// Rows of the memory bank for `patches` training patches: the ratio's share, at most `max_bank` when set.
+fn bank_rows(patches: usize, settings: &PatchCoreSettings) -> usize {
+    let by_ratio = ((patches as f64 * settings.coreset_ratio).ceil() as usize).clamp(1, patches.max(1));
+    match settings.max_bank {
+        0 => by_ratio,
+        bound => by_ratio.min(bound),
+    }
+}
+
+/// The greedy coreset's `count` rows of `points` (full feature rows), most important first, chosen in the random
+/// projection when the settings ask for one.
+fn select_rows(
+    points: &[f32],
+    count: usize,
+    seed: u64,
+    settings: &PatchCoreSettings,
+    progress: &dyn Progress,
+) -> Result<Vec<f32>> {
+    let rows = points.len() / PATCH_CHANNELS;
+    if count >= rows {
+        return Ok(points.to_vec());
+    }
+    let selected = if settings.projection_dim > 0 && settings.projection_dim < PATCH_CHANNELS {
+        let projected = random_projection(points, PATCH_CHANNELS, settings.projection_dim, seed);
+        greedy_coreset(&projected, settings.projection_dim, count, seed, settings.coreset_method, progress)?
+    } else {
+        greedy_coreset(points, PATCH_CHANNELS, count, seed, settings.coreset_method, progress)?
+    };
+    Ok(selected.iter().flat_map(|&i| &points[i * PATCH_CHANNELS..(i + 1) * PATCH_CHANNELS]).copied().collect())
+}
+
+/// The memory bank's selection over chunks of patch features. A training set that fits one chunk is selected
+/// in one pass; a larger one cuts each full chunk to `CANDIDATE_OVERSAMPLING` × its share of the bank (so the
+/// features held at once never exceed a chunk plus the candidates), then selects the bank among the candidates.
+struct BankSelection<'a> {
+    settings: &'a PatchCoreSettings,
+    images: usize,
+    patches_per_image: usize,
+    /// Rows gathered before a cut ([`SELECTION_CHUNK_ROWS`]; smaller in tests).
+    chunk_rows: usize,
+    /// Full feature rows kept from the chunks cut so far.
+    candidates: Vec<f32>,
+    chunks_cut: u64,
+}
+
+impl BankSelection<'_> {
+    fn bank_rows(&self) -> usize {
+        bank_rows(self.images * self.patches_per_image, self.settings)
+    }
+
+    fn cut_chunk(&mut self, chunk: Vec<f32>, progress: &dyn Progress) -> Result<()> {
+        let rows = chunk.len() / PATCH_CHANNELS;
+        let share = self.bank_rows() as f64 / (self.images * self.patches_per_image).max(1) as f64;
+        let keep = ((rows as f64 * share * CANDIDATE_OVERSAMPLING).ceil() as usize).clamp(1, rows);
+        // Each chunk starts its greedy elsewhere; the final selection keeps the settings' seed.
+        let seed = self.settings.seed ^ (self.chunks_cut + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.candidates.extend(select_rows(&chunk, keep, seed, self.settings, progress)?);
+        self.chunks_cut += 1;
+        Ok(())
+    }
+
+    /// The bank's rows, most important first, once the last (possibly partial) chunk is in.
+    fn finish(mut self, last: Vec<f32>, progress: &dyn Progress) -> Result<Vec<f32>> {
+        let pool = if self.chunks_cut == 0 {
+            last
+        } else {
+            if !last.is_empty() {
+                self.cut_chunk(last, progress)?;
+            }
+            std::mem::take(&mut self.candidates)
+        };
+        select_rows(&pool, self.bank_rows(), self.settings.seed, self.settings, progress)
     }
 }
 
@@ -139,37 +226,36 @@ impl PatchCore {
         }
         let progress = context.progress;
         progress.begin("features", images.len() as u64);
-        let mut bank: Vec<f32> = Vec::new();
+        // Patch features are gathered in chunks of at most `SELECTION_CHUNK_ROWS`; when a training set needs more
+        // than one, each full chunk is cut to its own candidates before the next is gathered, so the features
+        // held at once stay bounded however many images train (see `BankSelection`).
+        let mut selection = BankSelection {
+            settings: &settings,
+            images: images.len(),
+            patches_per_image: 0,
+            chunk_rows: SELECTION_CHUNK_ROWS,
+            candidates: Vec::new(),
+            chunks_cut: 0,
+        };
+        let mut chunk: Vec<f32> = Vec::new();
+        let mut done = 0;
         for batch in images.chunks(context.batch_size.max(1)) {
             check_cancelled(progress)?;
             let refs: Vec<&DecodedImage> = batch.iter().collect();
             let tensor = images_to_tensor(&refs, &context.device)?;
             let rows = patch_feature_rows(&context.backbone, &tensor)?;
-            bank.extend(rows.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+            selection.patches_per_image = rows.dim(0)? / batch.len();
+            chunk.extend(rows.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
             progress.advance(batch.len() as u64);
+            done += batch.len() as u64;
+            if chunk.len() / PATCH_CHANNELS >= selection.chunk_rows && done < images.len() as u64 {
+                selection.cut_chunk(std::mem::take(&mut chunk), progress)?;
+                progress.begin("features", images.len() as u64);
+                progress.advance(done);
+            }
         }
-        let patches = bank.len() / PATCH_CHANNELS;
-        let count = ((patches as f64 * settings.coreset_ratio).ceil() as usize).clamp(1, patches);
-        let selected = if count == patches {
-            (0..patches).collect()
-        } else if settings.projection_dim > 0 && settings.projection_dim < PATCH_CHANNELS {
-            let projected = random_projection(&bank, PATCH_CHANNELS, settings.projection_dim, settings.seed);
-            greedy_coreset(
-                &projected,
-                settings.projection_dim,
-                count,
-                settings.seed,
-                settings.coreset_method,
-                progress,
-            )?
-        } else {
-            greedy_coreset(&bank, PATCH_CHANNELS, count, settings.seed, settings.coreset_method, progress)?
-        };
-        let mut coreset = Vec::with_capacity(count * PATCH_CHANNELS);
-        for i in selected {
-            coreset.extend_from_slice(&bank[i * PATCH_CHANNELS..(i + 1) * PATCH_CHANNELS]);
-        }
-        drop(bank);
+        let coreset = selection.finish(chunk, progress)?;
+        let count = coreset.len() / PATCH_CHANNELS;
         let memory_bank = Tensor::from_vec(coreset, (count, PATCH_CHANNELS), &context.device)?;
         Self::from_bank(context.backbone.clone(), context.image_size, settings, memory_bank)
     }
@@ -486,6 +572,7 @@ mod tests {
     use super::*;
     use crate::dataset::synthetic::clustered_features;
     use crate::methods::representation::nearest::nearest_squared;
+    use crate::progress::NoProgress;
 
     /// A model on `bank` that searches with the tensor ops (as on a GPU), without backbone weights.
     fn tensor_search_model(bank: &[f32]) -> Result<PatchCore> {
@@ -499,6 +586,53 @@ mod tests {
             memory_bank: bank_tensor,
             cpu_index: None,
         })
+    }
+
+    /// Largest distance from any point to its nearest bank row: what a coreset minimises.
+    fn covering_radius(points: &[f32], bank: &[f32]) -> f32 {
+        let norms: Vec<f32> = bank.chunks_exact(PATCH_CHANNELS).map(|r| r.iter().map(|v| v * v).sum()).collect();
+        let (squared, _) = nearest_squared(points, bank, &norms, PATCH_CHANNELS);
+        squared.into_iter().fold(0f32, f32::max).sqrt()
+    }
+
+    /// Selection over chunks: the bank has the rows the ratio and bound ask for, never holds more than a chunk
+    /// plus the candidates, and covers the points about as well as one pass over all of them.
+    #[test]
+    fn a_bank_chosen_over_chunks_covers_like_one_pass_and_keeps_its_bound() -> Result<()> {
+        let images = 40;
+        let patches_per_image = 100;
+        let points = clustered_features(images * patches_per_image, PATCH_CHANNELS, 8, 9);
+        let select = |chunk_rows: usize, max_bank: usize| -> Result<(Vec<f32>, usize)> {
+            let settings = PatchCoreSettings { max_bank, ..PatchCoreSettings::default() };
+            let mut selection = BankSelection {
+                settings: &settings,
+                images,
+                patches_per_image,
+                chunk_rows,
+                candidates: Vec::new(),
+                chunks_cut: 0,
+            };
+            let mut chunk = Vec::new();
+            let mut most_candidates = 0;
+            for image in points.chunks(patches_per_image * PATCH_CHANNELS) {
+                chunk.extend_from_slice(image);
+                if chunk.len() / PATCH_CHANNELS >= chunk_rows {
+                    selection.cut_chunk(std::mem::take(&mut chunk), &NoProgress)?;
+                    most_candidates = most_candidates.max(selection.candidates.len() / PATCH_CHANNELS);
+                }
+            }
+            Ok((selection.finish(chunk, &NoProgress)?, most_candidates))
+        };
+        let (one_pass, _) = select(usize::MAX, 0)?;
+        let (chunked, most_candidates) = select(1000, 0)?;
+        assert_eq!(one_pass.len() / PATCH_CHANNELS, 400, "10 % of 4,000 patches");
+        assert_eq!(chunked.len() / PATCH_CHANNELS, 400);
+        assert!(most_candidates <= 800, "2 × the bank's share per chunk: {most_candidates}");
+        let (one, two) = (covering_radius(&points, &one_pass), covering_radius(&points, &chunked));
+        assert!(two <= one * 1.25, "chunked radius {two} against one pass {one}");
+        let (bounded, _) = select(1000, 150)?;
+        assert_eq!(bounded.len() / PATCH_CHANNELS, 150, "the bound wins over the ratio");
+        Ok(())
     }
 
     #[test]
