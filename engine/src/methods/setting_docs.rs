@@ -110,6 +110,7 @@ pub const BY_METHOD: &[(&str, &str, SettingDoc)] = &[
     // PatchCore
     ("patchcore", "coreset_ratio", common("Memory bank share", "", "Fraction of all training patches kept in the memory bank (greedy coreset): more is more accurate and slower.", false)),
     ("patchcore", "max_bank", common("Memory bank limit", "rows", "Most patches the memory bank keeps, whatever the share (0: the share alone): bounds scoring time and memory on large training sets.", true)),
+    ("patchcore", "selection_chunk", common("Selection chunk", "rows", "Patch features gathered before a large training set's selection cuts them to candidates: bounds the fit's memory (rows × 608 bytes).", true)),
     ("patchcore", "num_neighbors", common("Re-weighting neighbours", "", "Bank neighbours used to re-weight the image score (1: the plain maximum patch distance).", true)),
     ("patchcore", "projection_dim", common("Coreset projection", "dims", "Dimensions of the random projection used while choosing the coreset (0: none); only speeds the choice.", true)),
     ("patchcore", "coreset_method", common("Coreset algorithm", "", "auto, exact (plain greedy) or cells (greedy per spatial cell, for large banks).", true)),

@@ -39,6 +39,7 @@ method_info!(
     ranges: [
         "coreset_ratio": 0.000001..=1,
         "max_bank": 0..=16777216,
+        "selection_chunk": 1024..=16777216,
         "num_neighbors": 1..=1024,
         "projection_dim": 0..=1024,
         "search_probes": 1..=65536,
@@ -54,6 +55,9 @@ pub struct PatchCoreSettings {
     /// Most rows the memory bank keeps, whatever the ratio (0: the ratio alone): a larger training folder then
     /// costs fit time, not scoring time or bank memory.
     pub max_bank: usize,
+    /// Patch feature rows gathered before a larger training set's selection cuts them to candidates: bounds the
+    /// features held at once (rows × 152 × 4 bytes).
+    pub selection_chunk: usize,
     /// Bank neighbours used to re-weight the image score (1 = plain maximum).
     pub num_neighbors: usize,
     /// Dimensions of the random projection used while selecting the coreset (0 = no projection).
@@ -104,6 +108,7 @@ impl Default for PatchCoreSettings {
         Self {
             coreset_ratio: 0.1,
             max_bank: 0,
+            selection_chunk: SELECTION_CHUNK_ROWS,
             num_neighbors: 9,
             projection_dim: 128,
             coreset_method: CoresetMethod::Auto,
@@ -116,7 +121,7 @@ impl Default for PatchCoreSettings {
     }
 }
 
-/// Patch feature rows gathered before a training set too large for one selection cuts them to candidates: 2²⁰
+/// Default patch feature rows gathered before a training set too large for one selection cuts them to candidates: 2²⁰
 /// rows (608 MB at 152 channels), more than MTD's 685 training images give (701,440 at 256²), so sets up to about
 /// 1,000 such images select in one pass, exactly as they did before chunks.
 const SELECTION_CHUNK_ROWS: usize = 1 << 20;
@@ -161,7 +166,7 @@ struct BankSelection<'a> {
     settings: &'a PatchCoreSettings,
     images: usize,
     patches_per_image: usize,
-    /// Rows gathered before a cut ([`SELECTION_CHUNK_ROWS`]; smaller in tests).
+    /// Rows gathered before a cut (the `selection_chunk` setting).
     chunk_rows: usize,
     /// Full feature rows kept from the chunks cut so far.
     candidates: Vec<f32>,
@@ -233,7 +238,7 @@ impl PatchCore {
             settings: &settings,
             images: images.len(),
             patches_per_image: 0,
-            chunk_rows: SELECTION_CHUNK_ROWS,
+            chunk_rows: settings.selection_chunk,
             candidates: Vec::new(),
             chunks_cut: 0,
         };
