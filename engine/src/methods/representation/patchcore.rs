@@ -107,7 +107,7 @@ impl Default for PatchCoreSettings {
     fn default() -> Self {
         Self {
             coreset_ratio: 0.1,
-            max_bank: 0,
+            max_bank: DEFAULT_MAX_BANK,
             selection_chunk: SELECTION_CHUNK_ROWS,
             num_neighbors: 9,
             projection_dim: 128,
@@ -120,6 +120,11 @@ impl Default for PatchCoreSettings {
         }
     }
 }
+
+/// The bank's default bound in rows, 2¹⁶: just under the 10 % of MTD's 685 training images (70,144), so a
+/// larger training folder costs fit time but not scoring time. Chosen on label-free validation (`loupe bench
+/// validate` on MTD: 0.8883 bounded against 0.8876 unbounded); MTD's test figures moved by ≤ 0.0004.
+pub const DEFAULT_MAX_BANK: usize = 1 << 16;
 
 /// Default patch feature rows gathered before a training set too large for one selection cuts them to candidates: 2²⁰
 /// rows (608 MB at 152 channels), more than MTD's 685 training images give (701,440 at 256²), so sets up to about
