@@ -132,7 +132,7 @@ pub const DEFAULT_MAX_BANK: usize = 1 << 16;
 const SELECTION_CHUNK_ROWS: usize = 1 << 20;
 /// Each chunk keeps this multiple of its share of the final bank. At 1 the bank is the union of the chunks'
 /// coresets and no final selection runs: on MTD cut into 3 chunks, 2 (then a final greedy over twice the bank)
-/// took 135 s against 75 s and scored no better (AUPRO 0.722 either way; ARCHITECTURE.md).
+/// took 135 s against 66 s and scored no better (AUPRO 0.722 either way; ARCHITECTURE.md).
 const CANDIDATE_OVERSAMPLING: f64 = 1.0;
 
 /// Rows of the memory bank for `patches` training patches: the ratio's share, at most `max_bank` when set.
