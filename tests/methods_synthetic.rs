@@ -344,6 +344,7 @@ fn flows_train_by_likelihood_and_a_cancelled_run_keeps_its_best_epoch() {
         .unwrap();
     let records = loupe_engine::dataset::scan_normal_folder(&dir).unwrap();
     let (images, _) = loupe_engine::dataset::decode_all(&records, 64, &|_| {});
+    let images = loupe_engine::dataset::TrainingImages::from_decoded(&images).unwrap();
     let settings: CflowSettings = serde_json::from_value(small_cflow()).unwrap();
     let context = |progress: &'static dyn loupe_engine::progress::Progress| FitContext {
         backbone: backbone(),
@@ -405,6 +406,7 @@ fn trained_losses_fall() {
         .unwrap();
     let records = loupe_engine::dataset::scan_normal_folder(&dir).unwrap();
     let (images, _) = loupe_engine::dataset::decode_all(&records, 64, &|_| {});
+    let images = loupe_engine::dataset::TrainingImages::from_decoded(&images).unwrap();
     let context =
         FitContext { backbone: backbone(), device: Device::Cpu, batch_size: 4, image_size: 64, progress: &NoProgress };
     let autoencoder_settings: AutoencoderSettings = serde_json::from_value(small_autoencoder()).unwrap();
@@ -471,7 +473,8 @@ fn one_class_embeddings_do_not_collapse() {
     generate_mvtec(&dir, &SyntheticSpec { train_good: 12, test_good: 0, test_per_defect: 0, ..SyntheticSpec::tiny(8) })
         .unwrap();
     let records = loupe_engine::dataset::scan_normal_folder(&dir).unwrap();
-    let (images, _) = loupe_engine::dataset::decode_all(&records, 64, &|_| {});
+    let (decoded, _) = loupe_engine::dataset::decode_all(&records, 64, &|_| {});
+    let images = loupe_engine::dataset::TrainingImages::from_decoded(&decoded).unwrap();
     let backbone = backbone();
     let context = FitContext {
         backbone: backbone.clone(),
@@ -480,8 +483,7 @@ fn one_class_embeddings_do_not_collapse() {
         image_size: 64,
         progress: &NoProgress,
     };
-    let refs: Vec<_> = images.iter().collect();
-    let batch = images_to_tensor(&refs, &Device::Cpu).unwrap();
+    let batch = images_to_tensor(&decoded, &Device::Cpu).unwrap();
 
     // Spread of unit rows: 1 − ‖mean‖² (0 when all rows are the same point).
     let spread = |rows: &candle_core::Tensor| -> f32 {
@@ -501,9 +503,9 @@ fn one_class_embeddings_do_not_collapse() {
     let settings: FcddSettings = serde_json::from_value(small_fcdd()).unwrap();
     let fcdd = Fcdd::fit(&context, &images, FcddSettings { epochs: 8, ..settings }).unwrap();
     let mut rng = SplitMix64::new(5);
-    let outliers: Vec<f32> = images
+    let outliers: Vec<f32> = decoded
         .iter()
-        .zip(images.iter().skip(1).cycle())
+        .zip(decoded.iter().skip(1).cycle())
         .flat_map(|(image, other)| random_anomaly(&image.to_chw_f32(), &other.to_chw_f32(), 64, &mut rng).image)
         .collect();
     let outliers = candle_core::Tensor::from_vec(outliers, (images.len(), 3, 64, 64), &Device::Cpu).unwrap();
@@ -512,4 +514,33 @@ fn one_class_embeddings_do_not_collapse() {
     let (normal, outlier) = (mean_anomaly(&batch), mean_anomaly(&outliers));
     assert!(outlier > 2.0 * normal && outlier > 0.05, "FCDD mean anomaly: normal {normal}, outliers {outlier}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_fit_on_images_read_back_from_the_temporary_file_equals_one_in_memory() {
+    use loupe_engine::dataset::{decode_all, TrainingImages};
+    use loupe_engine::methods::{images_to_tensor, FitContext};
+    let dir = temp_dir("spilled");
+    generate_mvtec(&dir, &SyntheticSpec { train_good: 10, test_good: 0, test_per_defect: 0, ..SyntheticSpec::tiny(9) })
+        .unwrap();
+    let records = loupe_engine::dataset::scan_normal_folder(&dir).unwrap();
+    let (decoded, _) = decode_all(&records, 64, &|_| {});
+    let in_memory = TrainingImages::from_decoded(&decoded).unwrap();
+    // A budget of nothing: every image is written to the temporary file and read back for each batch.
+    let (spilled, skipped) = TrainingImages::decode(&records, 64, 0, &NoProgress).unwrap();
+    assert!(skipped.is_empty());
+    assert_eq!((spilled.len(), spilled.spilled()), (10, 10));
+    let context =
+        FitContext { backbone: backbone(), device: Device::Cpu, batch_size: 3, image_size: 64, progress: &NoProgress };
+    let batch = images_to_tensor(&decoded[..4], &Device::Cpu).unwrap();
+    for method in ["padim", "patchcore"] {
+        let info = find_method(method).unwrap();
+        let settings = info.settings_with(&serde_json::json!({})).unwrap();
+        let scores = |images: &TrainingImages| -> Vec<f32> {
+            let model = (info.fit)(&context, images, &settings).unwrap();
+            model.score_batch(&batch).unwrap().iter().map(|output| output.score).collect()
+        };
+        assert_eq!(scores(&spilled), scores(&in_memory), "{method}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -2,7 +2,9 @@
 //! parallel (skipping bad files), fit, score the validation images and choose the decision threshold from them.
 
 use crate::backbone::Backbone;
-use crate::dataset::{decode_all, scan_normal_folder, DecodedImage, ImageRecord, SkippedFile};
+use crate::dataset::{
+    scan_normal_folder, DecodedImage, ImageRecord, SkippedFile, TrainingImages, TRAINING_IMAGES_IN_MEMORY,
+};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, FitContext, MethodInfo};
 use crate::metrics::ThresholdTable;
 use crate::model_file::{ChosenBy, Manifest, ScoreStats, Thresholds, TrainingInfo, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE};
@@ -120,9 +122,11 @@ pub fn fit_records(
     let settings = request.method.settings_with(&request.settings)?;
     let (train_records, validation_records) = validation_split(records, request.validation_fraction, request.seed);
     progress.begin("decoding", (train_records.len() + validation_records.len()) as u64);
-    let advance = |n: usize| progress.advance(n as u64);
-    let (train, mut skipped) = decode_all(&train_records, request.image_size, &advance);
-    let (validation, skipped_validation) = decode_all(&validation_records, request.image_size, &advance);
+    let (train, mut skipped) =
+        TrainingImages::decode(&train_records, request.image_size, TRAINING_IMAGES_IN_MEMORY, progress)?;
+    // The validation images have a store of their own: a tenth of 20,000 images is 390 MB decoded at 256².
+    let (validation, skipped_validation) =
+        TrainingImages::decode(&validation_records, request.image_size, TRAINING_IMAGES_IN_MEMORY, progress)?;
     skipped.extend(skipped_validation);
     if train.is_empty() {
         bail!("{}: none of the {} training images could be read", request.data.display(), train_records.len());
@@ -140,14 +144,17 @@ pub fn fit_records(
     let fit_seconds = started.elapsed().as_secs_f64();
     // A trained method stopped by the user returns its best epoch: keep that model, without a threshold (the
     // validation images are not scored once the user asked to stop).
-    let scores: Vec<f32> = if progress.is_cancelled() {
-        Vec::new()
-    } else {
+    let mut scores = Vec::new();
+    let mut validation_paths = Vec::new();
+    if !progress.is_cancelled() {
         progress.begin("validation", validation.len() as u64);
-        let (outputs, _) = score_images(model.as_ref(), &validation, request.batch_size, &device, progress)?;
-        outputs.iter().map(|o| o.score).collect()
-    };
-    let validation_paths: Vec<&Path> = validation.iter().map(|i| validation_records[i.index].path.as_path()).collect();
+        for batch in validation.all_batches(request.batch_size) {
+            let batch = batch?;
+            let (outputs, _) = score_images(model.as_ref(), &batch, request.batch_size, &device, progress)?;
+            scores.extend(outputs.iter().map(|o| o.score));
+            validation_paths.extend(batch.iter().map(|i| validation_records[i.index].path.as_path()));
+        }
+    }
     refuse_non_finite_scores(&validation_paths, &scores)?;
     let thresholds = choose_threshold(&scores, request.target_far);
     let mut manifest = Manifest::for_model(model.as_ref(), &backbone, thresholds);

@@ -5,8 +5,12 @@
 pub mod augmented;
 pub mod decode;
 pub mod layout;
+pub mod record_store;
 pub mod resize;
 pub mod synthetic;
+pub mod training_images;
 
 pub use decode::{decode_all, decode_all_reusing, DecodedImage, ResizedImage, SkippedFile};
 pub use layout::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label, GOOD};
+pub use record_store::RecordStore;
+pub use training_images::{TrainingImages, TRAINING_IMAGES_IN_MEMORY};

@@ -6,7 +6,7 @@
 //! where the parts themselves always differ most (tile edges). Those positions then decide the image score
 //! (the maximum). Scoring the z-score instead makes positions — and a flow's two levels — comparable.
 
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::methods::{images_to_tensor, FitContext};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
@@ -54,17 +54,17 @@ impl PositionCalibration {
     /// first [`CALIBRATION_IMAGES`] training images, in batches, with progress and cancellation.
     pub fn from_training_images(
         context: &FitContext,
-        images: &[DecodedImage],
+        images: &TrainingImages,
         positions: usize,
         mut raw_maps: impl FnMut(&Tensor) -> Result<Vec<f32>>,
     ) -> Result<Self> {
         let count = images.len().min(CALIBRATION_IMAGES);
         context.progress.begin("calibrating", count as u64);
         let mut maps = Vec::new();
-        for chunk in images[..count].chunks(context.batch_size.max(1)) {
+        for chunk in images.batches(0..count, context.batch_size) {
             check_cancelled(context.progress)?;
-            let refs: Vec<&DecodedImage> = chunk.iter().collect();
-            maps.extend(raw_maps(&images_to_tensor(&refs, &context.device)?)?);
+            let chunk = chunk?;
+            maps.extend(raw_maps(&images_to_tensor(&chunk, &context.device)?)?);
             context.progress.advance(chunk.len() as u64);
         }
         Ok(Self::from_maps(&[maps], &[positions]))

@@ -117,14 +117,14 @@ fn feature_rows(backbone: &Backbone, images: &Tensor, local: bool) -> anyhow::Re
 /// image and another one's texture), so fewer than two training images is an error naming `method`.
 pub fn patch_standardisation(
     context: &crate::methods::FitContext,
-    images: &[crate::dataset::DecodedImage],
+    images: &crate::dataset::TrainingImages,
     method: &str,
 ) -> anyhow::Result<crate::methods::flow::Standardise> {
     if images.len() < 2 {
         anyhow::bail!("{method} needs at least two training images, got {}", images.len());
     }
     context.progress.begin("feature statistics", 1);
-    let sample: Vec<&crate::dataset::DecodedImage> = images.iter().take(32).collect();
+    let sample = images.select(0..images.len().min(32))?;
     let rows = patch_feature_rows(&context.backbone, &crate::methods::images_to_tensor(&sample, &context.device)?)?;
     let rows = rows.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
     let standardise = crate::methods::flow::channel_statistics(&rows, PATCH_CHANNELS, &context.device)?;
@@ -140,17 +140,17 @@ pub fn patch_standardisation(
 /// not turn a trace of it into a huge deviation.
 pub fn position_standardisation(
     context: &crate::methods::FitContext,
-    images: &[crate::dataset::DecodedImage],
+    images: &crate::dataset::TrainingImages,
     channel: &crate::methods::flow::Standardise,
 ) -> anyhow::Result<crate::methods::flow::Standardise> {
     let count = images.len().min(crate::methods::calibration::CALIBRATION_IMAGES);
     context.progress.begin("position statistics", count as u64);
     let positions = (context.image_size as usize / PATCH_STRIDE).pow(2);
     let mut moments = crate::methods::flow::ColumnMoments::new(positions * PATCH_CHANNELS);
-    for chunk in images[..count].chunks(context.batch_size.max(1)) {
+    for chunk in images.batches(0..count, context.batch_size) {
         crate::progress::check_cancelled(context.progress)?;
-        let refs: Vec<&crate::dataset::DecodedImage> = chunk.iter().collect();
-        let batch = crate::methods::images_to_tensor(&refs, &context.device)?;
+        let chunk = chunk?;
+        let batch = crate::methods::images_to_tensor(&chunk, &context.device)?;
         let rows = channel.apply(&patch_feature_rows(&context.backbone, &batch)?)?;
         moments.add(&rows.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
         context.progress.advance(chunk.len() as u64);

@@ -82,6 +82,7 @@ pub mod flow;
 pub mod fused;
 pub mod gaussian;
 pub mod layers;
+pub mod per_image;
 pub mod reconstruction;
 pub mod representation;
 pub mod setting_docs;
@@ -91,7 +92,7 @@ pub mod ssim_kernel;
 pub mod training;
 
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::{DecodedImage, TrainingImages};
 use crate::maps::ScoreMap;
 use crate::progress::Progress;
 use anyhow::{bail, Result};
@@ -177,7 +178,7 @@ pub struct FitContext<'a> {
     pub progress: &'a dyn Progress,
 }
 
-pub type FitFn = fn(&FitContext, &[DecodedImage], &serde_json::Value) -> Result<Box<dyn AnomalyModel>>;
+pub type FitFn = fn(&FitContext, &TrainingImages, &serde_json::Value) -> Result<Box<dyn AnomalyModel>>;
 pub type LoadFn = fn(Arc<Backbone>, u32, &serde_json::Value, HashMap<String, Tensor>) -> Result<Box<dyn AnomalyModel>>;
 
 /// A named full setting besides the default, e.g. the paper's training schedule for a GPU.
@@ -296,13 +297,13 @@ pub fn planar_to_tensor(planar: &[Vec<f32>], size: usize, device: &Device) -> Re
     Ok(Tensor::from_vec(data, (planar.len(), 3, size, size), device)?)
 }
 
-/// Stacks decoded images into a `(B, 3, S, S)` tensor in [0, 1].
-pub fn images_to_tensor(images: &[&DecodedImage], device: &Device) -> Result<Tensor> {
+/// Stacks decoded images (owned or borrowed) into a `(B, 3, S, S)` tensor in [0, 1].
+pub fn images_to_tensor<I: std::borrow::Borrow<DecodedImage>>(images: &[I], device: &Device) -> Result<Tensor> {
     let Some(first) = images.first() else { bail!("no images in batch") };
-    let size = first.size as usize;
+    let size = first.borrow().size as usize;
     let mut data = Vec::with_capacity(images.len() * 3 * size * size);
     for image in images {
-        data.extend(image.to_chw_f32());
+        data.extend(image.borrow().to_chw_f32());
     }
     Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
 }

@@ -14,7 +14,7 @@
 
 use super::synthetic_anomalies::{cutpaste, patch_labels, scar};
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::flow::Standardise;
 use crate::methods::gaussian::{whitening_matrix, MomentSums};
@@ -133,7 +133,7 @@ pub struct Cutpaste {
 }
 
 impl Cutpaste {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: CutpasteSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: CutpasteSettings) -> Result<Self> {
         let standardise = patch_standardisation(context, images, "CutPaste")?;
         let device = context.device.clone();
         let progress = context.progress;
@@ -149,7 +149,7 @@ impl Cutpaste {
             let mut inputs = Vec::with_capacity(3 * chosen.len());
             let mut labels = Vec::new();
             for &i in &chosen {
-                let image = images[i].to_chw_f32();
+                let image = images.get(i)?.to_chw_f32();
                 let grid = size.div_ceil(PATCH_STRIDE);
                 labels.extend(std::iter::repeat_n(NORMAL, grid * grid));
                 let pasted = cutpaste(&image, size, &mut rng);
@@ -175,10 +175,10 @@ impl Cutpaste {
         // The GDE over every normal patch's embedding.
         progress.begin("density of normal patches", images.len() as u64);
         let mut moments = MomentSums::new(settings.embedding_dim);
-        for batch in images.chunks(context.batch_size.max(1)) {
+        for batch in images.all_batches(context.batch_size) {
             check_cancelled(progress)?;
-            let refs: Vec<&DecodedImage> = batch.iter().collect();
-            let rows = patch_feature_rows(&context.backbone, &images_to_tensor(&refs, &device)?)?;
+            let batch = batch?;
+            let rows = patch_feature_rows(&context.backbone, &images_to_tensor(&batch, &device)?)?;
             let embeddings = head.embed(&standardise.apply(&rows)?)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
             embeddings.iter().for_each(|e| moments.add(e));
             progress.advance(batch.len() as u64);

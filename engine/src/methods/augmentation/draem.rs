@@ -35,7 +35,7 @@ use super::synthetic_anomalies::{
 };
 use crate::backbone::efficientnet_lite0::STRIDE8_CHANNELS;
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::features::{
     patch_feature_rows, patch_standardisation, position_standardisation, PATCH_CHANNELS, PATCH_STRIDE,
@@ -297,7 +297,7 @@ fn pooled_channels_last(images: &Tensor, factor: usize) -> Result<Tensor> {
 }
 
 impl Draem {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: DraemSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: DraemSettings) -> Result<Self> {
         check_settings(&settings, context.image_size)?;
         let standardise = patch_standardisation(context, images, "DRAEM")?;
         let position_standardise = position_standardisation(context, images, &standardise)?;
@@ -316,7 +316,7 @@ impl Draem {
             let chosen = batches.cycling(epoch, settings.steps_per_epoch, step).to_vec();
             let (mut clean, mut augmented, mut labels) = (Vec::new(), Vec::new(), Vec::new());
             for &i in &chosen {
-                let image = images[i].to_chw_f32();
+                let image = images.get(i)?.to_chw_f32();
                 if rng.below(2) == 0 {
                     labels.extend(std::iter::repeat_n(0, (size / PATCH_STRIDE).pow(2)));
                     augmented.push(image.clone());
@@ -325,7 +325,7 @@ impl Draem {
                         brightness_changed(&image, &mut rng)
                     } else {
                         let other = (i + 1 + rng.below(images.len() - 1)) % images.len();
-                        foreign_texture(&images[other].to_chw_f32(), size, &mut rng)
+                        foreign_texture(&images.get(other)?.to_chw_f32(), size, &mut rng)
                     };
                     let anomaly = if settings.contour_masks && rng.below(2) == 0 {
                         perlin_contour_blend(&image, &texture, size, &mut rng)
@@ -650,10 +650,10 @@ mod tests {
         let size = image_size as usize;
         let positions = (size / PATCH_STRIDE).pow(2);
         // Per image, one plane of `positions` cells per term: the input channels, then the map.
-        let terms = |images: &[DecodedImage]| -> Vec<Vec<Vec<f32>>> {
+        let terms = |images: &[crate::dataset::DecodedImage]| -> Vec<Vec<Vec<f32>>> {
             let mut out = Vec::new();
             for chunk in images.chunks(16) {
-                let refs: Vec<&DecodedImage> = chunk.iter().collect();
+                let refs: Vec<&crate::dataset::DecodedImage> = chunk.iter().collect();
                 let batch = images_to_tensor(&refs, &Device::Cpu).unwrap();
                 let input = pooled_channels_last(&batch, model.settings.downsample).unwrap();
                 let reconstruction = model.reconstructive.forward(&input).unwrap();

@@ -15,7 +15,7 @@
 //! image AUROC 0.713 with the mean, 0.740 with the maximum of the same model.
 
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;
 use crate::methods::augmentation::synthetic_anomalies::random_anomaly;
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
@@ -167,7 +167,7 @@ fn phi(backbone: &Backbone, standardise: &Standardise, head: &Head, images: &Ten
 }
 
 impl Fcdd {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: FcddSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: FcddSettings) -> Result<Self> {
         check_image_size(context.image_size)?;
         let standardise = patch_standardisation(context, images, "FCDD")?;
         let device = context.device.clone();
@@ -184,8 +184,8 @@ impl Fcdd {
             let mut inputs = Vec::with_capacity(2 * chosen.len());
             let mut outlier = Vec::with_capacity(2 * chosen.len());
             for &i in &chosen {
-                let image = images[i].to_chw_f32();
-                let other = images[(i + 1 + rng.below(images.len() - 1)) % images.len()].to_chw_f32();
+                let image = images.get(i)?.to_chw_f32();
+                let other = images.get((i + 1 + rng.below(images.len() - 1)) % images.len())?.to_chw_f32();
                 inputs.push(random_anomaly(&image, &other, size, &mut rng).image);
                 inputs.push(image);
                 outlier.extend([1.0, 0.0]);

@@ -23,7 +23,7 @@
 //! pretrained features and scored worse (0.693 vs 0.756 with one centre).
 
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::training::{load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingRecord};
@@ -179,7 +179,7 @@ fn centre_of(embeddings: &Tensor) -> Result<Tensor> {
 }
 
 impl MeanShifted {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: MeanShiftedSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: MeanShiftedSettings) -> Result<Self> {
         let grid = check_image_size(context.image_size)?;
         if images.len() < 2 {
             bail!("mean-shifted needs at least two training images, got {}", images.len());
@@ -192,7 +192,7 @@ impl MeanShifted {
 
         // The centre, fixed while training: the pretrained (adapter = identity) features' mean direction.
         progress.begin("normal centre", 1);
-        let sample: Vec<&DecodedImage> = images.iter().take(32).collect();
+        let sample = images.select(0..images.len().min(32))?;
         let training_centre = centre_of(
             &adapter.forward(&patch_feature_rows(&context.backbone, &images_to_tensor(&sample, &device)?)?)?,
         )?;
@@ -208,7 +208,7 @@ impl MeanShifted {
             let batch = chosen.len();
             let (mut first, mut second) = (Vec::new(), Vec::new());
             for &i in &chosen {
-                let image = images[i].to_chw_f32();
+                let image = images.get(i)?.to_chw_f32();
                 first.extend(view(&image, size, false, &mut rng));
                 second.extend(view(&image, size, true, &mut rng));
             }
@@ -234,11 +234,11 @@ impl MeanShifted {
 
         let count = images.len().min(CALIBRATION_IMAGES);
         progress.begin("centre and calibration", 2 * count as u64);
-        let calibration_images: Vec<&DecodedImage> = images.iter().take(count).collect();
         let mut embeddings = Vec::new();
-        for chunk in calibration_images.chunks(context.batch_size.max(1)) {
+        for chunk in images.batches(0..count, context.batch_size) {
             check_cancelled(progress)?;
-            let rows = patch_feature_rows(&context.backbone, &images_to_tensor(chunk, &device)?)?;
+            let chunk = chunk?;
+            let rows = patch_feature_rows(&context.backbone, &images_to_tensor(&chunk, &device)?)?;
             embeddings.push(adapter.forward(&rows)?);
             progress.advance(chunk.len() as u64);
         }

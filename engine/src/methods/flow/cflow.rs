@@ -15,7 +15,7 @@ use super::{
     LevelScoring, Standardise, VectorFlow, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::training::{load_varmap, train, varmap_state, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
@@ -155,7 +155,7 @@ fn check_settings(settings: &CflowSettings) -> Result<()> {
 }
 
 impl Cflow {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: CflowSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: CflowSettings) -> Result<Self> {
         check_settings(&settings)?;
         if images.is_empty() {
             bail!("CFlow needs training images");
@@ -182,13 +182,13 @@ impl Cflow {
                 let flow = flows[level].as_ref().expect("a flow for every modelled level");
                 let channels = LEVEL_CHANNELS[level];
                 let positions = level_side(context.image_size, level).pow(2);
-                let count = rows[level].len() / channels;
-                let mut x = Vec::with_capacity(n * channels);
+                let count = rows[level].len() * positions;
+                let mut x = vec![0f32; n * channels];
                 let mut c = Vec::with_capacity(n * settings.condition_dim);
-                for _ in 0..n {
+                for slot in x.chunks_exact_mut(channels) {
                     let row = rng.below(count);
-                    x.extend_from_slice(&rows[level][row * channels..][..channels]);
                     let position = row % positions;
+                    rows[level].read_part(row / positions, position * channels, slot)?;
                     c.extend_from_slice(&codes[level][position * settings.condition_dim..][..settings.condition_dim]);
                 }
                 let x = standardise[level].apply(&Tensor::from_vec(x, (n, channels), &device)?)?;

@@ -17,7 +17,7 @@ use super::{
     training_rows, AffineTail, LevelScoring, Standardise, LEVEL_CHANNELS,
 };
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
@@ -240,7 +240,7 @@ fn check_settings(settings: &FastflowSettings) -> Result<()> {
 }
 
 impl Fastflow {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: FastflowSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: FastflowSettings) -> Result<Self> {
         check_settings(&settings)?;
         if images.is_empty() {
             bail!("FastFlow needs training images");
@@ -259,12 +259,7 @@ impl Fastflow {
                 let flow = flows[level].as_ref().expect("a flow for every modelled level");
                 let channels = LEVEL_CHANNELS[level];
                 let side = level_side(context.image_size, level);
-                let per_image = side * side * channels;
-                let mut x = Vec::with_capacity(chosen.len() * per_image);
-                for &i in chosen {
-                    x.extend_from_slice(&rows[level][i * per_image..(i + 1) * per_image]);
-                }
-                let x = Tensor::from_vec(x, (chosen.len() * side * side, channels), &device)?;
+                let x = Tensor::from_vec(rows[level].gather(chosen)?, (chosen.len() * side * side, channels), &device)?;
                 let x = standardise[level].apply(&x)?;
                 let nll = flow.log_likelihood_per_dim(&x, (chosen.len(), side, side))?.mean_all()?.neg()?;
                 Ok(nll)

@@ -8,7 +8,8 @@ pub mod fastflow;
 
 use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::record_store::{RecordStore, PER_IMAGE_VALUES_IN_MEMORY};
+use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::training::take_tensor;
@@ -229,7 +230,12 @@ pub struct Standardise {
 pub fn channel_statistics(rows: &[f32], channels: usize, device: &Device) -> Result<Standardise> {
     let mut moments = ColumnMoments::new(channels);
     moments.add(rows);
-    moments.standardise(|std| 1.0 / (std + 1e-6), device)
+    moments.standardise(channel_scale, device)
+}
+
+/// A channel's scale from its standard deviation (a constant channel stays finite).
+fn channel_scale(std: f64) -> f64 {
+    1.0 / (std + 1e-6)
 }
 
 /// Running sums of rows of `columns` values, for a [`Standardise`] of each column.
@@ -329,18 +335,22 @@ pub fn level_rows(backbone: &Backbone, images: &Tensor, local: bool) -> Result<[
     Ok([rows(&maps.stride8)?, rows(&maps.stride16)?])
 }
 
-/// Every training image's rows per level, on the CPU (computed once: the backbone is frozen).
-pub fn training_rows(context: &FitContext, images: &[DecodedImage], local: bool) -> Result<[Vec<f32>; 2]> {
+/// Every training image's rows per level, one record of `positions × channels` values per image (computed once:
+/// the backbone is frozen; beyond the stores' memory budget, in their temporary files).
+pub fn training_rows(context: &FitContext, images: &TrainingImages, local: bool) -> Result<[RecordStore<f32>; 2]> {
     let progress = context.progress;
     progress.begin("features", images.len() as u64);
-    let mut rows: [Vec<f32>; 2] = [Vec::new(), Vec::new()];
-    for batch in images.chunks(context.batch_size.max(1)) {
+    let positions = level_positions(context.image_size);
+    let mut rows = [0, 1].map(|level| {
+        RecordStore::new("flow training features", positions[level] * LEVEL_CHANNELS[level], PER_IMAGE_VALUES_IN_MEMORY)
+    });
+    for batch in images.all_batches(context.batch_size) {
         check_cancelled(progress)?;
-        let refs: Vec<&DecodedImage> = batch.iter().collect();
+        let batch = batch?;
         for (level, tensor) in
-            level_rows(&context.backbone, &images_to_tensor(&refs, &context.device)?, local)?.iter().enumerate()
+            level_rows(&context.backbone, &images_to_tensor(&batch, &context.device)?, local)?.iter().enumerate()
         {
-            rows[level].extend(tensor.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+            rows[level].extend(&tensor.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)?;
         }
         progress.advance(batch.len() as u64);
     }
@@ -348,8 +358,18 @@ pub fn training_rows(context: &FitContext, images: &[DecodedImage], local: bool)
 }
 
 /// Per-level standardisation from the training rows.
-pub fn level_statistics(rows: &[Vec<f32>; 2], device: &Device) -> Result<Vec<Standardise>> {
-    LEVEL_CHANNELS.iter().zip(rows).map(|(&channels, rows)| channel_statistics(rows, channels, device)).collect()
+pub fn level_statistics(rows: &[RecordStore<f32>; 2], device: &Device) -> Result<Vec<Standardise>> {
+    LEVEL_CHANNELS
+        .iter()
+        .zip(rows)
+        .map(|(&channels, rows)| {
+            let mut moments = ColumnMoments::new(channels);
+            for image in 0..rows.len() {
+                moments.add(&rows.record(image)?);
+            }
+            moments.standardise(channel_scale, device)
+        })
+        .collect()
 }
 
 /// The per-level standardisation as model-file tensors.
@@ -372,7 +392,7 @@ pub fn take_standardise(tensors: &mut HashMap<String, Tensor>, device: &Device) 
 /// `rows`; `level_nll(level, rows, images)` gives the NLL per dimension of those rows, `images × positions`.
 /// Entry k of the calibration belongs to `levels[k]`.
 pub fn calibrate(
-    rows: &[Vec<f32>; 2],
+    rows: &[RecordStore<f32>; 2],
     levels: &[usize],
     image_size: u32,
     device: &Device,
@@ -381,7 +401,7 @@ pub fn calibrate(
 ) -> Result<PositionCalibration> {
     const BATCH: usize = 8;
     let positions = level_positions(image_size);
-    let images = (rows[0].len() / (positions[0] * LEVEL_CHANNELS[0])).min(CALIBRATION_IMAGES);
+    let images = rows[0].len().min(CALIBRATION_IMAGES);
     progress.begin("calibrating", images as u64);
     let mut maps = vec![Vec::new(); levels.len()];
     let mut first = 0;
@@ -389,9 +409,9 @@ pub fn calibrate(
     while first < images {
         let count = BATCH.min(images - first);
         for (map, &level) in maps.iter_mut().zip(levels) {
-            let (channels, per_image) = (LEVEL_CHANNELS[level], positions[level] * LEVEL_CHANNELS[level]);
-            let x = rows[level][first * per_image..(first + count) * per_image].to_vec();
-            map.extend(level_nll(level, &Tensor::from_vec(x, (count * positions[level], channels), device)?, count)?);
+            let x = rows[level].range(first..first + count)?;
+            let x = Tensor::from_vec(x, (count * positions[level], LEVEL_CHANNELS[level]), device)?;
+            map.extend(level_nll(level, &x, count)?);
         }
         progress.advance(count as u64);
         first += count;

@@ -17,10 +17,11 @@
 //! score: the map's maximum.
 
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::layers::{channels_last, linear_leaky, pixel_shuffle, upsample2x, Conv};
+use crate::methods::per_image::PerImageTensors;
 use crate::methods::ssim::{mean_ssim, ssim_map};
 use crate::methods::training::{load_varmap, train, varmap_state, BenchStep, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
@@ -227,32 +228,30 @@ pub fn bench_step(batch: usize, side: usize, device: &Device) -> Result<BenchSte
 }
 
 impl Autoencoder {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: AutoencoderSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: AutoencoderSettings) -> Result<Self> {
         let side = check_settings(&settings, context.image_size)?;
         if images.is_empty() {
             bail!("the autoencoder needs training images");
         }
         let device = context.device.clone();
         let progress = context.progress;
-        // Every training image once, pooled to the network's size (CPU memory: 761 MTD images at 128² ≈ 150 MB).
+        // Every training image once, pooled to the network's size and channels-last (761 MTD images at 128²:
+        // 150 MB; beyond the store's memory budget, in its temporary file).
         progress.begin("preparing images", images.len() as u64);
-        let mut inputs = Vec::new();
-        for chunk in images.chunks(32) {
+        let mut inputs = PerImageTensors::new("autoencoder inputs");
+        for chunk in images.all_batches(32) {
             check_cancelled(progress)?;
-            let refs: Vec<&DecodedImage> = chunk.iter().collect();
-            inputs.push(network_input(&images_to_tensor(&refs, &Device::Cpu)?, settings.downsample)?);
+            let chunk = chunk?;
+            inputs.push(&network_input(&images_to_tensor(&chunk, &Device::Cpu)?, settings.downsample)?)?;
             progress.advance(chunk.len() as u64);
         }
-        let inputs = Tensor::cat(&inputs, 0)?;
+        let inputs_of = |chosen: &[usize]| inputs.gather(chosen, &device);
         let varmap = VarMap::new();
         let network = Network::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), side, &settings)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0xae);
         let plan = training_plan!(settings, batches.steps_per_epoch());
-        let record = train(&varmap, &plan, progress, |_, step| {
-            let chosen: Vec<u32> = batches.batch(step).iter().map(|&i| i as u32).collect();
-            let x = inputs.index_select(&Tensor::new(chosen.as_slice(), &Device::Cpu)?, 0)?.to_device(&device)?;
-            network.training_loss(&x)
-        })?;
+        let record =
+            train(&varmap, &plan, progress, |_, step| network.training_loss(&inputs_of(batches.batch(step))?))?;
         let mut model = Self {
             settings,
             image_size: context.image_size,
@@ -265,10 +264,9 @@ impl Autoencoder {
         progress.begin("calibrating", count as u64);
         let mut maps = Vec::new();
         for first in (0..count).step_by(16) {
-            let batch = 16.min(count - first);
-            let x = inputs.narrow(0, first, batch)?.to_device(&device)?;
-            maps.extend(model.raw_maps(&x)?.flatten_all()?.to_vec1::<f32>()?);
-            progress.advance(batch as u64);
+            let batch: Vec<usize> = (first..count.min(first + 16)).collect();
+            maps.extend(model.raw_maps(&inputs_of(&batch)?)?.flatten_all()?.to_vec1::<f32>()?);
+            progress.advance(batch.len() as u64);
         }
         model.calibration = PositionCalibration::from_maps(&[maps], &[side * side]);
         Ok(model)
@@ -421,10 +419,10 @@ mod tests {
         let model =
             Autoencoder::load(diagnostic.backbone, image_size, diagnostic.settings, diagnostic.tensors).unwrap();
         // Per image: (1 − SSIM) and squared error maps, channel-averaged, at the network's size.
-        let terms = |images: &[DecodedImage]| -> Vec<[Vec<f32>; 3]> {
+        let terms = |images: &[crate::dataset::DecodedImage]| -> Vec<[Vec<f32>; 3]> {
             let mut out = Vec::new();
             for chunk in images.chunks(16) {
-                let refs: Vec<&DecodedImage> = chunk.iter().collect();
+                let refs: Vec<&crate::dataset::DecodedImage> = chunk.iter().collect();
                 let (input, reconstruction) =
                     model.reconstruct(&images_to_tensor(&refs, &Device::Cpu).unwrap()).unwrap();
                 let dissimilarity =

@@ -17,10 +17,11 @@
 
 use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::layers::{channels_last, Conv};
+use crate::methods::per_image::PerImageTensors;
 use crate::methods::training::{load_varmap, train, varmap_state, BenchStep, ShuffledBatches, TrainingRecord};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
@@ -194,7 +195,7 @@ fn grid_side(image_size: u32) -> usize {
 }
 
 impl Stfpm {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: StfpmSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: StfpmSettings) -> Result<Self> {
         check_image_size(context.image_size)?;
         if images.is_empty() {
             bail!("STFPM needs training images");
@@ -203,30 +204,24 @@ impl Stfpm {
         let progress = context.progress;
         // The frozen teacher's maps of every training image, once (MTD at 256 px: ≈ 190 MB).
         progress.begin("teacher features", images.len() as u64);
-        let mut teacher = [Vec::new(), Vec::new()];
-        for batch in images.chunks(context.batch_size.max(1)) {
+        let mut teacher = [PerImageTensors::new("STFPM teacher maps"), PerImageTensors::new("STFPM teacher maps")];
+        for batch in images.all_batches(context.batch_size) {
             check_cancelled(progress)?;
-            let refs: Vec<&DecodedImage> = batch.iter().collect();
-            let maps = teacher_maps(&context.backbone, &images_to_tensor(&refs, &device)?)?;
+            let batch = batch?;
+            let maps = teacher_maps(&context.backbone, &images_to_tensor(&batch, &device)?)?;
             for (level, map) in maps.iter().enumerate() {
-                teacher[level].push(map.to_device(&Device::Cpu)?);
+                teacher[level].push(map)?;
             }
             progress.advance(batch.len() as u64);
         }
-        let teacher = [Tensor::cat(&teacher[0], 0)?, Tensor::cat(&teacher[1], 0)?];
         let varmap = VarMap::new();
         let student = Student::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0x57f);
         let plan = training_plan!(settings, batches.steps_per_epoch());
         let record = train(&varmap, &plan, progress, |_, step| {
-            let chosen: Vec<u32> = batches.batch(step).iter().map(|&i| i as u32).collect();
-            let index = Tensor::new(chosen.as_slice(), &Device::Cpu)?;
-            let refs: Vec<&DecodedImage> = chosen.iter().map(|&i| &images[i as usize]).collect();
-            let input = channels_last(&images_to_tensor(&refs, &device)?)?;
-            let targets = [
-                teacher[0].index_select(&index, 0)?.to_device(&device)?,
-                teacher[1].index_select(&index, 0)?.to_device(&device)?,
-            ];
+            let chosen = batches.batch(step);
+            let input = channels_last(&images_to_tensor(&images.select(chosen)?, &device)?)?;
+            let targets = [teacher[0].gather(chosen, &device)?, teacher[1].gather(chosen, &device)?];
             student.training_loss(&input, &targets)
         })?;
         let mut model = Self {

@@ -10,7 +10,7 @@
 //! score is the map's maximum. Fitting streams the images: only per-position sums are kept, never the features.
 
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;
 use crate::methods::features::{plain_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::gaussian::{whitening_matrix, MomentSums};
@@ -83,7 +83,7 @@ fn choose_channels(count: usize, seed: u64) -> Vec<usize> {
 }
 
 impl Padim {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: PadimSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: PadimSettings) -> Result<Self> {
         if images.len() < 2 {
             bail!("PaDiM needs at least two training images, got {}", images.len());
         }
@@ -97,10 +97,10 @@ impl Padim {
         let mut moments = vec![MomentSums::new(d); positions];
         let progress = context.progress;
         progress.begin("features", images.len() as u64);
-        for batch in images.chunks(context.batch_size.max(1)) {
+        for batch in images.all_batches(context.batch_size) {
             check_cancelled(progress)?;
-            let refs: Vec<&DecodedImage> = batch.iter().collect();
-            let rows: Vec<f32> = plain_feature_rows(&context.backbone, &images_to_tensor(&refs, &context.device)?)?
+            let batch = batch?;
+            let rows: Vec<f32> = plain_feature_rows(&context.backbone, &images_to_tensor(&batch, &context.device)?)?
                 .to_device(&Device::Cpu)?
                 .flatten_all()?
                 .to_vec1()?;

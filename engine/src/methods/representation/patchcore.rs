@@ -15,7 +15,7 @@
 use super::coreset::{greedy_coreset, random_projection, CoresetMethod};
 use super::nearest::InvertedIndex;
 use crate::backbone::Backbone;
-use crate::dataset::DecodedImage;
+use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;
 use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
@@ -235,7 +235,7 @@ pub struct PatchCore {
 }
 
 impl PatchCore {
-    pub fn fit(context: &FitContext, images: &[DecodedImage], settings: PatchCoreSettings) -> Result<Self> {
+    pub fn fit(context: &FitContext, images: &TrainingImages, settings: PatchCoreSettings) -> Result<Self> {
         if images.is_empty() {
             bail!("PatchCore needs at least one training image");
         }
@@ -258,10 +258,10 @@ impl PatchCore {
         };
         let mut chunk: Vec<f32> = Vec::new();
         let mut done = 0;
-        for batch in images.chunks(context.batch_size.max(1)) {
+        for batch in images.all_batches(context.batch_size) {
             check_cancelled(progress)?;
-            let refs: Vec<&DecodedImage> = batch.iter().collect();
-            let tensor = images_to_tensor(&refs, &context.device)?;
+            let batch = batch?;
+            let tensor = images_to_tensor(&batch, &context.device)?;
             let rows = patch_feature_rows(&context.backbone, &tensor)?;
             selection.patches_per_image = rows.dim(0)? / batch.len();
             chunk.extend(rows.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
