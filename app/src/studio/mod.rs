@@ -19,6 +19,7 @@ mod panels;
 mod presenting;
 pub mod saver;
 mod state;
+pub mod thumbnails;
 pub mod views;
 pub mod widgets;
 pub mod workspace;
@@ -40,10 +41,10 @@ use loupe_engine::evaluate::EvalReport;
 use loupe_engine::methods::AnomalyModel;
 use loupe_engine::model_file::Manifest;
 use saver::{AutosavePolicy, Saver};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use thumbnails::Thumbnails;
 pub use views::View;
 use workspace::{BackboneCache, ImageIds, Imported, ModelRuntime, Reloaded, StudioImage, Trained};
 
@@ -79,7 +80,7 @@ pub struct StudioApp {
     messages: Vec<Message>,
     saver: Saver,
     loader: ImageLoader,
-    thumbnails: HashMap<usize, egui::TextureHandle>,
+    thumbnails: Thumbnails,
     backbones: BackboneCache,
     weights: PathBuf,
     gpu_overlay: bool,
@@ -121,7 +122,7 @@ impl StudioApp {
             messages,
             saver: Saver::spawn(cc.egui_ctx.clone()),
             loader: ImageLoader::spawn(cc.egui_ctx.clone()),
-            thumbnails: HashMap::new(),
+            thumbnails: Thumbnails::default(),
             backbones: BackboneCache::default(),
             weights: options.weights,
             gpu_overlay,
@@ -146,6 +147,7 @@ impl StudioApp {
             && !self.saver.is_busy()
             && self.studio.revision == self.saver.saved_revision()
             && !self.model_writes_pending()
+            && !self.thumbnails.is_loading()
     }
 
     /// Whether the inspector has image `index` decoded and uploaded.
@@ -181,6 +183,7 @@ impl eframe::App for StudioApp {
         self.handle_dialogs(ctx);
         self.handle_dropped_files(ctx);
         self.tiles_uploaded = self.loader.receive(ctx);
+        self.thumbnails.begin_frame(ctx);
         self.autosave(ctx);
         if self.exit_when_idle && self.job.is_none() && !self.auto_train && self.is_idle() {
             ctx.send_viewport_cmd(egui::ViewportCommand::Close);

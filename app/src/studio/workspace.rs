@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use eframe::egui::ColorImage;
 use loupe_engine::backbone::Backbone;
 use loupe_engine::dataset::decode::open_image;
-use loupe_engine::dataset::{decode_all_reusing, Benchmark, ImageRecord, Label, ResizedImage};
+use loupe_engine::dataset::{decode_all_reusing, probe_image, Benchmark, ImageRecord, Label, ResizedImage};
 use loupe_engine::device::DeviceChoice;
 use loupe_engine::evaluate::{evaluate_decoded, EvalReport};
 use loupe_engine::labels::{label_key, LabelSet, Verdict};
@@ -81,7 +81,9 @@ pub struct StudioImage {
     pub category: String,
     /// Where the project's labels for this image are (`labels::label_key`: follows a relinked folder).
     pub label_key: String,
-    pub thumbnail: Arc<ColorImage>,
+    /// Made by the import for test and inspect images; training images (the archive of good parts, thousands
+    /// of them) get theirs when the gallery shows them ([`super::thumbnails`]), so opening reads only headers.
+    pub thumbnail: Option<Arc<ColorImage>>,
     pub original_size: [usize; 2],
     /// The model-size pixels the import made while the file was open for the thumbnail: the first scoring takes
     /// them instead of decoding the file again. Test and inspect images only (training decodes its own), within
@@ -129,9 +131,15 @@ pub struct Imported {
 
 /// What one reading of an image file gives the studio: its thumbnail and, when asked, its model-size pixels.
 struct ReadImage {
-    thumbnail: ColorImage,
+    thumbnail: Option<ColorImage>,
     original_size: [usize; 2],
     kept_input: Option<KeptInput>,
+}
+
+/// A gallery thumbnail of a decoded image.
+pub fn thumbnail_of(image: &image::DynamicImage) -> ColorImage {
+    let small = image.thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE).to_rgba8();
+    ColorImage::from_rgba_unmultiplied([small.width() as usize, small.height() as usize], small.as_raw())
 }
 
 /// Reads `path` once for its thumbnail and, if `input_size` is given, its pixels at that model input size.
@@ -140,13 +148,11 @@ fn read_image(path: &Path, input_size: Option<u32>) -> Result<ReadImage, String>
     let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let image = open_image(path)?;
     let original_size = [image.width() as usize, image.height() as usize];
-    let small = image.thumbnail(THUMBNAIL_SIZE, THUMBNAIL_SIZE).to_rgba8();
-    let size = [small.width() as usize, small.height() as usize];
     let kept_input = match (input_size, modified) {
         (Some(size), Some(modified)) => Some(KeptInput { resized: ResizedImage::of(&image, size), size, modified }),
         _ => None,
     };
-    Ok(ReadImage { thumbnail: ColorImage::from_rgba_unmultiplied(size, small.as_raw()), original_size, kept_input })
+    Ok(ReadImage { thumbnail: Some(thumbnail_of(&image)), original_size, kept_input })
 }
 
 /// Lists and reads every image of `sources`; unreadable files are listed, never fatal. A source that cannot be
@@ -187,7 +193,17 @@ pub fn import(
             if progress.is_cancelled() {
                 return Err(format!("{}: not read (cancelled)", record.path.display()));
             }
-            let result = read_image(&record.path, keep_input(split).then_some(input_size))
+            let read = if split == Split::Train {
+                // Headers only: a line's archive of good parts is thousands of files.
+                probe_image(&record.path).map(|(width, height)| ReadImage {
+                    thumbnail: None,
+                    original_size: [width as usize, height as usize],
+                    kept_input: None,
+                })
+            } else {
+                read_image(&record.path, keep_input(split).then_some(input_size))
+            };
+            let result = read
                 .map(|read| StudioImage {
                     id: ids.of(&record.path),
                     path: record.path.clone(),
@@ -196,7 +212,7 @@ pub fn import(
                     mask: record.mask,
                     category,
                     label_key,
-                    thumbnail: Arc::new(read.thumbnail),
+                    thumbnail: read.thumbnail.map(Arc::new),
                     original_size: read.original_size,
                     kept_input: read.kept_input.map(Arc::new),
                 })
@@ -593,7 +609,7 @@ mod tests {
             mask: None,
             category: "parts".into(),
             label_key: format!("parts/{path}"),
-            thumbnail: Arc::new(ColorImage::default()),
+            thumbnail: None,
             original_size: [1, 1],
             kept_input: None,
         }
@@ -614,6 +630,12 @@ mod tests {
         let (tests, trains): (Vec<&StudioImage>, Vec<&StudioImage>) =
             imported.images.iter().partition(|image| image.split == Split::Test);
         assert!(trains.iter().all(|image| image.kept_input.is_none()), "training decodes its own");
+        // Training images are listed from their headers: no thumbnail until the gallery shows them.
+        for image in &trains {
+            let (width, height) = image::image_dimensions(&image.path).unwrap();
+            assert!(image.thumbnail.is_none() && image.original_size == [width as usize, height as usize]);
+        }
+        assert!(tests.iter().all(|image| image.thumbnail.is_some()));
         let records: Vec<ImageRecord> = tests.iter().map(|image| ImageRecord::normal(image.path.clone())).collect();
         let (decoded, _) = decode_all(&records, size, &|_| {});
         for (image, decoded) in tests.iter().zip(&decoded) {

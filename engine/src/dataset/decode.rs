@@ -4,6 +4,7 @@
 use super::layout::ImageRecord;
 use image::{imageops::FilterType, DynamicImage, ImageDecoder, ImageReader};
 use rayon::prelude::*;
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 
@@ -154,31 +155,58 @@ pub fn open_image(path: &Path) -> Result<OpenedImage, String> {
 /// Decodes an image file's bytes with size limits, within the shared decode budget (the file's bytes and the
 /// decoded pixels), with a message fit for a person.
 pub fn decode_image(bytes: Vec<u8>) -> Result<OpenedImage, String> {
-    if bytes.is_empty() {
+    let file_bytes = bytes.len() as u64;
+    if let Ok(format) = image::guess_format(&bytes) {
+        check_complete(format, &bytes)?;
+    }
+    let decoder = checked_decoder(std::io::Cursor::new(bytes))?;
+    // The file, the decoded pixels and one converted copy (RGB for the model, RGBA for the studio) at most.
+    let (width, height) = decoder.dimensions();
+    let converted = width as u64 * height as u64 * 4;
+    let permit = DECODE_BUDGET.acquire(file_bytes.saturating_add(decoder.total_bytes()).saturating_add(converted));
+    let image = DynamicImage::from_decoder(decoder).map_err(describe_image_error)?;
+    Ok(OpenedImage { image, _permit: permit })
+}
+
+/// An image file's width and height from its header, with the checks of [`open_image`] that need no pixels: an
+/// empty file, content that is no image, sides beyond the limits. Damage further into the file is found when
+/// the image is decoded. For listing thousands of files quickly (the studio's training images).
+pub fn probe_image(path: &Path) -> Result<(u32, u32), String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read ({e})"))?;
+    let length = file.metadata().map_err(|e| format!("cannot read ({e})"))?.len();
+    if length == 0 {
         return Err("empty file (0 bytes)".into());
     }
-    // The content decides the format, not the extension: a text file named .jpg is "not an image".
-    let format = image::guess_format(&bytes).map_err(|_| "not an image (unrecognised content)".to_string())?;
-    check_complete(format, &bytes)?;
-    let file_bytes = bytes.len() as u64;
-    let mut reader = ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    checked_decoder(std::io::BufReader::new(file)).map(|decoder| decoder.dimensions())
+}
+
+/// A decoder for an image's data, after the checks every reading makes before pixels are decoded: the content
+/// decides the format, not the extension (a text file named .jpg is "not an image"); the sides and the decoded
+/// bytes are within the limits.
+fn checked_decoder<R: std::io::BufRead + Seek + 'static>(mut data: R) -> Result<Box<dyn ImageDecoder>, String> {
+    let mut head = [0u8; 16];
+    let read = data.read(&mut head).map_err(|e| format!("cannot read ({e})"))?;
+    if read == 0 {
+        return Err("empty file (0 bytes)".into());
+    }
+    let format = image::guess_format(&head[..read]).map_err(|_| "not an image (unrecognised content)".to_string())?;
+    data.seek(std::io::SeekFrom::Start(0)).map_err(|e| format!("cannot read ({e})"))?;
+    let mut reader = ImageReader::with_format(data, format);
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
     limits.max_image_height = Some(MAX_IMAGE_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     reader.limits(limits.clone());
-    let decoded = reader.into_decoder().and_then(|decoder| {
-        // `into_decoder` checks the sides, not the pixels' bytes: `ImageReader::decode` reserves them against
-        // the limit itself, and so must we (a 16,384² 16-bit RGBA header asks for 2 GiB).
-        let mut budget = limits;
-        budget.reserve(decoder.total_bytes())?;
-        // The file, the decoded pixels and one converted copy (RGB for the model, RGBA for the studio) at most.
-        let (width, height) = decoder.dimensions();
-        let converted = width as u64 * height as u64 * 4;
-        let permit = DECODE_BUDGET.acquire(file_bytes.saturating_add(decoder.total_bytes()).saturating_add(converted));
-        Ok(OpenedImage { image: DynamicImage::from_decoder(decoder)?, _permit: permit })
-    });
-    decoded.map_err(|e| match e {
+    let decoder = reader.into_decoder().map_err(describe_image_error)?;
+    // `into_decoder` checks the sides, not the pixels' bytes: `ImageReader::decode` reserves them against the
+    // limit itself, and so must we (a 16,384² 16-bit RGBA header asks for 2 GiB).
+    let mut budget = limits;
+    budget.reserve(decoder.total_bytes()).map_err(describe_image_error)?;
+    Ok(Box::new(decoder))
+}
+
+fn describe_image_error(error: image::ImageError) -> String {
+    match error {
         image::ImageError::Limits(_) => {
             format!("refused: larger than {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} or {MAX_DECODE_BYTES} bytes decoded (possible decompression bomb)")
         }
@@ -186,7 +214,7 @@ pub fn decode_image(bytes: Vec<u8>) -> Result<OpenedImage, String> {
         image::ImageError::IoError(e) => format!("corrupt or truncated image ({e})"),
         image::ImageError::Unsupported(u) => format!("unsupported image ({u})"),
         other => format!("cannot decode ({other})"),
-    })
+    }
 }
 
 /// An image already at a model's input size, made by whoever had the file open anyway (the studio's import,
@@ -369,6 +397,25 @@ mod tests {
     }
 
     /// A PNG that claims huge dimensions: the decoder must refuse it before allocating.
+    #[test]
+    fn probing_reads_the_sides_and_refuses_what_is_no_image_without_decoding() {
+        let dir = temp_dir("probe");
+        let good = dir.join("good.jpg");
+        image::RgbImage::from_pixel(21, 13, image::Rgb([10, 200, 30])).save(&good).unwrap();
+        assert_eq!(probe_image(&good), Ok((21, 13)));
+        let empty = dir.join("empty.png");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(probe_image(&empty).unwrap_err().contains("empty file"));
+        let text = dir.join("text.png");
+        std::fs::write(&text, b"hello, not an image").unwrap();
+        assert!(probe_image(&text).unwrap_err().contains("not an image"));
+        let bomb = dir.join("bomb.png");
+        write_png_header_only(&bomb, 100_000, 100_000);
+        assert!(probe_image(&bomb).unwrap_err().contains("decompression bomb"));
+        assert!(probe_image(&dir.join("missing.png")).unwrap_err().contains("cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     fn write_png_header_only(path: &Path, width: u32, height: u32) {
         let mut encoder = Vec::new();
         encoder.extend_from_slice(&[0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a]);

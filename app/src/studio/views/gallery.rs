@@ -4,10 +4,9 @@
 use super::{Action, StudioView, ViewFrame};
 use crate::project::sources::Split;
 use crate::project::verdict::{verdict, Verdict};
-use crate::studio::workspace::reported_path;
+use crate::studio::thumbnails::{ThumbnailState, Thumbnails};
 use crate::studio::Studio;
 use eframe::egui;
-use std::collections::HashMap;
 
 const CELL: f32 = 132.0;
 
@@ -146,7 +145,7 @@ fn show(
     ui: &mut egui::Ui,
     studio: &mut Studio,
     state: &mut GalleryState,
-    thumbnails: &mut HashMap<usize, egui::TextureHandle>,
+    thumbnails: &mut Thumbnails,
     actions: &mut Vec<Action>,
 ) {
     filters(ui, studio, state);
@@ -170,21 +169,28 @@ fn show(
             ui.horizontal(|ui| {
                 for &index in order.iter().skip(row * columns).take(columns) {
                     let image = &studio.images[index];
-                    let texture = thumbnails.entry(index).or_insert_with(|| {
-                        ui.ctx().load_texture(
-                            reported_path(&image.path),
-                            (*image.thumbnail).clone(),
-                            egui::TextureOptions::LINEAR,
-                        )
-                    });
                     let score = studio.score_of(image);
                     let selected = studio.selected == Some(index);
+                    let thumbnail = thumbnails.get(ui.ctx(), index, image);
                     ui.vertical(|ui| {
                         ui.set_width(CELL);
-                        let size = texture.size_vec2() * (CELL - 12.0) / texture.size_vec2().max_elem();
-                        let response = ui
-                            .add(egui::Button::image(egui::Image::new((texture.id(), size))).selected(selected))
-                            .on_hover_text(image.path.display().to_string());
+                        let button = match thumbnail {
+                            ThumbnailState::Ready(texture) => {
+                                let size = texture.size_vec2() * (CELL - 12.0) / texture.size_vec2().max_elem();
+                                egui::Button::image(egui::Image::new((texture.id(), size)))
+                            }
+                            ThumbnailState::Loading => {
+                                egui::Button::new("…").min_size(egui::vec2(CELL - 4.0, CELL - 4.0))
+                            }
+                            ThumbnailState::Failed(_) => {
+                                egui::Button::new("cannot read").min_size(egui::vec2(CELL - 4.0, CELL - 4.0))
+                            }
+                        };
+                        let hover = match thumbnail {
+                            ThumbnailState::Failed(reason) => format!("{}: {reason}", image.path.display()),
+                            _ => image.path.display().to_string(),
+                        };
+                        let response = ui.add(button.selected(selected)).on_hover_text(hover);
                         if response.clicked() {
                             actions.push(Action::Inspect(index));
                         }

@@ -11,9 +11,9 @@ mod train;
 
 use super::image_loader::ImageLoader;
 use super::jobs::JobStatus;
+use super::thumbnails::Thumbnails;
 use super::Studio;
 use eframe::egui;
-use std::collections::HashMap;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub struct ViewFrame<'a> {
     pub studio: &'a mut Studio,
     /// The gallery's sort and filters: the inspector's left/right arrows step through the same order.
     pub browse: &'a mut gallery::GalleryState,
-    pub thumbnails: &'a mut HashMap<usize, egui::TextureHandle>,
+    pub thumbnails: &'a mut Thumbnails,
     pub loader: &'a mut ImageLoader,
     pub context: &'a ViewContext,
     pub actions: &'a mut Vec<Action>,
@@ -118,13 +118,8 @@ impl Views {
 }
 
 /// The app's parts a frame lends the views.
-pub type SharedParts<'a> = (
-    &'a mut Studio,
-    &'a mut HashMap<usize, egui::TextureHandle>,
-    &'a mut ImageLoader,
-    &'a ViewContext,
-    &'a mut Vec<Action>,
-);
+pub type SharedParts<'a> =
+    (&'a mut Studio, &'a mut Thumbnails, &'a mut ImageLoader, &'a ViewContext, &'a mut Vec<Action>);
 
 pub fn format_duration(duration: Duration) -> String {
     let seconds = duration.as_secs();
