@@ -9,17 +9,10 @@
 set -uo pipefail
 project=$1
 loupe=${2:-target/release/loupe}
-home=$(mktemp -d)
-export LOUPE_HOME="$home/loupe" XDG_RUNTIME_DIR="$home/run"
-mkdir -m 700 "$XDG_RUNTIME_DIR"
-n=70
-while [ -e "/tmp/.X$n-lock" ]; do n=$((n + 1)); done
-Xvfb ":$n" -screen 0 1400x900x24 >/dev/null 2>&1 &
-server=$!
+source "$(dirname "$0")/xvfb_session.sh" 70
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$home"' EXIT
-sleep 1
 start=$(date +%s.%N)
-DISPLAY=":$n" "$loupe" studio "$project" --exit-when-idle --frame-stats "$home/stats.json" >"$home/studio.log" 2>&1 || { echo "studio exited $?"; cat "$home/studio.log"; }
+"$loupe" studio "$project" --exit-when-idle --frame-stats "$home/stats.json" >"$home/studio.log" 2>&1 || { echo "studio exited $?"; cat "$home/studio.log"; }
 end=$(date +%s.%N)
 echo "open until idle: $(python3 -c "print(round($end - $start, 2))") s"
 python3 -c "

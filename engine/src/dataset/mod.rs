@@ -13,4 +13,4 @@ pub mod training_images;
 pub use decode::{decode_all, decode_all_reusing, probe_image, DecodedImage, ResizedImage, SkippedFile};
 pub use layout::{scan_folder_layout, scan_mvtec, scan_normal_folder, Benchmark, ImageRecord, Label, GOOD};
 pub use record_store::RecordStore;
-pub use training_images::{TrainingImages, TRAINING_IMAGES_IN_MEMORY};
+pub use training_images::{TrainingImages, TRAINING_IMAGES_IN_MEMORY, VALIDATION_IMAGES_IN_MEMORY};
