@@ -414,3 +414,69 @@ fn report_is_one_file_a_browser_renders() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// High-resolution parts from the command line: `make-highres` writes them, `fit --tile --overlap --roi` trains
+/// on tiles inside the region, `infer` scores with the model's geometry (a stitched map of the part's shape), and
+/// a region that is not one is refused with what is wrong.
+#[test]
+fn tiles_and_a_region_of_interest_from_the_command_line() {
+    let dir = temp_dir("tiles");
+    let data = dir.join("parts");
+    let made = loupe(&[
+        "bench",
+        "make-highres",
+        "--out",
+        text(&data),
+        "--width",
+        "640",
+        "--height",
+        "320",
+        "--train",
+        "4",
+        "--test-good",
+        "1",
+        "--per-defect",
+        "1",
+        "--min-area",
+        "1e-4",
+        "--max-area",
+        "2e-4",
+    ]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let model = dir.join("tiled.safetensors");
+    let fit = loupe(&[
+        "fit",
+        "--method",
+        "padim",
+        "--data",
+        text(&data),
+        "--out",
+        text(&model),
+        "--image-size",
+        "64",
+        "--tile",
+        "160",
+        "--overlap",
+        "16",
+        "--roi",
+        "0,0,480,320",
+    ]);
+    let log = String::from_utf8_lossy(&fit.stderr);
+    assert!(fit.status.success(), "{log}");
+    // 640 × 320 in tiles of 160 (≥ 16 overlap): 5 × 3, of which the region (x < 480) keeps 4 columns; three
+    // images train (one is held out).
+    assert!(
+        log.contains("tiles of 160 px, overlap ≥ 16 px, region of interest of 4 corners (36 model inputs)"),
+        "{log}"
+    );
+    let part = data.join("test/spot/000.png");
+    let infer = loupe(&["infer", "--model", text(&model), "--json", "--maps", text(&dir), text(&part)]);
+    assert!(infer.status.success(), "{}", String::from_utf8_lossy(&infer.stderr));
+    let line: serde_json::Value = serde_json::from_slice(&infer.stdout).unwrap();
+    // The tiles' own resolution: 64 of 160 pixels.
+    assert_eq!((line["map_size"].as_u64(), line["map_height"].as_u64()), (Some(256), Some(128)), "{line}");
+    let bad = loupe(&["fit", "--method", "padim", "--data", text(&data), "--out", text(&model), "--roi", "0,0;5,5"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("3 to 10000 corners, not 2"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

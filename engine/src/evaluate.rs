@@ -2,6 +2,7 @@
 //! at the model's own threshold — overall and per defect type — plus the throughput of scoring.
 
 use crate::dataset::{decode_all, Benchmark, DecodedImage, ImageRecord, SkippedFile};
+use crate::geometry::{mask_at_map_size, score_each};
 use crate::maps::ScoreMap;
 use crate::methods::AnomalyModel;
 use crate::metrics::{auroc, Confusion, SortedPixels, ThresholdTable};
@@ -72,7 +73,8 @@ impl EvalReport {
 
 struct Scored<'a> {
     record: &'a ImageRecord,
-    decoded: &'a DecodedImage,
+    /// Ground truth at the map's size, 1 = defect.
+    mask: Option<Vec<u8>>,
     score: f32,
     map: ScoreMap,
 }
@@ -87,15 +89,14 @@ struct PixelCurves {
 
 impl PixelCurves {
     fn new(scored: &[Scored]) -> Self {
-        let members: Vec<usize> = (0..scored.len())
-            .filter(|&i| scored[i].decoded.mask.is_some() || !scored[i].record.label.is_anomalous())
-            .collect();
+        let members: Vec<usize> =
+            (0..scored.len()).filter(|&i| scored[i].mask.is_some() || !scored[i].record.label.is_anomalous()).collect();
         let Some(&first) = members.first() else { return Self { sorted: None, members } };
-        let size = scored[first].decoded.size as usize;
-        let zeros = vec![0u8; size * size];
-        let masks: Vec<&[u8]> = members.iter().map(|&i| scored[i].decoded.mask.as_deref().unwrap_or(&zeros)).collect();
+        let (width, height) = (scored[first].map.width, scored[first].map.height);
+        let zeros = vec![0u8; width * height];
+        let masks: Vec<&[u8]> = members.iter().map(|&i| scored[i].mask.as_deref().unwrap_or(&zeros)).collect();
         let maps: Vec<&[f32]> = members.iter().map(|&i| scored[i].map.data.as_slice()).collect();
-        Self { sorted: SortedPixels::new(&maps, &masks, size, size).ok(), members }
+        Self { sorted: SortedPixels::new(&maps, &masks, width, height).ok(), members }
     }
 
     /// (pixel AUROC, AUPRO) over the images `keep` keeps.
@@ -128,6 +129,9 @@ pub fn evaluate_with_maps(
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<(EvalReport, Vec<ScoreMap>)> {
+    if !manifest.geometry.is_whole_image() {
+        return evaluate_cut(model, manifest, benchmark, batch_size, device, progress);
+    }
     progress.begin("decoding", benchmark.test.len() as u64);
     let (decoded, skipped) = decode_all(&benchmark.test, model.image_size(), &|n| progress.advance(n as u64));
     evaluate_decoded(model, manifest, benchmark, &decoded, &skipped, batch_size, device, progress)
@@ -156,11 +160,72 @@ pub fn evaluate_decoded(
         .zip(outputs)
         .map(|(image, output)| Scored {
             record: &benchmark.test[image.index],
-            decoded: image,
+            mask: image.mask.clone(),
             score: output.score,
             map: output.map,
         })
         .collect();
+    report_scored(manifest, scored, skipped, seconds, batch_size, progress)
+}
+
+/// [`evaluate_with_maps`] for a model whose geometry cuts each image (tiles, kept aspect ratio, a region): each
+/// test image opened at full size and scored one by one, its stitched map and its mask at the map's size.
+fn evaluate_cut(
+    model: &dyn AnomalyModel,
+    manifest: &Manifest,
+    benchmark: &Benchmark,
+    batch_size: usize,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<(EvalReport, Vec<ScoreMap>)> {
+    progress.begin("scoring", benchmark.test.len() as u64);
+    let mut scored = Vec::new();
+    let mut unreadable_masks = Vec::new();
+    let geometry = &manifest.geometry;
+    let (mut skipped, seconds) =
+        score_each(model, geometry, &benchmark.test, batch_size, device, progress, |index, cut, output| {
+            let record = &benchmark.test[index];
+            let mask = match &record.mask {
+                None => None,
+                Some(path) => match mask_at_map_size(path, cut) {
+                    Ok(mask) => Some(mask),
+                    Err(reason) => {
+                        unreadable_masks.push(SkippedFile { path: path.clone(), reason: format!("mask: {reason}") });
+                        return Ok(());
+                    }
+                },
+            };
+            scored.push(Scored { record, mask, score: output.score, map: output.map });
+            Ok(())
+        })?;
+    skipped.extend(unreadable_masks);
+    if scored.is_empty() {
+        bail!("none of the {} test images could be read", benchmark.test.len());
+    }
+    // Pixel metrics pool every image's pixels at one size: a set of mixed sizes is brought to the first's.
+    let (width, height) = (scored[0].map.width, scored[0].map.height);
+    for image in scored.iter_mut().filter(|s| (s.map.width, s.map.height) != (width, height)) {
+        image.mask = image.mask.as_ref().map(|mask| {
+            let (from_width, from_height) = (image.map.width, image.map.height);
+            (0..width * height)
+                .map(|i| mask[(i / width * from_height / height) * from_width + (i % width) * from_width / width])
+                .collect()
+        });
+        image.map = image.map.resized(width, height);
+    }
+    report_scored(manifest, scored, &skipped, seconds, batch_size, progress)
+}
+
+/// The report on scored test images: image and pixel metrics overall and per defect type, FAR/MAR at the
+/// model's threshold.
+fn report_scored(
+    manifest: &Manifest,
+    scored: Vec<Scored>,
+    skipped: &[SkippedFile],
+    seconds: f64,
+    batch_size: usize,
+    progress: &dyn Progress,
+) -> Result<(EvalReport, Vec<ScoreMap>)> {
     let scores: Vec<f32> = scored.iter().map(|s| s.score).collect();
     let labels: Vec<bool> = scored.iter().map(|s| s.record.label.is_anomalous()).collect();
     let image_auroc = auroc(&scores, &labels).map_err(|e| anyhow::anyhow!("image AUROC: the test set {e}"))?;

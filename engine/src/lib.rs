@@ -6,6 +6,7 @@ pub mod backbone;
 pub mod dataset;
 pub mod device;
 pub mod evaluate;
+pub mod geometry;
 pub mod labels;
 pub mod maps;
 pub mod methods;

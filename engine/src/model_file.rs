@@ -9,6 +9,7 @@ use crate::backbone::efficientnet_lite0::STRIDE16_BLOCK;
 use crate::backbone::torch_pth::PthTensor;
 use crate::backbone::weights::{weights_hash, NamedTensors};
 use crate::backbone::{Backbone, BACKBONE_NAME};
+use crate::geometry::InputGeometry;
 use crate::methods::{find_method, AnomalyModel};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{Device, Tensor};
@@ -17,7 +18,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added the input geometry (tiles, kept aspect ratio, region of interest). A model that scores the
+/// whole image is still written as version 1, so every Loupe before it opens it; a tiled one is version 2, which
+/// they refuse rather than score it as a whole image.
+pub const FORMAT_VERSION: u32 = 2;
+const WHOLE_IMAGE_FORMAT_VERSION: u32 = 1;
 pub const METADATA_KEY: &str = "loupe";
 /// Input sizes a model may declare (the backbone needs at least one stride-16 cell).
 pub const MIN_IMAGE_SIZE: u32 = 16;
@@ -96,7 +101,11 @@ impl ScoreStats {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct TrainingInfo {
+    /// Files trained on.
     pub images_used: usize,
+    /// Model inputs trained on: the files' tiles for a tiled model, else the files.
+    #[serde(default)]
+    pub inputs_used: usize,
     pub images_skipped: usize,
     pub fit_seconds: f64,
     pub source: String,
@@ -123,12 +132,15 @@ pub struct Manifest {
     /// where they were never fetched.
     #[serde(default)]
     pub backbone_embedded: bool,
+    /// How the model sees a camera image (`geometry.rs`); absent (whole image) in every file before version 2.
+    #[serde(default)]
+    pub geometry: InputGeometry,
 }
 
 impl Manifest {
     pub fn for_model(model: &dyn AnomalyModel, backbone: &Backbone, thresholds: Thresholds) -> Self {
         Self {
-            format_version: FORMAT_VERSION,
+            format_version: WHOLE_IMAGE_FORMAT_VERSION,
             loupe_version: env!("CARGO_PKG_VERSION").to_string(),
             method: model.info().name.to_string(),
             settings: model.settings(),
@@ -140,7 +152,14 @@ impl Manifest {
             validation: ScoreStats::default(),
             training: TrainingInfo::default(),
             backbone_embedded: false,
+            geometry: InputGeometry::default(),
         }
+    }
+
+    /// Sets the geometry, and the format version a reader needs to honour it.
+    pub fn set_geometry(&mut self, geometry: InputGeometry) {
+        self.format_version = if geometry.is_whole_image() { WHOLE_IMAGE_FORMAT_VERSION } else { FORMAT_VERSION };
+        self.geometry = geometry;
     }
 }
 
@@ -272,6 +291,7 @@ fn manifest_from_bytes(bytes: &[u8]) -> Result<Manifest> {
             manifest.format_version
         );
     }
+    manifest.geometry.check().context("its input geometry")?;
     Ok(manifest)
 }
 

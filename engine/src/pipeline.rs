@@ -6,10 +6,11 @@ use crate::dataset::{
     scan_normal_folder, DecodedImage, ImageRecord, SkippedFile, TrainingImages, TRAINING_IMAGES_IN_MEMORY,
     VALIDATION_IMAGES_IN_MEMORY,
 };
+use crate::geometry::{score_each, InputGeometry};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, FitContext, MethodInfo};
 use crate::metrics::ThresholdTable;
 use crate::model_file::{ChosenBy, Manifest, ScoreStats, Thresholds, TrainingInfo, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE};
-use crate::progress::{check_cancelled, Progress};
+use crate::progress::{check_cancelled, NoProgress, Progress};
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
 use candle_core::Device;
@@ -33,6 +34,8 @@ pub struct FitRequest {
     /// The decision threshold is the lowest with at most this false-alarm rate on the validation images.
     pub target_far: f64,
     pub seed: u64,
+    /// How the model sees each image: whole (the default), kept aspect ratio or tiles; a region of interest.
+    pub geometry: InputGeometry,
 }
 
 impl FitRequest {
@@ -46,6 +49,7 @@ impl FitRequest {
             validation_fraction: 0.1,
             target_far: 0.01,
             seed: 0,
+            geometry: InputGeometry::default(),
         }
     }
 }
@@ -120,14 +124,13 @@ pub fn fit_records(
     if records.is_empty() {
         bail!("no normal images to train on");
     }
+    request.geometry.check()?;
+    let geometry = &request.geometry;
     let settings = request.method.settings_with(&request.settings)?;
     let (train_records, validation_records) = validation_split(records, request.validation_fraction, request.seed);
-    progress.begin("decoding", (train_records.len() + validation_records.len()) as u64);
+    progress.begin("decoding", train_records.len() as u64);
     let (train, mut skipped) =
-        TrainingImages::decode(&train_records, request.image_size, TRAINING_IMAGES_IN_MEMORY, progress)?;
-    let (validation, skipped_validation) =
-        TrainingImages::decode(&validation_records, request.image_size, VALIDATION_IMAGES_IN_MEMORY, progress)?;
-    skipped.extend(skipped_validation);
+        TrainingImages::decode_cut(&train_records, request.image_size, geometry, TRAINING_IMAGES_IN_MEMORY, progress)?;
     if train.is_empty() {
         bail!("{}: none of the {} training images could be read", request.data.display(), train_records.len());
     }
@@ -147,20 +150,48 @@ pub fn fit_records(
     let mut scores = Vec::new();
     let mut validation_paths = Vec::new();
     if !progress.is_cancelled() {
-        progress.begin("validation", validation.len() as u64);
-        for batch in validation.all_batches(request.batch_size) {
-            let batch = batch?;
-            let (outputs, _) = score_images(model.as_ref(), &batch, request.batch_size, &device, progress)?;
-            scores.extend(outputs.iter().map(|o| o.score));
-            validation_paths.extend(batch.iter().map(|i| validation_records[i.index].path.as_path()));
-        }
+        progress.begin("validation", validation_records.len() as u64);
+        let skipped_validation = if geometry.is_whole_image() {
+            let (validation, skipped_validation) = TrainingImages::decode(
+                &validation_records,
+                request.image_size,
+                VALIDATION_IMAGES_IN_MEMORY,
+                &NoProgress,
+            )?;
+            for batch in validation.all_batches(request.batch_size) {
+                let batch = batch?;
+                let (outputs, _) = score_images(model.as_ref(), &batch, request.batch_size, &device, progress)?;
+                scores.extend(outputs.iter().map(|o| o.score));
+                validation_paths.extend(batch.iter().map(|i| validation_records[i.index].path.as_path()));
+            }
+            skipped_validation
+        } else {
+            let batch_size = request.batch_size;
+            let (skipped_validation, _) = score_each(
+                model.as_ref(),
+                geometry,
+                &validation_records,
+                batch_size,
+                &device,
+                progress,
+                |index, _, output| {
+                    scores.push(output.score);
+                    validation_paths.push(validation_records[index].path.as_path());
+                    Ok(())
+                },
+            )?;
+            skipped_validation
+        };
+        skipped.extend(skipped_validation);
     }
     refuse_non_finite_scores(&validation_paths, &scores)?;
     let thresholds = choose_threshold(&scores, request.target_far);
     let mut manifest = Manifest::for_model(model.as_ref(), &backbone, thresholds);
+    manifest.set_geometry(geometry.clone());
     manifest.validation = ScoreStats::from_scores(&scores);
     manifest.training = TrainingInfo {
-        images_used: train.len(),
+        images_used: train.source_files(),
+        inputs_used: train.len(),
         images_skipped: skipped.len(),
         fit_seconds,
         source: request.data.display().to_string(),

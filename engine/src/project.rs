@@ -4,6 +4,7 @@
 
 use crate::atomic_file::write_atomic;
 use crate::evaluate::EvalReport;
+use crate::geometry::InputGeometry;
 use crate::labels::LabelSet;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -121,6 +122,9 @@ pub struct TrainingChoice {
     pub image_size: u32,
     pub device: String,
     pub target_far: f64,
+    /// How the model sees each image: whole, kept aspect ratio or tiles; a region of interest.
+    #[serde(default)]
+    pub geometry: InputGeometry,
 }
 
 impl Default for TrainingChoice {
@@ -131,6 +135,7 @@ impl Default for TrainingChoice {
             image_size: 256,
             device: "cpu".into(),
             target_far: 0.01,
+            geometry: InputGeometry::default(),
         }
     }
 }
@@ -163,6 +168,7 @@ impl Project {
                 project.format_version
             );
         }
+        project.training.geometry.check().context("its training geometry")?;
         if let Some(active) = project.active_model {
             if active >= project.models.len() {
                 bail!("active model {active} does not exist ({} models)", project.models.len());
@@ -310,6 +316,10 @@ mod tests {
         });
         project.active_model = Some(0);
         project.training.settings_json = r#"{"coreset_ratio":0.01}"#.into();
+        project.training.geometry = InputGeometry {
+            layout: crate::geometry::Layout::Tiles { tile: 512, overlap: 64 },
+            region: Some(crate::geometry::Region::rectangle(10.0, 20.0, 3000.0, 2000.5)),
+        };
         project.defect_types = vec!["crack".into(), "blowhole".into()];
         project.pinned = vec!["tiles/test/crack/000.png".into()];
         project.labels.insert(
@@ -340,6 +350,10 @@ mod tests {
         let message = format!("{:#}", Project::from_ron(&project.to_ron().unwrap()).unwrap_err());
         assert!(message.contains("active model 3"), "{message}");
         project.active_model = None;
+        let mut bad_tiles = project.clone();
+        bad_tiles.training.geometry.layout = crate::geometry::Layout::Tiles { tile: 8, overlap: 0 };
+        let message = format!("{:#}", Project::from_ron(&bad_tiles.to_ron().unwrap()).unwrap_err());
+        assert!(message.contains("training geometry") && message.contains("tile side 8"), "{message}");
         project.format_version = 99;
         let message = format!("{:#}", Project::from_ron(&project.to_ron().unwrap()).unwrap_err());
         assert!(message.contains("newer Loupe"), "{message}");

@@ -131,6 +131,30 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write the seeded high-resolution benchmark (issue 20): textured parts of `--width × --height` with small
+    /// defects (0.005–0.1 % of the image by default) and their masks, in the MVTec AD layout.
+    MakeHighres {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[arg(long, default_value_t = 4096)]
+        width: u32,
+        #[arg(long, default_value_t = 3072)]
+        height: u32,
+        #[arg(long, default_value_t = 24)]
+        train: usize,
+        #[arg(long, default_value_t = 12)]
+        test_good: usize,
+        /// Test images of each of the three defect kinds.
+        #[arg(long, default_value_t = 4)]
+        per_defect: usize,
+        /// Smallest and largest defect, as a share of the image's area (drawn log-uniformly between).
+        #[arg(long, default_value_t = 5e-5)]
+        min_area: f64,
+        #[arg(long, default_value_t = 1e-3)]
+        max_area: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Time what the studio's threshold panel recomputes per drag step (confusion, FAR/MAR, pass/review/reject)
     /// over many image scores: the table is sorted once, then every threshold is two binary searches per class.
     Threshold {
@@ -230,6 +254,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 written.len(),
                 sources.len() - skipped.len(),
                 folder.display(),
+                out.display()
+            );
+        }
+        BenchWhat::MakeHighres { out, width, height, train, test_good, per_defect, min_area, max_area, seed } => {
+            use loupe_engine::dataset::highres::{generate_highres, HighResSpec};
+            let sides = loupe_engine::geometry::MIN_TILE..=loupe_engine::dataset::decode::MAX_IMAGE_SIDE;
+            if !sides.contains(&width) || !sides.contains(&height) {
+                anyhow::bail!("--width and --height are {}..={} pixels", sides.start(), sides.end());
+            }
+            if !(0.0 < min_area && min_area <= max_area && max_area <= 0.25) {
+                anyhow::bail!("defect areas: 0 < --min-area ≤ --max-area ≤ 0.25 of the image");
+            }
+            let spec = HighResSpec {
+                train_good: train,
+                test_good,
+                test_per_defect: per_defect,
+                min_defect_area: min_area,
+                max_defect_area: max_area,
+                ..HighResSpec::camera(seed, width, height)
+            };
+            generate_highres(&out, &spec)?;
+            println!(
+                "{} good and {} defective {width}×{height} parts written to {} (seed {seed})",
+                train + test_good,
+                3 * per_defect,
                 out.display()
             );
         }

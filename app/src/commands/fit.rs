@@ -5,6 +5,7 @@ use crate::progress_bar::TerminalProgress;
 use anyhow::{Context, Result};
 use loupe_engine::dataset::layout::{folder_split, require_folder, FOLDER_TEST_FRACTION};
 use loupe_engine::dataset::scan_normal_folder;
+use loupe_engine::geometry::{InputGeometry, Layout, Region};
 use loupe_engine::methods::find_method;
 use loupe_engine::model_file;
 use loupe_engine::pipeline::{fit_records, FitRequest, DEFAULT_IMAGE_SIZE};
@@ -46,6 +47,21 @@ pub struct FitArgs {
     pub target_far: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Score square tiles of this many pixels of the image itself, each resized to the image size, and stitch
+    /// their maps (high-resolution parts: a small defect is not resized away). Tile / image size is the
+    /// downscale: `--tile 1024 --image-size 256` sees the part at a quarter of its resolution.
+    #[arg(long, conflicts_with = "keep_aspect")]
+    pub tile: Option<u32>,
+    /// Least overlap of neighbouring tiles, in image pixels (their maps cross-fade over it).
+    #[arg(long, default_value_t = 0, requires = "tile")]
+    pub overlap: u32,
+    /// Score the whole image in one square of its longer side (padded), so a long part is not stretched.
+    #[arg(long)]
+    pub keep_aspect: bool,
+    /// Region of interest in image pixels: `x,y,width,height` or corners `x1,y1;x2,y2;x3,y3;…`. Nothing outside
+    /// is trained on or scored.
+    #[arg(long, value_name = "REGION")]
+    pub roi: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -58,6 +74,19 @@ pub fn parse_settings(pairs: &[String]) -> Result<serde_json::Map<String, serde_
         map.insert(key.trim().to_string(), value);
     }
     Ok(map)
+}
+
+/// The input geometry the flags ask for.
+pub fn geometry(args: &FitArgs) -> Result<InputGeometry> {
+    let layout = match (args.tile, args.keep_aspect) {
+        (Some(tile), _) => Layout::Tiles { tile, overlap: args.overlap },
+        (None, true) => Layout::KeepAspect,
+        (None, false) => Layout::Whole,
+    };
+    let region = args.roi.as_deref().map(Region::parse).transpose()?;
+    let geometry = InputGeometry { layout, region };
+    geometry.check()?;
+    Ok(geometry)
 }
 
 pub fn run(args: FitArgs) -> Result<()> {
@@ -87,6 +116,7 @@ pub fn run(args: FitArgs) -> Result<()> {
     request.validation_fraction = args.validation_fraction;
     request.target_far = args.target_far;
     request.seed = args.seed;
+    request.geometry = geometry(&args)?;
     let progress = TerminalProgress::new();
     let mut outcome = fit_records(backbone, &request, records, &progress)?;
     progress.finish();
@@ -97,12 +127,18 @@ pub fn run(args: FitArgs) -> Result<()> {
     model_file::save(&args.out, outcome.model.as_ref(), &outcome.manifest)?;
     let manifest = &outcome.manifest;
     eprintln!(
-        "{} fitted on {} images ({} skipped, {} held out for validation) in {:.1} s; threshold {} ({}); saved {}",
+        "{} fitted on {} images ({} skipped, {} held out for validation) in {:.1} s; {}{}; threshold {} ({}); saved {}",
         method.title,
         manifest.training.images_used,
         outcome.skipped.len(),
         manifest.validation.count,
         manifest.training.fit_seconds,
+        manifest.geometry.describe(),
+        if manifest.geometry.is_whole_image() {
+            String::new()
+        } else {
+            format!(" ({} model inputs)", manifest.training.inputs_used)
+        },
         manifest.thresholds.decision.map_or("none".to_string(), |t| format!("{t:.4}")),
         manifest.thresholds.rule,
         args.out.display()

@@ -6,9 +6,8 @@ use anyhow::{bail, Context, Result};
 use loupe_engine::atomic_file::{write_atomic, write_image_atomic};
 use loupe_engine::dataset::decode::open_image;
 use loupe_engine::dataset::layout::list_images;
-use loupe_engine::dataset::{decode_all, ImageRecord};
+use loupe_engine::geometry::score_file;
 use loupe_engine::maps::ScoreMap;
-use loupe_engine::methods::images_to_tensor;
 use loupe_engine::model_file::Thresholds;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -101,21 +100,24 @@ pub fn run(args: InferArgs) -> Result<i32> {
     if args.fail_on.is_some() && manifest.thresholds.decision.is_none() {
         bail!("--fail-on needs a threshold, and {} has none: choose one (eval --save-threshold)", args.model.display());
     }
-    let records: Vec<ImageRecord> = listed.iter().map(|(path, _)| ImageRecord::normal(path.clone())).collect();
-    let (decoded, skipped) = decode_all(&records, model.image_size(), &|_| {});
-    for skip in &skipped {
-        eprintln!("skipped {skip}");
-    }
     let thresholds = &manifest.thresholds;
     let mut counts: HashMap<&str, usize> = HashMap::new();
-    for image in &decoded {
-        let output = model.score_batch(&images_to_tensor(&[image], &device)?)?.remove(0);
-        let (path, heatmap) = &listed[image.index];
+    let (mut scored, mut skipped) = (0usize, 0usize);
+    for (index, (path, heatmap)) in listed.iter().enumerate() {
+        let output = match score_file(model.as_ref(), &manifest.geometry, path, 8, &device) {
+            Ok((_, output)) => output,
+            Err(reason) => {
+                eprintln!("skipped {}: {reason}", path.display());
+                skipped += 1;
+                continue;
+            }
+        };
+        scored += 1;
         let verdict = verdict(thresholds, output.score);
         *counts.entry(verdict).or_default() += 1;
         let map_file = match &args.maps {
             Some(folder) => {
-                let file = folder.join(format!("{}.f32", image.index));
+                let file = folder.join(format!("{index}.f32"));
                 let bytes: Vec<u8> = output.map.data.iter().flat_map(|v| v.to_le_bytes()).collect();
                 write_atomic(&file, &bytes)?;
                 Some(file.display().to_string())
@@ -128,6 +130,7 @@ pub fn run(args: InferArgs) -> Result<i32> {
             if let Some(file) = map_file {
                 line["map_file"] = file.into();
                 line["map_size"] = output.map.width.into();
+                line["map_height"] = output.map.height.into();
             }
             println!("{line}");
         } else {
@@ -140,18 +143,18 @@ pub fn run(args: InferArgs) -> Result<i32> {
     let count = |verdict: &str| counts.get(verdict).copied().unwrap_or(0);
     eprintln!(
         "{} images scored: {} pass, {} review, {} reject (threshold {}{}), {} skipped",
-        decoded.len(),
+        scored,
         count("pass"),
         count("review"),
         count("reject"),
         thresholds.decision.map_or("none".to_string(), |t| format!("{t:.4}")),
         thresholds.review.map_or(String::new(), |r| format!(", review from {r:.4}")),
-        skipped.len()
+        skipped
     );
     let failed = match args.fail_on {
         None => false,
         Some(FailOn::Reject) => count("reject") > 0,
-        Some(FailOn::Review) => count("reject") + count("review") + skipped.len() > 0,
+        Some(FailOn::Review) => count("reject") + count("review") + skipped > 0,
     };
     Ok(if failed { EXIT_FAILED_PARTS } else { 0 })
 }

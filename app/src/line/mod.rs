@@ -17,9 +17,9 @@ use candle_core::Device;
 use inbox::{Arrival, Inbox};
 use loupe_engine::atomic_file::{copy_atomic, write_image_atomic};
 use loupe_engine::dataset::decode::open_image;
-use loupe_engine::dataset::{decode_all, ImageRecord};
+use loupe_engine::geometry::score_file;
 use loupe_engine::maps::ScoreMap;
-use loupe_engine::methods::{images_to_tensor, AnomalyModel};
+use loupe_engine::methods::AnomalyModel;
 use loupe_engine::model_file::Manifest;
 use results_log::ResultsLog;
 use std::path::{Path, PathBuf};
@@ -159,20 +159,15 @@ pub fn watch(config: &WatchConfig, scorer: &Scorer, sinks: Vec<Box<dyn sinks::Si
 fn decide(config: &WatchConfig, scorer: &Scorer, arrival: &Arrival) -> Decision {
     let started = Instant::now();
     let outcome = (|| -> Result<(f32, ScoreMap), String> {
-        let size = scorer.model.image_size();
-        let (mut images, skipped) = decode_all(&[ImageRecord::normal(arrival.path.clone())], size, &|_| {});
-        let Some(image) = images.pop() else {
-            return Err(skipped.first().map_or("cannot be read".into(), |skip| skip.reason.clone()));
-        };
+        let batch_size = 8;
+        let (original_size, output) =
+            score_file(scorer.model, &scorer.manifest.geometry, &arrival.path, batch_size, scorer.device)?;
         if let Some((width, height)) = config.expect_size {
-            if image.original_size != (width, height) {
-                let (w, h) = image.original_size;
+            if original_size != (width, height) {
+                let (w, h) = original_size;
                 return Err(format!("{w}×{h} pixels where the line's images are {width}×{height}"));
             }
         }
-        let tensor = images_to_tensor(&[&image], scorer.device).map_err(|e| e.to_string())?;
-        let mut outputs = scorer.model.score_batch(&tensor).map_err(|e| format!("scoring failed: {e}"))?;
-        let output = outputs.pop().ok_or("the model returned no score")?;
         Ok((output.score, output.map))
     })();
     let scoring_ms = started.elapsed().as_secs_f64() * 1e3;

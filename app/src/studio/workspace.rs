@@ -12,7 +12,8 @@ use loupe_engine::backbone::Backbone;
 use loupe_engine::dataset::decode::open_image;
 use loupe_engine::dataset::{decode_all_reusing, probe_image, Benchmark, ImageRecord, Label, ResizedImage};
 use loupe_engine::device::DeviceChoice;
-use loupe_engine::evaluate::{evaluate_decoded, EvalReport};
+use loupe_engine::evaluate::{evaluate_decoded, evaluate_with_maps, EvalReport};
+use loupe_engine::geometry::score_each;
 use loupe_engine::labels::{label_key, LabelSet, Verdict};
 use loupe_engine::maps::ScoreMap;
 use loupe_engine::methods::{find_method, AnomalyModel};
@@ -355,7 +356,8 @@ pub fn evaluate_all(
         let kept = |index: usize| by_path.get(records[index].path.as_path())?.kept_input_at(size);
         decode_all_reusing(records, size, &kept, &|n| progress.advance(n as u64))
     };
-    if !to_inspect.is_empty() {
+    let geometry = &manifest.geometry;
+    if !to_inspect.is_empty() && geometry.is_whole_image() {
         let (decoded, skipped) = decode("decoding the images to inspect", &to_inspect);
         for file in &skipped {
             progress.note(&file.to_string());
@@ -366,6 +368,17 @@ pub fn evaluate_all(
             let inspected = inspect_images[image.index];
             evaluated.inspected.insert(reported_path(&inspected.path), output.score);
             evaluated.maps.insert(inspected.id, Arc::new(output.map));
+        }
+    } else if !to_inspect.is_empty() {
+        progress.begin("scoring the images to inspect", to_inspect.len() as u64);
+        let (skipped, _) = score_each(model, geometry, &to_inspect, 8, device, progress, |index, _, output| {
+            let inspected = inspect_images[index];
+            evaluated.inspected.insert(reported_path(&inspected.path), output.score);
+            evaluated.maps.insert(inspected.id, Arc::new(output.map));
+            Ok(())
+        })?;
+        for file in &skipped {
+            progress.note(&file.to_string());
         }
     }
     let id_of = ids_by_reported_path(images);
@@ -384,8 +397,13 @@ pub fn evaluate_all(
             progress.note(&format!("{category}: needs good and defective test images to evaluate"));
             continue;
         }
-        let (decoded, skipped) = decode("decoding", &benchmark.test);
-        let (report, maps) = evaluate_decoded(model, manifest, &benchmark, &decoded, &skipped, 8, device, progress)?;
+        let (report, maps) = if geometry.is_whole_image() {
+            let (decoded, skipped) = decode("decoding", &benchmark.test);
+            evaluate_decoded(model, manifest, &benchmark, &decoded, &skipped, 8, device, progress)?
+        } else {
+            // A cut image is opened at full size and scored at once: nothing to reuse from the import.
+            evaluate_with_maps(model, manifest, &benchmark, 8, device, progress)?
+        };
         for (image, map) in report.images.iter().zip(maps) {
             if let Some(&id) = id_of.get(&image.path) {
                 evaluated.maps.insert(id, Arc::new(map));
@@ -499,6 +517,7 @@ pub fn train(
     request.settings = settings;
     request.image_size = choice.image_size;
     request.target_far = choice.target_far;
+    request.geometry = choice.geometry.clone();
     let outcome = fit_records(backbone.clone(), &request, records, progress)?;
     let file = free_model_file(project_dir, method.name);
     let path = resolve(project_dir, &file);

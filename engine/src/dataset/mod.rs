@@ -4,6 +4,7 @@
 
 pub mod augmented;
 pub mod decode;
+pub mod highres;
 pub mod layout;
 pub mod record_store;
 pub mod resize;

@@ -5,8 +5,10 @@
 use super::decode::{decode_all, DecodedImage, SkippedFile};
 use super::layout::ImageRecord;
 use super::record_store::RecordStore;
+use crate::geometry::{open_cut, training_inputs, InputGeometry};
 use crate::progress::{check_cancelled, Progress};
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 use std::borrow::Borrow;
 use std::ops::Range;
 
@@ -50,6 +52,43 @@ impl TrainingImages {
         Ok((images, skipped))
     }
 
+    /// [`Self::decode`] as `geometry` cuts each image: one training input per view its region keeps (every tile
+    /// of a tiled model), each tagged with its file's record index. Large images are cut a few at a time.
+    pub fn decode_cut(
+        records: &[ImageRecord],
+        size: u32,
+        geometry: &InputGeometry,
+        memory_budget: usize,
+        progress: &dyn Progress,
+    ) -> Result<(Self, Vec<SkippedFile>)> {
+        if geometry.is_whole_image() {
+            return Self::decode(records, size, memory_budget, progress);
+        }
+        let mut images = Self::empty(size, memory_budget);
+        let mut skipped = Vec::new();
+        let chunk = 2 * rayon::current_num_threads().max(1);
+        for (chunk_index, chunk_records) in records.chunks(chunk).enumerate() {
+            check_cancelled(progress)?;
+            let cut: Vec<_> = chunk_records
+                .par_iter()
+                .enumerate()
+                .map(|(i, record)| {
+                    let inputs = open_cut(record, geometry, size)
+                        .map(|image| training_inputs(chunk_index * chunk + i, &image, size));
+                    progress.advance(1);
+                    inputs
+                })
+                .collect();
+            for result in cut {
+                match result {
+                    Ok(inputs) => inputs.iter().try_for_each(|input| images.push(input))?,
+                    Err(skip) => skipped.push(skip),
+                }
+            }
+        }
+        Ok((images, skipped))
+    }
+
     /// Images decoded already (tests, small sets), all in memory.
     pub fn from_decoded(decoded: &[DecodedImage]) -> Result<Self> {
         let size = decoded.first().map_or(0, |image| image.size);
@@ -80,6 +119,13 @@ impl TrainingImages {
 
     pub fn is_empty(&self) -> bool {
         self.origins.is_empty()
+    }
+
+    /// The files the images came from: fewer than [`Self::len`] when each gives several tiles.
+    pub fn source_files(&self) -> usize {
+        let mut indices: Vec<usize> = self.origins.iter().map(|&(index, _)| index).collect();
+        indices.dedup();
+        indices.len()
     }
 
     /// Side of the square images.

@@ -202,7 +202,24 @@ fn metadata(manifest: &Manifest) -> Result<Vec<(String, String)>> {
         ("loupe.backbone_weights_sha256".into(), manifest.backbone_weights_sha256.clone()),
         ("loupe.version".into(), manifest.loupe_version.clone()),
         ("loupe.verdicts".into(), "0 pass, 1 review, 2 reject".into()),
+        // A tiled model's graph scores one view (a tile): the line cuts, stitches and decides (README,
+        // "High-resolution parts").
+        ("loupe.geometry".into(), serde_json::to_string(&manifest.geometry)?),
+        ("loupe.geometry_use".into(), geometry_use(&manifest.geometry)),
     ])
+}
+
+/// How a runtime feeds the graph for the model's geometry.
+fn geometry_use(geometry: &crate::geometry::InputGeometry) -> String {
+    if geometry.is_whole_image() {
+        return "feed whole frames; score and verdict are the image's".into();
+    }
+    format!(
+        "{}: feed each view (crop) of a frame as one image; stitch the anomaly maps (cross-fade over the overlap), \
+         the image score is the stitched map's maximum inside the region, and the verdict is that score against \
+         loupe.decision_threshold — the graph's own score and verdict outputs are per view",
+        geometry.describe()
+    )
 }
 
 /// The `metadata_props` of an ONNX file, for `loupe export --show`.

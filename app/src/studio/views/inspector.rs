@@ -14,6 +14,7 @@ use crate::studio::widgets::verdict_bar;
 use crate::studio::workspace::ImageId;
 use crate::studio::Studio;
 use eframe::egui;
+use loupe_engine::geometry::{CutPlan, InputGeometry};
 use std::hash::{Hash, Hasher};
 
 pub struct InspectorState {
@@ -23,6 +24,8 @@ pub struct InspectorState {
     pub mask_outline: bool,
     pub hide_below_threshold: bool,
     pub side_by_side: bool,
+    /// Draw the views the Train view's geometry cuts the image into, and its region of interest.
+    pub tile_grid: bool,
     pub zoom: f32,
     /// Offset of the image centre from the view centre, in points.
     pub pan: egui::Vec2,
@@ -38,6 +41,7 @@ impl Default for InspectorState {
             mask_outline: true,
             hide_below_threshold: true,
             side_by_side: false,
+            tile_grid: false,
             zoom: 1.0,
             pan: egui::Vec2::ZERO,
             mask: MaskPainter::default(),
@@ -57,6 +61,7 @@ fn toolbar(ui: &mut egui::Ui, state: &mut InspectorState) {
         ui.checkbox(&mut state.contour, "threshold contour");
         ui.checkbox(&mut state.mask_outline, "ground-truth outline");
         ui.checkbox(&mut state.side_by_side, "side by side");
+        ui.checkbox(&mut state.tile_grid, "tile grid");
         if ui.button("Fit").clicked() {
             state.zoom = 1.0;
             state.pan = egui::Vec2::ZERO;
@@ -151,6 +156,34 @@ fn with_mask(
 }
 
 /// Names one model's overlay of one image (the shader caches its uploaded map by this key).
+/// The views `geometry` cuts a `original_size` image into (thin yellow squares; those the region drops are
+/// not drawn) and the region's outline (cyan), over the image drawn at `whole`.
+fn paint_tile_grid(
+    painter: &egui::Painter,
+    whole: egui::Rect,
+    original_size: [usize; 2],
+    geometry: &InputGeometry,
+    input_size: u32,
+) {
+    let [width, height] = original_size.map(|side| side as u32);
+    if width == 0 || height == 0 {
+        return;
+    }
+    let scale = egui::vec2(whole.width() / width as f32, whole.height() / height as f32);
+    let to_screen = |x: f32, y: f32| whole.min + egui::vec2(x * scale.x, y * scale.y);
+    let plan = CutPlan::new(geometry, width, height, input_size);
+    let stroke = egui::Stroke::new(1.0, egui::Color32::from_rgba_unmultiplied(255, 220, 0, 200));
+    for view in &plan.views {
+        let corner = |x: u32, y: u32| to_screen(x.min(width) as f32, y.min(height) as f32);
+        let rect = egui::Rect::from_min_max(corner(view.x, view.y), corner(view.x + view.width, view.y + view.height));
+        painter.rect_stroke(rect, 0.0, stroke, egui::StrokeKind::Inside);
+    }
+    if let Some(region) = &geometry.region {
+        let points: Vec<egui::Pos2> = region.points.iter().map(|[x, y]| to_screen(*x, *y)).collect();
+        painter.add(egui::Shape::closed_line(points, egui::Stroke::new(2.0, egui::Color32::from_rgb(0, 220, 255))));
+    }
+}
+
 pub fn overlay_key(model_file: Option<&std::path::PathBuf>, image: ImageId) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     model_file.hash(&mut hasher);
@@ -321,6 +354,10 @@ fn show(
                 mask: loaded.mask.clone(),
             };
             paint_overlay(&painter, visible, uv, &data, &style);
+        }
+        if state.tile_grid {
+            let training = &studio.project.training;
+            paint_tile_grid(&painter, whole, image.original_size, &training.geometry, training.image_size);
         }
         // The labeller's mask goes over the heatmap: it is what they are working on.
         with_mask(&ctx, studio, shown, |mask| {

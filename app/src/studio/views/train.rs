@@ -6,6 +6,7 @@ use crate::studio::Studio;
 use eframe::egui;
 use egui_plot::{Line, Plot};
 use loupe_engine::device::DeviceChoice;
+use loupe_engine::geometry::{InputGeometry, Layout, Region, MAX_TILE, MIN_TILE};
 use loupe_engine::methods::setting_docs;
 use loupe_engine::methods::{find_method, Family, MethodInfo, REGISTRY};
 
@@ -165,6 +166,78 @@ fn setting_row(ui: &mut egui::Ui, method: &MethodInfo, key: &str, value: &mut se
     changed
 }
 
+fn layout_name(layout: &Layout) -> &'static str {
+    match layout {
+        Layout::Whole => "whole image, resized",
+        Layout::KeepAspect => "whole image, aspect ratio kept",
+        Layout::Tiles { .. } => "tiles (high-resolution parts)",
+    }
+}
+
+/// The corners of a region as the text field shows and reads them: `x,y; x,y; …`.
+fn region_text(region: Option<&Region>) -> String {
+    region.map_or(String::new(), |r| r.points.iter().map(|[x, y]| format!("{x},{y}")).collect::<Vec<_>>().join("; "))
+}
+
+/// How the model sees each image (rows of the settings grid): the layout, a tile's side and overlap in image
+/// pixels, and a region of interest typed as `x,y,width,height` or corners (applied when the field loses focus;
+/// the inspector's "tile grid" shows the result on the image).
+fn geometry_editor(ui: &mut egui::Ui, geometry: &mut InputGeometry) -> bool {
+    let mut changed = false;
+    let label = ui.label("input");
+    let combo = egui::ComboBox::from_id_salt("layout").selected_text(layout_name(&geometry.layout)).show_ui(ui, |ui| {
+        for layout in [Layout::Whole, Layout::KeepAspect, Layout::Tiles { tile: 512, overlap: 64 }] {
+            let selected = std::mem::discriminant(&layout) == std::mem::discriminant(&geometry.layout);
+            if ui.add(egui::Button::selectable(selected, layout_name(&layout))).clicked() && !selected {
+                geometry.layout = layout;
+                changed = true;
+            }
+        }
+    });
+    combo.response.labelled_by(label.id);
+    ui.end_row();
+    if let Layout::Tiles { tile, overlap } = &mut geometry.layout {
+        let label = ui.label("tile side (image px)");
+        let side = ui.add(egui::DragValue::new(tile).range(MIN_TILE..=MAX_TILE).speed(16.0));
+        changed |= side.labelled_by(label.id).changed();
+        ui.end_row();
+        let label = ui.label("tile overlap (image px)");
+        let most = *tile / 2;
+        *overlap = (*overlap).min(most);
+        changed |= ui.add(egui::DragValue::new(overlap).range(0..=most).speed(4.0)).labelled_by(label.id).changed();
+        ui.end_row();
+    }
+    let label = ui.label("region of interest (image px)");
+    let id = ui.scope_id().with("region_text");
+    let (mut text, mut error) = ui
+        .data_mut(|d| d.get_temp::<(String, Option<String>)>(id))
+        .unwrap_or_else(|| (region_text(geometry.region.as_ref()), None));
+    ui.vertical(|ui| {
+        let hint = "everywhere; or x,y,width,height; or x1,y1; x2,y2; x3,y3 …";
+        let field = ui.add(egui::TextEdit::singleline(&mut text).hint_text(hint)).labelled_by(label.id);
+        if field.lost_focus() {
+            let parsed = if text.trim().is_empty() { Ok(None) } else { Region::parse(&text).map(Some) };
+            match parsed {
+                Ok(region) => {
+                    error = None;
+                    if region != geometry.region {
+                        geometry.region = region;
+                        text = region_text(geometry.region.as_ref());
+                        changed = true;
+                    }
+                }
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        if let Some(error) = &error {
+            ui.colored_label(ui.visuals().error_fg_color, error);
+        }
+    });
+    ui.data_mut(|d| d.insert_temp(id, (text, error)));
+    ui.end_row();
+    changed
+}
+
 fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actions: &mut Vec<Action>) {
     ui.heading("Settings");
     settings_editor(ui, studio);
@@ -176,6 +249,7 @@ fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actio
         let size = ui.add(egui::DragValue::new(&mut training.image_size).range(32..=1024).speed(8.0));
         changed |= size.labelled_by(label.id).changed();
         ui.end_row();
+        changed |= geometry_editor(ui, &mut training.geometry);
         let label = ui.label("threshold: FAR on held-out good images ≤");
         let mut far = training.target_far * 100.0;
         let target = ui.add(egui::DragValue::new(&mut far).range(0.0..=50.0).speed(0.1).suffix(" %"));
