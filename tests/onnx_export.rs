@@ -180,3 +180,68 @@ fn fastflow_exports_with_parity() {
                                       "conv3x3_only": false});
     exports_with_parity("fastflow", settings, 128);
 }
+
+/// A tiled model with a region of interest, and a model keeping the aspect ratio (issue 20): the graph scores one
+/// view, and `tests/onnx_tiles.py` — a line runtime written from the file's metadata alone — cuts frames of
+/// another size than the tiles, stitches the views' maps and decides, within the parity bounds of Loupe's own
+/// `score_file`.
+#[test]
+fn a_line_runtime_outside_loupe_tiles_and_stitches_an_export() {
+    use loupe_engine::geometry::{InputGeometry, Layout, Region};
+    // Tiles whose starts do not fall on map cells, and a region that keeps only part of some of them.
+    exports_cut_with_parity(
+        "tiles",
+        InputGeometry {
+            region: Some(Region { points: vec![[20.0, 10.0], [560.0, 30.0], [520.0, 400.0], [40.0, 380.0]] }),
+            ..InputGeometry::tiles(150, 22)
+        },
+    );
+    exports_cut_with_parity("aspect", InputGeometry { layout: Layout::KeepAspect, region: None });
+}
+
+fn exports_cut_with_parity(name: &str, geometry: loupe_engine::geometry::InputGeometry) {
+    use loupe_engine::dataset::highres::{generate_highres, HighResSpec};
+    use loupe_engine::geometry::score_file;
+    let dir = temp_dir(name);
+    let data = dir.join("data");
+    let spec = HighResSpec { train_good: 4, test_good: 3, test_per_defect: 2, ..HighResSpec::camera(5, 700, 410) };
+    generate_highres(&data, &spec).unwrap();
+    let backbone = Arc::new(Backbone::load(&weights::default_weights_path(), &Device::Cpu).unwrap());
+    let mut request = FitRequest::new(find_method("padim").unwrap(), data.clone());
+    request.image_size = 64;
+    request.geometry = geometry;
+    let mut outcome = fit(backbone, &request, &NoProgress).unwrap();
+    let decision = outcome.manifest.thresholds.decision.expect("fit chose a threshold");
+    outcome.manifest.thresholds.review = Some(decision * 0.9);
+    let expected_dir = dir.join("expected");
+    std::fs::create_dir_all(&expected_dir).unwrap();
+    let exported = onnx::export(outcome.model.as_ref(), &outcome.manifest, ThresholdInputs::WithDefaults).unwrap();
+    exported.write(&expected_dir.join("model.onnx"), WeightPlacement::Auto).unwrap();
+
+    let benchmark = scan_mvtec(&data).unwrap();
+    let mut lines = String::new();
+    for (index, record) in benchmark.test.iter().enumerate() {
+        let (_, output) =
+            score_file(outcome.model.as_ref(), &outcome.manifest.geometry, &record.path, 4, &Device::Cpu).unwrap();
+        let map_file = format!("{index}.f32");
+        let bytes: Vec<u8> = output.map.data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        write_atomic(&expected_dir.join(&map_file), &bytes).unwrap();
+        let line = serde_json::json!({
+            "image": record.path,
+            "score": output.score,
+            "verdict": outcome.manifest.thresholds.verdict(output.score).unwrap().code(),
+            "map": map_file,
+            "width": output.map.width,
+            "height": output.map.height,
+        });
+        lines.push_str(&format!("{line}\n"));
+    }
+    write_atomic(&expected_dir.join("expected.jsonl"), lines.as_bytes()).unwrap();
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/onnx_tiles.py");
+    let run = Command::new("python3").arg(&script).arg(&expected_dir).output().expect("python3 runs");
+    let report = String::from_utf8_lossy(&run.stdout);
+    eprintln!("{report}{}", String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "{name}: the outside runtime does not cut as Loupe does:\n{report}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -4,7 +4,7 @@
 //! inspector's paint-callback overlay really draws.
 
 use eframe::egui;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::{Harness, SnapshotOptions};
 use loupe::project::sources::Split;
 use loupe::project::{Project, Source};
@@ -429,6 +429,68 @@ fn paint_a_mask_undo_redo_and_find_it_after_reopening() {
     let mut reopened = self::harness(project, Some(View::Inspector));
     wait_until_idle(&mut reopened, "reopening");
     assert_eq!(mask_in_studio(&mut reopened, shown), with_triangle, "the reopened studio shows the same mask");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The region of interest drawn on the inspector's image: four clicked corners close on the first and become
+/// the Train view's region, in image pixels, without painting the defect mask; the Train view shows it as text
+/// and offers tiles; it is autosaved with the project and "clear" takes it away.
+#[test]
+fn draw_a_region_of_interest_in_the_inspector() {
+    let dir = temp_dir("region");
+    let project = tiny_project(&dir);
+    let mut harness = harness(project.clone(), Some(View::Inspector));
+    wait_until_idle(&mut harness, "the import");
+    let shown = harness.state().studio.selected.expect("the inspector shows an image");
+    while !harness.state().is_image_loaded(shown) {
+        harness.step();
+    }
+    harness.run_steps(2);
+    let [width, height] = harness.state().studio.images[shown].original_size.map(|side| side as f32);
+
+    harness.get_by_label("draw").click();
+    harness.run_steps(2);
+    let corners = [(660.0, 380.0), (860.0, 380.0), (860.0, 580.0), (660.0, 580.0), (660.0, 380.0)];
+    for (x, y) in corners {
+        click(&mut harness, egui::pos2(x, y));
+    }
+    let geometry = harness.state().studio.project.training.geometry.clone();
+    let region = geometry.region.expect("closing the polygon sets the region");
+    let points = &region.points;
+    assert_eq!(points.len(), 4, "{points:?}");
+    let (side_x, side_y) = (points[1][0] - points[0][0], points[3][1] - points[0][1]);
+    assert!(side_x > 1.0 && (side_x - side_y).abs() < 0.5, "a square in image pixels: {points:?}");
+    assert!((points[0][1] - points[1][1]).abs() < 0.01 && (points[0][0] - points[3][0]).abs() < 0.01, "{points:?}");
+    assert!(points.iter().all(|&[x, y]| (0.0..=width).contains(&x) && (0.0..=height).contains(&y)), "{points:?}");
+    let grid = harness.get_by_label("tile grid").accesskit_node().toggled();
+    assert_eq!(grid, Some(accesskit::Toggled::True), "the grid shows the region while it is drawn");
+    assert_eq!(mask_in_studio(&mut harness, shown).defect_pixels(), 0, "drawing the region paints no mask");
+    wait_until_idle(&mut harness, "the autosave");
+    assert_eq!(Project::load(&project).unwrap().training.geometry.region.as_ref(), Some(&region), "autosaved");
+
+    // The Train view shows the drawn region as its text, and tiles with the scale each is seen at.
+    harness.get_by_label("Train").click();
+    harness.run_steps(3);
+    let text = harness.get_by_label("region of interest (image px)").accesskit_node().value().unwrap_or_default();
+    let corners: Vec<f32> = text.split([',', ';']).map(|n| n.trim().parse().unwrap()).collect();
+    assert_eq!(corners, points.iter().flatten().copied().collect::<Vec<_>>(), "{text}");
+    harness.get_by_label("input").click();
+    harness.run_steps(2);
+    harness.get_by_label("tiles (high-resolution parts)").click();
+    harness.run_steps(3);
+    assert!(harness.query_by_label("tile side (image px)").is_some(), "tiles have a side");
+    harness.get_by_label("each tile is scaled by 0.19 to the 96² input (5.3 image px per input px)");
+    let layout = harness.state().studio.project.training.geometry.layout;
+    assert_eq!(layout, loupe_engine::geometry::Layout::Tiles { tile: 512, overlap: 64 });
+
+    harness.get_by_label("Inspector").click();
+    harness.run_steps(3);
+    harness.get_by_label("clear").click();
+    harness.run_steps(2);
+    assert_eq!(harness.state().studio.project.training.geometry.region, None, "clear takes the region away");
+    wait_until_idle(&mut harness, "the autosave");
+    drop(harness);
+    assert_eq!(Project::load(&project).unwrap().training.geometry.region, None);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -91,6 +91,8 @@ impl FrameStats {
             "frame_all": describe(self.samples.iter().filter_map(|s| s.frame_ms)),
             "ui_while_a_job_ran": describe(during().map(|s| s.ui_ms)),
             "frame_while_a_job_ran": describe(during().filter_map(|s| s.frame_ms)),
+            // Frames of looking around (zoom, pan, browsing) once the work is done.
+            "frame_without_a_job": describe(measured().filter(|(s, _)| !s.job_running).map(|(_, ms)| ms)),
             "frame_uploading_image_tiles": describe(measured().filter(|(s, _)| s.tiles_uploaded > 0).map(|(_, ms)| ms)),
             "slowest_frames_at_seconds_ms": slowest,
             "job_stages_seconds": self.job_stages,

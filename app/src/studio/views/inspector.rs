@@ -9,7 +9,9 @@ use crate::project::verdict::verdict;
 use crate::studio::image_loader::{ImageLoader, ImageState, LoadedImage};
 use crate::studio::mask_edits::{EditedMask, MaskState};
 use crate::studio::widgets::heatmap::{paint_overlay, Colormap, OverlayData, OverlayStyle};
-use crate::studio::widgets::mask_painter::MaskPainter;
+use crate::studio::widgets::mask_painter::{MaskPainter, MaskTool};
+use crate::studio::widgets::polygon_input::ImagePlacement;
+use crate::studio::widgets::region_drawer::RegionDrawer;
 use crate::studio::widgets::verdict_bar;
 use crate::studio::workspace::ImageId;
 use crate::studio::Studio;
@@ -30,6 +32,7 @@ pub struct InspectorState {
     /// Offset of the image centre from the view centre, in points.
     pub pan: egui::Vec2,
     pub mask: MaskPainter,
+    pub region: RegionDrawer,
 }
 
 impl Default for InspectorState {
@@ -45,6 +48,7 @@ impl Default for InspectorState {
             zoom: 1.0,
             pan: egui::Vec2::ZERO,
             mask: MaskPainter::default(),
+            region: RegionDrawer::default(),
         }
     }
 }
@@ -269,6 +273,17 @@ fn show(
             false
         }
     });
+    if state.region.toolbar(ui, &mut studio.project.training.geometry) {
+        studio.changed();
+    }
+    if state.region.drawing {
+        // The region is drawn on the image: no painting tool takes the clicks, and the grid shows where it goes.
+        if state.mask.tool != MaskTool::Look {
+            state.region.drawing = false;
+        } else {
+            state.tile_grid = true;
+        }
+    }
     if start_empty {
         let size = [image.original_size[0] as u32, image.original_size[1] as u32];
         studio.masks.start_empty(&image.label_key, size);
@@ -287,7 +302,7 @@ fn show(
     }
     let (view, response) = ui.allocate_exact_size(ui.available_size(), egui::Sense::click_and_drag());
     let Some(loaded) = ready_image(ui, view, loader, &image.path, image.mask.as_deref()) else { return };
-    let primary_pans = state.mask.pans_with_primary();
+    let primary_pans = state.mask.pans_with_primary() && !state.region.drawing;
     if response.double_clicked() && primary_pans {
         state.zoom = 1.0;
         state.pan = egui::Vec2::ZERO;
@@ -324,9 +339,16 @@ fn show(
     let active_pane = panes.iter().map(|(pane, _)| *pane).find(|pane| pointer.is_some_and(|p| pane.contains(p)));
     if let Some(pane) = active_pane {
         let whole = image_rect(pane, image_size, state);
-        with_mask(&ctx, studio, shown, |mask| {
-            mask.is_ok_and(|edited| state.mask.interact(ui, &response, whole, edited))
-        });
+        if state.region.drawing {
+            let placement = ImagePlacement { image: whole, size: image_size.into() };
+            if state.region.interact(ui, &response, placement, &mut studio.project.training.geometry) {
+                studio.changed();
+            }
+        } else {
+            with_mask(&ctx, studio, shown, |mask| {
+                mask.is_ok_and(|edited| state.mask.interact(ui, &response, whole, edited))
+            });
+        }
     }
     for (pane, with_overlay) in panes {
         let painter = ui.painter_at(pane);
@@ -358,6 +380,7 @@ fn show(
         if state.tile_grid {
             let training = &studio.project.training;
             paint_tile_grid(&painter, whole, image.original_size, &training.geometry, training.image_size);
+            state.region.paint(&painter, &response, ImagePlacement { image: whole, size: image_size.into() });
         }
         // The labeller's mask goes over the heatmap: it is what they are working on.
         with_mask(&ctx, studio, shown, |mask| {

@@ -180,9 +180,9 @@ fn region_text(region: Option<&Region>) -> String {
 }
 
 /// How the model sees each image (rows of the settings grid): the layout, a tile's side and overlap in image
-/// pixels, and a region of interest typed as `x,y,width,height` or corners (applied when the field loses focus;
-/// the inspector's "tile grid" shows the result on the image).
-fn geometry_editor(ui: &mut egui::Ui, geometry: &mut InputGeometry) -> bool {
+/// pixels, and a region of interest typed as `x,y,width,height` or corners (applied when the field loses focus)
+/// or drawn in the inspector, whose "tile grid" shows the result on the image.
+fn geometry_editor(ui: &mut egui::Ui, geometry: &mut InputGeometry, input_size: u32) -> bool {
     let mut changed = false;
     let label = ui.label("input");
     let combo = egui::ComboBox::from_id_salt("layout").selected_text(layout_name(&geometry.layout)).show_ui(ui, |ui| {
@@ -206,12 +206,24 @@ fn geometry_editor(ui: &mut egui::Ui, geometry: &mut InputGeometry) -> bool {
         *overlap = (*overlap).min(most);
         changed |= ui.add(egui::DragValue::new(overlap).range(0..=most).speed(4.0)).labelled_by(label.id).changed();
         ui.end_row();
+        // The downscale is the tile's side against the input's: say it, since it decides the smallest defect seen.
+        ui.label("");
+        let scale = input_size as f32 / *tile as f32;
+        let note = format!(
+            "each tile is scaled by {scale:.2} to the {input_size}² input ({:.1} image px per input px)",
+            1.0 / scale
+        );
+        ui.label(egui::RichText::new(note).weak());
+        ui.end_row();
     }
     let label = ui.label("region of interest (image px)");
     let id = ui.scope_id().with("region_text");
-    let (mut text, mut error) = ui
-        .data_mut(|d| d.get_temp::<(String, Option<String>)>(id))
-        .unwrap_or_else(|| (region_text(geometry.region.as_ref()), None));
+    // The text being typed, its error, and the region it was shown for: a region drawn in the inspector since
+    // replaces the text.
+    let (mut text, mut error) = match ui.data_mut(|d| d.get_temp::<(String, Option<String>, Option<Region>)>(id)) {
+        Some((text, error, shown_for)) if shown_for == geometry.region => (text, error),
+        _ => (region_text(geometry.region.as_ref()), None),
+    };
     ui.vertical(|ui| {
         let hint = "everywhere; or x,y,width,height; or x1,y1; x2,y2; x3,y3 …";
         let field = ui.add(egui::TextEdit::singleline(&mut text).hint_text(hint)).labelled_by(label.id);
@@ -233,7 +245,7 @@ fn geometry_editor(ui: &mut egui::Ui, geometry: &mut InputGeometry) -> bool {
             ui.colored_label(ui.visuals().error_fg_color, error);
         }
     });
-    ui.data_mut(|d| d.insert_temp(id, (text, error)));
+    ui.data_mut(|d| d.insert_temp(id, (text, error, geometry.region.clone())));
     ui.end_row();
     changed
 }
@@ -249,7 +261,7 @@ fn settings(ui: &mut egui::Ui, studio: &mut Studio, context: &ViewContext, actio
         let size = ui.add(egui::DragValue::new(&mut training.image_size).range(32..=1024).speed(8.0));
         changed |= size.labelled_by(label.id).changed();
         ui.end_row();
-        changed |= geometry_editor(ui, &mut training.geometry);
+        changed |= geometry_editor(ui, &mut training.geometry, training.image_size);
         let label = ui.label("threshold: FAR on held-out good images ≤");
         let mut far = training.target_far * 100.0;
         let target = ui.add(egui::DragValue::new(&mut far).range(0.0..=50.0).speed(0.1).suffix(" %"));

@@ -3,6 +3,7 @@
 //! or Ctrl+Y). While a tool is active the primary button paints and the secondary or middle button pans.
 
 use super::mask_layer::MaskLayer;
+use super::polygon_input::{ImagePlacement, PolygonInput};
 use crate::studio::mask_edits::EditedMask;
 use eframe::egui;
 use loupe_engine::labels::mask::Dirty;
@@ -27,16 +28,13 @@ impl MaskTool {
     ];
 }
 
-/// A click this close (in points) to the polygon's first corner closes it.
-const CLOSE_DISTANCE: f32 = 8.0;
-
 pub struct MaskPainter {
     pub tool: MaskTool,
     /// Brush radius in image pixels.
     pub radius: f32,
     pub show_mask: bool,
-    /// Corners of the polygon being drawn, in image pixels.
-    polygon: Vec<[f64; 2]>,
+    /// The polygon being drawn.
+    polygon: PolygonInput,
     /// Where the brush was at the last frame of a drag, in image pixels.
     last: Option<[f32; 2]>,
     pub layer: MaskLayer,
@@ -48,7 +46,7 @@ impl Default for MaskPainter {
             tool: MaskTool::Look,
             radius: 6.0,
             show_mask: true,
-            polygon: Vec::new(),
+            polygon: PolygonInput::default(),
             last: None,
             layer: MaskLayer::default(),
         }
@@ -133,9 +131,7 @@ impl MaskPainter {
         edited: &mut EditedMask,
     ) -> bool {
         let size = [edited.mask.width() as f32, edited.mask.height() as f32];
-        let to_pixel = |p: egui::Pos2| {
-            [(p.x - image.min.x) / image.width() * size[0], (p.y - image.min.y) / image.height() * size[1]]
-        };
+        let to_pixel = |p: egui::Pos2| ImagePlacement { image, size }.to_pixel(p);
         let primary = egui::PointerButton::Primary;
         let mut dirty = None;
         match self.tool {
@@ -165,26 +161,9 @@ impl MaskPainter {
                 }
             }
             MaskTool::Polygon => {
-                let close_by_key = ui.input(|i| i.key_pressed(egui::Key::Enter));
-                if ui.input(|i| i.key_pressed(egui::Key::Escape)) {
-                    self.polygon.clear();
-                }
-                let mut close = close_by_key || response.double_clicked_by(primary);
-                if response.clicked_by(primary) && !close {
-                    if let Some(pos) = response.interact_pointer_pos() {
-                        let first = self.polygon.first().map(|p| self.to_screen(*p, image, size));
-                        if self.polygon.len() >= 3 && first.is_some_and(|f| f.distance(pos) <= CLOSE_DISTANCE) {
-                            close = true;
-                        } else {
-                            let at = to_pixel(pos);
-                            self.polygon.push([at[0] as f64, at[1] as f64]);
-                        }
-                    }
-                }
-                if close && self.polygon.len() >= 3 {
+                if let Some(polygon) = self.polygon.interact(ui, response, ImagePlacement { image, size }) {
                     edited.history.record(&edited.mask);
-                    dirty = edited.mask.fill_polygon(&self.polygon, true);
-                    self.polygon.clear();
+                    dirty = edited.mask.fill_polygon(&polygon, true);
                 }
             }
             MaskTool::Fill => {
@@ -200,13 +179,6 @@ impl MaskPainter {
         }
         edited.dirty = union(edited.dirty, dirty);
         dirty.is_some()
-    }
-
-    fn to_screen(&self, pixel: [f64; 2], image: egui::Rect, size: [f32; 2]) -> egui::Pos2 {
-        egui::pos2(
-            image.min.x + pixel[0] as f32 / size[0] * image.width(),
-            image.min.y + pixel[1] as f32 / size[1] * image.height(),
-        )
     }
 
     /// The mask, the polygon being drawn and the brush outline under the pointer.
@@ -225,13 +197,7 @@ impl MaskPainter {
             self.layer.paint(painter, image, [edited.mask.width(), edited.mask.height()]);
         }
         let stroke = egui::Stroke::new(1.5, egui::Color32::YELLOW);
-        if !self.polygon.is_empty() {
-            let mut points: Vec<egui::Pos2> = self.polygon.iter().map(|p| self.to_screen(*p, image, size)).collect();
-            if let Some(hover) = response.hover_pos() {
-                points.push(hover);
-            }
-            painter.add(egui::Shape::line(points, stroke));
-        }
+        self.polygon.paint(painter, response, ImagePlacement { image, size }, stroke);
         if let (MaskTool::Brush | MaskTool::Eraser, Some(hover)) = (self.tool, response.hover_pos()) {
             painter.circle_stroke(hover, self.radius * image.width() / size[0], stroke);
         }
