@@ -6,7 +6,8 @@ use loupe_engine::backbone::{weights, Backbone};
 use loupe_engine::dataset::scan_mvtec;
 use loupe_engine::dataset::synthetic::{generate_mvtec, SyntheticSpec};
 use loupe_engine::evaluate::evaluate;
-use loupe_engine::methods::find_method;
+use loupe_engine::methods::training::Schedule;
+use loupe_engine::methods::{find_method, MethodInfo, REGISTRY};
 use loupe_engine::model_file;
 use loupe_engine::pipeline::{fit, score_images, FitRequest};
 use loupe_engine::progress::NoProgress;
@@ -24,64 +25,36 @@ fn backbone() -> Arc<Backbone> {
     Arc::new(Backbone::load(&weights::default_weights_path(), &Device::Cpu).unwrap_or_else(|e| panic!("{e:#}")))
 }
 
+/// Every registered method — read from the registry, so a new one is tested without naming it here — trains
+/// its smoke setting on the synthetic set (bad files among it), beats its floors, and scores the same after
+/// saving and loading. The methods run side by side, each on its own copy of the set.
 #[test]
-fn patchcore_separates_synthetic_defects_and_round_trips() {
-    separates_synthetic_defects_and_round_trips("patchcore", serde_json::json!({"coreset_ratio": 0.25}));
+fn every_registered_method_separates_synthetic_defects_and_round_trips() {
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = REGISTRY
+            .iter()
+            .map(|method| (method.name, scope.spawn(move || separates_synthetic_defects_and_round_trips(method))))
+            .collect();
+        let failed: Vec<String> = runs
+            .into_iter()
+            .filter_map(|(name, run)| run.join().err().map(|panic| format!("{name}: {}", panic_text(&panic))))
+            .collect();
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+    });
 }
 
-#[test]
-fn padim_separates_synthetic_defects_and_round_trips() {
-    separates_synthetic_defects_and_round_trips("padim", serde_json::json!({}));
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
-/// Small enough to train in seconds on the tiny set.
-fn small_cflow() -> serde_json::Value {
-    serde_json::json!({"epochs": 3, "steps_per_epoch": 15, "vectors_per_step": 256, "coupling_blocks": 4})
-}
-
-#[test]
-fn cflow_separates_synthetic_defects_and_round_trips() {
-    separates_synthetic_defects_and_round_trips("cflow", small_cflow());
-}
-
-fn small_fastflow() -> serde_json::Value {
-    serde_json::json!({"epochs": 4, "flow_steps": 4, "images_per_step": 4})
-}
-
-#[test]
-fn fastflow_separates_synthetic_defects_and_round_trips() {
-    separates_synthetic_defects_and_round_trips("fastflow", small_fastflow());
-}
-
-fn small_autoencoder() -> serde_json::Value {
-    serde_json::json!({"epochs": 30, "batch_size": 4, "width": 16, "latent_dim": 32, "downsample": 1})
-}
-
-#[test]
-fn autoencoder_separates_synthetic_defects_and_round_trips() {
-    // Its image AUROC here is 0.9–1.0 from run to run (training is not bit-reproducible; one run of many gave
-    // 0.896 while its pixel AUROC stayed ≥ 0.97): the image floor has that margin.
-    separates_synthetic_defects_at_size_and_round_trips("autoencoder", small_autoencoder(), 96, Some([0.8, 0.85, 0.5]));
-}
-
-#[test]
-fn cutpaste_separates_synthetic_defects_and_round_trips() {
-    separates_synthetic_defects_and_round_trips(
-        "cutpaste",
-        serde_json::json!({"epochs": 4, "steps_per_epoch": 10, "images_per_step": 4}),
-    );
-}
-
-/// DRAEM separates the synthetic defects once it trains long enough: with 8 × 10 steps of 4 its image AUROC
-/// ranged 0.44–0.90 over runs (an undertrained discriminator; one map came out inverted), with 8 × 40 steps
-/// 0.93–1.0 over seven runs of the earlier, feature-fed discriminator, and 1.0 in four runs of the deviation-fed
-/// one (pixel ≥ 0.99, AUPRO ≥ 0.97; ~40 s): the floors keep a margin below that.
-/// At 96 px the patch grid (12 × 12) is too coarse for the U-Net (halved twice): the set's images upscaled to
-/// 192 px give it 24 × 24 cells.
-#[test]
-fn draem_separates_synthetic_defects_and_round_trips() {
-    let settings = serde_json::json!({"epochs": 8, "steps_per_epoch": 40, "batch_size": 4, "discriminative_width": 32});
-    separates_synthetic_defects_at_size_and_round_trips("draem", settings, 192, Some([0.85, 0.85, 0.5]));
+/// A method's smoke setting (its registry entry's), complete, as its settings type.
+fn smoke<S: serde::de::DeserializeOwned>(method: &str) -> S {
+    let info = find_method(method).unwrap();
+    serde_json::from_value(info.settings_with(&(info.smoke.settings)()).unwrap()).unwrap()
 }
 
 /// A DRAEM file from before the discriminator saw deviations has no per-position statistics: refused with the
@@ -104,64 +77,14 @@ fn an_earlier_draem_file_is_refused_with_the_reason() {
     assert!(error.to_string().contains("earlier Loupe") && error.to_string().contains("train it again"), "{error}");
 }
 
-fn small_draem() -> serde_json::Value {
-    serde_json::json!({"epochs": 4, "steps_per_epoch": 10, "batch_size": 4, "discriminative_width": 32})
-}
-
-#[test]
-fn fcdd_separates_synthetic_defects_and_round_trips() {
-    separates_synthetic_defects_and_round_trips("fcdd", small_fcdd());
-}
-
-fn small_fcdd() -> serde_json::Value {
-    serde_json::json!({"epochs": 4, "steps_per_epoch": 10, "images_per_step": 4, "width": 64})
-}
-
-#[test]
-fn mean_shifted_separates_synthetic_defects_and_round_trips() {
-    separates_synthetic_defects_and_round_trips("mean-shifted", small_mean_shifted());
-}
-
-fn small_mean_shifted() -> serde_json::Value {
-    serde_json::json!({
-        "epochs": 4, "steps_per_epoch": 10, "images_per_step": 4, "positions_per_step": 256, "learning_rate": 1e-3
-    })
-}
-
-#[test]
-fn stfpm_separates_synthetic_defects_and_round_trips() {
-    separates_synthetic_defects_and_round_trips(
-        "stfpm",
-        serde_json::json!({"epochs": 15, "batch_size": 4, "width": 16}),
+fn separates_synthetic_defects_and_round_trips(method: &MethodInfo) {
+    let smoke = &method.smoke;
+    separates_synthetic_defects_at_size_and_round_trips(
+        method.name,
+        (smoke.settings)(),
+        smoke.image_size,
+        Some(smoke.floors),
     );
-}
-
-#[test]
-fn every_registered_method_is_tested_here() {
-    let names: Vec<&str> = loupe_engine::methods::REGISTRY.iter().map(|m| m.name).collect();
-    assert_eq!(
-        names,
-        [
-            "autoencoder",
-            "stfpm",
-            "fastflow",
-            "cflow",
-            "patchcore",
-            "padim",
-            "draem",
-            "cutpaste",
-            "fcdd",
-            "mean-shifted"
-        ],
-        "add the new method's test above"
-    );
-}
-
-/// What a method must reach on the synthetic set: image AUROC, pixel AUROC, AUPRO@0.3.
-const FLOORS: [f64; 3] = [0.9, 0.85, 0.5];
-
-fn separates_synthetic_defects_and_round_trips(method: &str, settings: serde_json::Value) {
-    separates_synthetic_defects_at_size_and_round_trips(method, settings, 96, Some(FLOORS));
 }
 
 /// Fits on the synthetic set (bad files among it), checks the floors when given, saves, loads, and compares.
@@ -345,7 +268,7 @@ fn flows_train_by_likelihood_and_a_cancelled_run_keeps_its_best_epoch() {
     let records = loupe_engine::dataset::scan_normal_folder(&dir).unwrap();
     let (images, _) = loupe_engine::dataset::decode_all(&records, 64, &|_| {});
     let images = loupe_engine::dataset::TrainingImages::from_decoded(&images).unwrap();
-    let settings: CflowSettings = serde_json::from_value(small_cflow()).unwrap();
+    let settings: CflowSettings = smoke("cflow");
     let context = |progress: &'static dyn loupe_engine::progress::Progress| FitContext {
         backbone: backbone(),
         device: Device::Cpu,
@@ -353,9 +276,14 @@ fn flows_train_by_likelihood_and_a_cancelled_run_keeps_its_best_epoch() {
         image_size: 64,
         progress,
     };
-    let model = Cflow::fit(&context(&NoProgress), &images, CflowSettings { epochs: 5, ..settings.clone() }).unwrap();
-    let fastflow_settings: FastflowSettings =
-        serde_json::from_value(serde_json::json!({"epochs": 5, "flow_steps": 4, "images_per_step": 4})).unwrap();
+    let model = Cflow::fit(
+        &context(&NoProgress),
+        &images,
+        CflowSettings { schedule: Schedule { epochs: 5, ..settings.schedule }, ..settings.clone() },
+    )
+    .unwrap();
+    let mut fastflow_settings: FastflowSettings = smoke("fastflow");
+    fastflow_settings.schedule.epochs = 5;
     let fastflow = Fastflow::fit(&context(&NoProgress), &images, fastflow_settings).unwrap();
     for (name, losses) in [("CFlow", &model.record.epoch_losses), ("FastFlow", &fastflow.record.epoch_losses)] {
         assert_eq!(losses.len(), 5);
@@ -370,7 +298,12 @@ fn flows_train_by_likelihood_and_a_cancelled_run_keeps_its_best_epoch() {
         steps: Default::default(),
         after: 2 * 15 + 5,
     }));
-    let stopped = Cflow::fit(&context(progress), &images, CflowSettings { epochs: 5, ..settings }).unwrap();
+    let stopped = Cflow::fit(
+        &context(progress),
+        &images,
+        CflowSettings { schedule: Schedule { epochs: 5, ..settings.schedule }, ..settings },
+    )
+    .unwrap();
     assert_eq!(stopped.record.epoch_losses.len(), 2);
     assert!(stopped.record.stopped_early.as_deref().is_some_and(|r| r.contains("cancelled")));
     let expected_best = if stopped.record.epoch_losses[1] < stopped.record.epoch_losses[0] { 1 } else { 0 };
@@ -409,24 +342,60 @@ fn trained_losses_fall() {
     let images = loupe_engine::dataset::TrainingImages::from_decoded(&images).unwrap();
     let context =
         FitContext { backbone: backbone(), device: Device::Cpu, batch_size: 4, image_size: 64, progress: &NoProgress };
-    let autoencoder_settings: AutoencoderSettings = serde_json::from_value(small_autoencoder()).unwrap();
-    let autoencoder =
-        Autoencoder::fit(&context, &images, AutoencoderSettings { epochs: 6, ..autoencoder_settings }).unwrap();
+    let autoencoder_settings: AutoencoderSettings = smoke("autoencoder");
+    let autoencoder = Autoencoder::fit(
+        &context,
+        &images,
+        AutoencoderSettings {
+            schedule: Schedule { epochs: 6, ..autoencoder_settings.schedule },
+            ..autoencoder_settings
+        },
+    )
+    .unwrap();
     let cutpaste = Cutpaste::fit(
         &context,
         &images,
-        CutpasteSettings { epochs: 6, steps_per_epoch: 6, images_per_step: 4, ..Default::default() },
+        CutpasteSettings {
+            schedule: Schedule { epochs: 6, ..CutpasteSettings::default().schedule },
+            steps_per_epoch: 6,
+            images_per_step: 4,
+            ..Default::default()
+        },
     )
     .unwrap();
-    let draem_settings: DraemSettings = serde_json::from_value(small_draem()).unwrap();
-    let draem =
-        Draem::fit(&context, &images, DraemSettings { epochs: 6, steps_per_epoch: 6, ..draem_settings }).unwrap();
-    let fcdd_settings: FcddSettings = serde_json::from_value(small_fcdd()).unwrap();
-    let fcdd = Fcdd::fit(&context, &images, FcddSettings { epochs: 6, steps_per_epoch: 6, ..fcdd_settings }).unwrap();
-    let msc_settings: MeanShiftedSettings = serde_json::from_value(small_mean_shifted()).unwrap();
-    let mean_shifted =
-        MeanShifted::fit(&context, &images, MeanShiftedSettings { epochs: 6, steps_per_epoch: 6, ..msc_settings })
-            .unwrap();
+    let draem_settings: DraemSettings = smoke("draem");
+    let draem = Draem::fit(
+        &context,
+        &images,
+        DraemSettings {
+            schedule: Schedule { epochs: 6, ..draem_settings.schedule },
+            steps_per_epoch: 6,
+            ..draem_settings
+        },
+    )
+    .unwrap();
+    let fcdd_settings: FcddSettings = smoke("fcdd");
+    let fcdd = Fcdd::fit(
+        &context,
+        &images,
+        FcddSettings {
+            schedule: Schedule { epochs: 6, ..fcdd_settings.schedule },
+            steps_per_epoch: 6,
+            ..fcdd_settings
+        },
+    )
+    .unwrap();
+    let msc_settings: MeanShiftedSettings = smoke("mean-shifted");
+    let mean_shifted = MeanShifted::fit(
+        &context,
+        &images,
+        MeanShiftedSettings {
+            schedule: Schedule { epochs: 6, ..msc_settings.schedule },
+            steps_per_epoch: 6,
+            ..msc_settings
+        },
+    )
+    .unwrap();
     for (name, losses) in [
         ("autoencoder", &autoencoder.record.epoch_losses),
         ("CutPaste", &cutpaste.record.epoch_losses),
@@ -443,7 +412,7 @@ fn trained_losses_fall() {
 
 #[test]
 fn every_preset_is_a_valid_setting_of_its_method() {
-    for method in loupe_engine::methods::REGISTRY {
+    for method in loupe_engine::methods::REGISTRY.iter() {
         for preset in method.presets {
             let values = method.preset(preset.name).unwrap();
             assert_ne!(values, (method.default_settings)(), "{} preset {} is the default", method.name, preset.name);
@@ -492,16 +461,26 @@ fn one_class_embeddings_do_not_collapse() {
         1.0 - unit.mean(0).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
     };
     let pretrained = spread(&patch_feature_rows(&backbone, &batch).unwrap());
-    let settings: MeanShiftedSettings = serde_json::from_value(small_mean_shifted()).unwrap();
-    let mean_shifted = MeanShifted::fit(&context, &images, MeanShiftedSettings { epochs: 8, ..settings }).unwrap();
+    let settings: MeanShiftedSettings = smoke("mean-shifted");
+    let mean_shifted = MeanShifted::fit(
+        &context,
+        &images,
+        MeanShiftedSettings { schedule: Schedule { epochs: 8, ..settings.schedule }, ..settings },
+    )
+    .unwrap();
     let z = mean_shifted.embeddings(&batch).unwrap();
     let trained = spread(&z);
     let shifted = spread(&z.broadcast_sub(&z.mean_keepdim(0).unwrap()).unwrap());
     assert!(trained > 0.01, "embeddings collapsed: spread {trained} (pretrained features {pretrained})");
     assert!(shifted > 0.5, "mean-shifted representations collapsed: spread {shifted}");
 
-    let settings: FcddSettings = serde_json::from_value(small_fcdd()).unwrap();
-    let fcdd = Fcdd::fit(&context, &images, FcddSettings { epochs: 8, ..settings }).unwrap();
+    let settings: FcddSettings = smoke("fcdd");
+    let fcdd = Fcdd::fit(
+        &context,
+        &images,
+        FcddSettings { schedule: Schedule { epochs: 8, ..settings.schedule }, ..settings },
+    )
+    .unwrap();
     let mut rng = SplitMix64::new(5);
     let outliers: Vec<f32> = decoded
         .iter()

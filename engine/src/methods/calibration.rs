@@ -24,6 +24,11 @@ pub struct PositionCalibration {
 }
 
 impl PositionCalibration {
+    /// No level calibrated: what a model that does not calibrate (DRAEM with `calibrate` off) stores.
+    pub fn none() -> Self {
+        Self { levels: Vec::new() }
+    }
+
     /// From each level's maps of several images, concatenated (`images × positions`).
     pub fn from_maps(maps: &[Vec<f32>], positions: &[usize]) -> Self {
         let levels = maps

@@ -119,7 +119,7 @@ pub fn patch_standardisation(
     context: &crate::methods::FitContext,
     images: &crate::dataset::TrainingImages,
     method: &str,
-) -> anyhow::Result<crate::methods::flow::Standardise> {
+) -> anyhow::Result<crate::methods::statistics::Standardise> {
     if images.len() < 2 {
         anyhow::bail!("{method} needs at least two training images, got {}", images.len());
     }
@@ -127,26 +127,26 @@ pub fn patch_standardisation(
     let sample = images.select(0..images.len().min(32))?;
     let rows = patch_feature_rows(&context.backbone, &crate::methods::images_to_tensor(&sample, &context.device)?)?;
     let rows = rows.to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-    let standardise = crate::methods::flow::channel_statistics(&rows, PATCH_CHANNELS, &context.device)?;
+    let standardise = crate::methods::statistics::channel_statistics(&rows, PATCH_CHANNELS, &context.device)?;
     context.progress.advance(1);
     Ok(standardise)
 }
 
 /// Per position and channel, the mean and 1/std of the channel-standardised patch features of the first
 /// [`CALIBRATION_IMAGES`](crate::methods::calibration::CALIBRATION_IMAGES) training images, as one
-/// [`Standardise`](crate::methods::flow::Standardise) over each image's `positions × channels` values: applied to
+/// [`Standardise`](crate::methods::statistics::Standardise) over each image's `positions × channels` values: applied to
 /// a whole image's features it gives each patch's deviation from what good parts show at that place. The std
 /// has a floor of 0.1 (in channel-standardised units) so that a channel that is always zero at a position does
 /// not turn a trace of it into a huge deviation.
 pub fn position_standardisation(
     context: &crate::methods::FitContext,
     images: &crate::dataset::TrainingImages,
-    channel: &crate::methods::flow::Standardise,
-) -> anyhow::Result<crate::methods::flow::Standardise> {
+    channel: &crate::methods::statistics::Standardise,
+) -> anyhow::Result<crate::methods::statistics::Standardise> {
     let count = images.len().min(crate::methods::calibration::CALIBRATION_IMAGES);
     context.progress.begin("position statistics", count as u64);
     let positions = (context.image_size as usize / PATCH_STRIDE).pow(2);
-    let mut moments = crate::methods::flow::ColumnMoments::new(positions * PATCH_CHANNELS);
+    let mut moments = crate::methods::statistics::ColumnMoments::new(positions * PATCH_CHANNELS);
     for chunk in images.batches(0..count, context.batch_size) {
         crate::progress::check_cancelled(context.progress)?;
         let chunk = chunk?;

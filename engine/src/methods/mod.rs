@@ -1,14 +1,19 @@
 //! The methods, grouped by the survey's five families, behind one small trait. A method is one file that
-//! provides a [`MethodInfo`] (name, family, defaults, `fit`, `load`); adding one to [`REGISTRY`] makes it appear
-//! in the CLI and the studio.
+//! provides a [`MethodInfo`] (`method_info!`: name, family, defaults, ranges, words for its settings, a smoke
+//! setting, `fit`, `load`); naming it in its family's `family_methods!` registers it: it appears in the CLI and
+//! the studio, and the registry-wide tests train, save, load and document it.
 
 /// Declares a method's registry entry `INFO`. The model type provides `fit(context, images, settings)` and
 /// `load(backbone, image_size, settings, tensors)`; its settings type has serde and `Default`, and arrives
 /// parsed from the JSON the user and the model file give, after every value was checked against its range
-/// (`ranges`: the method's own settings; the shared ones are in [`settings::COMMON_RANGES`]).
+/// (`ranges`: the method's own settings; the shared ones are in [`settings::COMMON_RANGES`]). `docs` are the
+/// words for its own settings (the shared ones: [`setting_docs::COMMON`]); `smoke` is a few seconds of training
+/// on the synthetic set at an input size, and the floors it must beat there ([`Smoke`]).
 macro_rules! method_info {
     ($model:ident, $settings:ty, name: $name:expr, title: $title:expr, family: $family:expr, summary: $summary:expr,
-     guide: $guide:expr, ranges: [$($key:literal: $min:literal..=$max:literal),* $(,)?]
+     guide: $guide:expr, ranges: [$($key:literal: $min:literal..=$max:literal),* $(,)?],
+     docs: [$($doc_key:literal => $doc:expr),* $(,)?],
+     smoke: ($smoke:tt at $smoke_size:literal, floors $floors:expr)
      $(, presets: [$($preset:literal: $about:literal => $make:path),* $(,)?])? $(,)?) => {
         pub static INFO: $crate::methods::MethodInfo = $crate::methods::MethodInfo {
             name: $name,
@@ -17,11 +22,17 @@ macro_rules! method_info {
             summary: $summary,
             guide: $guide,
             ranges: &[$($crate::methods::settings::SettingRange::new($key, $min as f64, $max as f64)),*],
+            docs: &[$(($doc_key, $doc)),*],
+            smoke: $crate::methods::Smoke {
+                settings: || serde_json::json!($smoke),
+                image_size: $smoke_size,
+                floors: $floors,
+            },
             check: |settings| {
                 $crate::methods::settings::check_ranges($name, INFO.ranges, settings)?;
-                serde_json::from_value::<$settings>(settings.clone())
+                let parsed = serde_json::from_value::<$settings>(settings.clone())
                     .map_err(|e| anyhow::anyhow!("{} settings: {e}", $name))?;
-                Ok(())
+                $crate::methods::settings::check_known_keys($name, &parsed, settings)
             },
             default_settings: || serde_json::to_value(<$settings>::default()).expect("settings serialise"),
             presets: &[$($($crate::methods::Preset {
@@ -41,17 +52,13 @@ macro_rules! method_info {
     };
 }
 
-/// The `TrainingPlan` of a trained method's settings (fields `epochs`, `learning_rate`, `weight_decay`,
-/// `time_budget_seconds`), with `steps` steps per epoch.
-macro_rules! training_plan {
-    ($settings:expr, $steps:expr) => {
-        $crate::methods::training::TrainingPlan {
-            epochs: $settings.epochs,
-            steps_per_epoch: $steps,
-            learning_rate: $settings.learning_rate,
-            weight_decay: $settings.weight_decay,
-            time_budget_seconds: $settings.time_budget_seconds,
-        }
+/// Declares a family's method files and lists their registry entries in display order: the one line that
+/// registers a method (the family's `mod.rs`; [`REGISTRY`] gathers the families).
+macro_rules! family_methods {
+    ($($method:ident),* $(,)?) => {
+        $(pub mod $method;)*
+        /// This family's methods, in display order.
+        pub static METHODS: &[&$crate::methods::MethodInfo] = &[$(&$method::INFO),*];
     };
 }
 
@@ -76,6 +83,8 @@ macro_rules! model_basics {
 pub mod augmentation;
 pub mod calibration;
 pub mod conv_kernel;
+#[cfg(test)]
+mod diagnostics;
 pub mod enhancement;
 pub mod features;
 pub mod flow;
@@ -89,6 +98,7 @@ pub mod setting_docs;
 pub mod settings;
 pub mod ssim;
 pub mod ssim_kernel;
+pub mod statistics;
 pub mod training;
 
 use crate::backbone::Backbone;
@@ -118,6 +128,17 @@ impl Family {
         Family::DataAugmentation,
         Family::AlgorithmEnhancement,
     ];
+
+    /// The family's methods, in display order.
+    pub fn methods(self) -> &'static [&'static MethodInfo] {
+        match self {
+            Family::Reconstruction => reconstruction::METHODS,
+            Family::NormalizingFlow => flow::METHODS,
+            Family::Representation => representation::METHODS,
+            Family::DataAugmentation => augmentation::METHODS,
+            Family::AlgorithmEnhancement => enhancement::METHODS,
+        }
+    }
 
     pub fn title(self) -> &'static str {
         match self {
@@ -181,6 +202,16 @@ pub struct FitContext<'a> {
 pub type FitFn = fn(&FitContext, &TrainingImages, &serde_json::Value) -> Result<Box<dyn AnomalyModel>>;
 pub type LoadFn = fn(Arc<Backbone>, u32, &serde_json::Value, HashMap<String, Tensor>) -> Result<Box<dyn AnomalyModel>>;
 
+/// A short training that separates the engine's synthetic defects (`SyntheticSpec::tiny`) in seconds: what the
+/// registry-wide tests train every method with (`tests/methods_synthetic.rs`), and what it must reach there.
+pub struct Smoke {
+    /// Overrides of the defaults.
+    pub settings: fn() -> serde_json::Value,
+    pub image_size: u32,
+    /// Image AUROC, pixel AUROC and AUPRO@0.3 it must beat.
+    pub floors: [f64; 3],
+}
+
 /// A named full setting besides the default, e.g. the paper's training schedule for a GPU.
 pub struct Preset {
     pub name: &'static str,
@@ -199,6 +230,9 @@ pub struct MethodInfo {
     pub guide: &'static str,
     /// The ranges of the method's own numeric settings (the shared ones: [`settings::COMMON_RANGES`]).
     pub ranges: &'static [settings::SettingRange],
+    /// What the method's own settings mean (the shared ones: [`setting_docs::COMMON`]).
+    pub docs: &'static [(&'static str, setting_docs::SettingDoc)],
+    pub smoke: Smoke,
     /// Checks complete settings: every value in its range, and the shape the method's settings type reads.
     pub check: fn(&serde_json::Value) -> Result<()>,
     /// The default: what finishes on an MVTec-sized category within 10 minutes on a 2-core CPU.
@@ -208,19 +242,9 @@ pub struct MethodInfo {
     pub load: LoadFn,
 }
 
-/// Every method Loupe can train, in display order.
-pub static REGISTRY: &[&MethodInfo] = &[
-    &reconstruction::autoencoder::INFO,
-    &reconstruction::stfpm::INFO,
-    &flow::fastflow::INFO,
-    &flow::cflow::INFO,
-    &representation::patchcore::INFO,
-    &representation::padim::INFO,
-    &augmentation::draem::INFO,
-    &augmentation::cutpaste::INFO,
-    &enhancement::fcdd::INFO,
-    &enhancement::mean_shifted::INFO,
-];
+/// Every method Loupe can train, in display order: family by family, each family's `family_methods!` order.
+pub static REGISTRY: std::sync::LazyLock<Vec<&'static MethodInfo>> =
+    std::sync::LazyLock::new(|| Family::ALL.iter().flat_map(|family| family.methods()).copied().collect());
 
 pub fn find_method(name: &str) -> Result<&'static MethodInfo> {
     match REGISTRY.iter().find(|m| m.name.eq_ignore_ascii_case(name)) {
@@ -306,53 +330,4 @@ pub fn images_to_tensor<I: std::borrow::Borrow<DecodedImage>>(images: &[I], devi
         data.extend(image.borrow().to_chw_f32());
     }
     Ok(Tensor::from_vec(data, (images.len(), 3, size, size), device)?)
-}
-
-/// What the ignored benchmark diagnostics of the trained methods start from.
-#[cfg(test)]
-pub(crate) mod diagnostic {
-    use crate::backbone::Backbone;
-    use crate::dataset::{decode_all, scan_mvtec, DecodedImage};
-    use crate::methods::calibration::CALIBRATION_IMAGES;
-    use candle_core::{Device, Tensor};
-    use std::collections::HashMap;
-    use std::sync::Arc;
-
-    /// A trained model file and a benchmark folder, named by environment variables, read for a diagnostic.
-    pub struct Diagnostic<S> {
-        pub backbone: Arc<Backbone>,
-        pub image_size: u32,
-        pub settings: S,
-        pub tensors: HashMap<String, Tensor>,
-        /// The first [`CALIBRATION_IMAGES`] training images (what the methods calibrate on).
-        pub train_images: Vec<DecodedImage>,
-        pub test_images: Vec<DecodedImage>,
-        /// Per test image: whether it is defective.
-        pub labels: Vec<bool>,
-    }
-
-    /// Reads the model file at `$model_variable` and the MVTec-layout folder at `$data_variable`.
-    pub fn load<S: serde::de::DeserializeOwned>(model_variable: &str, data_variable: &str) -> Diagnostic<S> {
-        let variable =
-            |name: &str| std::path::PathBuf::from(std::env::var(name).unwrap_or_else(|_| panic!("set {name}")));
-        let (path, data) = (variable(model_variable), variable(data_variable));
-        let backbone =
-            Arc::new(Backbone::load(&crate::backbone::weights::default_weights_path(), &Device::Cpu).unwrap());
-        let manifest = crate::model_file::load(&path, backbone.clone()).unwrap().manifest;
-        let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
-        let benchmark = scan_mvtec(&data).unwrap();
-        let train_records = &benchmark.train[..benchmark.train.len().min(CALIBRATION_IMAGES)];
-        let (train_images, _) = decode_all(train_records, manifest.image_size, &|_| {});
-        let (test_images, _) = decode_all(&benchmark.test, manifest.image_size, &|_| {});
-        let labels = test_images.iter().map(|i| benchmark.test[i.index].label.is_anomalous()).collect();
-        Diagnostic {
-            backbone,
-            image_size: manifest.image_size,
-            settings: serde_json::from_value(manifest.settings).unwrap(),
-            tensors,
-            train_images,
-            test_images,
-            labels,
-        }
-    }
 }

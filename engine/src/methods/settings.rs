@@ -54,6 +54,19 @@ pub const COMMON_RANGES: &[SettingRange] = &[
     SettingRange::new("blur_sigma", 0.0, 32.0),
 ];
 
+/// Refuses a key of `given` that the parsed settings do not have: a typo, or a setting of another method or
+/// version, must not pass silently (serde's `deny_unknown_fields` cannot see through the flattened
+/// [`Schedule`](crate::methods::training::Schedule), so every method is checked here instead).
+pub fn check_known_keys(method: &str, parsed: &impl serde::Serialize, given: &serde_json::Value) -> Result<()> {
+    let known = serde_json::to_value(parsed)?;
+    let (Some(known), Some(given)) = (known.as_object(), given.as_object()) else { return Ok(()) };
+    if let Some(unknown) = given.keys().find(|key| !known.contains_key(*key)) {
+        let names: Vec<&String> = known.keys().collect();
+        bail!("{method}: unknown setting `{unknown}` (known: {names:?})");
+    }
+    Ok(())
+}
+
 /// The range of setting `name`: the method's own, else the shared one.
 pub fn range_of(own: &[SettingRange], name: &str) -> Option<SettingRange> {
     own.iter().chain(COMMON_RANGES).find(|r| r.name == name).copied()
@@ -109,7 +122,7 @@ mod tests {
 
     #[test]
     fn every_method_bounds_every_numeric_setting_and_its_defaults_and_presets_pass() {
-        for method in crate::methods::REGISTRY {
+        for method in crate::methods::REGISTRY.iter() {
             method.settings_with(&json!({})).unwrap_or_else(|e| panic!("{} defaults: {e:#}", method.name));
             for preset in method.presets {
                 (method.check)(&(preset.settings)())

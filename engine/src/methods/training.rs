@@ -9,6 +9,41 @@ use candle_nn::{Optimizer, VarBuilder, VarMap};
 use std::collections::HashMap;
 use std::time::Instant;
 
+/// The settings every trained method shares, flattened into its settings (the keys stay `epochs`,
+/// `learning_rate`, … at the top level of the JSON the user and the model file give).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Schedule {
+    pub epochs: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
+    pub time_budget_seconds: f64,
+    pub seed: u64,
+}
+
+impl Schedule {
+    /// `epochs` at `learning_rate`, weight decay 1e-5, no time budget, seed 0: every method's default but those.
+    pub const fn new(epochs: usize, learning_rate: f64) -> Self {
+        Self { epochs, learning_rate, weight_decay: 1e-5, time_budget_seconds: 0.0, seed: 0 }
+    }
+
+    /// The same schedule with `epochs` and `learning_rate` (the presets' usual change).
+    pub const fn with(self, epochs: usize, learning_rate: f64) -> Self {
+        Self { epochs, learning_rate, ..self }
+    }
+
+    /// The plan of `steps_per_epoch` steps an epoch.
+    pub fn plan(&self, steps_per_epoch: usize) -> TrainingPlan {
+        TrainingPlan {
+            epochs: self.epochs,
+            steps_per_epoch,
+            learning_rate: self.learning_rate,
+            weight_decay: self.weight_decay,
+            time_budget_seconds: self.time_budget_seconds,
+        }
+    }
+}
+
 /// How a method trains.
 #[derive(Debug, Clone)]
 pub struct TrainingPlan {

@@ -12,8 +12,8 @@ use crate::backbone::Backbone;
 use crate::dataset::resize;
 use crate::maps::{gaussian_kernel, reflect_index};
 use crate::methods::calibration::PositionCalibration;
-use crate::methods::flow::Standardise;
 use crate::methods::layers::{Conv, LEAKY_SLOPE};
+use crate::methods::statistics::Standardise;
 use crate::methods::RecordedScores;
 use candle_core::{Device, Tensor};
 

@@ -12,13 +12,16 @@
 //! Score: the GDE (one Gaussian over the normal patches' embeddings, shrunk towards a scaled identity) gives
 //! each patch its Mahalanobis distance: the map (upsampled, Gaussian σ = 4); image score: its maximum.
 
+use crate::methods::setting_docs::{common};
 use super::synthetic_anomalies::{cutpaste, patch_labels, scar};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
-use crate::methods::flow::Standardise;
 use crate::methods::gaussian::{whitening_matrix, MomentSums};
-use crate::methods::training::{load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingRecord};
+use crate::methods::statistics::Standardise;
+use crate::methods::training::{
+    load_varmap, take_tensor, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord,
+};
 use crate::methods::{
     images_to_tensor, outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext,
     RecordedScores,
@@ -43,6 +46,11 @@ method_info!(
     summary: "Patch embeddings trained to spot CutPaste / scar augmentations; Gaussian density of normal patches.",
     guide: "Wins on small irregular defects (scratches, cracks) on textured surfaces. On 2 CPU cores, MTD (761 training images): fit 3 min 40 s, 46 images/s, image AUROC 0.845.",
     ranges: ["embedding_dim": 2..=1024, "shrinkage": 0..=1],
+    docs: [
+        "embedding_dim" => common("Embedding size", "", "Dimensions of the learnt image embedding the Gaussian density is fitted on.", true),
+        "shrinkage" => common("Covariance shrinkage", "", "λ in (1 − λ)·Σ + λ·(tr Σ / d)·I: steadies the Gaussian on few images.", true),
+    ],
+    smoke: ({"epochs": 4, "steps_per_epoch": 10, "images_per_step": 4} at 96, floors [0.9, 0.85, 0.5]),
     presets: ["published": "the paper's training length, for a GPU" => CutpasteSettings::published],
 );
 
@@ -52,35 +60,28 @@ const CUT_PASTE: u32 = 1;
 const SCAR: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct CutpasteSettings {
-    pub epochs: usize,
+    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub steps_per_epoch: usize,
     /// Normal images per step; each also enters as a CutPaste and a scar version.
     pub images_per_step: usize,
     pub embedding_dim: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
-    pub time_budget_seconds: f64,
     /// λ of the GDE's covariance shrinkage: (1 − λ)·Σ + λ·(tr Σ / d)·I.
     pub shrinkage: f64,
-    pub seed: u64,
     pub blur_sigma: f32,
 }
 
 impl Default for CutpasteSettings {
     fn default() -> Self {
         Self {
-            epochs: 8,
+            schedule: Schedule::new(8, 1e-3),
             steps_per_epoch: 25,
             images_per_step: 8,
             embedding_dim: 128,
-            learning_rate: 1e-3,
-            weight_decay: 1e-5,
-            time_budget_seconds: 0.0,
             shrinkage: 0.1,
-            seed: 0,
             blur_sigma: 4.0,
         }
     }
@@ -90,7 +91,12 @@ impl CutpasteSettings {
     /// The paper's training length for a GPU: 256 epochs of 96 images (32 normal + their two augmentations), at
     /// ≈ 10 steps an epoch for an MVTec-sized set (the paper uses SGD at 0.03; Loupe's optimiser is AdamW).
     pub fn published() -> Self {
-        Self { epochs: 256, steps_per_epoch: 10, images_per_step: 32, ..Self::default() }
+        Self {
+            schedule: Schedule { epochs: 256, ..Self::default().schedule },
+            steps_per_epoch: 10,
+            images_per_step: 32,
+            ..Self::default()
+        }
     }
 }
 
@@ -141,9 +147,9 @@ impl Cutpaste {
 
         let varmap = VarMap::new();
         let head = Head::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.embedding_dim)?;
-        let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.seed ^ 0xc7);
-        let mut rng = SplitMix64::new(settings.seed ^ 0xc0ffee);
-        let plan = training_plan!(settings, settings.steps_per_epoch);
+        let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.schedule.seed ^ 0xc7);
+        let mut rng = SplitMix64::new(settings.schedule.seed ^ 0xc0ffee);
+        let plan = settings.schedule.plan(settings.steps_per_epoch);
         let record = train(&varmap, &plan, progress, |epoch, step| {
             let chosen = batches.cycling(epoch, settings.steps_per_epoch, step).to_vec();
             let mut inputs = Vec::with_capacity(3 * chosen.len());

@@ -5,31 +5,25 @@
 //! (see [`perlin_blend`]); half the samples stay clean. There is no DTD texture set here, so the texture is
 //! another training image, strongly augmented (rotated by a multiple of 90°, mirrored, intensities rescaled,
 //! half the time inverted) — or, for half of the anomalies by default (`brightness_anomalies`), the image's
-//! own surface made brighter or darker, since uneven-brightness defects have no foreign texture (MTD: image
-//! AUROC 0.663 without, 0.737 with). `contour_masks` makes half of the masks thin bands along a level line of
-//! the noise instead of blobs (crack-like; off by default: on MTD it lost more on blowholes than it gained on
-//! cracks, 0.693 vs 0.737). A reconstructive sub-network (a fully convolutional encoder–decoder on the image
-//! average-pooled by `downsample`) learns to restore the clean image (L2 + 1 − SSIM), and a discriminative
-//! sub-network — a small U-Net — learns the anomaly mask (focal loss, γ = 2); both train together.
+//! own surface made brighter or darker, since uneven-brightness defects have no foreign texture.
+//! `contour_masks` makes half of the masks thin bands along a level line of the noise (crack-like; off by
+//! default). A reconstructive sub-network (a fully convolutional encoder–decoder on the image average-pooled by
+//! `downsample`) learns to restore the clean image (L2 + 1 − SSIM), and a discriminative sub-network — a small
+//! U-Net — learns the anomaly mask (focal loss, γ = 2); both train together.
 //!
-//! Where this differs from the paper, and why: the paper's discriminative U-Net learns from raw pixels of
-//! the augmented image and its reconstruction, over 700 epochs on a GPU. Trained from scratch that way for
-//! the few hundred steps a CPU affords in 10 minutes, it did not separate even synthetic defects (image
-//! AUROC 0.38–0.54). Fed the frozen Lite0 patch features instead, it separated synthetic defects but learnt
-//! what the synthetic anomalies look like, not what real ones do (MTD 0.705–0.765 over three seeds). So here
-//! the U-Net works on the 8×8-patch grid and sees only *deviations* (see [`Deviations::cells`]): how far
-//! each backbone level's features are from good parts at that position (z-scores against 200 training
-//! images — the "normal reference" that the reconstruction is in the paper, in feature space), and how far
-//! the image is from its reconstruction (squared error and 1 − SSIM, each patch's mean and maximum). It
-//! predicts the mask per patch (a patch is anomalous if any of its pixels is), and with `deviation_prior`
-//! its "anomalous" logit starts from the feature deviation, so that training learns a correction to it.
-//! The reconstruction reaches the discriminator detached: the focal loss trains the discriminator and
-//! L2 + SSIM the reconstructive network, summed into one loss per step, but the reconstructive network is not
-//! pushed to flag the synthetic anomalies itself. On MTD the trained map ranks images slightly worse than
-//! its deviation prior alone (ARCHITECTURE.md has both numbers).
+//! Where this differs from the paper: the paper's U-Net learns from raw pixels of the augmented image and its
+//! reconstruction over 700 GPU epochs; trained from scratch for the few hundred steps a CPU affords, that did
+//! not separate even synthetic defects. Here the U-Net works on the 8×8-patch grid and sees only *deviations*
+//! ([`Deviations::cells`]): each backbone level's z-scores against good parts at that position (the "normal
+//! reference" that the reconstruction is in the paper, in feature space), and the image's distance from its
+//! reconstruction (squared error and 1 − SSIM, each patch's mean and maximum). It predicts the mask per patch,
+//! and with `deviation_prior` its "anomalous" logit starts from the feature deviation, so training learns a
+//! correction to it. The reconstruction reaches the discriminator detached. Every variant tried, with its MTD
+//! figure, is in ARCHITECTURE.md ("Measured", DRAEM).
 //! Anomaly map: the discriminative probability of "anomalous", z-scored per position against 200 training
 //! images (see [`PositionCalibration`]), upsampled and blurred; image score: its maximum.
 
+use crate::methods::setting_docs::{TRAINING_EPOCHS, common, paper};
 use super::synthetic_anomalies::{
     brightness_changed, foreign_texture, patch_labels, perlin_blend, perlin_contour_blend,
 };
@@ -40,10 +34,10 @@ use crate::methods::calibration::PositionCalibration;
 use crate::methods::features::{
     patch_feature_rows, patch_standardisation, position_standardisation, PATCH_CHANNELS, PATCH_STRIDE,
 };
-use crate::methods::flow::Standardise;
 use crate::methods::layers::{channels_first, channels_last, pixel_shuffle, upsample2x, Conv};
 use crate::methods::ssim::{mean_ssim, ssim_map};
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
+use crate::methods::statistics::Standardise;
+use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
 use crate::methods::{
     outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores,
 };
@@ -66,11 +60,22 @@ method_info!(
     summary: "Reconstructive + discriminative networks trained on Perlin-noise synthetic anomalies.",
     guide: "Wins where defects look like foreign texture pasted on the part; localises them sharply. On 2 CPU cores, MTD (761 training images): fit 3 min 42 s, 28 images/s, image AUROC 0.779.",
     ranges: ["downsample": 1..=4, "reconstructive_width": 1..=256, "discriminative_width": 1..=512],
+    docs: [
+        "downsample" => common("Input reduction", "×", "The reconstructive network sees the image average-pooled by this factor (1, 2 or 4).", false),
+        "reconstructive_width" => common("Reconstructive width", "channels", "Channels of the reconstructive network's first stage; later stages double it.", true),
+        "discriminative_width" => common("Discriminative width", "channels", "Channels of the discriminative U-Net's first stage; later stages double it.", true),
+        "brightness_anomalies" => common("Brightness anomalies", "", "Half of the synthetic defects change the part's own brightness instead of pasting a foreign texture.", true),
+        "contour_masks" => common("Crack-like masks", "", "Half of the synthetic defect shapes are thin bands (crack-like) instead of blobs.", true),
+        "calibrate" => common("Per-position calibration", "", "Standardise the map per position against 200 training images (needs that many).", true),
+        "deviation_prior" => common("Deviation prior", "", "The discriminator starts from the patch's feature deviation and learns the correction.", true),
+        "epochs" => paper(TRAINING_EPOCHS, "700"),
+    ],
+    smoke: ({"epochs": 8, "steps_per_epoch": 40, "batch_size": 4, "discriminative_width": 32} at 192, floors [0.85, 0.85, 0.5]),
     presets: ["published": "the paper's training length, for a GPU" => DraemSettings::published],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct DraemSettings {
     /// The reconstructive network works on the image average-pooled by this factor (1, 2 or 4).
     pub downsample: usize,
@@ -78,14 +83,11 @@ pub struct DraemSettings {
     pub reconstructive_width: usize,
     /// Channels of the discriminative U-Net's first stage; later stages double it.
     pub discriminative_width: usize,
-    pub epochs: usize,
+    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub steps_per_epoch: usize,
     pub batch_size: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
-    pub time_budget_seconds: f64,
-    pub seed: u64,
     pub blur_sigma: f32,
     /// Half of the synthetic anomalies take the image's own surface with its brightness changed as their
     /// texture instead of a foreign one (uneven-brightness defects have no foreign texture).
@@ -108,13 +110,9 @@ impl Default for DraemSettings {
             downsample: 4,
             reconstructive_width: 16,
             discriminative_width: 64,
-            epochs: 8,
+            schedule: Schedule::new(8, 1e-3),
             steps_per_epoch: 40,
             batch_size: 8,
-            learning_rate: 1e-3,
-            weight_decay: 1e-5,
-            time_budget_seconds: 0.0,
-            seed: 0,
             blur_sigma: 4.0,
             brightness_anomalies: true,
             contour_masks: false,
@@ -131,9 +129,8 @@ impl DraemSettings {
         Self {
             downsample: 1,
             reconstructive_width: 32,
-            epochs: 700,
+            schedule: Self::default().schedule.with(700, 1e-4),
             steps_per_epoch: 32,
-            learning_rate: 1e-4,
             ..Self::default()
         }
     }
@@ -143,7 +140,7 @@ impl DraemSettings {
 const RECONSTRUCTIVE_STAGES: usize = 3;
 
 /// Fully convolutional encoder–decoder: reconstructs the clean image `(B, s, s, 3)`, channels-last.
-struct Reconstructive {
+pub(crate) struct Reconstructive {
     encoder: Vec<(Conv, Conv)>,
     /// Per stage: the convolution after the ×2 upsampling, then one at the same size.
     decoder: Vec<(Conv, Conv)>,
@@ -176,7 +173,7 @@ impl Reconstructive {
         Ok(Self { encoder, decoder, output: Conv::new(vb.pp("output"), channels, 4 * 3, 3, 1)? })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for (down, same) in &self.encoder {
             h = same.forward_leaky(&down.forward_leaky(&h)?)?;
@@ -191,7 +188,7 @@ impl Reconstructive {
 
 /// Channels the discriminative network sees per patch: the deviation of each of the two backbone levels from
 /// good parts at that position, then four reconstruction-error channels (see [`Deviations::cells`]).
-const DISCRIMINATIVE_INPUT: usize = 2 + 4;
+pub(crate) const DISCRIMINATIVE_INPUT: usize = 2 + 4;
 
 /// U-Net over the patch grid `(B, g, g, DISCRIMINATIVE_INPUT)` → two-class logits `(B, g, g, 2)`.
 struct Discriminative {
@@ -262,12 +259,12 @@ fn focal_loss(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 }
 
 pub struct Draem {
-    settings: DraemSettings,
+    pub(crate) settings: DraemSettings,
     image_size: u32,
     varmap: VarMap,
-    reconstructive: Reconstructive,
+    pub(crate) reconstructive: Reconstructive,
     discriminative: Discriminative,
-    deviations: Deviations,
+    pub(crate) deviations: Deviations,
     calibration: PositionCalibration,
     pub record: TrainingRecord,
 }
@@ -292,7 +289,23 @@ fn build(vb: &VarBuilder, settings: &DraemSettings) -> Result<(Reconstructive, D
 }
 
 /// `(B, 3, S, S)` images → channels-last `(B, S/f, S/f, 3)`, average-pooled by `factor`.
-fn pooled_channels_last(images: &Tensor, factor: usize) -> Result<Tensor> {
+/// The discriminative probability of "anomalous" per patch, `grid × grid` per image, on the CPU (before the
+/// position calibration).
+fn probability_cells(
+    reconstructive: &Reconstructive,
+    discriminative: &Discriminative,
+    deviations: &Deviations,
+    downsample: usize,
+    images: &Tensor,
+) -> Result<Vec<f32>> {
+    let input = pooled_channels_last(images, downsample)?;
+    let reconstruction = reconstructive.forward(&input)?;
+    let logits = discriminative.forward(&deviations.cells(images, &input, &reconstruction, downsample)?)?;
+    let probability = candle_nn::ops::softmax_last_dim(&logits)?.narrow(3, 1, 1)?;
+    Ok(probability.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+pub(crate) fn pooled_channels_last(images: &Tensor, factor: usize) -> Result<Tensor> {
     channels_last(&if factor > 1 { images.avg_pool2d(factor)? } else { images.clone() })
 }
 
@@ -309,9 +322,9 @@ impl Draem {
         let varmap = VarMap::new();
         let (reconstructive, discriminative) =
             build(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
-        let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0xd7);
-        let mut rng = SplitMix64::new(settings.seed ^ 0xd7ae);
-        let plan = training_plan!(settings, settings.steps_per_epoch);
+        let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.schedule.seed ^ 0xd7);
+        let mut rng = SplitMix64::new(settings.schedule.seed ^ 0xd7ae);
+        let plan = settings.schedule.plan(settings.steps_per_epoch);
         let record = train(&varmap, &plan, progress, |epoch, step| {
             let chosen = batches.cycling(epoch, settings.steps_per_epoch, step).to_vec();
             let (mut clean, mut augmented, mut labels) = (Vec::new(), Vec::new(), Vec::new());
@@ -349,37 +362,22 @@ impl Draem {
             let focal = focal_loss(&logits, &Tensor::new(labels.as_slice(), &device)?)?;
             Ok(((l2 + ssim)? + focal)?)
         })?;
-        let mut model = Self {
-            settings,
-            image_size: context.image_size,
-            varmap,
-            reconstructive,
-            discriminative,
-            deviations,
-            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
-            record,
-        };
-        if model.settings.calibrate {
+        let calibration = if settings.calibrate {
             let positions = (size / PATCH_STRIDE).pow(2);
-            model.calibration = PositionCalibration::from_training_images(context, images, positions, |batch| {
-                model.probability_cells(batch)
-            })?;
-        }
-        Ok(model)
+            PositionCalibration::from_training_images(context, images, positions, |batch| {
+                probability_cells(&reconstructive, &discriminative, &deviations, settings.downsample, batch)
+            })?
+        } else {
+            PositionCalibration::none()
+        };
+        let image_size = context.image_size;
+        Ok(Self { settings, image_size, varmap, reconstructive, discriminative, deviations, calibration, record })
     }
 
     /// The discriminative probability of "anomalous" per patch, `grid × grid` per image, on the CPU.
-    fn probability_cells(&self, images: &Tensor) -> Result<Vec<f32>> {
-        let input = pooled_channels_last(images, self.settings.downsample)?;
-        let reconstruction = self.reconstructive.forward(&input)?;
-        let logits = self.discriminative.forward(&self.deviations.cells(
-            images,
-            &input,
-            &reconstruction,
-            self.settings.downsample,
-        )?)?;
-        let probability = candle_nn::ops::softmax_last_dim(&logits)?.narrow(3, 1, 1)?;
-        Ok(probability.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+    pub(crate) fn probability_cells(&self, images: &Tensor) -> Result<Vec<f32>> {
+        let (reconstructive, discriminative) = (&self.reconstructive, &self.discriminative);
+        probability_cells(reconstructive, discriminative, &self.deviations, self.settings.downsample, images)
     }
 
     pub fn load(
@@ -420,7 +418,7 @@ impl Draem {
 
 /// What the discriminative network's input is measured against: the frozen backbone and the statistics of
 /// good parts' patch features.
-struct Deviations {
+pub(crate) struct Deviations {
     backbone: Arc<Backbone>,
     standardise: Standardise,
     /// Per position and channel (`grid² × PATCH_CHANNELS` values), after `standardise`.
@@ -432,7 +430,7 @@ impl Deviations {
     /// images `(B, 3, S, S)`, the reconstructive network's input `(B, s, s, 3)` (s = S / downsample) and its
     /// reconstruction: per patch, ln(1 + mean z²) of each backbone level's features z-scored against good parts
     /// at that position (stride 8, then stride 16), and the channels of [`reconstruction_error_cells`].
-    fn cells(
+    pub(crate) fn cells(
         &self,
         images: &Tensor,
         reconstruction_input: &Tensor,
@@ -633,71 +631,5 @@ mod tests {
         let p1 = 1.0 / (1.0 + 3f32.exp()); // softmax of class 1 for logits (2, −1)
         let expected = (-(1.0 - p1).powi(2) * p1.ln() - (0.5f32).powi(2) * 0.5f32.ln()) / 2.0;
         assert!((loss - expected).abs() < 1e-6, "{loss} vs {expected}");
-    }
-
-    /// Image AUROC of a trained model's map and of each of its discriminator's input channels on a benchmark
-    /// folder, raw and z-scored per position, at two blurs: what the discriminator adds to its inputs.
-    #[test]
-    #[ignore = "diagnostic: LOUPE_DRAEM_MODEL=model.safetensors LOUPE_DRAEM_DATA=mvtec-folder"]
-    fn score_variants_on_a_benchmark() {
-        use crate::maps::ScoreMap;
-        use crate::methods::images_to_tensor;
-        let diagnostic = crate::methods::diagnostic::load::<DraemSettings>("LOUPE_DRAEM_MODEL", "LOUPE_DRAEM_DATA");
-        let (train_images, test_images, labels) =
-            (&diagnostic.train_images, &diagnostic.test_images, &diagnostic.labels);
-        let image_size = diagnostic.image_size;
-        let model = Draem::load(diagnostic.backbone, image_size, diagnostic.settings, diagnostic.tensors).unwrap();
-        let size = image_size as usize;
-        let positions = (size / PATCH_STRIDE).pow(2);
-        // Per image, one plane of `positions` cells per term: the input channels, then the map.
-        let terms = |images: &[crate::dataset::DecodedImage]| -> Vec<Vec<Vec<f32>>> {
-            let mut out = Vec::new();
-            for chunk in images.chunks(16) {
-                let refs: Vec<&crate::dataset::DecodedImage> = chunk.iter().collect();
-                let batch = images_to_tensor(&refs, &Device::Cpu).unwrap();
-                let input = pooled_channels_last(&batch, model.settings.downsample).unwrap();
-                let reconstruction = model.reconstructive.forward(&input).unwrap();
-                let cells = model.deviations.cells(&batch, &input, &reconstruction, model.settings.downsample).unwrap();
-                let cells = channels_first(&cells).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                let probability = model.probability_cells(&batch).unwrap();
-                for (image, map) in
-                    cells.chunks_exact(positions * DISCRIMINATIVE_INPUT).zip(probability.chunks_exact(positions))
-                {
-                    let mut planes: Vec<Vec<f32>> = image.chunks_exact(positions).map(|plane| plane.to_vec()).collect();
-                    // The deviation prior alone: the two levels' deviations summed.
-                    planes.push(planes[0].iter().zip(&planes[1]).map(|(a, b)| a + b).collect());
-                    planes.push(map.to_vec());
-                    out.push(planes);
-                }
-            }
-            out
-        };
-        let (train_terms, test_terms) = (terms(train_images), terms(test_images));
-        for term in 0..DISCRIMINATIVE_INPUT + 2 {
-            let name = match term - DISCRIMINATIVE_INPUT.min(term) {
-                _ if term < DISCRIMINATIVE_INPUT => format!("input {term}"),
-                0 => "input 0 + input 1".to_string(),
-                _ => "map".to_string(),
-            };
-            let train_maps: Vec<f32> = train_terms.iter().flat_map(|t| t[term].clone()).collect();
-            let calibration = PositionCalibration::from_maps(&[train_maps], &[positions]);
-            for calibrated in [false, true] {
-                for sigma in [0.0, 4.0] {
-                    let maxima: Vec<f32> = test_terms
-                        .iter()
-                        .map(|t| {
-                            let mut values = t[term].clone();
-                            if calibrated {
-                                calibration.calibrate(0, &mut values);
-                            }
-                            let grid = size / PATCH_STRIDE;
-                            ScoreMap::new(grid, grid, values).resized(size, size).blurred(sigma).max()
-                        })
-                        .collect();
-                    let auroc = crate::metrics::roc::auroc(&maxima, labels).unwrap();
-                    eprintln!("{name}: calibrated {calibrated}, sigma {sigma}: max {auroc:.4}");
-                }
-            }
-        }
     }
 }

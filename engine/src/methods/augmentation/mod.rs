@@ -1,5 +1,5 @@
 //! The data-augmentation family: models that learn from synthetic anomalies made out of normal images.
 
-pub mod cutpaste;
-pub mod draem;
+family_methods!(draem, cutpaste);
+
 pub mod synthetic_anomalies;

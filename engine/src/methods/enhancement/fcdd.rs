@@ -14,14 +14,15 @@
 //! of A, the quantity the loss trains (`image_score = "mean"`), which dilutes small defects: on MTD (8 epochs)
 //! image AUROC 0.713 with the mean, 0.740 with the maximum of the same model.
 
+use crate::methods::setting_docs::{common};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;
 use crate::methods::augmentation::synthetic_anomalies::random_anomaly;
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS, PATCH_STRIDE};
-use crate::methods::flow::Standardise;
 use crate::methods::layers::Conv;
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
+use crate::methods::statistics::Standardise;
+use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
 use crate::methods::{planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
@@ -42,23 +43,26 @@ method_info!(
     summary: "Fully convolutional one-class classifier with outlier exposure; explanation heatmaps.",
     guide: "Wins when some outliers (real or synthetic) can be shown in training; its maps explain the score. On 2 CPU cores, MTD (761 training images): fit 6 min 26 s, 34 images/s, image AUROC 0.776.",
     ranges: ["width": 1..=1024, "gauss_std": 0..=32],
+    docs: [
+        "width" => common("Head width", "channels", "Channels of the trained convolutions on top of the backbone.", true),
+        "gauss_std" => common("Receptive-field σ", "px", "σ of the Gaussian that spreads each cell's score over the input pixels.", true),
+        "image_score" => common("Image score", "", "How the image score is read off the cells.", true),
+    ],
+    smoke: ({"epochs": 4, "steps_per_epoch": 10, "images_per_step": 4, "width": 64} at 96, floors [0.9, 0.85, 0.5]),
     presets: ["published": "the paper's training length, for a GPU" => FcddSettings::published],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct FcddSettings {
-    pub epochs: usize,
+    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub steps_per_epoch: usize,
     /// Normal images per step; as many synthetic outliers join them.
     pub images_per_step: usize,
     /// Channels of the trained convolutions.
     pub width: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
-    pub time_budget_seconds: f64,
-    pub seed: u64,
     /// σ of the receptive-field Gaussian, in input pixels (anomalib's default).
     pub gauss_std: f32,
     /// How the image score is read off the cells.
@@ -77,14 +81,10 @@ pub enum ImageScore {
 impl Default for FcddSettings {
     fn default() -> Self {
         Self {
-            epochs: 16,
+            schedule: Schedule::new(16, 1e-3),
             steps_per_epoch: 25,
             images_per_step: 8,
             width: 128,
-            learning_rate: 1e-3,
-            weight_decay: 1e-5,
-            time_budget_seconds: 0.0,
-            seed: 0,
             gauss_std: 14.0,
             image_score: ImageScore::Max,
         }
@@ -94,7 +94,13 @@ impl Default for FcddSettings {
 impl FcddSettings {
     /// The paper's MVTec length for a GPU: 200 epochs of batch 128 (half of it outliers).
     pub fn published() -> Self {
-        Self { epochs: 200, steps_per_epoch: 4, images_per_step: 64, image_score: ImageScore::Mean, ..Self::default() }
+        Self {
+            schedule: Schedule { epochs: 200, ..Self::default().schedule },
+            steps_per_epoch: 4,
+            images_per_step: 64,
+            image_score: ImageScore::Mean,
+            ..Self::default()
+        }
     }
 }
 
@@ -176,9 +182,9 @@ impl Fcdd {
 
         let varmap = VarMap::new();
         let head = Head::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
-        let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.seed ^ 0xfc);
-        let mut rng = SplitMix64::new(settings.seed ^ 0xfcdd);
-        let plan = training_plan!(settings, settings.steps_per_epoch);
+        let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.schedule.seed ^ 0xfc);
+        let mut rng = SplitMix64::new(settings.schedule.seed ^ 0xfcdd);
+        let plan = settings.schedule.plan(settings.steps_per_epoch);
         let record = train(&varmap, &plan, progress, |epoch, step| {
             let chosen = batches.cycling(epoch, settings.steps_per_epoch, step).to_vec();
             let mut inputs = Vec::with_capacity(2 * chosen.len());

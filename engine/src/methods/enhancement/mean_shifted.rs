@@ -22,11 +22,14 @@
 //! Learning rate 1e-4 (the paper fine-tunes gently, 1e-5 with SGD): at 1e-3 the adapter drifted from the
 //! pretrained features and scored worse (0.693 vs 0.756 with one centre).
 
+use crate::methods::setting_docs::{common};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
-use crate::methods::training::{load_varmap, take_tensor, train, varmap_state, ShuffledBatches, TrainingRecord};
+use crate::methods::training::{
+    load_varmap, take_tensor, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord,
+};
 use crate::methods::{
     images_to_tensor, outputs_from_cells, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores,
 };
@@ -50,13 +53,21 @@ method_info!(
     summary: "Contrastive adaptation around the normal centre; angular distance to it per patch.",
     guide: "Wins when pretrained features need a light adaptation to the parts. On 2 CPU cores, MTD (761 training images): fit 1 min 56 s, 65 images/s, image AUROC 0.820.",
     ranges: ["positions_per_step": 2..=65536, "hidden": 1..=4096, "temperature": 0.001..=100],
+    docs: [
+        "positions_per_step" => common("Positions per step", "", "Patch positions contrasted per step (each with its two views).", true),
+        "hidden" => common("Adapter width", "channels", "Hidden width of the adapter trained on the features.", true),
+        "temperature" => common("Temperature τ", "", "Temperature of the contrastive loss: lower separates views more sharply.", true),
+    ],
+    smoke: ({"epochs": 4, "steps_per_epoch": 10, "images_per_step": 4, "positions_per_step": 256, "learning_rate": 1e-3} at 96, floors [0.9, 0.85, 0.5]),
     presets: ["published": "the paper's training length, for a GPU" => MeanShiftedSettings::published],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct MeanShiftedSettings {
-    pub epochs: usize,
+    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub steps_per_epoch: usize,
     pub images_per_step: usize,
     /// Patch positions contrasted per step (each with its two views).
@@ -65,27 +76,18 @@ pub struct MeanShiftedSettings {
     pub hidden: usize,
     /// Temperature τ of the contrastive loss.
     pub temperature: f64,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
-    pub time_budget_seconds: f64,
-    pub seed: u64,
     pub blur_sigma: f32,
 }
 
 impl Default for MeanShiftedSettings {
     fn default() -> Self {
         Self {
-            epochs: 8,
+            schedule: Schedule::new(8, 1e-4),
             steps_per_epoch: 25,
             images_per_step: 8,
             positions_per_step: 512,
             hidden: 256,
             temperature: 0.25,
-            learning_rate: 1e-4,
-            weight_decay: 1e-5,
-            time_budget_seconds: 0.0,
-            seed: 0,
             blur_sigma: 4.0,
         }
     }
@@ -94,7 +96,13 @@ impl Default for MeanShiftedSettings {
 impl MeanShiftedSettings {
     /// The paper's length for a GPU: 20 epochs of batch 64 over an MVTec-sized set.
     pub fn published() -> Self {
-        Self { epochs: 20, steps_per_epoch: 4, images_per_step: 64, positions_per_step: 2048, ..Self::default() }
+        Self {
+            schedule: Schedule { epochs: 20, ..Self::default().schedule },
+            steps_per_epoch: 4,
+            images_per_step: 64,
+            positions_per_step: 2048,
+            ..Self::default()
+        }
     }
 }
 
@@ -198,9 +206,9 @@ impl MeanShifted {
         )?;
         progress.advance(1);
 
-        let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.seed ^ 0x5e);
-        let mut rng = SplitMix64::new(settings.seed ^ 0x3ea7);
-        let plan = training_plan!(settings, settings.steps_per_epoch);
+        let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.schedule.seed ^ 0x5e);
+        let mut rng = SplitMix64::new(settings.schedule.seed ^ 0x3ea7);
+        let plan = settings.schedule.plan(settings.steps_per_epoch);
         let mirrored_columns: Vec<u32> = (0..grid as u32).rev().collect();
         let mirrored_columns = Tensor::new(mirrored_columns.as_slice(), &device)?;
         let record = train(&varmap, &plan, progress, |epoch, step| {

@@ -9,15 +9,17 @@
 //! Unlike the reference, scores are not normalised by the batch's maximum likelihood, so an image scores the same
 //! alone or in any batch.
 
+use crate::methods::setting_docs::{common};
 use super::{
     both_levels, calibrate, check_levels, level_side, level_statistics, mean_over_levels, normalisation_state,
     positional_encoding, record_assemble, record_level_rows, take_calibration, take_standardise, training_rows,
-    LevelScoring, Standardise, VectorFlow, LEVEL_CHANNELS,
+    LevelScoring, VectorFlow, LEVEL_CHANNELS,
 };
+use crate::methods::statistics::Standardise;
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::methods::calibration::PositionCalibration;
-use crate::methods::training::{load_varmap, train, varmap_state, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, Schedule, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::{layers, Graph, Value};
 use crate::rng::SplitMix64;
@@ -37,32 +39,35 @@ method_info!(
     summary: "Conditional normalizing flows on feature vectors with a position code; negative log-likelihood.",
     guide: "Wins on aligned parts whose normal look depends on position. On 2 CPU cores, MTD (761 training images): fit 3 min 2 s, 36 images/s, image AUROC 0.930.",
     ranges: ["coupling_blocks": 1..=64, "condition_dim": 4..=1024, "clamp_alpha": 0.01..=20, "vectors_per_step": 2..=65536, "levels": 0..=1],
+    docs: [
+        "coupling_blocks" => common("Coupling blocks", "", "Affine coupling blocks of each flow: more is more expressive and slower.", false),
+        "condition_dim" => common("Position code length", "", "Length of the positional code each vector is conditioned on (a multiple of 4).", true),
+        "vectors_per_step" => common("Vectors per step", "", "Feature vectors per level per optimisation step.", true),
+    ],
+    smoke: ({"epochs": 3, "steps_per_epoch": 15, "vectors_per_step": 256, "coupling_blocks": 4} at 96, floors [0.9, 0.85, 0.5]),
     presets: ["published": "the paper's training length, for a GPU" => CflowSettings::published],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct CflowSettings {
     pub coupling_blocks: usize,
     /// Length of the position code (a multiple of 4).
     pub condition_dim: usize,
     /// α in exp(α·tanh(·)): bounds each block's scaling.
     pub clamp_alpha: f64,
-    pub epochs: usize,
+    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     /// Feature vectors per level per optimisation step.
     pub vectors_per_step: usize,
     pub steps_per_epoch: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
-    pub time_budget_seconds: f64,
     /// Model 3×3-averaged features (as PatchCore) instead of the raw maps.
     pub local_average: bool,
     /// Backbone levels modelled: 0 = stride 8 (40 channels), 1 = stride 16 (112 channels). On MTD the stride-16
     /// level alone scores better than both (see ARCHITECTURE.md) and trains in two thirds of the time.
     #[serde(default = "both_levels")]
     pub levels: Vec<usize>,
-    pub seed: u64,
     pub blur_sigma: f32,
 }
 
@@ -72,15 +77,11 @@ impl Default for CflowSettings {
             coupling_blocks: 8,
             condition_dim: 128,
             clamp_alpha: 1.9,
-            epochs: 12,
+            schedule: Schedule::new(12, 1e-3),
             vectors_per_step: 1024,
             steps_per_epoch: 100,
-            learning_rate: 1e-3,
-            weight_decay: 1e-5,
-            time_budget_seconds: 0.0,
             local_average: true,
             levels: vec![1],
-            seed: 0,
             blur_sigma: 4.0,
         }
     }
@@ -90,10 +91,9 @@ impl CflowSettings {
     /// anomalib's CFlow schedule (50 epochs, fibre batches of 256, learning rate 1e-4) on the raw feature maps.
     pub fn published() -> Self {
         Self {
-            epochs: 50,
+            schedule: Self::default().schedule.with(50, 1e-4),
             vectors_per_step: 256,
             steps_per_epoch: 400,
-            learning_rate: 1e-4,
             local_average: false,
             ..Self::default()
         }
@@ -130,7 +130,7 @@ fn build_flows(vb: &VarBuilder, settings: &CflowSettings) -> Result<Vec<Option<V
                 settings.condition_dim,
                 settings.coupling_blocks,
                 settings.clamp_alpha,
-                settings.seed.wrapping_mul(31).wrapping_add(level as u64 * 1000),
+                settings.schedule.seed.wrapping_mul(31).wrapping_add(level as u64 * 1000),
             )
             .map(Some)
         })
@@ -174,8 +174,8 @@ impl Cflow {
                 positional_encoding(settings.condition_dim, side, side)
             })
             .collect();
-        let mut rng = SplitMix64::new(settings.seed ^ 0xcf10);
-        let plan = training_plan!(settings, settings.steps_per_epoch);
+        let mut rng = SplitMix64::new(settings.schedule.seed ^ 0xcf10);
+        let plan = settings.schedule.plan(settings.steps_per_epoch);
         let n = settings.vectors_per_step;
         let record = train(&varmap, &plan, progress, |_, _| {
             mean_over_levels(&settings.levels, |level| {
@@ -198,7 +198,11 @@ impl Cflow {
             })
         })?;
         let conditions = position_codes(&settings, context.image_size, &device)?;
-        let mut model = Self {
+        let calibration =
+            calibrate(&rows, &settings.levels, context.image_size, &device, progress, |level, x, count| {
+                level_nll(&flows, &standardise, &conditions, level, x, count)
+            })?;
+        Ok(Self {
             backbone: context.backbone.clone(),
             settings,
             image_size: context.image_size,
@@ -206,14 +210,9 @@ impl Cflow {
             flows,
             conditions,
             standardise,
-            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
+            calibration,
             record,
-        };
-        model.calibration =
-            calibrate(&rows, &model.settings.levels, model.image_size, &device, progress, |level, x, count| {
-                model.level_nll(level, x, count)
-            })?;
-        Ok(model)
+        })
     }
 
     pub fn load(
@@ -244,13 +243,25 @@ impl Cflow {
 }
 
 impl Cflow {
-    /// Negative log-likelihood per dimension of a batch's rows at one level, `batch × positions`.
     fn level_nll(&self, level: usize, rows: &Tensor, batch: usize) -> Result<Vec<f32>> {
-        let condition = self.conditions[level].repeat((batch, 1))?;
-        let x = self.standardise[level].apply(rows)?;
-        let Some(flow) = &self.flows[level] else { bail!("level {level} is not modelled") };
-        Ok(flow.log_likelihood_per_dim(&x, Some(&condition))?.neg()?.to_device(&Device::Cpu)?.to_vec1()?)
+        level_nll(&self.flows, &self.standardise, &self.conditions, level, rows, batch)
     }
+}
+
+/// Negative log-likelihood per dimension of a batch's rows at one level, `batch × positions` (before the
+/// position calibration).
+fn level_nll(
+    flows: &[Option<VectorFlow>],
+    standardise: &[Standardise],
+    conditions: &[Tensor],
+    level: usize,
+    rows: &Tensor,
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let condition = conditions[level].repeat((batch, 1))?;
+    let x = standardise[level].apply(rows)?;
+    let Some(flow) = &flows[level] else { bail!("level {level} is not modelled") };
+    Ok(flow.log_likelihood_per_dim(&x, Some(&condition))?.neg()?.to_device(&Device::Cpu)?.to_vec1()?)
 }
 
 impl AnomalyModel for Cflow {

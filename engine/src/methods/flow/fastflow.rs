@@ -11,15 +11,17 @@
 //! LayerNorm over C×H×W, which ties the model to one input size). Convolutions run as im2col + matrix product
 //! in channels-last rows, which candle differentiates and multiplies fast on the CPU.
 
+use crate::methods::setting_docs::common;
 use super::{
     both_levels, calibrate, check_levels, gaussian_log_density, level_side, level_statistics, mean_over_levels,
     normalisation_state, record_assemble, record_level_rows, record_per_dim, take_calibration, take_standardise,
-    training_rows, AffineTail, LevelScoring, Standardise, LEVEL_CHANNELS,
+    training_rows, AffineTail, LevelScoring, LEVEL_CHANNELS,
 };
+use crate::methods::statistics::Standardise;
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::methods::calibration::PositionCalibration;
-use crate::methods::training::{load_varmap, train, varmap_state, ShuffledBatches, TrainingRecord};
+use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::{layers, Graph, Value};
 use anyhow::{bail, Result};
@@ -38,11 +40,17 @@ method_info!(
     summary: "2-D normalizing flows on feature maps (convolutional couplings); likelihood.",
     guide: "Wins when good parts vary smoothly in texture: a likelihood per location. On 2 CPU cores, MTD (761 training images): fit 7 min 18 s, 26 images/s, image AUROC 0.910.",
     ranges: ["flow_steps": 1..=64, "hidden_ratio": 0.01..=8, "clamp_alpha": 0.01..=20, "levels": 0..=1],
+    docs: [
+        "flow_steps" => common("Flow steps", "", "Coupling steps of the 2-D flow: more is more expressive and slower.", false),
+        "hidden_ratio" => common("Hidden width ratio", "", "Width of each coupling's sub-network relative to its input channels.", true),
+        "conv3x3_only" => common("All 3×3 blocks", "", "Every block 3×3 (the paper's 3-3 variant) instead of alternating 3×3 and 1×1.", true),
+    ],
+    smoke: ({"epochs": 4, "flow_steps": 4, "images_per_step": 4} at 96, floors [0.9, 0.85, 0.5]),
     presets: ["published": "the paper's training length, for a GPU" => FastflowSettings::published],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct FastflowSettings {
     pub flow_steps: usize,
     pub hidden_ratio: f64,
@@ -51,19 +59,16 @@ pub struct FastflowSettings {
     /// Every block 3×3 — the paper's "3-3" variant, which it reports for ResNet-18 next to the alternating
     /// "3-1" one (used when false). On MTD (stride 16, 12 epochs) 3-3 scores 0.917 image AUROC, 3-1 0.896.
     pub conv3x3_only: bool,
-    pub epochs: usize,
+    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub images_per_step: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
-    pub time_budget_seconds: f64,
     /// Model 3×3-averaged features (as PatchCore) instead of the raw maps.
     pub local_average: bool,
     /// Backbone levels modelled: 0 = stride 8 (40 channels), 1 = stride 16 (112 channels). On MTD the stride-16
     /// level alone scores better than both (see ARCHITECTURE.md) and trains in two thirds of the time.
     #[serde(default = "both_levels")]
     pub levels: Vec<usize>,
-    pub seed: u64,
     pub blur_sigma: f32,
 }
 
@@ -74,14 +79,10 @@ impl Default for FastflowSettings {
             hidden_ratio: 1.0,
             clamp_alpha: 2.0,
             conv3x3_only: true,
-            epochs: 12,
+            schedule: Schedule::new(12, 1e-3),
             images_per_step: 8,
-            learning_rate: 1e-3,
-            weight_decay: 1e-5,
-            time_budget_seconds: 0.0,
             local_average: true,
             levels: vec![1],
-            seed: 0,
             blur_sigma: 4.0,
         }
     }
@@ -90,7 +91,13 @@ impl Default for FastflowSettings {
 impl FastflowSettings {
     /// anomalib's FastFlow schedule (500 epochs, batch 32) on the raw feature maps.
     pub fn published() -> Self {
-        Self { epochs: 500, images_per_step: 32, local_average: false, levels: both_levels(), ..Self::default() }
+        Self {
+            schedule: Schedule { epochs: 500, ..Self::default().schedule },
+            images_per_step: 32,
+            local_average: false,
+            levels: both_levels(),
+            ..Self::default()
+        }
     }
 }
 
@@ -229,8 +236,13 @@ fn build_flows(vb: &VarBuilder, settings: &FastflowSettings) -> Result<Vec<Optio
             if !settings.levels.contains(&level) {
                 return Ok(None);
             }
-            MapFlow::new(vb.pp(format!("level{level}")), channels, settings, settings.seed * 31 + level as u64 * 1000)
-                .map(Some)
+            MapFlow::new(
+                vb.pp(format!("level{level}")),
+                channels,
+                settings,
+                settings.schedule.seed * 31 + level as u64 * 1000,
+            )
+            .map(Some)
         })
         .collect()
 }
@@ -251,8 +263,8 @@ impl Fastflow {
         let standardise = level_statistics(&rows, &device)?;
         let varmap = VarMap::new();
         let flows = build_flows(&VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
-        let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.seed ^ 0xfa57);
-        let plan = training_plan!(settings, batches.steps_per_epoch());
+        let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.schedule.seed ^ 0xfa57);
+        let plan = settings.schedule.plan(batches.steps_per_epoch());
         let record = train(&varmap, &plan, progress, |_, step| {
             let chosen = batches.batch(step);
             mean_over_levels(&settings.levels, |level| {
@@ -265,21 +277,20 @@ impl Fastflow {
                 Ok(nll)
             })
         })?;
-        let mut model = Self {
+        let calibration =
+            calibrate(&rows, &settings.levels, context.image_size, &device, progress, |level, x, count| {
+                level_nll(&flows, &standardise, context.image_size, level, x, count)
+            })?;
+        Ok(Self {
             backbone: context.backbone.clone(),
             settings,
             image_size: context.image_size,
             varmap,
             flows,
             standardise,
-            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
+            calibration,
             record,
-        };
-        model.calibration =
-            calibrate(&rows, &model.settings.levels, model.image_size, &device, progress, |level, x, count| {
-                model.level_nll(level, x, count)
-            })?;
-        Ok(model)
+        })
     }
 
     pub fn load(
@@ -308,13 +319,25 @@ impl Fastflow {
 }
 
 impl Fastflow {
-    /// Negative log-likelihood per dimension of a batch's rows at one level, `batch × positions`.
     fn level_nll(&self, level: usize, rows: &Tensor, batch: usize) -> Result<Vec<f32>> {
-        let side = level_side(self.image_size, level);
-        let x = self.standardise[level].apply(rows)?;
-        let Some(flow) = &self.flows[level] else { bail!("level {level} is not modelled") };
-        Ok(flow.log_likelihood_per_dim(&x, (batch, side, side))?.neg()?.to_device(&Device::Cpu)?.to_vec1()?)
+        level_nll(&self.flows, &self.standardise, self.image_size, level, rows, batch)
     }
+}
+
+/// Negative log-likelihood per dimension of a batch's rows at one level, `batch × positions` (before the
+/// position calibration).
+fn level_nll(
+    flows: &[Option<MapFlow>],
+    standardise: &[Standardise],
+    image_size: u32,
+    level: usize,
+    rows: &Tensor,
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let side = level_side(image_size, level);
+    let x = standardise[level].apply(rows)?;
+    let Some(flow) = &flows[level] else { bail!("level {level} is not modelled") };
+    Ok(flow.log_likelihood_per_dim(&x, (batch, side, side))?.neg()?.to_device(&Device::Cpu)?.to_vec1()?)
 }
 
 impl AnomalyModel for Fastflow {

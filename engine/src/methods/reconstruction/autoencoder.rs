@@ -16,6 +16,7 @@
 //! maps of training images (see [`PositionCalibration`]), resized to the input and Gaussian-blurred; image
 //! score: the map's maximum.
 
+use crate::methods::setting_docs::{common};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;
@@ -23,7 +24,9 @@ use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::layers::{channels_last, linear_leaky, pixel_shuffle, upsample2x, Conv};
 use crate::methods::per_image::PerImageTensors;
 use crate::methods::ssim::{mean_ssim, ssim_map};
-use crate::methods::training::{load_varmap, train, varmap_state, BenchStep, ShuffledBatches, TrainingRecord};
+use crate::methods::training::{
+    load_varmap, train, varmap_state, BenchStep, Schedule, ShuffledBatches, TrainingRecord,
+};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
@@ -44,6 +47,12 @@ method_info!(
     summary: "Convolutional autoencoder trained on good images; reconstruction error + SSIM map.",
     guide: "Wins when defects change texture or shading over a plain surface, and scores fast. On 2 CPU cores, MTD (761 training images): fit 4 min 10 s for 128 epochs, 236 images/s, image AUROC 0.837.",
     ranges: ["downsample": 1..=4, "width": 1..=256, "latent_dim": 1..=4096],
+    docs: [
+        "downsample" => common("Input reduction", "×", "The network sees the image average-pooled by this factor (1, 2 or 4): smaller trains faster, sees less detail.", false),
+        "width" => common("Network width", "channels", "Channels of the first encoder stage; later stages double it (at most 4×).", false),
+        "latent_dim" => common("Bottleneck size", "channels", "Channels of the bottleneck: too wide reconstructs defects too.", false),
+    ],
+    smoke: ({"epochs": 30, "batch_size": 4, "width": 16, "latent_dim": 32, "downsample": 1} at 96, floors [0.8, 0.85, 0.5]),
     presets: ["published": "a GPU-length schedule (200 epochs, learning rate 2e-4)" => AutoencoderSettings::published],
 );
 
@@ -51,20 +60,17 @@ method_info!(
 const STAGES: usize = 4;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct AutoencoderSettings {
     /// The network works on the image average-pooled by this factor (1, 2 or 4).
     pub downsample: usize,
     /// Channels of the first encoder stage; later stages double it (at most 4×).
     pub width: usize,
     pub latent_dim: usize,
-    pub epochs: usize,
+    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub batch_size: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
-    pub time_budget_seconds: f64,
-    pub seed: u64,
     /// σ of the map's Gaussian blur, in input pixels.
     pub blur_sigma: f32,
 }
@@ -75,12 +81,8 @@ impl Default for AutoencoderSettings {
             downsample: 4,
             width: 16,
             latent_dim: 100,
-            epochs: 128,
+            schedule: Schedule::new(128, 2e-3),
             batch_size: 16,
-            learning_rate: 2e-3,
-            weight_decay: 1e-5,
-            time_budget_seconds: 0.0,
-            seed: 0,
             blur_sigma: 4.0,
         }
     }
@@ -90,14 +92,14 @@ impl AutoencoderSettings {
     /// A GPU-length schedule in the range Bergmann et al. train for: 200 epochs at learning rate 2e-4, on their
     /// 128 px inputs.
     pub fn published() -> Self {
-        Self { downsample: 2, epochs: 200, learning_rate: 2e-4, ..Self::default() }
+        Self { downsample: 2, schedule: Self::default().schedule.with(200, 2e-4), ..Self::default() }
     }
 }
 
 /// The encoder–decoder, channels-last. The decoder ends at half the input side with a convolution to 2·2·3
 /// channels that a pixel shuffle (Shi et al. 2016) rearranges into the full-size image: no convolution runs at
 /// full resolution, where im2col rows would be 4× as many (the costliest part of a step on a CPU).
-struct Network {
+pub(crate) struct Network {
     encoder: Vec<Conv>,
     to_latent: Linear,
     from_latent: Linear,
@@ -114,7 +116,7 @@ fn stage_channels(width: usize, stage: usize) -> usize {
 }
 
 impl Network {
-    fn new(vb: VarBuilder, side: usize, settings: &AutoencoderSettings) -> Result<Self> {
+    pub(crate) fn new(vb: VarBuilder, side: usize, settings: &AutoencoderSettings) -> Result<Self> {
         let w = settings.width;
         let mut encoder = Vec::new();
         let mut channels = 3;
@@ -146,7 +148,13 @@ impl Network {
     }
 
     /// `(B, S, S, 3)` in [0, 1] → its reconstruction, same shape.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Each pixel's anomaly at the network's size, before the position calibration, on the CPU.
+    fn anomaly(&self, input: &Tensor) -> Result<Tensor> {
+        let reconstruction = self.forward(input)?;
+        Ok(pixel_anomaly(input, &reconstruction)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let batch = x.dim(0)?;
         let mut h = x.clone();
         for conv in &self.encoder {
@@ -164,7 +172,7 @@ impl Network {
 }
 
 pub struct Autoencoder {
-    settings: AutoencoderSettings,
+    pub(crate) settings: AutoencoderSettings,
     image_size: u32,
     varmap: VarMap,
     network: Network,
@@ -220,8 +228,8 @@ pub fn bench_step(batch: usize, side: usize, device: &Device) -> Result<BenchSte
     let x = Tensor::rand(0f32, 1f32, (batch, side, side, 3), device)?;
     Ok(BenchStep {
         varmap,
-        learning_rate: settings.learning_rate,
-        weight_decay: settings.weight_decay,
+        learning_rate: settings.schedule.learning_rate,
+        weight_decay: settings.schedule.weight_decay,
         loss: Box::new(move || network.training_loss(&x)),
         geometry: format!("batch {batch}, {side}² input"),
     })
@@ -248,28 +256,20 @@ impl Autoencoder {
         let inputs_of = |chosen: &[usize]| inputs.gather(chosen, &device);
         let varmap = VarMap::new();
         let network = Network::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), side, &settings)?;
-        let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0xae);
-        let plan = training_plan!(settings, batches.steps_per_epoch());
+        let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.schedule.seed ^ 0xae);
+        let plan = settings.schedule.plan(batches.steps_per_epoch());
         let record =
             train(&varmap, &plan, progress, |_, step| network.training_loss(&inputs_of(batches.batch(step))?))?;
-        let mut model = Self {
-            settings,
-            image_size: context.image_size,
-            varmap,
-            network,
-            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
-            record,
-        };
         let count = images.len().min(CALIBRATION_IMAGES);
         progress.begin("calibrating", count as u64);
         let mut maps = Vec::new();
         for first in (0..count).step_by(16) {
             let batch: Vec<usize> = (first..count.min(first + 16)).collect();
-            maps.extend(model.raw_maps(&inputs_of(&batch)?)?.flatten_all()?.to_vec1::<f32>()?);
+            maps.extend(network.anomaly(&inputs_of(&batch)?)?.flatten_all()?.to_vec1::<f32>()?);
             progress.advance(batch.len() as u64);
         }
-        model.calibration = PositionCalibration::from_maps(&[maps], &[side * side]);
-        Ok(model)
+        let calibration = PositionCalibration::from_maps(&[maps], &[side * side]);
+        Ok(Self { settings, image_size: context.image_size, varmap, network, calibration, record })
     }
 
     pub fn load(
@@ -296,8 +296,7 @@ impl Autoencoder {
 
     /// Uncalibrated maps `(B, s, s)` on the CPU of network inputs `(B, s, s, 3)`.
     fn raw_maps(&self, input: &Tensor) -> Result<Tensor> {
-        let reconstruction = self.network.forward(input)?;
-        Ok(pixel_anomaly(input, &reconstruction)?.to_device(&Device::Cpu)?.to_dtype(DType::F32)?)
+        self.network.anomaly(input)
     }
 }
 
@@ -377,122 +376,3 @@ impl AnomalyModel for Autoencoder {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    #[ignore]
-    fn step_timing() {
-        let settings = AutoencoderSettings::default();
-        let varmap = VarMap::new();
-        let network = Network::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), 128, &settings).unwrap();
-        let x = Tensor::rand(0f32, 1f32, (16, 128, 128, 3), &Device::Cpu).unwrap();
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let r = network.forward(&x).unwrap();
-            let l2 = (&x - &r).unwrap().sqr().unwrap().mean_all().unwrap();
-            let t1 = t.elapsed();
-            let ssim = mean_ssim(&x, &r).unwrap().mean_all().unwrap();
-            let loss = (l2.clone() + ssim.affine(-1.0, 1.0).unwrap()).unwrap();
-            let t2 = t.elapsed();
-            let g = l2.backward().unwrap();
-            let t3 = t.elapsed();
-            drop(g);
-            let g = loss.backward().unwrap();
-            let t4 = t.elapsed();
-            drop(g);
-            eprintln!("forward {t1:?} +ssim {t2:?} backward(l2) {:?} backward(all) {:?}", t3 - t2, t4 - t3);
-        }
-    }
-
-    /// Image AUROC of map variants of a trained model on a benchmark folder, each z-scored per pixel against
-    /// the first 200 training images: which terms and which smoothing make the image score.
-    #[test]
-    #[ignore = "diagnostic: LOUPE_AE_MODEL=model.safetensors LOUPE_AE_DATA=mvtec-folder"]
-    fn map_variants_on_a_benchmark() {
-        let diagnostic = crate::methods::diagnostic::load::<AutoencoderSettings>("LOUPE_AE_MODEL", "LOUPE_AE_DATA");
-        let (train_images, test_images, labels) =
-            (&diagnostic.train_images, &diagnostic.test_images, &diagnostic.labels);
-        let image_size = diagnostic.image_size;
-        let model_backbone = diagnostic.backbone.clone();
-        let model =
-            Autoencoder::load(diagnostic.backbone, image_size, diagnostic.settings, diagnostic.tensors).unwrap();
-        // Per image: (1 − SSIM) and squared error maps, channel-averaged, at the network's size.
-        let terms = |images: &[crate::dataset::DecodedImage]| -> Vec<[Vec<f32>; 3]> {
-            let mut out = Vec::new();
-            for chunk in images.chunks(16) {
-                let refs: Vec<&crate::dataset::DecodedImage> = chunk.iter().collect();
-                let (input, reconstruction) =
-                    model.reconstruct(&images_to_tensor(&refs, &Device::Cpu).unwrap()).unwrap();
-                let dissimilarity =
-                    ssim_map(&input, &reconstruction).unwrap().affine(-1.0, 1.0).unwrap().mean(3).unwrap();
-                let error = (&input - &reconstruction).unwrap().sqr().unwrap().mean(3).unwrap();
-                // Perceptual: squared distance of the Lite0 patch features of input and reconstruction, both
-                // at the network's resolution brought back to the model's image size.
-                let up = |t: &Tensor| {
-                    let factor = model.settings.downsample;
-                    let (_, h, w, _) = t.dims4().unwrap();
-                    crate::methods::layers::channels_first(t)
-                        .unwrap()
-                        .upsample_nearest2d(h * factor, w * factor)
-                        .unwrap()
-                };
-                let features =
-                    |t: &Tensor| crate::methods::features::patch_feature_rows(&model_backbone, &up(t)).unwrap();
-                let grid = (image_size as usize) / 8;
-                let perceptual = (features(&input) - features(&reconstruction))
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .sum(1)
-                    .unwrap()
-                    .reshape((chunk.len(), grid, grid))
-                    .unwrap();
-                for b in 0..chunk.len() {
-                    let flat = |t: &Tensor| t.get(b).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    out.push([flat(&dissimilarity), flat(&error), flat(&perceptual)]);
-                }
-            }
-            out
-        };
-        let (train_terms, test_terms) = (terms(train_images), terms(test_images));
-        let side = (train_terms[0][0].len() as f64).sqrt() as usize;
-        let size = image_size as usize;
-        let grid = size / 8;
-        let train_perceptual: Vec<f32> = train_terms.iter().flat_map(|t| t[2].clone()).collect();
-        let calibration = PositionCalibration::from_maps(&[train_perceptual], &[grid * grid]);
-        for sigma in [0.0, 4.0, 8.0] {
-            let maxima: Vec<f32> = test_terms
-                .iter()
-                .map(|t| {
-                    let mut values = t[2].clone();
-                    calibration.calibrate(0, &mut values);
-                    ScoreMap::new(grid, grid, values).resized(size, size).blurred(sigma).max()
-                })
-                .collect();
-            eprintln!("perceptual sigma {sigma}: max {:.4}", crate::metrics::roc::auroc(&maxima, labels).unwrap());
-        }
-        let combine = |t: &[Vec<f32>; 3], weights: [f32; 2]| -> Vec<f32> {
-            t[0].iter().zip(&t[1]).map(|(a, b)| weights[0] * a + weights[1] * b).collect()
-        };
-        for (name, weights) in [("ssim+l2", [1.0, 1.0]), ("ssim", [1.0, 0.0]), ("l2", [0.0, 1.0])] {
-            let train_maps: Vec<f32> = train_terms.iter().flat_map(|t| combine(t, weights)).collect();
-            let calibration = PositionCalibration::from_maps(&[train_maps], &[side * side]);
-            for sigma in [0.0, 4.0, 8.0, 16.0] {
-                let mut maxima = Vec::new();
-                let mut means = Vec::new();
-                for t in &test_terms {
-                    let mut values = combine(t, weights);
-                    calibration.calibrate(0, &mut values);
-                    let map = ScoreMap::new(side, side, values).resized(size, size).blurred(sigma);
-                    maxima.push(map.max());
-                    means.push(map.data.iter().sum::<f32>() / map.data.len() as f32);
-                }
-                let max_auroc = crate::metrics::roc::auroc(&maxima, labels).unwrap();
-                let mean_auroc = crate::metrics::roc::auroc(&means, labels).unwrap();
-                eprintln!("{name:8} sigma {sigma:4}: max {max_auroc:.4}  mean {mean_auroc:.4}");
-            }
-        }
-    }
-}

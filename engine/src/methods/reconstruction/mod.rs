@@ -1,5 +1,4 @@
 //! The reconstruction family: a model learns to reproduce normal data and anomalies are what it cannot
 //! reproduce.
 
-pub mod autoencoder;
-pub mod stfpm;
+family_methods!(autoencoder, stfpm);

@@ -15,6 +15,7 @@
 //! instead (3×3 convolutions, stride 2 to the two teacher strides, 1×1 heads to the teacher's channels), the
 //! choice EfficientAD (Batzner et al. 2024) made for its student-teacher "patch description network".
 
+use crate::methods::setting_docs::{common};
 use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
@@ -22,7 +23,9 @@ use crate::maps::ScoreMap;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::layers::{channels_last, Conv};
 use crate::methods::per_image::PerImageTensors;
-use crate::methods::training::{load_varmap, train, varmap_state, BenchStep, ShuffledBatches, TrainingRecord};
+use crate::methods::training::{
+    load_varmap, train, varmap_state, BenchStep, Schedule, ShuffledBatches, TrainingRecord,
+};
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
@@ -43,43 +46,35 @@ method_info!(
     summary: "A student network learns the pretrained teacher's feature pyramid on good images; discrepancy map.",
     guide: "Wins on structured parts once trained long (the paper: 100 epochs; GPU). On 2 CPU cores, MTD (761 training images): fit 7 min 0 s for 20 epochs, 35 images/s, image AUROC 0.779.",
     ranges: ["width": 1..=512],
+    docs: [
+        "width" => common("Student width", "channels", "Channels of the student's first stage; later stages double it (at most 4×).", false),
+    ],
+    smoke: ({"epochs": 15, "batch_size": 4, "width": 16} at 96, floors [0.9, 0.85, 0.5]),
     presets: ["published": "the paper's training length, for a GPU" => StfpmSettings::published],
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct StfpmSettings {
     /// Channels of the student's first stage; later stages double it (at most 4×).
     pub width: usize,
-    pub epochs: usize,
+    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    #[serde(flatten)]
+    pub schedule: Schedule,
     pub batch_size: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
-    pub time_budget_seconds: f64,
-    pub seed: u64,
     pub blur_sigma: f32,
 }
 
 impl Default for StfpmSettings {
     fn default() -> Self {
-        Self {
-            width: 32,
-            epochs: 20,
-            batch_size: 8,
-            learning_rate: 2e-3,
-            weight_decay: 1e-5,
-            time_budget_seconds: 0.0,
-            seed: 0,
-            blur_sigma: 4.0,
-        }
+        Self { width: 32, schedule: Schedule::new(20, 2e-3), batch_size: 8, blur_sigma: 4.0 }
     }
 }
 
 impl StfpmSettings {
     /// The paper's length for a GPU: 100 epochs of batch 32 (SGD at 0.4 there; AdamW here).
     pub fn published() -> Self {
-        Self { epochs: 100, batch_size: 32, learning_rate: 1e-3, ..Self::default() }
+        Self { schedule: Self::default().schedule.with(100, 1e-3), batch_size: 32, ..Self::default() }
     }
 }
 
@@ -148,8 +143,8 @@ pub fn bench_step(batch: usize, side: usize, device: &Device) -> Result<BenchSte
     ];
     Ok(BenchStep {
         varmap,
-        learning_rate: settings.learning_rate,
-        weight_decay: settings.weight_decay,
+        learning_rate: settings.schedule.learning_rate,
+        weight_decay: settings.schedule.weight_decay,
         loss: Box::new(move || student.training_loss(&input, &teacher)),
         geometry: format!("batch {batch}, {side}² input"),
     })
@@ -162,6 +157,18 @@ fn normalise(x: &Tensor) -> Result<Tensor> {
 }
 
 /// ½·|t̂ − ŝ|² per position, `(B, H, W)`.
+/// The product of the two levels' discrepancy maps on the stride-8 grid, images after images (before the
+/// position calibration).
+fn raw_maps(backbone: &Backbone, student: &Student, images: &Tensor) -> Result<Vec<f32>> {
+    let teacher = teacher_maps(backbone, images)?;
+    let student = student.forward(&channels_last(images)?)?;
+    let fine = discrepancy(&teacher[0], &student[0])?;
+    let coarse = discrepancy(&teacher[1], &student[1])?;
+    let (_, h, w) = fine.dims3()?;
+    let coarse = coarse.unsqueeze(1)?.upsample_nearest2d(h, w)?.squeeze(1)?;
+    Ok(fine.mul(&coarse)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+}
+
 fn discrepancy(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
     Ok(((normalise(teacher)? - normalise(student)?)?.sqr()?.sum(3)? * 0.5)?)
 }
@@ -216,27 +223,20 @@ impl Stfpm {
         }
         let varmap = VarMap::new();
         let student = Student::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
-        let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.seed ^ 0x57f);
-        let plan = training_plan!(settings, batches.steps_per_epoch());
+        let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.schedule.seed ^ 0x57f);
+        let plan = settings.schedule.plan(batches.steps_per_epoch());
         let record = train(&varmap, &plan, progress, |_, step| {
             let chosen = batches.batch(step);
             let input = channels_last(&images_to_tensor(&images.select(chosen)?, &device)?)?;
             let targets = [teacher[0].gather(chosen, &device)?, teacher[1].gather(chosen, &device)?];
             student.training_loss(&input, &targets)
         })?;
-        let mut model = Self {
-            backbone: context.backbone.clone(),
-            settings,
-            image_size: context.image_size,
-            varmap,
-            student,
-            calibration: PositionCalibration::from_maps(&[], &[]), // set right below
-            record,
-        };
-        let positions = grid_side(model.image_size).pow(2);
-        model.calibration =
-            PositionCalibration::from_training_images(context, images, positions, |batch| model.raw_maps(batch))?;
-        Ok(model)
+        let positions = grid_side(context.image_size).pow(2);
+        let calibration = PositionCalibration::from_training_images(context, images, positions, |batch| {
+            raw_maps(&context.backbone, &student, batch)
+        })?;
+        let backbone = context.backbone.clone();
+        Ok(Self { backbone, settings, image_size: context.image_size, varmap, student, calibration, record })
     }
 
     pub fn load(
@@ -253,15 +253,8 @@ impl Stfpm {
         Ok(Self { backbone, settings, image_size, varmap, student, calibration, record: TrainingRecord::default() })
     }
 
-    /// The product of the two levels' discrepancy maps on the stride-8 grid, images after images.
     fn raw_maps(&self, images: &Tensor) -> Result<Vec<f32>> {
-        let teacher = teacher_maps(&self.backbone, images)?;
-        let student = self.student.forward(&channels_last(images)?)?;
-        let fine = discrepancy(&teacher[0], &student[0])?;
-        let coarse = discrepancy(&teacher[1], &student[1])?;
-        let (_, h, w) = fine.dims3()?;
-        let coarse = coarse.unsqueeze(1)?.upsample_nearest2d(h, w)?.squeeze(1)?;
-        Ok(fine.mul(&coarse)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+        raw_maps(&self.backbone, &self.student, images)
     }
 }
 

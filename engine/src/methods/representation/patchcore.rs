@@ -12,6 +12,7 @@
 //! the map can differ (slightly higher where the index missed a patch's nearest entry). The exhaustive search
 //! stays available and is what the ONNX export computes.
 
+use crate::methods::setting_docs::{common};
 use super::coreset::{greedy_coreset, random_projection, CoresetMethod};
 use super::nearest::InvertedIndex;
 use crate::backbone::Backbone;
@@ -45,10 +46,22 @@ method_info!(
         "search_probes": 1..=65536,
         "search_lists": 0..=65536,
     ],
+    docs: [
+        "coreset_ratio" => common("Memory bank share", "", "Fraction of all training patches kept in the memory bank (greedy coreset): more is more accurate and slower.", false),
+        "max_bank" => common("Memory bank limit", "rows", "Most patches the memory bank keeps, whatever the share (0: the share alone): bounds scoring time and memory on large training sets.", true),
+        "selection_chunk" => common("Selection chunk", "rows", "Patch features gathered before a large training set's selection cuts them to candidates: bounds the fit's memory (rows × 608 bytes).", true),
+        "num_neighbors" => common("Re-weighting neighbours", "", "Bank neighbours used to re-weight the image score (1: the plain maximum patch distance).", true),
+        "projection_dim" => common("Coreset projection", "dims", "Dimensions of the random projection used while choosing the coreset (0: none); only speeds the choice.", true),
+        "coreset_method" => common("Coreset algorithm", "", "auto, exact (plain greedy) or cells (greedy per spatial cell, for large banks).", true),
+        "search" => common("Nearest-entry search", "", "auto, exhaustive or inverted (an index on the CPU: much faster, same image scores, the map can differ slightly).", true),
+        "search_probes" => common("Index probes", "lists", "Lists of the inverted index each patch searches: more gives a map closer to the exhaustive one, slower.", true),
+        "search_lists" => common("Index lists", "lists", "Lists the index splits the bank into (0: about 4·√bank).", true),
+    ],
+    smoke: ({"coreset_ratio": 0.25} at 96, floors [0.9, 0.85, 0.5]),
 );
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct PatchCoreSettings {
     /// Fraction of all training patches kept in the memory bank.
     pub coreset_ratio: f64,
