@@ -233,7 +233,9 @@ fn report_scored(
     let (f1_threshold, f1_max) = table.f1_max().expect("both classes present");
     let threshold = manifest.thresholds.decision;
     progress.begin("pixel metrics", 1);
-    let pixels = PixelCurves::new(&scored);
+    // An image-level method's map is its score everywhere: pixel metrics of it would measure nothing.
+    let localises = crate::methods::find_method(&manifest.method).map_or(true, |method| method.localises);
+    let pixels = if localises { PixelCurves::new(&scored) } else { PixelCurves { sorted: None, members: Vec::new() } };
     let (pixel_auroc, pro) = pixels.metrics(&scored, |_| true);
     let mut per_defect_type = BTreeMap::new();
     let goods: Vec<&Scored> = scored.iter().filter(|s| !s.record.label.is_anomalous()).collect();

@@ -14,6 +14,7 @@ macro_rules! method_info {
      guide: $guide:expr, ranges: [$($key:literal: $min:literal..=$max:literal),* $(,)?],
      docs: [$($doc_key:literal => $doc:expr),* $(,)?],
      smoke: ($smoke:tt at $smoke_size:literal, floors $floors:expr)
+     $(, localises: $localises:literal)?
      $(, presets: [$($preset:literal: $about:literal => $make:path),* $(,)?])? $(,)?) => {
         pub static INFO: $crate::methods::MethodInfo = $crate::methods::MethodInfo {
             name: $name,
@@ -23,6 +24,7 @@ macro_rules! method_info {
             guide: $guide,
             ranges: &[$($crate::methods::settings::SettingRange::new($key, $min as f64, $max as f64)),*],
             docs: &[$(($doc_key, $doc)),*],
+            localises: true $(&& $localises)?,
             smoke: $crate::methods::Smoke {
                 settings: || serde_json::json!($smoke),
                 image_size: $smoke_size,
@@ -208,7 +210,7 @@ pub struct Smoke {
     /// Overrides of the defaults.
     pub settings: fn() -> serde_json::Value,
     pub image_size: u32,
-    /// Image AUROC, pixel AUROC and AUPRO@0.3 it must beat.
+    /// Image AUROC, pixel AUROC and AUPRO@0.3 it must beat (the last two unused where it does not localise).
     pub floors: [f64; 3],
 }
 
@@ -232,6 +234,9 @@ pub struct MethodInfo {
     pub ranges: &'static [settings::SettingRange],
     /// What the method's own settings mean (the shared ones: [`setting_docs::COMMON`]).
     pub docs: &'static [(&'static str, setting_docs::SettingDoc)],
+    /// Whether its map says where an image is abnormal. An image-level method (`localises: false` in its
+    /// `method_info!`) draws its score over the whole image, and no pixel metric is computed for it.
+    pub localises: bool,
     pub smoke: Smoke,
     /// Checks complete settings: every value in its range, and the shape the method's settings type reads.
     pub check: fn(&serde_json::Value) -> Result<()>,

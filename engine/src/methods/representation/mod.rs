@@ -1,6 +1,6 @@
 //! Representation-based methods: a description of normal features (a memory bank, a Gaussian) and a distance.
 
-family_methods!(patchcore, padim);
+family_methods!(patchcore, padim, semi_orthogonal, gaussian_ad);
 
 pub mod coreset;
 pub mod nearest;

@@ -12,17 +12,14 @@
 use crate::methods::setting_docs::common;
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
-use crate::maps::ScoreMap;
-use crate::methods::features::{plain_feature_rows, PATCH_CHANNELS, PATCH_STRIDE};
-use crate::methods::gaussian::{whitening_matrix, MomentSums};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::methods::features::PATCH_CHANNELS;
+use crate::methods::gaussian::{grid_size, position_outputs, PositionGaussians};
+use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
-use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -72,10 +69,6 @@ pub struct Padim {
     whitening: Vec<f32>,
 }
 
-fn grid_size(image_size: u32) -> usize {
-    (image_size as usize).div_ceil(PATCH_STRIDE)
-}
-
 /// The seeded channel subset, sorted.
 fn choose_channels(count: usize, seed: u64) -> Vec<usize> {
     let mut all: Vec<usize> = (0..PATCH_CHANNELS).collect();
@@ -97,48 +90,9 @@ impl Padim {
             bail!("feature_count must be in 1..={PATCH_CHANNELS}, got {}", settings.feature_count);
         }
         let channels = choose_channels(settings.feature_count, settings.seed);
-        let d = channels.len();
-        let side = grid_size(context.image_size);
-        let positions = side * side;
-        let mut moments = vec![MomentSums::new(d); positions];
-        let progress = context.progress;
-        progress.begin("features", images.len() as u64);
-        for batch in images.all_batches(context.batch_size) {
-            check_cancelled(progress)?;
-            let batch = batch?;
-            let rows: Vec<f32> = plain_feature_rows(&context.backbone, &images_to_tensor(&batch, &context.device)?)?
-                .to_device(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1()?;
-            if rows.len() != batch.len() * positions * PATCH_CHANNELS {
-                bail!("feature grid does not match image size {}", context.image_size);
-            }
-            moments.par_iter_mut().enumerate().for_each(|(p, moments)| {
-                let mut x = vec![0f32; d];
-                for b in 0..batch.len() {
-                    let row = &rows[(b * positions + p) * PATCH_CHANNELS..][..PATCH_CHANNELS];
-                    x.iter_mut().zip(&channels).for_each(|(value, &c)| *value = row[c]);
-                    moments.add(&x);
-                }
-            });
-            progress.advance(batch.len() as u64);
-        }
-        progress.begin("inverting covariances", 1);
-        let per_position: Vec<Result<(Vec<f32>, Vec<f32>)>> = moments
-            .par_iter()
-            .map(|moments| {
-                let whitening = whitening_matrix(&moments.covariance(settings.regularization))?;
-                Ok((moments.mean().iter().map(|&m| m as f32).collect(), whitening))
-            })
-            .collect();
-        let mut mean = Vec::with_capacity(positions * d);
-        let mut whitening = Vec::with_capacity(positions * d * d);
-        for result in per_position {
-            let (m, w) = result?;
-            mean.extend(m);
-            whitening.extend(w);
-        }
-        progress.advance(1);
+        let reduce = |row: &[f32], x: &mut [f32]| x.iter_mut().zip(&channels).for_each(|(value, &c)| *value = row[c]);
+        let gaussians = PositionGaussians::fit(context, images, channels.len(), reduce, settings.regularization)?;
+        let PositionGaussians { mean, whitening, .. } = gaussians;
         Ok(Self {
             backbone: context.backbone.clone(),
             settings,
@@ -178,28 +132,10 @@ impl AnomalyModel for Padim {
     model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
-        let rows: Vec<f32> =
-            plain_feature_rows(&self.backbone, images)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let side = grid_size(self.image_size);
-        let positions = side * side;
         let d = self.channels.len();
-        let batch = rows.len() / (positions * PATCH_CHANNELS);
-        let size = self.image_size as usize;
-        (0..batch)
-            .map(|b| {
-                let distances: Vec<f32> = (0..positions)
-                    .into_par_iter()
-                    .map(|p| {
-                        let row = &rows[(b * positions + p) * PATCH_CHANNELS..][..PATCH_CHANNELS];
-                        let mean = &self.mean[p * d..(p + 1) * d];
-                        let delta: Vec<f32> = self.channels.iter().zip(mean).map(|(&c, m)| row[c] - m).collect();
-                        mahalanobis(&self.whitening[p * d * d..(p + 1) * d * d], &delta)
-                    })
-                    .collect();
-                let map = ScoreMap::new(side, side, distances).resized(size, size).blurred(self.settings.blur_sigma);
-                Ok(AnomalyOutput { score: map.max(), map })
-            })
-            .collect()
+        let reduce = |row: &[f32], x: &mut [f32]| x.iter_mut().zip(&self.channels).for_each(|(v, &c)| *v = row[c]);
+        let (mean, whitening) = (&self.mean, &self.whitening);
+        position_outputs(&self.backbone, images, self.image_size, d, mean, whitening, reduce, self.settings.blur_sigma)
     }
 
     fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
@@ -247,66 +183,9 @@ impl AnomalyModel for Padim {
     }
 }
 
-/// |W·δ| for a row-major lower-triangular W, compiled for AVX2+FMA when the processor has them.
-fn mahalanobis(whitening: &[f32], delta: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features this function is compiled for were just detected.
-            return unsafe { mahalanobis_avx2(whitening, delta) };
-        }
-    }
-    mahalanobis_portable(whitening, delta)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn mahalanobis_avx2(whitening: &[f32], delta: &[f32]) -> f32 {
-    mahalanobis_portable(whitening, delta)
-}
-
-#[inline(always)]
-fn mahalanobis_portable(whitening: &[f32], delta: &[f32]) -> f32 {
-    let d = delta.len();
-    let mut squared = 0f32;
-    for (i, row) in whitening.chunks_exact(d).enumerate() {
-        // Eight partial sums so the dot product vectorises.
-        let mut lanes = [0f32; 8];
-        let (row, delta) = (&row[..=i], &delta[..=i]);
-        let chunks = row.chunks_exact(8).zip(delta.chunks_exact(8));
-        let tail: f32 =
-            row.chunks_exact(8).remainder().iter().zip(delta.chunks_exact(8).remainder()).map(|(a, b)| a * b).sum();
-        for (w, x) in chunks {
-            for lane in 0..8 {
-                lanes[lane] += w[lane] * x[lane];
-            }
-        }
-        let z = lanes.iter().sum::<f32>() + tail;
-        squared += z * z;
-    }
-    squared.sqrt()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn whitened_distance_equals_the_inverse_covariance_form() {
-        let d = 11;
-        let mut rng = SplitMix64::new(5);
-        let a = nalgebra::DMatrix::from_fn(d, d, |_, _| rng.normal() as f64);
-        let covariance = &a * a.transpose() + nalgebra::DMatrix::identity(d, d) * 0.1;
-        let delta = nalgebra::DVector::from_fn(d, |_, _| rng.normal() as f64);
-        let expected = (delta.transpose() * covariance.clone().try_inverse().unwrap() * &delta)[(0, 0)].sqrt();
-        let whitening =
-            covariance.cholesky().unwrap().l().solve_lower_triangular(&nalgebra::DMatrix::identity(d, d)).unwrap();
-        let row_major: Vec<f32> =
-            (0..d).flat_map(|i| (0..d).map(move |j| (i, j))).map(|(i, j)| whitening[(i, j)] as f32).collect();
-        let delta: Vec<f32> = delta.iter().map(|&v| v as f32).collect();
-        let actual = mahalanobis(&row_major, &delta) as f64;
-        assert!((actual - expected).abs() < 1e-3 * expected, "{actual} vs {expected}");
-    }
 
     #[test]
     fn channel_subset_is_seeded_sorted_and_distinct() {
