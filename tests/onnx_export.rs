@@ -113,6 +113,11 @@ fn padim_exports_with_parity() {
 }
 
 #[test]
+fn semi_orthogonal_exports_with_parity() {
+    exports_with_parity("semi-orthogonal", serde_json::json!({"embedding_dim": 40}), 64);
+}
+
+#[test]
 fn patchcore_exports_with_parity() {
     exports_with_parity("patchcore", serde_json::json!({"coreset_ratio": 0.25}), 128);
 }

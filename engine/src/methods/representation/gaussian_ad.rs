@@ -31,7 +31,7 @@ method_info!(
     title: "Gaussian-AD",
     family: Family::Representation,
     summary: "A multivariate Gaussian of each backbone level's image-averaged features; summed Mahalanobis distances.",
-    guide: "Wins when a defect changes the whole part's look (texture, colour) and only the verdict matters: fits in seconds, does not localise.",
+    guide: "Wins when a defect changes the whole part's look (texture, colour) and only the verdict matters; does not localise. On 2 CPU cores, MTD (761 training images): fit 15 s, 79 images/s, image AUROC 0.896.",
     ranges: ["levels": 0..=10, "regularization": 0..=1000],
     docs: [
         "levels" => common("Backbone levels", "", "Backbone blocks whose image-averaged output is modelled (0–10; the default is the last two).", false),

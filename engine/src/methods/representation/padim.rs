@@ -142,7 +142,7 @@ impl AnomalyModel for Padim {
         let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
         let features = layers::patch_features(graph, &fine, &coarse, false);
         let side = grid_size(self.image_size);
-        let (d, positions) = (self.channels.len(), side * side);
+        let d = self.channels.len();
         let channels: Vec<i64> = self.channels.iter().map(|&c| c as i64).collect();
         let channels = graph.ints("channels", &[d], &channels);
         let picked = graph.op("Gather", &[&features, &channels], vec![attr_int("axis", 1)]).with_shape(vec![
@@ -152,23 +152,8 @@ impl AnomalyModel for Padim {
             Some(side),
         ]);
         let rows = layers::positions_as_rows(graph, &picked);
-        let mean = graph.floats("mean", &[positions, d], &self.mean);
-        let delta = graph.op("Sub", &[&rows, &mean], vec![]);
-        let axis = graph.ints("axis", &[1], &[2]);
-        let delta = graph.op("Unsqueeze", &[&delta, &axis], vec![]);
-        // Each position's distance is |L·δ| (L lower-triangular): δ as a row times Lᵀ.
-        let transposed: Vec<f32> = (0..positions * d * d)
-            .map(|index| {
-                let (p, i, j) = (index / (d * d), index / d % d, index % d);
-                self.whitening[p * d * d + j * d + i]
-            })
-            .collect();
-        let whitening = graph.floats("whitening_t", &[positions, d, d], &transposed);
-        let whitened = graph.op("MatMul", &[&delta, &whitening], vec![]);
-        let axes = graph.ints("axes", &[2], &[2, 3]);
-        let squared = graph.op("ReduceSumSquare", &[&whitened, &axes], vec![attr_int("keepdims", 0)]);
-        let distances = graph.op("Sqrt", &[&squared], vec![]).with_shape(vec![images.shape[0], Some(positions)]);
-        Ok(layers::map_and_score(graph, &distances, side, self.image_size as usize, self.settings.blur_sigma))
+        let gaussians = (d, self.mean.as_slice(), self.whitening.as_slice());
+        Ok(record_position_distances(graph, &rows, gaussians, self.image_size, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -181,6 +166,36 @@ impl AnomalyModel for Padim {
             ("whitening".into(), Tensor::from_vec(self.whitening.clone(), (positions, d, d), &Device::Cpu)?),
         ])
     }
+}
+
+/// Records the per-position Mahalanobis map and score of `rows` `(N, positions, d)` against `(d, mean,
+/// whitening)` as [`PositionGaussians`] holds them: PaDiM's and the semi-orthogonal embedding's export.
+pub(crate) fn record_position_distances(
+    graph: &mut Graph,
+    rows: &Value,
+    (d, mean, whitening): (usize, &[f32], &[f32]),
+    image_size: u32,
+    blur_sigma: f32,
+) -> RecordedScores {
+    let side = grid_size(image_size);
+    let positions = side * side;
+    let mean = graph.floats("mean", &[positions, d], mean);
+    let delta = graph.op("Sub", &[rows, &mean], vec![]);
+    let axis = graph.ints("axis", &[1], &[2]);
+    let delta = graph.op("Unsqueeze", &[&delta, &axis], vec![]);
+    // Each position's distance is |L·δ| (L lower-triangular): δ as a row times Lᵀ.
+    let transposed: Vec<f32> = (0..positions * d * d)
+        .map(|index| {
+            let (p, i, j) = (index / (d * d), index / d % d, index % d);
+            whitening[p * d * d + j * d + i]
+        })
+        .collect();
+    let whitening = graph.floats("whitening_t", &[positions, d, d], &transposed);
+    let whitened = graph.op("MatMul", &[&delta, &whitening], vec![]);
+    let axes = graph.ints("axes", &[2], &[2, 3]);
+    let squared = graph.op("ReduceSumSquare", &[&whitened, &axes], vec![attr_int("keepdims", 0)]);
+    let distances = graph.op("Sqrt", &[&squared], vec![]).with_shape(vec![rows.shape[0], Some(positions)]);
+    layers::map_and_score(graph, &distances, side, image_size as usize, blur_sigma)
 }
 
 #[cfg(test)]
