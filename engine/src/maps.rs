@@ -27,17 +27,10 @@ impl ScoreMap {
         if (width, height) == (self.width, self.height) {
             return self.clone();
         }
-        let source_coordinate = |out: usize, out_size: usize, in_size: usize| {
-            let scale = in_size as f32 / out_size as f32;
-            let position = ((out as f32 + 0.5) * scale - 0.5).max(0.0);
-            let low = (position.floor() as usize).min(in_size - 1);
-            let high = (low + 1).min(in_size - 1);
-            (low, high, position - low as f32)
-        };
-        let columns: Vec<_> = (0..width).map(|x| source_coordinate(x, width, self.width)).collect();
+        let columns: Vec<_> = (0..width).map(|x| half_pixel_source(x, width, self.width)).collect();
         let mut data = Vec::with_capacity(width * height);
         for y in 0..height {
-            let (y0, y1, ty) = source_coordinate(y, height, self.height);
+            let (y0, y1, ty) = half_pixel_source(y, height, self.height);
             let row0 = &self.data[y0 * self.width..(y0 + 1) * self.width];
             let row1 = &self.data[y1 * self.width..(y1 + 1) * self.width];
             for &(x0, x1, tx) in &columns {
@@ -112,6 +105,16 @@ impl ScoreMap {
         });
         ScoreMap::new(w, h, out)
     }
+}
+
+/// Where output sample `out` of `out_size` reads in an input of `in_size` under bilinear resizing with
+/// half-pixel centres (PyTorch's `align_corners=False`): the two input samples and the weight of the second.
+pub fn half_pixel_source(out: usize, out_size: usize, in_size: usize) -> (usize, usize, f32) {
+    let scale = in_size as f32 / out_size as f32;
+    let position = ((out as f32 + 0.5) * scale - 0.5).max(0.0);
+    let low = (position.floor() as usize).min(in_size - 1);
+    let high = (low + 1).min(in_size - 1);
+    (low, high, position - low as f32)
 }
 
 /// The normalised 1-D Gaussian of [`ScoreMap::blurred`]: `2·⌊4σ + 0.5⌋ + 1` taps.

@@ -33,6 +33,18 @@ impl SplitMix64 {
         (self.next_u64() % n.max(1) as u64) as usize
     }
 
+    /// `keep` of `0..count` chosen uniformly (a seeded Fisher–Yates shuffle's first `keep`), ascending; all of
+    /// them when `keep ≥ count`.
+    pub fn subset(&mut self, count: usize, keep: usize) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..count).collect();
+        for i in (1..all.len()).rev() {
+            all.swap(i, self.below(i + 1));
+        }
+        all.truncate(keep.min(count));
+        all.sort_unstable();
+        all
+    }
+
     /// Standard normal (Box–Muller).
     pub fn normal(&mut self) -> f32 {
         let u1 = self.next_f32().max(1e-7);

@@ -129,8 +129,14 @@ mod tests {
                     .unwrap_or_else(|e| panic!("{} {}: {e:#}", method.name, preset.name));
             }
             let defaults = (method.default_settings)();
-            let blur = ["blur_sigma", "gauss_std"].into_iter().find(|k| defaults.get(k).is_some()).unwrap();
-            let message = method.settings_with(&json!({blur: 1e9})).unwrap_err().to_string();
+            // A setting every method bounds: its map blur, else its first own ranged setting.
+            let key = ["blur_sigma", "gauss_std"]
+                .into_iter()
+                .find(|k| defaults.get(k).is_some())
+                .or_else(|| method.ranges.first().map(|range| range.name))
+                .unwrap_or_else(|| panic!("{} has no bounded setting", method.name));
+            let value = if defaults[key].is_array() { json!([1e9]) } else { json!(1e9) };
+            let message = method.settings_with(&json!({key: value})).unwrap_err().to_string();
             assert!(message.contains("outside its range"), "{}: {message}", method.name);
         }
     }

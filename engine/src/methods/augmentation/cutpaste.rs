@@ -12,7 +12,7 @@
 //! Score: the GDE (one Gaussian over the normal patches' embeddings, shrunk towards a scaled identity) gives
 //! each patch its Mahalanobis distance: the map (upsampled, Gaussian σ = 4); image score: its maximum.
 
-use crate::methods::setting_docs::{common};
+use crate::methods::setting_docs::common;
 use super::synthetic_anomalies::{cutpaste, patch_labels, scar};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;

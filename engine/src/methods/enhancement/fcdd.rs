@@ -14,7 +14,7 @@
 //! of A, the quantity the loss trains (`image_score = "mean"`), which dilutes small defects: on MTD (8 epochs)
 //! image AUROC 0.713 with the mean, 0.740 with the maximum of the same model.
 
-use crate::methods::setting_docs::{common};
+use crate::methods::setting_docs::common;
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;

@@ -22,7 +22,7 @@
 //! Learning rate 1e-4 (the paper fine-tunes gently, 1e-5 with SGD): at 1e-3 the adapter drifted from the
 //! pretrained features and scored worse (0.693 vs 0.756 with one centre).
 
-use crate::methods::setting_docs::{common};
+use crate::methods::setting_docs::common;
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};

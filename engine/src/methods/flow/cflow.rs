@@ -9,7 +9,7 @@
 //! Unlike the reference, scores are not normalised by the batch's maximum likelihood, so an image scores the same
 //! alone or in any batch.
 
-use crate::methods::setting_docs::{common};
+use crate::methods::setting_docs::common;
 use super::{
     both_levels, calibrate, check_levels, level_side, level_statistics, mean_over_levels, normalisation_state,
     positional_encoding, record_assemble, record_level_rows, take_calibration, take_standardise, training_rows,

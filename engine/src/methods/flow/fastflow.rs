@@ -21,6 +21,7 @@ use crate::methods::statistics::Standardise;
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::methods::calibration::PositionCalibration;
+use crate::methods::layers::patches;
 use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
 use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
 use crate::onnx::{layers, Graph, Value};
@@ -101,19 +102,6 @@ impl FastflowSettings {
     }
 }
 
-/// `(B·H·W, 9·C)`: each row the 3×3 zero-padded neighbourhood of a position, channels-last `(B, H, W, C)` input.
-fn neighbourhoods(x: &Tensor) -> Result<Tensor> {
-    let (b, h, w, c) = x.dims4()?;
-    let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
-    let mut shifted = Vec::with_capacity(9);
-    for dy in 0..3 {
-        for dx in 0..3 {
-            shifted.push(padded.narrow(1, dy, h)?.narrow(2, dx, w)?);
-        }
-    }
-    Ok(Tensor::cat(&shifted, 3)?.reshape((b * h * w, 9 * c))?)
-}
-
 /// A coupling block over a map held as rows `(B·H·W, C)`: the sub-network is conv → ReLU → conv with `kernel`
 /// 3 or 1 ("same" padding).
 struct MapCoupling {
@@ -138,7 +126,7 @@ impl MapCoupling {
     fn conv(&self, layer: &Linear, rows: &Tensor, shape: (usize, usize, usize)) -> Result<Tensor> {
         let (b, h, w) = shape;
         let input =
-            if self.kernel == 3 { neighbourhoods(&rows.reshape((b, h, w, rows.dim(1)?))?)? } else { rows.clone() };
+            if self.kernel == 1 { rows.clone() } else { patches(&rows.reshape((b, h, w, rows.dim(1)?))?, self.kernel, 1)? };
         Ok(layer.forward(&input)?)
     }
 

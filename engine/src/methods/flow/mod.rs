@@ -3,7 +3,7 @@
 //! the reference implementations use it), the Gaussian log-likelihood, and the training loop (AdamW, progress,
 //! cancel that keeps the best epoch).
 
-family_methods!(fastflow, cflow);
+family_methods!(fastflow, cflow, differnet, csflow);
 
 use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;

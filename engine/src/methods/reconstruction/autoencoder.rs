@@ -16,7 +16,7 @@
 //! maps of training images (see [`PositionCalibration`]), resized to the input and Gaussian-blurred; image
 //! score: the map's maximum.
 
-use crate::methods::setting_docs::{common};
+use crate::methods::setting_docs::common;
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;

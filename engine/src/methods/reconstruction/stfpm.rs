@@ -15,7 +15,7 @@
 //! instead (3×3 convolutions, stride 2 to the two teacher strides, 1×1 heads to the teacher's channels), the
 //! choice EfficientAD (Batzner et al. 2024) made for its student-teacher "patch description network".
 
-use crate::methods::setting_docs::{common};
+use crate::methods::setting_docs::common;
 use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;

@@ -71,14 +71,7 @@ pub struct Padim {
 
 /// The seeded channel subset, sorted.
 fn choose_channels(count: usize, seed: u64) -> Vec<usize> {
-    let mut all: Vec<usize> = (0..PATCH_CHANNELS).collect();
-    let mut rng = SplitMix64::new(seed ^ 0x9ad1_3c0f);
-    for i in (1..all.len()).rev() {
-        all.swap(i, rng.below(i + 1));
-    }
-    let mut chosen = all[..count].to_vec();
-    chosen.sort_unstable();
-    chosen
+    SplitMix64::new(seed ^ 0x9ad1_3c0f).subset(PATCH_CHANNELS, count)
 }
 
 impl Padim {

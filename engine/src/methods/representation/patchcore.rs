@@ -12,7 +12,7 @@
 //! the map can differ (slightly higher where the index missed a patch's nearest entry). The exhaustive search
 //! stays available and is what the ONNX export computes.
 
-use crate::methods::setting_docs::{common};
+use crate::methods::setting_docs::common;
 use super::coreset::{greedy_coreset, random_projection, CoresetMethod};
 use super::nearest::InvertedIndex;
 use crate::backbone::Backbone;

@@ -100,14 +100,7 @@ fn squared_distances(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// The gallery: every training image when there are at most `limit`, else a seeded choice of `limit`, sorted.
 fn gallery_indices(count: usize, limit: usize, seed: u64) -> Vec<usize> {
-    let mut all: Vec<usize> = (0..count).collect();
-    let mut rng = SplitMix64::new(seed ^ 0x59ade);
-    for i in (1..all.len()).rev() {
-        all.swap(i, rng.below(i + 1));
-    }
-    all.truncate(limit.min(count));
-    all.sort_unstable();
-    all
+    SplitMix64::new(seed ^ 0x59ade).subset(count, limit)
 }
 
 impl Spade {
