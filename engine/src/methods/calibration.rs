@@ -7,7 +7,7 @@
 //! (the maximum). Scoring the z-score instead makes positions — and a flow's two levels — comparable.
 
 use crate::dataset::TrainingImages;
-use crate::methods::{images_to_tensor, FitContext};
+use crate::methods::{images_to_tensor, outputs_from_cells, AnomalyOutput, FitContext};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -87,6 +87,17 @@ impl PositionCalibration {
         for ((v, m), s) in map.iter_mut().zip(mean).zip(inverse_std) {
             *v = (*v - m) * s;
         }
+    }
+
+    /// Outputs from one-level raw maps on a `grid × grid` grid, images after images: each z-scored per position
+    /// when this calibration has a level (as is when it is [`Self::none`]), resized to `size²` and blurred; the
+    /// score is the map's maximum.
+    pub fn outputs(&self, raw_maps: &[f32], grid: usize, size: usize, blur_sigma: f32) -> Vec<AnomalyOutput> {
+        let mut values = raw_maps.to_vec();
+        if !self.levels.is_empty() {
+            values.chunks_exact_mut(grid * grid).for_each(|map| self.calibrate(0, map));
+        }
+        outputs_from_cells(&values, grid, size, blur_sigma)
     }
 
     pub fn state(&self) -> Result<Vec<(String, Tensor)>> {

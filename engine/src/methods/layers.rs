@@ -1,4 +1,5 @@
-//! Trainable layers for the methods that learn convolutional networks (autoencoder, STFPM, DRAEM, FCDD).
+//! Trainable layers for the methods that learn convolutional networks (autoencoder, STFPM, DRAEM, FCDD, reverse
+//! distillation, and the couplings of FastFlow and CS-Flow).
 //!
 //! Maps are channels-last `(B, H, W, C)`. A convolution is im2col — the k×k shifted views of the zero-padded
 //! map concatenated along the channels — followed by one matrix product (candle's `conv2d` backward was 4–10×

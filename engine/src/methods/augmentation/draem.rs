@@ -39,7 +39,7 @@ use crate::methods::ssim::{mean_ssim, ssim_map};
 use crate::methods::statistics::Standardise;
 use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
 use crate::methods::{
-    outputs_from_cells, planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores,
+    planar_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores,
 };
 use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
@@ -513,13 +513,9 @@ impl AnomalyModel for Draem {
     model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
-        let mut cells = self.probability_cells(images)?;
+        let cells = self.probability_cells(images)?;
         let size = self.image_size as usize;
-        let grid = size / PATCH_STRIDE;
-        if self.settings.calibrate {
-            cells.chunks_exact_mut(grid * grid).for_each(|map| self.calibration.calibrate(0, map));
-        }
-        Ok(outputs_from_cells(&cells, grid, size, self.settings.blur_sigma))
+        Ok(self.calibration.outputs(&cells, size / PATCH_STRIDE, size, self.settings.blur_sigma))
     }
 
     fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {

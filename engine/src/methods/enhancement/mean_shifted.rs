@@ -31,7 +31,7 @@ use crate::methods::training::{
     load_varmap, take_tensor, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord,
 };
 use crate::methods::{
-    images_to_tensor, outputs_from_cells, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores,
+    images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores,
 };
 use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
@@ -318,8 +318,7 @@ impl AnomalyModel for MeanShifted {
         let size = self.image_size as usize;
         let grid = size / PATCH_STRIDE;
         distances.truncate(batch * grid * grid);
-        distances.chunks_exact_mut(grid * grid).for_each(|cells| self.calibration.calibrate(0, cells));
-        Ok(outputs_from_cells(&distances, grid, size, self.settings.blur_sigma))
+        Ok(self.calibration.outputs(&distances, grid, size, self.settings.blur_sigma))
     }
 
     fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {

@@ -19,7 +19,6 @@
 use crate::methods::setting_docs::common;
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
-use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::layers::{channels_last, linear_leaky, pixel_shuffle, upsample2x, Conv};
 use crate::methods::per_image::PerImageTensors;
@@ -305,16 +304,9 @@ impl AnomalyModel for Autoencoder {
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let maps = self.raw_maps(&network_input(images, self.settings.downsample)?)?;
-        let (batch, side, _) = maps.dims3()?;
-        let size = self.image_size as usize;
-        (0..batch)
-            .map(|b| {
-                let mut values = maps.get(b)?.flatten_all()?.to_vec1::<f32>()?;
-                self.calibration.calibrate(0, &mut values);
-                let map = ScoreMap::new(side, side, values).resized(size, size).blurred(self.settings.blur_sigma);
-                Ok(AnomalyOutput { score: map.max(), map })
-            })
-            .collect()
+        let side = maps.dim(1)?;
+        let values = maps.flatten_all()?.to_vec1::<f32>()?;
+        Ok(self.calibration.outputs(&values, side, self.image_size as usize, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

@@ -15,7 +15,6 @@
 use crate::backbone::Backbone;
 use crate::dataset::record_store::{RecordStore, PER_IMAGE_VALUES_IN_MEMORY};
 use crate::dataset::TrainingImages;
-use crate::maps::ScoreMap;
 use crate::methods::calibration::{PositionCalibration, CALIBRATION_IMAGES};
 use crate::methods::features::{patch_feature_rows, patch_standardisation, PATCH_CHANNELS};
 use crate::methods::gaussian::{grid_size, MomentSums};
@@ -223,18 +222,7 @@ impl AnomalyModel for Dfr {
         let side = grid_size(self.image_size);
         let rows = self.standardise.apply(&patch_feature_rows(&self.backbone, images)?)?;
         let errors: Vec<f32> = self.autoencoder.errors(&rows)?.to_device(&Device::Cpu)?.to_vec1()?;
-        let size = self.image_size as usize;
-        Ok(errors
-            .chunks_exact(side * side)
-            .map(|cells| {
-                let mut cells = cells.to_vec();
-                if self.settings.calibrate {
-                    self.calibration.calibrate(0, &mut cells);
-                }
-                let map = ScoreMap::new(side, side, cells).resized(size, size).blurred(self.settings.blur_sigma);
-                AnomalyOutput { score: map.max(), map }
-            })
-            .collect())
+        Ok(self.calibration.outputs(&errors, side, self.image_size as usize, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

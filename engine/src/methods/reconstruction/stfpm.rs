@@ -19,7 +19,6 @@ use crate::methods::setting_docs::common;
 use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
-use crate::maps::ScoreMap;
 use crate::methods::calibration::PositionCalibration;
 use crate::methods::layers::{channels_last, Conv};
 use crate::methods::per_image::PerImageTensors;
@@ -156,7 +155,6 @@ fn normalise(x: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_div(&norm)?)
 }
 
-/// ½·|t̂ − ŝ|² per position, `(B, H, W)`.
 /// The product of the two levels' discrepancy maps on the stride-8 grid, images after images (before the
 /// position calibration).
 fn raw_maps(backbone: &Backbone, student: &Student, images: &Tensor) -> Result<Vec<f32>> {
@@ -169,12 +167,13 @@ fn raw_maps(backbone: &Backbone, student: &Student, images: &Tensor) -> Result<V
     Ok(fine.mul(&coarse)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
 }
 
-fn discrepancy(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
+/// ½·|t̂ − ŝ|² per position of channels-last maps, `(B, H, W)`: 1 − the cosine similarity.
+pub(super) fn discrepancy(teacher: &Tensor, student: &Tensor) -> Result<Tensor> {
     Ok(((normalise(teacher)? - normalise(student)?)?.sqr()?.sum(3)? * 0.5)?)
 }
 
-/// The teacher's two maps, channels-last.
-fn teacher_maps(backbone: &Backbone, images: &Tensor) -> Result<[Tensor; 2]> {
+/// The teacher's two maps (the frozen backbone's stride 8 and 16), channels-last.
+pub(super) fn teacher_maps(backbone: &Backbone, images: &Tensor) -> Result<[Tensor; 2]> {
     let maps = backbone.features(images)?;
     Ok([channels_last(&maps.stride8)?, channels_last(&maps.stride16)?])
 }
@@ -197,6 +196,27 @@ fn check_image_size(image_size: u32) -> Result<()> {
     Ok(())
 }
 
+/// The frozen teacher's two maps of every training image, computed once (MTD at 256 px: ≈ 190 MB).
+pub(super) fn teacher_features(
+    context: &FitContext,
+    images: &TrainingImages,
+    what: &'static str,
+) -> Result<[PerImageTensors; 2]> {
+    let progress = context.progress;
+    progress.begin("teacher features", images.len() as u64);
+    let mut teacher = [PerImageTensors::new(what), PerImageTensors::new(what)];
+    for batch in images.all_batches(context.batch_size) {
+        check_cancelled(progress)?;
+        let batch = batch?;
+        let maps = teacher_maps(&context.backbone, &images_to_tensor(&batch, &context.device)?)?;
+        for (level, map) in maps.iter().enumerate() {
+            teacher[level].push(map)?;
+        }
+        progress.advance(batch.len() as u64);
+    }
+    Ok(teacher)
+}
+
 fn grid_side(image_size: u32) -> usize {
     image_size as usize / 8
 }
@@ -209,18 +229,7 @@ impl Stfpm {
         }
         let device = context.device.clone();
         let progress = context.progress;
-        // The frozen teacher's maps of every training image, once (MTD at 256 px: ≈ 190 MB).
-        progress.begin("teacher features", images.len() as u64);
-        let mut teacher = [PerImageTensors::new("STFPM teacher maps"), PerImageTensors::new("STFPM teacher maps")];
-        for batch in images.all_batches(context.batch_size) {
-            check_cancelled(progress)?;
-            let batch = batch?;
-            let maps = teacher_maps(&context.backbone, &images_to_tensor(&batch, &device)?)?;
-            for (level, map) in maps.iter().enumerate() {
-                teacher[level].push(map)?;
-            }
-            progress.advance(batch.len() as u64);
-        }
+        let teacher = teacher_features(context, images, "STFPM teacher maps")?;
         let varmap = VarMap::new();
         let student = Student::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.schedule.seed ^ 0x57f);
@@ -262,18 +271,9 @@ impl AnomalyModel for Stfpm {
     model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
-        let side = grid_side(self.image_size);
-        let size = self.image_size as usize;
         let maps = self.raw_maps(images)?;
-        Ok(maps
-            .chunks_exact(side * side)
-            .map(|values| {
-                let mut values = values.to_vec();
-                self.calibration.calibrate(0, &mut values);
-                let map = ScoreMap::new(side, side, values).resized(size, size).blurred(self.settings.blur_sigma);
-                AnomalyOutput { score: map.max(), map }
-            })
-            .collect())
+        let (side, size) = (grid_side(self.image_size), self.image_size as usize);
+        Ok(self.calibration.outputs(&maps, side, size, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
