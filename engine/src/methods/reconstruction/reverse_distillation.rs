@@ -8,16 +8,17 @@
 //! Loss: 1 − cosine similarity per position (½|t̂ − ŝ|² of the unit vectors, as STFPM here), averaged over
 //! positions and levels. The student only ever learned to rebuild normal features through the normal-only
 //! embedding, so where a defect changes the teacher's features the two disagree. Map: per level that
-//! discrepancy, the coarse one upsampled to the stride-8 grid, summed (the paper sums), optionally z-scored per
+//! discrepancy, the coarser ones upsampled to the finest level's grid, summed (the paper sums), z-scored per
 //! position against the training images (`calibrate`, not in the paper), resized and blurred; score: its maximum.
 //!
 //! Where it differs from the paper: the teacher there is a Wide-ResNet-50 (three levels of 256–1024 channels
 //! at strides 4–16), the bottleneck a ResNet stage to 2048 channels and the decoder the mirrored ResNet,
-//! trained 200 epochs on a GPU; here Lite0's two levels (40 and 112 channels), a bottleneck of `embedding`
-//! channels and a plain convolutional decoder of `width` channels, trained for a CPU.
+//! trained 200 epochs on a GPU; here Lite0's stride-8 and stride-16 levels (40 and 112 channels; the stride-4
+//! map, 24 channels, with `stride4_level`), a bottleneck of `embedding` channels and a plain convolutional
+//! decoder of `width` channels, trained for a CPU.
 
-use super::stfpm::{discrepancy, teacher_features, teacher_maps};
-use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
+use super::stfpm::{discrepancy, teacher_features, teacher_levels};
+use crate::backbone::efficientnet_lite0::{STRIDE16_BLOCK, STRIDE16_CHANNELS, STRIDE8_BLOCK, STRIDE8_CHANNELS};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::methods::calibration::PositionCalibration;
@@ -39,11 +40,12 @@ method_info!(
     title: "Reverse distillation",
     family: Family::Reconstruction,
     summary: "A student decoder rebuilds the teacher's features from a one-class bottleneck; discrepancy map.",
-    guide: "Wins where defects are local changes of texture or structure: the student cannot rebuild what the normal-only bottleneck never carried. On 2 CPU cores, MTD (761 training images): fit 7 min 54 s, 71 images/s, image AUROC 0.821 (below what the paper's three-level Wide-ResNet teacher reaches).",
+    guide: "Wins where defects are local changes of texture or structure: the student cannot rebuild what the normal-only bottleneck never carried. On 2 CPU cores, MTD (761 training images): fit 7 min 54 s, 81 images/s, image AUROC 0.832 (below what the paper's three-level Wide-ResNet teacher reaches).",
     ranges: ["embedding": 8..=2048, "width": 8..=1024, "images_per_step": 1..=256],
     docs: [
         "embedding" => common("Bottleneck channels", "", "Channels of the one-class embedding at stride 32: narrower forgets more of what is not normal.", false),
         "width" => common("Decoder width", "channels", "Channels of the student decoder at stride 16 (half of it at stride 8).", true),
+        "stride4_level" => common("Stride-4 level", "", "Also distil the backbone's stride-4 map: finer defects, about half again the training time.", true),
         "calibrate" => common("Per-position calibration", "", "Z-score the map per position against the training images' (not in the paper).", true),
     ],
     smoke: ({"epochs": 8, "images_per_step": 4, "embedding": 64, "width": 32} at 96, floors [0.9, 0.85, 0.5]),
@@ -56,6 +58,8 @@ pub struct ReverseDistillationSettings {
     pub embedding: usize,
     pub width: usize,
     pub images_per_step: usize,
+    /// Also distil Lite0's stride-4 map (24 channels), as the paper distils its teacher's first stage.
+    pub stride4_level: bool,
     pub calibrate: bool,
     pub blur_sigma: f32,
     /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
@@ -69,9 +73,10 @@ impl Default for ReverseDistillationSettings {
             embedding: 256,
             width: 128,
             images_per_step: 8,
+            stride4_level: false,
             calibrate: true,
             blur_sigma: 4.0,
-            // Validation AUROC 0.710 after 2 epochs, 0.687 after 20, 0.717 after 60 (ARCHITECTURE.md).
+            // Validation AUROC 0.710 after 2 epochs, 0.687 after 20, 0.717 and 0.747 after 60 (ARCHITECTURE.md).
             schedule: Schedule::new(60, 1e-3),
         }
     }
@@ -84,70 +89,95 @@ impl ReverseDistillationSettings {
     }
 }
 
-/// The one-class bottleneck: the teacher's two maps → an embedding at stride 32.
-struct Bottleneck {
-    fine_down: Conv,
-    fuse: Conv,
+/// The teacher's levels: the backbone block, its stride and its channels, finest first.
+const LEVELS: [(usize, usize, usize); 3] =
+    [(STRIDE4_BLOCK, 4, 24), (STRIDE8_BLOCK, 8, STRIDE8_CHANNELS), (STRIDE16_BLOCK, 16, STRIDE16_CHANNELS)];
+/// Lite0's block whose output is the stride-4 map (24 channels).
+const STRIDE4_BLOCK: usize = 2;
+
+/// The levels a model uses (indices into [`LEVELS`], finest first).
+fn levels(settings: &ReverseDistillationSettings) -> &'static [usize] {
+    if settings.stride4_level { &[0, 1, 2] } else { &[1, 2] }
 }
 
-/// The student: the embedding → the teacher's stride-16 and stride-8 maps.
-struct Decoder {
-    to_stride16: Vec<Conv>,
-    head16: Conv,
-    to_stride8: Vec<Conv>,
-    head8: Conv,
+fn teacher_blocks(settings: &ReverseDistillationSettings) -> Vec<usize> {
+    levels(settings).iter().map(|&level| LEVELS[level].0).collect()
 }
 
+/// The one-class bottleneck (every finer level convolved down to stride 16 by stride-2 convolutions,
+/// concatenated with the stride-16 map, then a stride-2 convolution to the embedding at stride 32) and the
+/// student decoder (per level, coarsest first: nearest ×2 upsampling, two 3×3 convolutions and a 1×1 head to
+/// the teacher's channels; `width` channels at stride 16, half of it at each finer level).
 struct Networks {
-    bottleneck: Bottleneck,
-    decoder: Decoder,
+    /// Per finer level (finest first): the convolutions to stride 16.
+    down: Vec<Vec<Conv>>,
+    fuse: Conv,
+    /// Per level, coarsest first: the convolutions and the head.
+    decoder: Vec<(Vec<Conv>, Conv)>,
 }
 
 impl Networks {
     fn new(vb: VarBuilder, settings: &ReverseDistillationSettings) -> Result<Self> {
-        let (embedding, wide, narrow) = (settings.embedding, settings.width, (settings.width / 2).max(1));
-        let conv = |name: &str, inputs: usize, outputs: usize, kernel: usize, stride: usize| {
+        let levels = levels(settings);
+        let conv = |name: String, inputs: usize, outputs: usize, kernel: usize, stride: usize| {
             Conv::new(vb.pp(name), inputs, outputs, kernel, stride)
         };
-        Ok(Self {
-            bottleneck: Bottleneck {
-                fine_down: conv("ocbe.fine_down", STRIDE8_CHANNELS, STRIDE16_CHANNELS, 3, 2)?,
-                fuse: conv("ocbe.fuse", 2 * STRIDE16_CHANNELS, embedding, 3, 2)?,
-            },
-            decoder: Decoder {
-                to_stride16: vec![conv("decoder.up16", embedding, wide, 3, 1)?, conv("decoder.conv16", wide, wide, 3, 1)?],
-                head16: conv("decoder.head16", wide, STRIDE16_CHANNELS, 1, 1)?,
-                to_stride8: vec![conv("decoder.up8", wide, narrow, 3, 1)?, conv("decoder.conv8", narrow, narrow, 3, 1)?],
-                head8: conv("decoder.head8", narrow, STRIDE8_CHANNELS, 1, 1)?,
-            },
-        })
+        let mut down = Vec::new();
+        for &level in &levels[..levels.len() - 1] {
+            let mut convs = Vec::new();
+            let mut channels = LEVELS[level].2;
+            for step in level..LEVELS.len() - 1 {
+                let next = LEVELS[step + 1].2;
+                convs.push(conv(format!("ocbe.down{level}.{step}"), channels, next, 3, 2)?);
+                channels = next;
+            }
+            down.push(convs);
+        }
+        let fuse = conv("ocbe.fuse".into(), levels.len() * STRIDE16_CHANNELS, settings.embedding, 3, 2)?;
+        let mut decoder = Vec::new();
+        let (mut inputs, mut width) = (settings.embedding, settings.width);
+        for &level in levels.iter().rev() {
+            let convs = vec![conv(format!("decoder.up{level}"), inputs, width, 3, 1)?, conv(format!("decoder.conv{level}"), width, width, 3, 1)?];
+            decoder.push((convs, conv(format!("decoder.head{level}"), width, LEVELS[level].2, 1, 1)?));
+            inputs = width;
+            width = (width / 2).max(1);
+        }
+        Ok(Self { down, fuse, decoder })
     }
 
-    /// The student's stride-8 and stride-16 maps rebuilt from the teacher's, channels-last.
-    fn forward(&self, teacher: &[Tensor; 2]) -> Result<[Tensor; 2]> {
-        let fine = self.bottleneck.fine_down.forward_leaky(&teacher[0])?;
-        let embedding = self.bottleneck.fuse.forward_leaky(&Tensor::cat(&[&fine, &teacher[1]], 3)?)?;
-        let mut h = upsample2x(&embedding)?;
-        for conv in &self.decoder.to_stride16 {
-            h = conv.forward_leaky(&h)?;
+    /// The student's maps rebuilt from the teacher's (both finest first, channels-last).
+    fn forward(&self, teacher: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut fused = Vec::with_capacity(teacher.len());
+        for (map, convs) in teacher.iter().zip(&self.down) {
+            let mut h = map.clone();
+            for conv in convs {
+                h = conv.forward_leaky(&h)?;
+            }
+            fused.push(h);
         }
-        let stride16 = self.decoder.head16.forward(&h)?;
-        h = upsample2x(&h)?;
-        for conv in &self.decoder.to_stride8 {
-            h = conv.forward_leaky(&h)?;
+        fused.push(teacher[teacher.len() - 1].clone());
+        let mut h = self.fuse.forward_leaky(&Tensor::cat(&fused, 3)?)?;
+        let mut student = Vec::with_capacity(teacher.len());
+        for (convs, head) in &self.decoder {
+            h = upsample2x(&h)?;
+            for conv in convs {
+                h = conv.forward_leaky(&h)?;
+            }
+            student.push(head.forward(&h)?);
         }
-        Ok([self.decoder.head8.forward(&h)?, stride16])
+        student.reverse();
+        Ok(student)
     }
 
-    /// Per level the student's discrepancy to the teacher `(B, H, W)`.
-    fn discrepancies(&self, teacher: &[Tensor; 2]) -> Result<[Tensor; 2]> {
+    /// Per level (finest first) the student's discrepancy to the teacher `(B, H, W)`.
+    fn discrepancies(&self, teacher: &[Tensor]) -> Result<Vec<Tensor>> {
         let student = self.forward(teacher)?;
-        Ok([discrepancy(&teacher[0], &student[0])?, discrepancy(&teacher[1], &student[1])?])
+        teacher.iter().zip(&student).map(|(t, s)| discrepancy(t, s)).collect()
     }
 }
 
-/// The bottleneck halves the stride-16 map once more and the decoder doubles it back twice: the stride-8 map's
-/// side must be a multiple of 4.
+/// The bottleneck halves the stride-16 map once more and the decoder doubles it back to each level: every
+/// level's side must be the stride-32 side times a power of two.
 fn check_image_size(image_size: u32) -> Result<()> {
     if !image_size.is_multiple_of(32) {
         bail!("reverse distillation needs an image size that is a multiple of 32, got {image_size}");
@@ -155,16 +185,20 @@ fn check_image_size(image_size: u32) -> Result<()> {
     Ok(())
 }
 
-fn grid_side(image_size: u32) -> usize {
-    image_size as usize / 8
+/// The side of the finest level's grid, where the maps are summed.
+fn grid_side(image_size: u32, settings: &ReverseDistillationSettings) -> usize {
+    image_size as usize / LEVELS[levels(settings)[0]].1
 }
 
-/// The summed discrepancy maps on the stride-8 grid, images after images (before any calibration).
-fn raw_maps(backbone: &Backbone, networks: &Networks, images: &Tensor) -> Result<Vec<f32>> {
-    let [fine, coarse] = networks.discrepancies(&teacher_maps(backbone, images)?)?;
-    let (_, h, w) = fine.dims3()?;
-    let coarse = coarse.unsqueeze(1)?.upsample_nearest2d(h, w)?.squeeze(1)?;
-    Ok((fine + coarse)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
+/// The discrepancy maps summed on the finest level's grid, images after images (before any calibration).
+fn raw_maps(backbone: &Backbone, networks: &Networks, blocks: &[usize], images: &Tensor) -> Result<Vec<f32>> {
+    let maps = networks.discrepancies(&teacher_levels(backbone, images, blocks)?)?;
+    let (_, h, w) = maps[0].dims3()?;
+    let mut sum = maps[0].clone();
+    for coarse in &maps[1..] {
+        sum = (sum + coarse.unsqueeze(1)?.upsample_nearest2d(h, w)?.squeeze(1)?)?;
+    }
+    Ok(sum.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?)
 }
 
 pub struct ReverseDistillation {
@@ -185,21 +219,25 @@ impl ReverseDistillation {
         }
         let device = context.device.clone();
         let progress = context.progress;
-        let teacher = teacher_features(context, images, "reverse distillation teacher maps")?;
+        let blocks = teacher_blocks(&settings);
+        let teacher = teacher_features(context, images, "reverse distillation teacher maps", &blocks)?;
         let varmap = VarMap::new();
         let networks = Networks::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), &settings)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.images_per_step, settings.schedule.seed ^ 0x4d);
         let plan = settings.schedule.plan(batches.steps_per_epoch());
         let record = train(&varmap, &plan, progress, |_, step| {
             let chosen = batches.batch(step);
-            let targets = [teacher[0].gather(chosen, &device)?, teacher[1].gather(chosen, &device)?];
-            let [fine, coarse] = networks.discrepancies(&targets)?;
-            Ok(((fine.mean_all()? + coarse.mean_all()?)? / 2.0)?)
+            let targets = teacher.iter().map(|level| level.gather(chosen, &device)).collect::<Result<Vec<_>>>()?;
+            let mut total = Tensor::zeros((), DType::F32, &device)?;
+            for level in networks.discrepancies(&targets)? {
+                total = (total + level.mean_all()?)?;
+            }
+            Ok((total / targets.len() as f64)?)
         })?;
         let calibration = if settings.calibrate {
-            let positions = grid_side(context.image_size).pow(2);
+            let positions = grid_side(context.image_size, &settings).pow(2);
             PositionCalibration::from_training_images(context, images, positions, |batch| {
-                raw_maps(&context.backbone, &networks, batch)
+                raw_maps(&context.backbone, &networks, &blocks, batch)
             })?
         } else {
             PositionCalibration::none()
@@ -218,7 +256,7 @@ impl ReverseDistillation {
         check_image_size(image_size)?;
         let device = backbone.device.clone();
         let calibration = match settings.calibrate {
-            true => PositionCalibration::take(&mut tensors, &[grid_side(image_size).pow(2)])?,
+            true => PositionCalibration::take(&mut tensors, &[grid_side(image_size, &settings).pow(2)])?,
             false => PositionCalibration::none(),
         };
         let build = |vb: &VarBuilder| Networks::new(vb.clone(), &settings).map(|_| ());
@@ -233,8 +271,8 @@ impl AnomalyModel for ReverseDistillation {
     model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
-        let maps = raw_maps(&self.backbone, &self.networks, images)?;
-        let (side, size) = (grid_side(self.image_size), self.image_size as usize);
+        let maps = raw_maps(&self.backbone, &self.networks, &teacher_blocks(&self.settings), images)?;
+        let (side, size) = (grid_side(self.image_size, &self.settings), self.image_size as usize);
         Ok(self.calibration.outputs(&maps, side, size, self.settings.blur_sigma))
     }
 
@@ -250,22 +288,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_student_rebuilds_both_teacher_levels_at_their_sizes() {
-        let settings = ReverseDistillationSettings { embedding: 16, width: 8, ..Default::default() };
-        let varmap = VarMap::new();
-        let networks = Networks::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &settings).unwrap();
-        let teacher = [
-            Tensor::randn(0f32, 1.0, (2, 12, 12, STRIDE8_CHANNELS), &Device::Cpu).unwrap(),
-            Tensor::randn(0f32, 1.0, (2, 6, 6, STRIDE16_CHANNELS), &Device::Cpu).unwrap(),
-        ];
-        let [fine, coarse] = networks.forward(&teacher).unwrap();
-        assert_eq!(fine.dims(), teacher[0].dims());
-        assert_eq!(coarse.dims(), teacher[1].dims());
-        // The discrepancy is 1 − cosine: within [0, 2].
-        let [d_fine, d_coarse] = networks.discrepancies(&teacher).unwrap();
-        for d in [d_fine, d_coarse] {
-            let values = d.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(values.iter().all(|v| (-1e-5..=2.0 + 1e-5).contains(v)), "{values:?}");
+    fn the_student_rebuilds_every_teacher_level_at_its_size() {
+        for stride4_level in [false, true] {
+            let settings = ReverseDistillationSettings { embedding: 16, width: 8, stride4_level, ..Default::default() };
+            let varmap = VarMap::new();
+            let networks =
+                Networks::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &settings).unwrap();
+            let teacher: Vec<Tensor> = levels(&settings)
+                .iter()
+                .map(|&l| Tensor::randn(0f32, 1.0, (2, 96 / LEVELS[l].1, 96 / LEVELS[l].1, LEVELS[l].2), &Device::Cpu).unwrap())
+                .collect();
+            let student = networks.forward(&teacher).unwrap();
+            assert_eq!(student.len(), teacher.len());
+            for (s, t) in student.iter().zip(&teacher) {
+                assert_eq!(s.dims(), t.dims());
+            }
+            // The discrepancy is 1 − cosine: within [0, 2].
+            for d in networks.discrepancies(&teacher).unwrap() {
+                let values = d.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                assert!(values.iter().all(|v| (-1e-5..=2.0 + 1e-5).contains(v)), "{values:?}");
+            }
         }
         assert!(check_image_size(96).is_ok() && check_image_size(80).is_err());
     }

@@ -16,7 +16,9 @@
 //! choice EfficientAD (Batzner et al. 2024) made for its student-teacher "patch description network".
 
 use crate::methods::setting_docs::common;
-use crate::backbone::efficientnet_lite0::{STRIDE16_CHANNELS, STRIDE8_CHANNELS};
+use crate::backbone::efficientnet_lite0::{
+    EfficientNetLite0, STRIDE16_BLOCK, STRIDE16_CHANNELS, STRIDE8_BLOCK, STRIDE8_CHANNELS,
+};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::methods::calibration::PositionCalibration;
@@ -172,10 +174,19 @@ pub(super) fn discrepancy(teacher: &Tensor, student: &Tensor) -> Result<Tensor> 
     Ok(((normalise(teacher)? - normalise(student)?)?.sqr()?.sum(3)? * 0.5)?)
 }
 
+/// The backbone blocks STFPM's teacher gives: stride 8 and stride 16.
+const TEACHER_BLOCKS: [usize; 2] = [STRIDE8_BLOCK, STRIDE16_BLOCK];
+
 /// The teacher's two maps (the frozen backbone's stride 8 and 16), channels-last.
-pub(super) fn teacher_maps(backbone: &Backbone, images: &Tensor) -> Result<[Tensor; 2]> {
+fn teacher_maps(backbone: &Backbone, images: &Tensor) -> Result<[Tensor; 2]> {
     let maps = backbone.features(images)?;
     Ok([channels_last(&maps.stride8)?, channels_last(&maps.stride16)?])
+}
+
+/// The frozen backbone's outputs of `blocks` (in order), channels-last.
+pub(super) fn teacher_levels(backbone: &Backbone, images: &Tensor, blocks: &[usize]) -> Result<Vec<Tensor>> {
+    let maps = backbone.net.forward_taps(&EfficientNetLite0::normalize(images)?, blocks)?;
+    maps.iter().map(channels_last).collect()
 }
 
 pub struct Stfpm {
@@ -196,19 +207,21 @@ fn check_image_size(image_size: u32) -> Result<()> {
     Ok(())
 }
 
-/// The frozen teacher's two maps of every training image, computed once (MTD at 256 px: ≈ 190 MB).
+/// The frozen teacher's maps (outputs of `blocks`) of every training image, computed once (MTD at 256 px,
+/// strides 8 and 16: ≈ 190 MB).
 pub(super) fn teacher_features(
     context: &FitContext,
     images: &TrainingImages,
     what: &'static str,
-) -> Result<[PerImageTensors; 2]> {
+    blocks: &[usize],
+) -> Result<Vec<PerImageTensors>> {
     let progress = context.progress;
     progress.begin("teacher features", images.len() as u64);
-    let mut teacher = [PerImageTensors::new(what), PerImageTensors::new(what)];
+    let mut teacher: Vec<PerImageTensors> = blocks.iter().map(|_| PerImageTensors::new(what)).collect();
     for batch in images.all_batches(context.batch_size) {
         check_cancelled(progress)?;
         let batch = batch?;
-        let maps = teacher_maps(&context.backbone, &images_to_tensor(&batch, &context.device)?)?;
+        let maps = teacher_levels(&context.backbone, &images_to_tensor(&batch, &context.device)?, blocks)?;
         for (level, map) in maps.iter().enumerate() {
             teacher[level].push(map)?;
         }
@@ -229,7 +242,7 @@ impl Stfpm {
         }
         let device = context.device.clone();
         let progress = context.progress;
-        let teacher = teacher_features(context, images, "STFPM teacher maps")?;
+        let teacher = teacher_features(context, images, "STFPM teacher maps", &TEACHER_BLOCKS)?;
         let varmap = VarMap::new();
         let student = Student::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), settings.width)?;
         let mut batches = ShuffledBatches::new(images.len(), settings.batch_size, settings.schedule.seed ^ 0x57f);
