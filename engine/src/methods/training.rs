@@ -40,6 +40,7 @@ impl Schedule {
             learning_rate: self.learning_rate,
             weight_decay: self.weight_decay,
             time_budget_seconds: self.time_budget_seconds,
+            seed: self.seed,
         }
     }
 }
@@ -53,6 +54,8 @@ pub struct TrainingPlan {
     pub weight_decay: f64,
     /// Stop starting new epochs after this many seconds (0: no limit).
     pub time_budget_seconds: f64,
+    /// Draws the networks' initial weights ([`seed_initial_weights`]).
+    pub seed: u64,
 }
 
 /// What happened during training.
@@ -153,6 +156,7 @@ pub fn train(
     progress: &dyn Progress,
     mut loss: impl FnMut(usize, usize) -> Result<Tensor>,
 ) -> Result<TrainingRecord> {
+    seed_initial_weights(varmap, plan.seed)?;
     let mut optimizer = adamw(varmap, plan.learning_rate, plan.weight_decay)?;
     let mut record = TrainingRecord::default();
     let mut best: Option<(f64, HashMap<String, Tensor>)> = None;
@@ -198,6 +202,43 @@ pub fn train(
         progress.note(&format!("stopped early ({reason}); kept epoch {}", record.best_epoch + 1));
     }
     Ok(record)
+}
+
+/// Redraws, from `seed`, every variable of `varmap` that `candle_nn::linear` drew at random — weights `(out, in)`
+/// from N(0, 2/in) (Kaiming, as candle draws them), biases from U(−1/√in, 1/√in) — in name order. candle's CPU
+/// generator cannot be seeded, so without this two fits with the same settings start from different weights
+/// and end with different scores. Variables that hold one value everywhere (constant initialisers: zero
+/// gammas, identity scales, zeroed output layers) keep it.
+pub fn seed_initial_weights(varmap: &VarMap, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("parameter store poisoned"))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = crate::rng::SplitMix64::new(seed ^ 0x5eed_1a1e);
+    for name in names {
+        let var = &data[name];
+        let fan_in_of = |weight: Option<&Var>| weight.filter(|w| w.rank() == 2).map(|w| w.dims()[1]);
+        let (fan_in, is_weight) = if name.ends_with("weight") {
+            (fan_in_of(Some(var)), true)
+        } else if let Some(prefix) = name.strip_suffix("bias") {
+            (fan_in_of(data.get(&format!("{prefix}weight"))), false)
+        } else {
+            (None, false)
+        };
+        let Some(fan_in) = fan_in else { continue };
+        let values = var.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if values.iter().all(|&v| v == values[0]) {
+            continue;
+        }
+        let redrawn: Vec<f32> = if is_weight {
+            let std = (2.0 / fan_in as f64).sqrt() as f32;
+            (0..values.len()).map(|_| rng.normal() * std).collect()
+        } else {
+            let bound = (1.0 / fan_in as f64).sqrt() as f32;
+            (0..values.len()).map(|_| rng.range_f32(-bound, bound)).collect()
+        };
+        var.set(&Tensor::from_vec(redrawn, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
 }
 
 /// Every variable of `varmap` as named tensors on the CPU, for the model file.
@@ -300,6 +341,32 @@ impl ShuffledBatches {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_fixes_every_randomly_drawn_weight_and_keeps_constants() {
+        let build = |seed: u64| {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            candle_nn::linear(200, 50, vb.pp("layer")).unwrap();
+            vb.get_with_hints(4, "gamma", candle_nn::Init::Const(0.0)).unwrap();
+            seed_initial_weights(&varmap, seed).unwrap();
+            let values = |name: &str| {
+                let data = varmap.data().lock().unwrap();
+                data[name].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            (values("layer.weight"), values("layer.bias"), values("gamma"))
+        };
+        let (weight, bias, gamma) = build(7);
+        assert_eq!(build(7), (weight.clone(), bias.clone(), gamma.clone()), "same seed, same weights");
+        assert_ne!(build(8).0, weight, "another seed, other weights");
+        assert_eq!(gamma, vec![0.0; 4], "a constant initialiser is kept");
+        // Kaiming: standard deviation √(2/200) = 0.1; biases within ±1/√200.
+        let std = (weight.iter().map(|w| w * w).sum::<f32>() / weight.len() as f32).sqrt();
+        assert!((std - 0.1).abs() < 0.005, "{std}");
+        assert!(bias.iter().all(|b| b.abs() <= 1.0 / 200f32.sqrt()));
+    }
+
     /// Candle's Metal backend has no F64: a device tensor converted to F64 fails there (training once did, on its
     /// loss). Values that need f64 are read back as F32 and widened on the CPU. This guards every engine file
     /// outside its tests, since no Metal machine runs the suite.
