@@ -36,7 +36,7 @@ use std::sync::Arc;
 method_info!(
     ReverseDistillation,
     ReverseDistillationSettings,
-    name: "reverse_distillation",
+    name: "reverse-distillation",
     title: "Reverse distillation",
     family: Family::Reconstruction,
     summary: "A student decoder rebuilds the teacher's features from a one-class bottleneck; discrepancy map.",
