@@ -17,7 +17,8 @@
 //! Where it differs from the paper: it uses EfficientNet-B5's stride-32 map (304 channels) of 768-pixel
 //! images, 1024 hidden channels and 240 epochs on a GPU; here Lite0's stride-16 map (112 channels) of the
 //! input size, 64 hidden channels and a CPU schedule. The log-scale's soft clamp is α·tanh(s/α) where the
-//! reference has α·0.636·atan(s/α): both are the identity near zero and bounded by ±α (candle has no atan).
+//! reference has α·0.636·atan(s/α): both bound it by ±α, this one with slope 1 at zero where the reference's
+//! has 0.636 (candle has no atan). The LeakyReLU's slope is the shared layers' 0.2 where the reference has 0.1.
 
 use crate::backbone::efficientnet_lite0::STRIDE16_CHANNELS;
 use crate::backbone::Backbone;
