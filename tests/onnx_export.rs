@@ -108,6 +108,17 @@ fn exports_within(method: &str, settings: serde_json::Value, image_size: u32, bo
 }
 
 #[test]
+fn dfr_exports_with_parity() {
+    exports_with_parity("dfr", serde_json::json!({"epochs": 2, "images_per_step": 4}), 128);
+}
+
+#[test]
+fn reverse_distillation_exports_with_parity() {
+    let settings = serde_json::json!({"epochs": 1, "embedding": 32, "width": 16});
+    exports_with_parity("reverse-distillation", settings, 128);
+}
+
+#[test]
 fn padim_exports_with_parity() {
     exports_with_parity("padim", serde_json::json!({}), 128);
 }

@@ -168,6 +168,18 @@ pub fn squared_distances(graph: &mut Graph, rows: &Value, bank_t: &Value, bank_n
     graph.op("Relu", &[&with_bank], vec![])
 }
 
+/// [`crate::methods::reconstruction::stfpm::discrepancy`] of channels-last maps `(N, H, W, C)`: ½·|t̂ − ŝ|² per
+/// position (1 − cosine), `(N, H, W)`.
+pub fn discrepancy(graph: &mut Graph, teacher: &Value, student: &Value) -> Value {
+    let t = unit_rows_under_root(graph, teacher, 1e-12);
+    let s = unit_rows_under_root(graph, student, 1e-12);
+    let difference = graph.op("Sub", &[&t, &s], vec![]);
+    let last = graph.ints("axis", &[1], &[-1]);
+    let squared = graph.op("ReduceSumSquare", &[&difference, &last], vec![attr_int("keepdims", 0)]);
+    let half = graph.scalar("half", 0.5);
+    graph.op("Mul", &[&squared, &half], vec![]).with_shape(teacher.shape[..3].to_vec())
+}
+
 /// candle-nn's `Linear` on the last axis: `x·Wᵀ + b`.
 pub fn linear(graph: &mut Graph, x: &Value, layer: &candle_nn::Linear) -> candle_core::Result<Value> {
     let weight = layer.weight().to_device(&Device::Cpu)?;
@@ -192,6 +204,12 @@ pub fn linear(graph: &mut Graph, x: &Value, layer: &candle_nn::Linear) -> candle
 /// plus what a stride of 2 needs at the end).
 pub fn conv_channels_last(graph: &mut Graph, x: &Value, conv: &Conv) -> candle_core::Result<Value> {
     conv_from_im2col(graph, x, &conv.linear, conv.kernel, conv.stride)
+}
+
+/// [`Conv::forward_leaky`]: [`conv_channels_last`] then [`leaky_relu`].
+pub fn conv_leaky(graph: &mut Graph, x: &Value, conv: &Conv) -> candle_core::Result<Value> {
+    let convolved = conv_channels_last(graph, x, conv)?;
+    Ok(leaky_relu(graph, &convolved))
 }
 
 /// A convolution held as a `Linear` over im2col rows (columns tap-major `(dy, dx, c)`, zero padding k/2), on a

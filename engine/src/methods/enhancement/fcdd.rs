@@ -276,8 +276,7 @@ impl AnomalyModel for Fcdd {
             Some(PATCH_CHANNELS),
         ]);
         for layer in &self.head.layers {
-            let convolved = layers::conv_channels_last(graph, &h, layer)?;
-            h = layers::leaky_relu(graph, &convolved);
+            h = layers::conv_leaky(graph, &h, layer)?;
         }
         let phi = layers::conv_channels_last(graph, &h, &self.head.output)?;
         // The pseudo-Huber anomaly √(φ² + 1) − 1 of each cell, `(N, g·g)`.

@@ -38,10 +38,11 @@ method_info!(
     family: Family::NormalizingFlow,
     summary: "A normalizing flow on multi-scale image-averaged features; negative log-likelihood over rotations.",
     guide: "Wins when a defect changes the whole part's statistics and only the verdict matters; does not localise.",
-    ranges: ["coupling_blocks": 1..=64, "clamp_alpha": 0.01..=20, "vectors_per_step": 2..=4096],
+    ranges: ["coupling_blocks": 1..=64, "clamp_alpha": 0.01..=20, "vectors_per_step": 2..=4096, "rotations": 1..=4],
     docs: [
         "coupling_blocks" => common("Coupling blocks", "", "Affine coupling blocks of the flow: more is more expressive and slower.", false),
         "vectors_per_step" => common("Vectors per step", "", "Image feature vectors (rotations included) per optimisation step.", true),
+        "rotations" => common("Rotations", "", "Quarter turns each image is seen in, in training and scoring (1: as is; 4: the paper's spirit, for parts that come in any orientation).", false),
     ],
     smoke: ({"epochs": 20} at 96, floors [0.9, 0.0, 0.0]),
     localises: false,
@@ -55,6 +56,8 @@ pub struct DifferNetSettings {
     /// α in exp(α·tanh(·)): bounds each block's scaling.
     pub clamp_alpha: f64,
     pub vectors_per_step: usize,
+    /// Quarter turns (1 to 4) of each image that train and that are averaged in scoring.
+    pub rotations: usize,
     /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
@@ -62,7 +65,7 @@ pub struct DifferNetSettings {
 
 impl Default for DifferNetSettings {
     fn default() -> Self {
-        Self { coupling_blocks: 8, clamp_alpha: 3.0, vectors_per_step: 64, schedule: Schedule::new(60, 2e-4) }
+        Self { coupling_blocks: 8, clamp_alpha: 3.0, vectors_per_step: 64, rotations: 4, schedule: Schedule::new(60, 2e-4) }
     }
 }
 
@@ -75,7 +78,6 @@ impl DifferNetSettings {
 
 /// Input scales: the image, its half and its quarter.
 const SCALES: usize = 3;
-const ROTATIONS: usize = 4;
 const DIM: usize = SCALES * STRIDE16_CHANNELS;
 
 /// Each image's multi-scale vector `(B, DIM)` for images `(B, 3, S, S)`.
@@ -120,12 +122,13 @@ impl Differnet {
         let device = context.device.clone();
         let progress = context.progress;
         progress.begin("features of the rotations", images.len() as u64);
-        let mut vectors = Vec::with_capacity(images.len() * ROTATIONS * DIM);
+        let rotations = settings.rotations.clamp(1, 4);
+        let mut vectors = Vec::with_capacity(images.len() * rotations * DIM);
         for batch in images.all_batches(context.batch_size) {
             check_cancelled(progress)?;
             let batch = batch?;
             let tensor = images_to_tensor(&batch, &device)?;
-            for quarter in 0..ROTATIONS {
+            for quarter in 0..rotations {
                 let v = image_vectors(&context.backbone, &rotated(&tensor, quarter)?)?;
                 vectors.extend(v.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
             }
@@ -170,8 +173,9 @@ impl AnomalyModel for Differnet {
     model_basics!();
 
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
+        let rotations = self.settings.rotations.clamp(1, 4);
         let mut total: Option<Tensor> = None;
-        for quarter in 0..ROTATIONS {
+        for quarter in 0..rotations {
             let x = self.standardise.apply(&image_vectors(&self.backbone, &rotated(images, quarter)?)?)?;
             let nll = self.flow.log_likelihood_per_dim(&x, None)?.neg()?;
             total = Some(match total {
@@ -180,7 +184,7 @@ impl AnomalyModel for Differnet {
             });
         }
         let scores: Vec<f32> = match total {
-            Some(sum) => (sum / ROTATIONS as f64)?.to_device(&Device::Cpu)?.to_vec1()?,
+            Some(sum) => (sum / rotations as f64)?.to_device(&Device::Cpu)?.to_vec1()?,
             None => Vec::new(),
         };
         let size = self.image_size as usize;

@@ -325,8 +325,7 @@ impl AnomalyModel for Autoencoder {
         let network = &self.network;
         let mut h = input.clone();
         for conv in &network.encoder {
-            let convolved = layers::conv_channels_last(graph, &h, conv)?;
-            h = layers::leaky_relu(graph, &convolved);
+            h = layers::conv_leaky(graph, &h, conv)?;
         }
         let flat_len = h.dim(1) * h.dim(2) * h.dim(3);
         let flat = graph.ints("shape", &[2], &[0, flat_len as i64]);

@@ -21,7 +21,9 @@ use crate::methods::gaussian::{grid_size, MomentSums};
 use crate::methods::setting_docs::common;
 use crate::methods::statistics::Standardise;
 use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -223,6 +225,32 @@ impl AnomalyModel for Dfr {
         let rows = self.standardise.apply(&patch_feature_rows(&self.backbone, images)?)?;
         let errors: Vec<f32> = self.autoencoder.errors(&rows)?.to_device(&Device::Cpu)?.to_vec1()?;
         Ok(self.calibration.outputs(&errors, side, self.image_size as usize, self.settings.blur_sigma))
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let side = grid_size(self.image_size);
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let features = layers::patch_features(graph, &fine, &coarse, true);
+        let rows = layers::positions_as_rows(graph, &features);
+        let rows = layers::standardise(graph, &rows, &self.standardise)?;
+        let last = self.autoencoder.layers.len() - 1;
+        let mut x = rows.clone();
+        for (i, layer) in self.autoencoder.layers.iter().enumerate() {
+            x = layers::linear(graph, &x, layer)?;
+            if i != last {
+                x = graph.op("Relu", &[&x], vec![]).with_shape(x.shape.clone());
+            }
+        }
+        let difference = graph.op("Sub", &[&x, &rows], vec![]);
+        let channels = graph.ints("axis", &[1], &[-1]);
+        let errors = graph
+            .op("ReduceSumSquare", &[&difference, &channels], vec![attr_int("keepdims", 0)])
+            .with_shape(vec![images.shape[0], Some(side * side)]);
+        let cells = match self.settings.calibrate {
+            true => layers::calibrate(graph, &errors, &self.calibration, 0),
+            false => errors,
+        };
+        Ok(layers::map_and_score(graph, &cells, side, self.image_size as usize, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

@@ -25,7 +25,8 @@ use crate::methods::calibration::PositionCalibration;
 use crate::methods::layers::{upsample2x, Conv};
 use crate::methods::setting_docs::common;
 use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
-use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::{layers, Graph, Value};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -274,6 +275,50 @@ impl AnomalyModel for ReverseDistillation {
         let maps = raw_maps(&self.backbone, &self.networks, &teacher_blocks(&self.settings), images)?;
         let (side, size) = (grid_side(self.image_size, &self.settings), self.image_size as usize);
         Ok(self.calibration.outputs(&maps, side, size, self.settings.blur_sigma))
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        if self.settings.stride4_level {
+            bail!("reverse distillation with `stride4_level` does not export to ONNX yet: the export's backbone gives the stride-8 and stride-16 maps only");
+        }
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let teacher = [layers::channels_last(graph, &fine), layers::channels_last(graph, &coarse)];
+        // The student, as `Networks::forward`.
+        let mut fused = Vec::with_capacity(teacher.len());
+        for (map, convs) in teacher.iter().zip(&self.networks.down) {
+            let mut h = map.clone();
+            for conv in convs {
+                h = layers::conv_leaky(graph, &h, conv)?;
+            }
+            fused.push(h);
+        }
+        fused.push(teacher[teacher.len() - 1].clone());
+        let fused = layers::concat(graph, &fused.iter().collect::<Vec<_>>(), 3);
+        let mut h = layers::conv_leaky(graph, &fused, &self.networks.fuse)?;
+        let mut student = Vec::with_capacity(teacher.len());
+        for (convs, head) in &self.networks.decoder {
+            h = layers::upsample2x_channels_last(graph, &h);
+            for conv in convs {
+                h = layers::conv_leaky(graph, &h, conv)?;
+            }
+            student.push(layers::conv_channels_last(graph, &h, head)?);
+        }
+        student.reverse();
+        // The levels' discrepancies summed on the finest grid, as `raw_maps`.
+        let side = grid_side(self.image_size, &self.settings);
+        let mut sum = layers::discrepancy(graph, &teacher[0], &student[0]);
+        for (t, s) in teacher.iter().zip(&student).skip(1) {
+            let level = layers::discrepancy(graph, t, s);
+            let level = layers::upsample_nearest(graph, &level, side, side);
+            sum = graph.op("Add", &[&sum, &level], vec![]).with_shape(sum.shape.clone());
+        }
+        let flat = graph.ints("shape", &[2], &[0, (side * side) as i64]);
+        let cells = graph.op("Reshape", &[&sum, &flat], vec![]).with_shape(vec![images.shape[0], Some(side * side)]);
+        let cells = match self.settings.calibrate {
+            true => layers::calibrate(graph, &cells, &self.calibration, 0),
+            false => cells,
+        };
+        Ok(layers::map_and_score(graph, &cells, side, self.image_size as usize, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {

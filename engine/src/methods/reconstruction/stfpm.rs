@@ -28,7 +28,6 @@ use crate::methods::training::{
     load_varmap, train, varmap_state, BenchStep, Schedule, ShuffledBatches, TrainingRecord,
 };
 use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
-use crate::onnx::graph::attr_int;
 use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
@@ -302,27 +301,16 @@ impl AnomalyModel for Stfpm {
         let planar = layers::channels_last(graph, images);
         let mut h = layers::affine(graph, &planar, 2.0, -1.0);
         for conv in &self.student.to_stride8 {
-            let convolved = layers::conv_channels_last(graph, &h, conv)?;
-            h = layers::leaky_relu(graph, &convolved);
+            h = layers::conv_leaky(graph, &h, conv)?;
         }
         let student8 = layers::conv_channels_last(graph, &h, &self.student.head8)?;
         for conv in &self.student.to_stride16 {
-            let convolved = layers::conv_channels_last(graph, &h, conv)?;
-            h = layers::leaky_relu(graph, &convolved);
+            h = layers::conv_leaky(graph, &h, conv)?;
         }
         let student16 = layers::conv_channels_last(graph, &h, &self.student.head16)?;
         // ½·|t̂ − ŝ|² per position at both strides, the coarse one upsampled, multiplied.
-        let mut discrepancy = |teacher: &Value, student: &Value| {
-            let t = layers::unit_rows_under_root(graph, teacher, 1e-12);
-            let s = layers::unit_rows_under_root(graph, student, 1e-12);
-            let difference = graph.op("Sub", &[&t, &s], vec![]);
-            let last = graph.ints("axis", &[1], &[-1]);
-            let squared = graph.op("ReduceSumSquare", &[&difference, &last], vec![attr_int("keepdims", 0)]);
-            let half = graph.scalar("half", 0.5);
-            graph.op("Mul", &[&squared, &half], vec![]).with_shape(teacher.shape[..3].to_vec())
-        };
-        let fine = discrepancy(&teacher[0], &student8);
-        let coarse = discrepancy(&teacher[1], &student16);
+        let fine = layers::discrepancy(graph, &teacher[0], &student8);
+        let coarse = layers::discrepancy(graph, &teacher[1], &student16);
         let side = grid_side(self.image_size);
         let coarse = layers::upsample_nearest(graph, &coarse, side, side);
         let product = graph.op("Mul", &[&fine, &coarse], vec![]);

@@ -15,6 +15,21 @@
 use crate::rng::SplitMix64;
 use rayon::prelude::*;
 
+/// Below this many bank rows the exhaustive search is fast enough to be the default.
+pub const INDEX_MIN_BANK: usize = 16384;
+
+/// Lists of the inverted index per √(bank rows) by default: ∝ √rows balances the centroid search against the
+/// lists'.
+pub const LISTS_PER_ROOT: f64 = 4.0;
+
+/// Lists for a bank of `rows`: `setting` when set (at most one per row), else `LISTS_PER_ROOT`·√rows.
+pub fn index_lists(rows: usize, setting: usize) -> usize {
+    if setting > 0 {
+        return setting.min(rows);
+    }
+    ((rows as f64).sqrt() * LISTS_PER_ROOT).round().max(1.0) as usize
+}
+
 /// Queries per block of the fused search: the block's `queries × bank` products stay in cache.
 const QUERY_BLOCK: usize = 64;
 

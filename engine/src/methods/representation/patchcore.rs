@@ -14,7 +14,7 @@
 
 use crate::methods::setting_docs::common;
 use super::coreset::{greedy_coreset, random_projection, CoresetMethod};
-use super::nearest::InvertedIndex;
+use super::nearest::{index_lists, InvertedIndex, INDEX_MIN_BANK};
 use crate::backbone::Backbone;
 use crate::dataset::TrainingImages;
 use crate::maps::ScoreMap;
@@ -101,20 +101,6 @@ pub enum NearestSearch {
 /// Lists each patch searches by default: the fewest keeping MTD test AUPRO within 0.005 of the exhaustive search
 /// (chosen on test masks; see ARCHITECTURE.md, "PatchCore fast enough for a line").
 pub const DEFAULT_PROBES: usize = 4;
-
-/// Below this many bank rows the exhaustive search is fast enough and `auto` keeps it.
-pub const INDEX_MIN_BANK: usize = 16384;
-
-/// Lists of the inverted index per √(bank rows) by default: ∝ √rows balances the centroid search against the
-/// lists'.
-pub const LISTS_PER_ROOT: f64 = 4.0;
-
-fn index_lists(rows: usize, setting: usize) -> usize {
-    if setting > 0 {
-        return setting.min(rows);
-    }
-    ((rows as f64).sqrt() * LISTS_PER_ROOT).round().max(1.0) as usize
-}
 
 impl Default for PatchCoreSettings {
     fn default() -> Self {
