@@ -119,6 +119,11 @@ fn reverse_distillation_exports_with_parity() {
 }
 
 #[test]
+fn gaussian_ad_exports_with_parity() {
+    exports_with_parity("gaussian-ad", serde_json::json!({}), 128);
+}
+
+#[test]
 fn padim_exports_with_parity() {
     exports_with_parity("padim", serde_json::json!({}), 128);
 }

@@ -105,9 +105,14 @@ def load_rgb(path):
 
 def errors_against(row, base, anomaly_map, score):
     """One image's output against Loupe's line in expected.jsonl: map error as a share of Loupe's map range,
-    the absolute map error, that range, and the score's relative error."""
+    the absolute map error, that range, and the score's relative error. An image-level method's map is its
+    score everywhere (no range): its error is then a share of the map's magnitude."""
     want_map = np.fromfile(os.path.join(base, row["map"]), dtype="<f4").reshape(row["size"], row["size"])
-    span = max(float(want_map.max() - want_map.min()), 1e-12)
+    magnitude = float(np.abs(want_map).max())
+    span = float(want_map.max() - want_map.min())
+    if span <= 1e-6 * magnitude:
+        span = magnitude
+    span = max(span, 1e-12)
     largest = float(np.abs(anomaly_map - want_map).max())
     return largest / span, largest, span, abs(float(score) - row["score"]) / max(abs(row["score"]), 1e-12)
 

@@ -100,13 +100,30 @@ pub fn affine(graph: &mut Graph, x: &Value, scale: f32, shift: f32) -> Value {
 
 /// The stride-8 and stride-16 backbone maps of images in [0, 1] `(N, 3, S, S)`: [`Backbone::features`] recorded.
 pub fn backbone_features(graph: &mut Graph, backbone: &Backbone, images: &Value) -> anyhow::Result<(Value, Value)> {
-    let (scale, shift) = EfficientNetLite0::NORMALIZE;
-    let normalised = affine(graph, images, scale, shift);
-    let mut maps =
-        backbone.net.run_taps(&mut Recorder { graph }, &normalised, &[STRIDE8_BLOCK, STRIDE16_BLOCK])?.into_iter();
+    let mut maps = backbone_taps(graph, backbone, images, &[STRIDE8_BLOCK, STRIDE16_BLOCK])?.into_iter();
     let stride8 = maps.next().expect("two taps");
     let stride16 = maps.next().expect("two taps");
     Ok((stride8, stride16))
+}
+
+/// The outputs of the backbone's `blocks` (ascending) for images in [0, 1], as `forward_taps` gives them.
+pub fn backbone_taps(
+    graph: &mut Graph,
+    backbone: &Backbone,
+    images: &Value,
+    blocks: &[usize],
+) -> anyhow::Result<Vec<Value>> {
+    let (scale, shift) = EfficientNetLite0::NORMALIZE;
+    let normalised = affine(graph, images, scale, shift);
+    Ok(backbone.net.run_taps(&mut Recorder { graph }, &normalised, blocks)?)
+}
+
+/// An image-level method's map: each image's score `(N,)` everywhere on a `size²` map `(N, 1, size, size)`.
+pub fn constant_map(graph: &mut Graph, score: &Value, size: usize) -> Value {
+    let shape = graph.ints("shape", &[4], &[-1, 1, 1, 1]);
+    let column = graph.op("Reshape", &[score, &shape], vec![]);
+    let target = graph.ints("shape", &[4], &[1, 1, size as i64, size as i64]);
+    graph.op("Expand", &[&column, &target], vec![]).with_shape(shape4(score.shape[0], 1, size, size))
 }
 
 /// [`crate::methods::features::local_average`]: the 3×3 mean with zero padding counted in the divisor.

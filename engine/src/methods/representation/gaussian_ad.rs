@@ -16,9 +16,11 @@ use crate::maps::ScoreMap;
 use crate::methods::gaussian::{ledoit_wolf, mahalanobis, whitening_matrix};
 use crate::methods::setting_docs::common;
 use crate::methods::training::take_tensor;
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -164,6 +166,31 @@ impl AnomalyModel for GaussianAd {
                 AnomalyOutput { score, map: ScoreMap::new(size, size, vec![score; size * size]) }
             })
             .collect())
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let maps = layers::backbone_taps(graph, &self.backbone, images, &self.settings.levels)?;
+        let mut total: Option<Value> = None;
+        for (map, gaussian) in maps.iter().zip(&self.levels) {
+            let c = gaussian.mean.len();
+            let spatial = graph.ints("axes", &[2], &[2, 3]);
+            let pooled = graph.op("ReduceMean", &[map, &spatial], vec![attr_int("keepdims", 0)]);
+            let mean = graph.floats("mean", &[c], &gaussian.mean);
+            let delta = graph.op("Sub", &[&pooled, &mean], vec![]);
+            // |W·δ| with δ as a row: δ times Wᵀ.
+            let transposed: Vec<f32> = (0..c * c).map(|index| gaussian.whitening[(index % c) * c + index / c]).collect();
+            let whitening_t = graph.floats("whitening_t", &[c, c], &transposed);
+            let whitened = graph.op("MatMul", &[&delta, &whitening_t], vec![]);
+            let channels = graph.ints("axis", &[1], &[1]);
+            let squared = graph.op("ReduceSumSquare", &[&whitened, &channels], vec![attr_int("keepdims", 0)]);
+            let distance = graph.op("Sqrt", &[&squared], vec![]).with_shape(vec![images.shape[0]]);
+            total = Some(match total {
+                None => distance,
+                Some(sum) => graph.op("Add", &[&sum, &distance], vec![]).with_shape(vec![images.shape[0]]),
+            });
+        }
+        let score = total.context("Gaussian-AD has no levels")?;
+        Ok(RecordedScores { map: layers::constant_map(graph, &score, self.image_size as usize), score })
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
