@@ -124,6 +124,11 @@ fn gaussian_ad_exports_with_parity() {
 }
 
 #[test]
+fn differnet_exports_with_parity() {
+    exports_with_parity("differnet", serde_json::json!({"epochs": 2, "coupling_blocks": 2}), 128);
+}
+
+#[test]
 fn padim_exports_with_parity() {
     exports_with_parity("padim", serde_json::json!({}), 128);
 }

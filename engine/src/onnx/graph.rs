@@ -7,6 +7,8 @@ use super::proto::{
     OperatorSetIdProto, StringStringEntryProto, TensorProto, TensorShapeProto, TensorTypeProto, TypeProto,
     ValueInfoProto,
 };
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 
 /// ONNX operator set the graphs are written against (18: `Resize` with `antialias`, `ReduceMax` axes as input).
 pub const OPSET: i64 = 18;
@@ -53,6 +55,9 @@ pub struct Graph {
     names: usize,
     /// Bytes of initializer data so far.
     pub weight_bytes: usize,
+    /// Initializers by a hash of their type, shape and bytes: a constant recorded twice (a backbone run on
+    /// three scales, the same shape vector) is stored once.
+    by_content: HashMap<u64, Vec<usize>>,
 }
 
 fn value_info(name: &str, elem_type: i32, dims: &[Dim]) -> ValueInfoProto {
@@ -131,16 +136,20 @@ impl Graph {
     }
 
     fn initializer(&mut self, hint: &str, data_type: i32, shape: &[usize], raw_data: Vec<u8>) -> Value {
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let shape = shape.iter().map(|&d| Some(d)).collect();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (data_type, &dims, &raw_data).hash(&mut hasher);
+        let key = hasher.finish();
+        let same = |t: &TensorProto| t.data_type == data_type && t.dims == dims && t.raw_data == raw_data;
+        if let Some(&index) = self.by_content.get(&key).and_then(|v| v.iter().find(|&&i| same(&self.initializers[i]))) {
+            return Value { name: self.initializers[index].name.clone(), shape };
+        }
         let name = self.fresh_name(hint);
         self.weight_bytes += raw_data.len();
-        self.initializers.push(TensorProto {
-            dims: shape.iter().map(|&d| d as i64).collect(),
-            data_type,
-            name: name.clone(),
-            raw_data,
-            ..Default::default()
-        });
-        Value { name, shape: shape.iter().map(|&d| Some(d)).collect() }
+        self.by_content.entry(key).or_default().push(self.initializers.len());
+        self.initializers.push(TensorProto { dims, data_type, name: name.clone(), raw_data, ..Default::default() });
+        Value { name, shape }
     }
 
     /// One node with one output; the output's shape is left empty for the caller to set

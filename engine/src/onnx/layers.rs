@@ -429,6 +429,15 @@ pub fn slice(graph: &mut Graph, x: &Value, axis: usize, start: usize, len: usize
     graph.op("Slice", &[x, &starts, &ends, &axes], vec![]).with_shape(shape)
 }
 
+/// candle's `flip` of one axis: a `Slice` from the last element backwards.
+pub fn flip(graph: &mut Graph, x: &Value, axis: usize) -> Value {
+    let starts = graph.ints("start", &[1], &[-1]);
+    let ends = graph.ints("end", &[1], &[i64::MIN]);
+    let axes = graph.ints("axis", &[1], &[axis as i64]);
+    let steps = graph.ints("step", &[1], &[-1]);
+    graph.op("Slice", &[x, &starts, &ends, &axes, &steps], vec![]).with_shape(x.shape.clone())
+}
+
 /// `Concat` along `axis` (shapes known).
 pub fn concat(graph: &mut Graph, parts: &[&Value], axis: usize) -> Value {
     let mut shape = parts[0].shape.clone();

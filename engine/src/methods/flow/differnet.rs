@@ -21,7 +21,9 @@ use crate::maps::ScoreMap;
 use crate::methods::setting_docs::common;
 use crate::methods::statistics::{channel_statistics, Standardise};
 use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -102,6 +104,26 @@ fn rotated(images: &Tensor, quarter: usize) -> Result<Tensor> {
         _ => images.transpose(2, 3)?.contiguous()?.flip(&[3])?,
     }
     .contiguous()?)
+}
+
+/// [`rotated`] as graph nodes.
+fn record_rotated(graph: &mut Graph, images: &Value, quarter: usize) -> Value {
+    let transposed = |graph: &mut Graph| layers::transpose(graph, images, &[0, 1, 3, 2]);
+    match quarter % 4 {
+        0 => images.clone(),
+        1 => {
+            let t = transposed(graph);
+            layers::flip(graph, &t, 2)
+        }
+        2 => {
+            let flipped = layers::flip(graph, images, 2);
+            layers::flip(graph, &flipped, 3)
+        }
+        _ => {
+            let t = transposed(graph);
+            layers::flip(graph, &t, 3)
+        }
+    }
 }
 
 pub struct Differnet {
@@ -192,6 +214,36 @@ impl AnomalyModel for Differnet {
             .into_iter()
             .map(|score| AnomalyOutput { score, map: ScoreMap::new(size, size, vec![score; size * size]) })
             .collect())
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let rotations = self.settings.rotations.clamp(1, 4);
+        // Every rotation of the batch in one batch, rotation-major, so each scale's backbone is recorded once.
+        let turned: Vec<Value> = (0..rotations).map(|quarter| record_rotated(graph, images, quarter)).collect();
+        let mut scaled = graph
+            .op("Concat", &turned.iter().collect::<Vec<_>>(), vec![attr_int("axis", 0)])
+            .with_shape([&[None], &images.shape[1..]].concat());
+        let mut parts = Vec::with_capacity(SCALES);
+        for scale in 0..SCALES {
+            if scale > 0 {
+                scaled = layers::pool(graph, &scaled, 2, false);
+            }
+            let (_, stride16) = layers::backbone_features(graph, &self.backbone, &scaled)?;
+            let spatial = graph.ints("axes", &[2], &[2, 3]);
+            parts.push(graph.op("ReduceMean", &[&stride16, &spatial], vec![attr_int("keepdims", 0)]));
+        }
+        let rows = graph.op("Concat", &parts.iter().collect::<Vec<_>>(), vec![attr_int("axis", 1)]);
+        let as_positions = graph.ints("shape", &[3], &[-1, 1, DIM as i64]);
+        let rows = graph.op("Reshape", &[&rows, &as_positions], vec![]).with_shape(vec![None, Some(1), Some(DIM)]);
+        let x = layers::standardise(graph, &rows, &self.standardise)?;
+        let likelihood = self.flow.record_log_likelihood_per_dim(graph, &x, None)?;
+        // (rotations·N, 1) → (rotations, N), averaged over the rotations and negated.
+        let by_rotation = graph.ints("shape", &[2], &[rotations as i64, -1]);
+        let likelihood = graph.op("Reshape", &[&likelihood, &by_rotation], vec![]);
+        let first = graph.ints("axis", &[1], &[0]);
+        let mean = graph.op("ReduceMean", &[&likelihood, &first], vec![attr_int("keepdims", 0)]);
+        let score = graph.op("Neg", &[&mean], vec![]).with_shape(vec![images.shape[0]]);
+        Ok(RecordedScores { map: layers::constant_map(graph, &score, self.image_size as usize), score })
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
