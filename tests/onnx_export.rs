@@ -129,6 +129,12 @@ fn differnet_exports_with_parity() {
 }
 
 #[test]
+fn spade_exports_with_parity() {
+    exports_with_parity("spade", serde_json::json!({"neighbours": 5}), 128);
+    exports_with_parity("spade", serde_json::json!({"neighbours": 5, "image_score": "neighbours"}), 128);
+}
+
+#[test]
 fn padim_exports_with_parity() {
     exports_with_parity("padim", serde_json::json!({}), 128);
 }

@@ -20,7 +20,9 @@ use crate::methods::features::{patch_feature_rows, PATCH_CHANNELS};
 use crate::methods::gaussian::grid_size;
 use crate::methods::setting_docs::common;
 use crate::methods::training::take_tensor;
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Result};
@@ -173,6 +175,63 @@ impl AnomalyModel for Spade {
                 Ok(AnomalyOutput { score, map })
             })
             .collect()
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let side = grid_size(self.image_size);
+        let positions = side * side;
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let features = layers::patch_features(graph, &fine, &coarse, true);
+        let rows = layers::positions_as_rows(graph, &features);
+        let positions_axis = graph.ints("axis", &[1], &[1]);
+        let averages = graph.op("ReduceMean", &[&rows, &positions_axis], vec![attr_int("keepdims", 0)]);
+        // Retrieval: the distances to the gallery's averages, the `neighbours` nearest (ascending, as arg_sort).
+        let count = self.averages.dim(0)?;
+        let gallery_averages: Vec<f32> = self.averages.to_device(&Device::Cpu)?.t()?.flatten_all()?.to_vec1()?;
+        let averages_t = graph.floats("gallery_averages_t", &[PATCH_CHANNELS, count], &gallery_averages);
+        let norms: Vec<f32> = self.averages.sqr()?.sum(1)?.to_device(&Device::Cpu)?.to_vec1()?;
+        let norms = graph.floats("gallery_average_norms", &[count], &norms);
+        let squared = layers::squared_distances(graph, &averages, &averages_t, &norms);
+        let image_distances = graph.op("Sqrt", &[&squared], vec![]);
+        let k = self.settings.neighbours.min(count);
+        let k_value = graph.ints("k", &[1], &[k as i64]);
+        let nearest = graph.op_outputs(
+            "TopK",
+            &[&image_distances, &k_value],
+            vec![attr_int("axis", 1), attr_int("largest", 0), attr_int("sorted", 1)],
+            2,
+        );
+        // Correspondence: each patch's nearest patch among the references' `(N, k·P, C)`.
+        let gallery: Vec<f32> = self.gallery.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let gallery = graph.floats("gallery", &[count, positions, PATCH_CHANNELS], &gallery);
+        let references = graph.op("Gather", &[&gallery, &nearest[1]], vec![attr_int("axis", 0)]);
+        let flat = graph.ints("shape", &[3], &[0, (k * positions) as i64, PATCH_CHANNELS as i64]);
+        let references = graph.op("Reshape", &[&references, &flat], vec![]).with_shape(vec![
+            images.shape[0],
+            Some(k * positions),
+            Some(PATCH_CHANNELS),
+        ]);
+        let references_t = layers::transpose(graph, &references, &[0, 2, 1]);
+        let dots = graph.op("MatMul", &[&rows, &references_t], vec![]);
+        let minus_two = graph.scalar("minus_two", -2.0);
+        let dots = graph.op("Mul", &[&dots, &minus_two], vec![]);
+        let last = graph.ints("axis", &[1], &[-1]);
+        let row_norms = graph.op("ReduceSumSquare", &[&rows, &last], vec![attr_int("keepdims", 1)]);
+        let reference_norms = graph.op("ReduceSumSquare", &[&references, &last], vec![attr_int("keepdims", 0)]);
+        let reference_norms = graph.op("Unsqueeze", &[&reference_norms, &positions_axis], vec![]);
+        let with_rows = graph.op("Add", &[&dots, &row_norms], vec![]);
+        let squared = graph.op("Add", &[&with_rows, &reference_norms], vec![]);
+        let squared = graph.op("Relu", &[&squared], vec![]);
+        let nearest_patch = graph.op("ReduceMin", &[&squared, &last], vec![attr_int("keepdims", 0)]);
+        let cells = graph.op("Sqrt", &[&nearest_patch], vec![]).with_shape(vec![images.shape[0], Some(positions)]);
+        let scores = layers::map_and_score(graph, &cells, side, self.image_size as usize, self.settings.blur_sigma);
+        Ok(match self.settings.image_score {
+            SpadeImageScore::Map => scores,
+            SpadeImageScore::Neighbours => {
+                let mean = graph.op("ReduceMean", &[&nearest[0], &last], vec![attr_int("keepdims", 0)]);
+                RecordedScores { map: scores.map, score: mean.with_shape(vec![images.shape[0]]) }
+            }
+        })
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
