@@ -135,6 +135,15 @@ fn spade_exports_with_parity() {
 }
 
 #[test]
+fn csflow_exports_with_parity() {
+    let settings = serde_json::json!({"epochs": 1, "coupling_blocks": 2, "hidden_channels": 16});
+    exports_with_parity("csflow", settings.clone(), 128);
+    let mut by_maximum = settings;
+    by_maximum["image_score"] = "max".into();
+    exports_with_parity("csflow", by_maximum, 128);
+}
+
+#[test]
 fn padim_exports_with_parity() {
     exports_with_parity("padim", serde_json::json!({}), 128);
 }

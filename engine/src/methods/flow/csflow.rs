@@ -29,7 +29,9 @@ use crate::methods::layers::Conv;
 use crate::methods::setting_docs::common;
 use crate::methods::statistics::{channel_scale, ColumnMoments, Standardise};
 use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
-use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{images_to_tensor, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -225,6 +227,43 @@ impl CrossConvolution {
     }
 }
 
+impl CrossConvolution {
+    /// Records [`Self::forward`].
+    fn record(&self, graph: &mut Graph, maps: &[Value], geometry: &Geometry) -> Result<Vec<Value>> {
+        let hidden =
+            maps.iter().zip(&self.hidden).map(|(m, conv)| layers::conv_leaky(graph, m, conv)).collect::<Result<Vec<_>, _>>()?;
+        let own_and_finer = hidden
+            .iter()
+            .zip(&self.own_and_finer)
+            .map(|(h, conv)| layers::conv_channels_last(graph, h, conv))
+            .collect::<Result<Vec<_>, _>>()?;
+        let gamma: Vec<f32> = self.gamma.to_device(&Device::Cpu)?.to_vec1()?;
+        let mut outputs = Vec::with_capacity(SCALES);
+        for s in 0..SCALES {
+            let mut out = layers::slice(graph, &own_and_finer[s], 3, 0, self.outputs);
+            if s + 1 < SCALES {
+                let coarse = layers::slice(graph, &own_and_finer[s + 1], 3, self.outputs, self.outputs);
+                let rows = graph.ints("shape", &[3], &[0, geometry.positions(s + 1) as i64, self.outputs as i64]);
+                let coarse = graph.op("Reshape", &[&coarse, &rows], vec![]);
+                let matrix: Vec<f32> = geometry.upsample[s].to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+                let matrix = graph.floats("upsample", &[geometry.positions(s), geometry.positions(s + 1)], &matrix);
+                let up = graph.op("MatMul", &[&matrix, &coarse], vec![]);
+                let side = geometry.sides[s] as i64;
+                let map = graph.ints("shape", &[4], &[0, side, side, self.outputs as i64]);
+                let up = graph.op("Reshape", &[&up, &map], vec![]);
+                out = graph.op("Add", &[&out, &up], vec![]).with_shape(out.shape.clone());
+            }
+            if s > 0 {
+                let finer = layers::conv_channels_last(graph, &hidden[s - 1], &self.to_coarser[s - 1])?;
+                out = graph.op("Add", &[&out, &finer], vec![]).with_shape(out.shape.clone());
+            }
+            let gamma = graph.scalar("gamma", gamma[s]);
+            outputs.push(graph.op("Mul", &[&out, &gamma], vec![]).with_shape(out.shape.clone()));
+        }
+        Ok(outputs)
+    }
+}
+
 /// One cross-scale coupling block: a fixed channel permutation, then the first half of every scale's channels
 /// transformed from the second halves, then the second from the transformed first halves.
 struct CrossScaleCoupling {
@@ -257,6 +296,45 @@ impl CrossScaleCoupling {
         let shift = coefficients.narrow(3, width, width)?;
         let out = (half * log_scale.exp()?)?.add(&shift)?;
         Ok((out, log_scale.reshape((batch, ()))?.sum(1)?))
+    }
+
+    /// Records [`Self::affine`]'s output (scoring needs no log-determinant).
+    fn record_affine(&self, graph: &mut Graph, half: &Value, coefficients: &Value) -> Value {
+        let width = half.dim(3);
+        let raw = layers::slice(graph, coefficients, 3, 0, width);
+        let bounded = layers::affine(graph, &raw, 1.0 / self.clamp as f32, 0.0);
+        let bounded = graph.op("Tanh", &[&bounded], vec![]);
+        let log_scale = layers::affine(graph, &bounded, self.clamp as f32, 0.0);
+        let factor = graph.op("Exp", &[&log_scale], vec![]);
+        let scaled = graph.op("Mul", &[half, &factor], vec![]);
+        let shift = layers::slice(graph, coefficients, 3, width, width);
+        graph.op("Add", &[&scaled, &shift], vec![]).with_shape(half.shape.clone())
+    }
+
+    /// Records [`Self::forward`]'s maps.
+    fn record(&self, graph: &mut Graph, maps: &[Value], geometry: &Geometry) -> Result<Vec<Value>> {
+        let order: Vec<i64> = self.permutation.to_device(&Device::Cpu)?.to_vec1::<u32>()?.into_iter().map(i64::from).collect();
+        let order = graph.ints("permutation", &[order.len()], &order);
+        let permuted: Vec<Value> = maps
+            .iter()
+            .map(|x| graph.op("Gather", &[x, &order], vec![attr_int("axis", 3)]).with_shape(x.shape.clone()))
+            .collect();
+        let rest = self.channels - self.split;
+        let first: Vec<Value> = permuted.iter().map(|x| layers::slice(graph, x, 3, 0, self.split)).collect();
+        let second: Vec<Value> = permuted.iter().map(|x| layers::slice(graph, x, 3, self.split, rest)).collect();
+        let coefficients = self.to_first.record(graph, &second, geometry)?;
+        let new_first: Vec<Value> =
+            first.iter().zip(&coefficients).map(|(half, c)| self.record_affine(graph, half, c)).collect();
+        let coefficients = self.to_second.record(graph, &new_first, geometry)?;
+        Ok(second
+            .iter()
+            .zip(&coefficients)
+            .zip(&new_first)
+            .map(|((half, c), done)| {
+                let out = self.record_affine(graph, half, c);
+                layers::concat(graph, &[done, &out], 3)
+            })
+            .collect())
     }
 
     /// Each scale's map `(B, side, side, C)` transformed, and the log-determinant per image `(B,)`.
@@ -443,6 +521,58 @@ impl AnomalyModel for CsFlow {
                 AnomalyOutput { score, map }
             })
             .collect())
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        // The three scales' standardised stride-16 maps, channels-last, as `scale_maps`.
+        let mut z = Vec::with_capacity(SCALES);
+        let mut scaled = images.clone();
+        for (s, standardise) in self.standardise.iter().enumerate() {
+            if s > 0 {
+                scaled = layers::pool(graph, &scaled, 2, false);
+            }
+            let (_, stride16) = layers::backbone_features(graph, &self.backbone, &scaled)?;
+            let map = layers::channels_last(graph, &stride16);
+            z.push(layers::standardise(graph, &map, standardise)?);
+        }
+        for block in &self.flow.blocks {
+            z = block.record(graph, &z, &self.geometry)?;
+        }
+        // Per scale ½z² averaged over the channels, resized to the input and averaged over the scales; blurred.
+        let size = self.image_size as usize;
+        let channels = graph.ints("axis", &[1], &[-1]);
+        let share = graph.scalar("share", 1.0 / SCALES as f32);
+        let (mut sum, mut total): (Option<Value>, Option<Value>) = (None, None);
+        for (s, zs) in z.iter().enumerate() {
+            let squared = graph.op("Mul", &[zs, zs], vec![]);
+            let mean = graph.op("ReduceMean", &[&squared, &channels], vec![attr_int("keepdims", 0)]);
+            let side = self.geometry.sides[s];
+            let cells = layers::affine(graph, &mean, 0.5, 0.0).with_shape(vec![images.shape[0], Some(side), Some(side)]);
+            let flat = graph.ints("shape", &[2], &[0, (side * side) as i64]);
+            let cells = graph.op("Reshape", &[&cells, &flat], vec![]).with_shape(vec![images.shape[0], Some(side * side)]);
+            let cells_sum = graph.op("ReduceSum", &[&cells, &channels], vec![attr_int("keepdims", 0)]);
+            let map = layers::rows_as_map(graph, &cells, side, side);
+            let map = layers::resize_bilinear(graph, &map, size, size);
+            let part = graph.op("Mul", &[&map, &share], vec![]).with_shape(map.shape.clone());
+            sum = Some(match sum {
+                None => part,
+                Some(previous) => graph.op("Add", &[&previous, &part], vec![]).with_shape(part.shape),
+            });
+            total = Some(match total {
+                None => cells_sum,
+                Some(previous) => graph.op("Add", &[&previous, &cells_sum], vec![]),
+            });
+        }
+        let map = layers::blur(graph, &sum.expect("three scales"), self.settings.blur_sigma);
+        let score = match self.settings.image_score {
+            CsFlowImageScore::Max => layers::max_score(graph, &map),
+            CsFlowImageScore::Mean => {
+                let positions: usize = (0..SCALES).map(|s| self.geometry.positions(s)).sum();
+                let total = total.expect("three scales");
+                layers::affine(graph, &total, 1.0 / positions as f32, 0.0).with_shape(vec![images.shape[0]])
+            }
+        };
+        Ok(RecordedScores { map, score })
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
