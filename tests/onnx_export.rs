@@ -144,6 +144,11 @@ fn csflow_exports_with_parity() {
 }
 
 #[test]
+fn patch_svdd_exports_with_parity() {
+    exports_with_parity("patch-svdd", serde_json::json!({"epochs": 1, "embedding_dim": 16, "hidden": 16}), 128);
+}
+
+#[test]
 fn padim_exports_with_parity() {
     exports_with_parity("padim", serde_json::json!({}), 128);
 }

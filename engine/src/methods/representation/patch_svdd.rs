@@ -22,7 +22,7 @@
 
 use super::coreset::{greedy_coreset, CoresetMethod};
 use super::nearest::{index_lists, InvertedIndex, INDEX_MIN_BANK};
-use super::patchcore::DEFAULT_PROBES;
+use super::patchcore::{NearestSearch, DEFAULT_PROBES};
 use crate::backbone::Backbone;
 use crate::dataset::record_store::{RecordStore, PER_IMAGE_VALUES_IN_MEMORY};
 use crate::dataset::TrainingImages;
@@ -32,7 +32,11 @@ use crate::methods::layers::{linear_leaky, Conv};
 use crate::methods::setting_docs::common;
 use crate::methods::statistics::{channel_statistics, Standardise};
 use crate::methods::training::{load_varmap, train, varmap_state, Schedule, ShuffledBatches, TrainingRecord};
-use crate::methods::{images_to_tensor, outputs_from_cells, AnomalyModel, AnomalyOutput, Family, FitContext};
+use crate::methods::{
+    images_to_tensor, outputs_from_cells, AnomalyModel, AnomalyOutput, Family, FitContext, RecordedScores,
+};
+use crate::onnx::graph::attr_int;
+use crate::onnx::{layers, Graph, Value};
 use crate::progress::check_cancelled;
 use crate::rng::SplitMix64;
 use anyhow::{bail, Context, Result};
@@ -66,6 +70,7 @@ method_info!(
         "pairs_per_step" => common("Position pairs per step", "", "Patch pairs the position classifier sees per step and patch size (a random choice of all of them).", true),
         "bank_ratio" => common("Memory bank share", "", "Fraction of the training patches' embeddings kept per patch size (greedy coreset).", true),
         "combine" => common("Patch sizes", "", "product (the paper), sum, small or big: how the two sizes' maps make one.", true),
+        "search" => common("Nearest-entry search", "", "auto, exhaustive or inverted (an index: much faster on large banks; its distances can be slightly higher than the exhaustive search's, which is what the ONNX export computes).", true),
         "search_probes" => common("Index probes", "lists", "Lists of the inverted index each patch searches once a bank is large: more is closer to the exhaustive search, slower.", true),
     ],
     smoke: ({"epochs": 3} at 128, floors [0.9, 0.8, 0.5]),
@@ -95,6 +100,8 @@ pub struct PatchSvddSettings {
     pub pairs_per_step: usize,
     pub bank_ratio: f64,
     pub combine: PatchSizes,
+    /// `auto`: the inverted index from `INDEX_MIN_BANK` rows, else the exhaustive search.
+    pub search: NearestSearch,
     pub search_probes: usize,
     /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
     #[serde(flatten)]
@@ -114,6 +121,7 @@ impl Default for PatchSvddSettings {
             pairs_per_step: 4096,
             bank_ratio: 0.1,
             combine: PatchSizes::Product,
+            search: NearestSearch::Auto,
             search_probes: DEFAULT_PROBES,
             schedule: Schedule::new(8, 1e-3),
             blur_sigma: 4.0,
@@ -204,6 +212,36 @@ impl Encoder {
         let small = per_position(&self.small_out, &two_by_two(&h, 1)?, false)?.tanh()?;
         let big = per_position(&self.big_conv, &two_by_two(&small, SMALL_CELLS)?, true)?;
         let big = per_position(&self.big_out, &big, false)?.tanh()?;
+        Ok((small, big))
+    }
+}
+
+/// Records [`two_by_two`] on a channels-last map whose shape is known.
+fn record_two_by_two(graph: &mut Graph, x: &Value, step: usize) -> Value {
+    let (h, w) = (x.dim(1) - step, x.dim(2) - step);
+    let mut at = |y: usize, x0: usize| {
+        let rows = layers::slice(graph, x, 1, y, h);
+        layers::slice(graph, &rows, 2, x0, w)
+    };
+    let parts = [at(0, 0), at(0, step), at(step, 0), at(step, step)];
+    layers::concat(graph, &parts.iter().collect::<Vec<_>>(), 3)
+}
+
+impl Encoder {
+    /// Records [`Self::forward`].
+    fn record(&self, graph: &mut Graph, features: &Value) -> Result<(Value, Value)> {
+        let g = features.dim(1);
+        let h = layers::conv_leaky(graph, features, &self.small_conv)?;
+        let h = layers::slice(graph, &h, 1, 1, g - 2);
+        let h = layers::slice(graph, &h, 2, 1, g - 2);
+        let taps = record_two_by_two(graph, &h, 1);
+        let small = layers::linear(graph, &taps, &self.small_out)?;
+        let small = graph.op("Tanh", &[&small], vec![]).with_shape(small.shape.clone());
+        let taps = record_two_by_two(graph, &small, SMALL_CELLS);
+        let big = layers::linear(graph, &taps, &self.big_conv)?;
+        let big = layers::leaky_relu(graph, &big);
+        let big = layers::linear(graph, &big, &self.big_out)?;
+        let big = graph.op("Tanh", &[&big], vec![]).with_shape(big.shape.clone());
         Ok((small, big))
     }
 }
@@ -316,14 +354,31 @@ struct Bank {
 }
 
 impl Bank {
-    fn new(rows: Tensor, probes: usize, seed: u64) -> Result<Self> {
+    fn new(rows: Tensor, settings: &PatchSvddSettings) -> Result<Self> {
         let (count, dim) = rows.dims2()?;
         let values: Vec<f32> = rows.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let index = match count >= INDEX_MIN_BANK {
-            true => InvertedIndex::build(&values, dim, index_lists(count, 0), seed),
-            false => InvertedIndex::single_list(&values, dim),
+        let indexed = settings.search == NearestSearch::Inverted
+            || (settings.search == NearestSearch::Auto && count >= INDEX_MIN_BANK);
+        let (index, probes) = match indexed {
+            true => {
+                let index = InvertedIndex::build(&values, dim, index_lists(count, 0), settings.schedule.seed);
+                (index, settings.search_probes.max(1))
+            }
+            false => (InvertedIndex::single_list(&values, dim), 1),
         };
-        Ok(Self { rows, index, probes: probes.max(1) })
+        Ok(Self { rows, index, probes })
+    }
+
+    /// Records the exhaustive search: each row of `queries` `(N, R, D)`'s distance to its nearest bank row.
+    fn record_nearest(&self, graph: &mut Graph, queries: &Value) -> Result<Value> {
+        let (count, dim) = self.rows.dims2()?;
+        let rows = self.rows.to_device(&Device::Cpu)?;
+        let bank_t = graph.floats("bank_t", &[dim, count], &rows.t()?.flatten_all()?.to_vec1::<f32>()?);
+        let norms = graph.floats("bank_norms", &[count], &rows.sqr()?.sum(1)?.to_vec1::<f32>()?);
+        let squared = layers::squared_distances(graph, queries, &bank_t, &norms);
+        let last = graph.ints("axis", &[1], &[-1]);
+        let nearest = graph.op("ReduceMin", &[&squared, &last], vec![attr_int("keepdims", 0)]);
+        Ok(graph.op("Sqrt", &[&nearest], vec![]).with_shape(queries.shape[..2].to_vec()))
     }
 
     /// Distance to the nearest bank row for each row of `queries` `(N, D)`.
@@ -349,6 +404,20 @@ fn spread_over_cells(scores: &[f32], side: usize, cells: usize, grid: usize) -> 
         }
     }
     sum.iter().zip(&count).map(|(&s, &n)| if n == 0 { 0.0 } else { s / n as f32 }).collect()
+}
+
+/// [`spread_over_cells`] as a matrix `(side², grid²)`: scores `(…, side²)` times it are the cell map.
+fn spreading_matrix(side: usize, cells: usize, grid: usize) -> Vec<f32> {
+    let mut matrix = vec![0f32; side * side * grid * grid];
+    for patch in 0..side * side {
+        let mut one = vec![0f32; side * side];
+        one[patch] = 1.0;
+        // Each column (cell) averages the patches covering it; a unit score shows each patch's weight there.
+        for (cell, weight) in spread_over_cells(&one, side, cells, grid).into_iter().enumerate() {
+            matrix[patch * grid * grid + cell] = weight;
+        }
+    }
+    matrix
 }
 
 pub struct PatchSvdd {
@@ -432,7 +501,7 @@ impl PatchSvdd {
             let count = ((rows.len() / dim) as f64 * settings.bank_ratio).ceil().max(1.0) as usize;
             let picks = greedy_coreset(&rows, dim, count, seed ^ salt, CoresetMethod::Auto, progress)?;
             let kept: Vec<f32> = picks.iter().flat_map(|&i| rows[i * dim..(i + 1) * dim].iter().copied()).collect();
-            Bank::new(Tensor::from_vec(kept, (picks.len(), dim), &Device::Cpu)?, settings.search_probes, seed)
+            Bank::new(Tensor::from_vec(kept, (picks.len(), dim), &Device::Cpu)?, &settings)
         };
         let small_bank = reduce(small_rows, 0x5a11)?;
         let big_bank = reduce(big_rows, 0xb16)?;
@@ -457,7 +526,7 @@ impl PatchSvdd {
                 Ok((count, columns)) if count > 0 && columns == dim => {}
                 _ => bail!("`{name}` has shape {:?}, expected (rows ≥ 1, {dim})", rows.dims()),
             }
-            Bank::new(rows.to_dtype(DType::F32)?, settings.search_probes, settings.schedule.seed)
+            Bank::new(rows.to_dtype(DType::F32)?, &settings)
         };
         let small_bank = take_bank("small_bank")?;
         let big_bank = take_bank("big_bank")?;
@@ -492,6 +561,44 @@ impl AnomalyModel for PatchSvdd {
             }));
         }
         Ok(outputs_from_cells(&cells, grid, self.image_size as usize, self.settings.blur_sigma))
+    }
+
+    fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
+        let Geometry { grid, small, big } = self.geometry;
+        let (fine, coarse) = layers::backbone_features(graph, &self.backbone, images)?;
+        let features = layers::patch_features(graph, &fine, &coarse, true);
+        let rows = layers::positions_as_rows(graph, &features);
+        let rows = layers::standardise(graph, &rows, &self.standardise)?;
+        let as_map = graph.ints("shape", &[4], &[0, grid as i64, grid as i64, PATCH_CHANNELS as i64]);
+        let x = graph.op("Reshape", &[&rows, &as_map], vec![]).with_shape(vec![
+            images.shape[0],
+            Some(grid),
+            Some(grid),
+            Some(PATCH_CHANNELS),
+        ]);
+        let (small_map, big_map) = self.encoder.record(graph, &x)?;
+        let dim = self.settings.embedding_dim as i64;
+        let cells = |graph: &mut Graph, map: &Value, bank: &Bank, side: usize, cells: usize| -> Result<Value> {
+            let as_rows = graph.ints("shape", &[3], &[0, (side * side) as i64, dim]);
+            let queries = graph.op("Reshape", &[map, &as_rows], vec![]).with_shape(vec![
+                images.shape[0],
+                Some(side * side),
+                Some(dim as usize),
+            ]);
+            let distances = bank.record_nearest(graph, &queries)?;
+            let spreading = graph.floats("spreading", &[side * side, grid * grid], &spreading_matrix(side, cells, grid));
+            Ok(graph.op("MatMul", &[&distances, &spreading], vec![]).with_shape(vec![images.shape[0], Some(grid * grid)]))
+        };
+        let small_cells = cells(graph, &small_map, &self.small_bank, small, SMALL_CELLS)?;
+        let big_cells = cells(graph, &big_map, &self.big_bank, big, BIG_CELLS)?;
+        let combined = match self.settings.combine {
+            PatchSizes::Product => graph.op("Mul", &[&small_cells, &big_cells], vec![]),
+            PatchSizes::Sum => graph.op("Add", &[&small_cells, &big_cells], vec![]),
+            PatchSizes::Small => small_cells.clone(),
+            PatchSizes::Big => big_cells.clone(),
+        }
+        .with_shape(small_cells.shape.clone());
+        Ok(layers::map_and_score(graph, &combined, grid, self.image_size as usize, self.settings.blur_sigma))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
