@@ -506,6 +506,22 @@ pub fn map_and_score(graph: &mut Graph, cells: &Value, grid: usize, size: usize,
     RecordedScores { map, score }
 }
 
+/// Cell maps `(N, side²)` of several grids, each resized to `size²` (bilinear) and averaged: `(N, 1, size, size)`.
+pub fn mean_of_resized(graph: &mut Graph, cells: &[(Value, usize)], size: usize) -> Value {
+    let share = graph.scalar("share", 1.0 / cells.len() as f32);
+    let mut sum: Option<Value> = None;
+    for (grid_cells, side) in cells {
+        let grid = rows_as_map(graph, grid_cells, *side, *side);
+        let map = resize_bilinear(graph, &grid, size, size);
+        let part = graph.op("Mul", &[&map, &share], vec![]).with_shape(map.shape.clone());
+        sum = Some(match sum {
+            None => part,
+            Some(total) => graph.op("Add", &[&total, &part], vec![]).with_shape(part.shape),
+        });
+    }
+    sum.expect("at least one grid")
+}
+
 /// `(N, H·W)` → `(N, 1, H, W)`.
 pub fn rows_as_map(graph: &mut Graph, x: &Value, height: usize, width: usize) -> Value {
     let shape = graph.ints("shape", &[4], &[0, 1, height as i64, width as i64]);

@@ -539,31 +539,25 @@ impl AnomalyModel for CsFlow {
             z = block.record(graph, &z, &self.geometry)?;
         }
         // Per scale ½z² averaged over the channels, resized to the input and averaged over the scales; blurred.
-        let size = self.image_size as usize;
         let channels = graph.ints("axis", &[1], &[-1]);
-        let share = graph.scalar("share", 1.0 / SCALES as f32);
-        let (mut sum, mut total): (Option<Value>, Option<Value>) = (None, None);
+        let mut cells = Vec::with_capacity(SCALES);
+        let mut total: Option<Value> = None;
         for (s, zs) in z.iter().enumerate() {
             let squared = graph.op("Mul", &[zs, zs], vec![]);
             let mean = graph.op("ReduceMean", &[&squared, &channels], vec![attr_int("keepdims", 0)]);
             let side = self.geometry.sides[s];
-            let cells = layers::affine(graph, &mean, 0.5, 0.0).with_shape(vec![images.shape[0], Some(side), Some(side)]);
             let flat = graph.ints("shape", &[2], &[0, (side * side) as i64]);
-            let cells = graph.op("Reshape", &[&cells, &flat], vec![]).with_shape(vec![images.shape[0], Some(side * side)]);
-            let cells_sum = graph.op("ReduceSum", &[&cells, &channels], vec![attr_int("keepdims", 0)]);
-            let map = layers::rows_as_map(graph, &cells, side, side);
-            let map = layers::resize_bilinear(graph, &map, size, size);
-            let part = graph.op("Mul", &[&map, &share], vec![]).with_shape(map.shape.clone());
-            sum = Some(match sum {
-                None => part,
-                Some(previous) => graph.op("Add", &[&previous, &part], vec![]).with_shape(part.shape),
-            });
+            let mean = graph.op("Reshape", &[&mean, &flat], vec![]).with_shape(vec![images.shape[0], Some(side * side)]);
+            let scale_cells = layers::affine(graph, &mean, 0.5, 0.0);
+            let cells_sum = graph.op("ReduceSum", &[&scale_cells, &channels], vec![attr_int("keepdims", 0)]);
             total = Some(match total {
                 None => cells_sum,
                 Some(previous) => graph.op("Add", &[&previous, &cells_sum], vec![]),
             });
+            cells.push((scale_cells, side));
         }
-        let map = layers::blur(graph, &sum.expect("three scales"), self.settings.blur_sigma);
+        let mean = layers::mean_of_resized(graph, &cells, self.image_size as usize);
+        let map = layers::blur(graph, &mean, self.settings.blur_sigma);
         let score = match self.settings.image_score {
             CsFlowImageScore::Max => layers::max_score(graph, &map),
             CsFlowImageScore::Mean => {

@@ -450,21 +450,15 @@ pub fn record_assemble(
     calibration: &PositionCalibration,
     blur_sigma: f32,
 ) -> RecordedScores {
-    let size = image_size as usize;
-    let share = graph.scalar("share", 1.0 / level_nll.len() as f32);
-    let mut sum: Option<Value> = None;
-    for (entry, (level, nll)) in level_nll.iter().enumerate() {
-        let side = level_side(image_size, *level);
-        let calibrated = layers::calibrate(graph, nll, calibration, entry);
-        let grid = layers::rows_as_map(graph, &calibrated, side, side);
-        let map = layers::resize_bilinear(graph, &grid, size, size);
-        let part = graph.op("Mul", &[&map, &share], vec![]).with_shape(map.shape.clone());
-        sum = Some(match sum {
-            None => part,
-            Some(total) => graph.op("Add", &[&total, &part], vec![]).with_shape(part.shape),
-        });
-    }
-    let map = layers::blur(graph, &sum.expect("at least one level"), blur_sigma);
+    let calibrated: Vec<(Value, usize)> = level_nll
+        .iter()
+        .enumerate()
+        .map(|(entry, (level, nll))| {
+            (layers::calibrate(graph, nll, calibration, entry), level_side(image_size, *level))
+        })
+        .collect();
+    let mean = layers::mean_of_resized(graph, &calibrated, image_size as usize);
+    let map = layers::blur(graph, &mean, blur_sigma);
     let score = layers::max_score(graph, &map);
     RecordedScores { map, score }
 }
