@@ -65,6 +65,7 @@ method_info!(
     ],
     docs: [
         "embedding_dim" => common("Embedding size", "channels", "Channels of a patch's embedding (D in the paper).", false),
+        "hidden" => common("Hidden channels", "", "Width of the encoder's inner layers and of the position classifiers.", true),
         "svdd_weight" => common("SVDD weight", "", "Weight of the neighbouring-patches loss against the position loss (λ in the paper).", false),
         "images_per_step" => common("Images per step", "", "Training images whose every patch makes one optimisation step.", true),
         "pairs_per_step" => common("Position pairs per step", "", "Patch pairs the position classifier sees per step and patch size (a random choice of all of them).", true),
