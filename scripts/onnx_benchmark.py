@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from onnx_parity import OnnxRuntime, OpenVino, load_rgb  # noqa: E402
+from onnx_parity import OnnxRuntime, OpenVino, load_rgb, map_span  # noqa: E402
 
 LOUPE = os.path.join(os.path.dirname(__file__), "..", "target", "release", "loupe")
 
@@ -128,7 +128,7 @@ def main():
                 loupe_map = np.fromfile(expected["map_file"], dtype="<f4").reshape(size, size)
                 scores.append(float(score[0]))
                 score_errors.append(abs(scores[-1] - expected["score"]) / max(abs(expected["score"]), 1e-12))
-                span = max(float(loupe_map.max() - loupe_map.min()), 1e-12)
+                span = map_span(loupe_map)
                 map_errors.append(float(np.abs(anomaly_map[0] - loupe_map).max()) / span)
                 verdicts_equal += {0: "pass", 1: "review", 2: "reject"}[int(verdict[0])] == expected["verdict"]
             row[runtime.name] = {

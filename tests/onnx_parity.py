@@ -103,16 +103,21 @@ def load_rgb(path):
     return np.ascontiguousarray(np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8)[None])
 
 
-def errors_against(row, base, anomaly_map, score):
-    """One image's output against Loupe's line in expected.jsonl: map error as a share of Loupe's map range,
-    the absolute map error, that range, and the score's relative error. An image-level method's map is its
-    score everywhere (no range): its error is then a share of the map's magnitude."""
-    want_map = np.fromfile(os.path.join(base, row["map"]), dtype="<f4").reshape(row["size"], row["size"])
-    magnitude = float(np.abs(want_map).max())
-    span = float(want_map.max() - want_map.min())
+def map_span(loupe_map):
+    """What a map's error is measured against: its range; an image-level method's map is its score everywhere
+    (no range), so its magnitude."""
+    magnitude = float(np.abs(loupe_map).max())
+    span = float(loupe_map.max() - loupe_map.min())
     if span <= 1e-6 * magnitude:
         span = magnitude
-    span = max(span, 1e-12)
+    return max(span, 1e-12)
+
+
+def errors_against(row, base, anomaly_map, score):
+    """One image's output against Loupe's line in expected.jsonl: map error as a share of Loupe's map range,
+    the absolute map error, that range (`map_span`), and the score's relative error."""
+    want_map = np.fromfile(os.path.join(base, row["map"]), dtype="<f4").reshape(row["size"], row["size"])
+    span = map_span(want_map)
     largest = float(np.abs(anomaly_map - want_map).max())
     return largest / span, largest, span, abs(float(score) - row["score"]) / max(abs(row["score"]), 1e-12)
 
