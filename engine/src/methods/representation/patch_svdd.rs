@@ -350,6 +350,8 @@ impl Networks {
 /// Each patch size's training embeddings, reduced to a coreset, and the index that searches them.
 struct Bank {
     rows: Tensor,
+    /// The rows on the host, for the exact distance to the nearest one.
+    values: Vec<f32>,
     index: InvertedIndex,
     probes: usize,
 }
@@ -367,26 +369,42 @@ impl Bank {
             }
             false => (InvertedIndex::single_list(&values, dim), 1),
         };
-        Ok(Self { rows, index, probes })
+        Ok(Self { rows, values, index, probes })
     }
 
     /// Records the exhaustive search: each row of `queries` `(N, R, D)`'s distance to its nearest bank row.
     fn record_nearest(&self, graph: &mut Graph, queries: &Value) -> Result<Value> {
         let (count, dim) = self.rows.dims2()?;
-        let rows = self.rows.to_device(&Device::Cpu)?;
-        let bank_t = graph.floats("bank_t", &[dim, count], &rows.t()?.flatten_all()?.to_vec1::<f32>()?);
-        let norms = graph.floats("bank_norms", &[count], &rows.sqr()?.sum(1)?.to_vec1::<f32>()?);
+        let host = self.rows.to_device(&Device::Cpu)?;
+        let bank_t = graph.floats("bank_t", &[dim, count], &host.t()?.flatten_all()?.to_vec1::<f32>()?);
+        let norms = graph.floats("bank_norms", &[count], &host.sqr()?.sum(1)?.to_vec1::<f32>()?);
         let squared = layers::squared_distances(graph, queries, &bank_t, &norms);
+        // As `nearest`: the row by the expanded form, the distance to it directly.
+        let nearest = graph.op("ArgMin", &[&squared], vec![attr_int("axis", -1), attr_int("keepdims", 0)]);
+        let bank = graph.floats("bank", &[count, dim], &self.values);
+        let rows = graph.op("Gather", &[&bank, &nearest], vec![attr_int("axis", 0)]);
+        let difference = graph.op("Sub", &[queries, &rows], vec![]);
         let last = graph.ints("axis", &[1], &[-1]);
-        let nearest = graph.op("ReduceMin", &[&squared, &last], vec![attr_int("keepdims", 0)]);
-        Ok(graph.op("Sqrt", &[&nearest], vec![]).with_shape(queries.shape[..2].to_vec()))
+        let squared = graph.op("ReduceSumSquare", &[&difference, &last], vec![attr_int("keepdims", 0)]);
+        Ok(graph.op("Sqrt", &[&squared], vec![]).with_shape(queries.shape[..2].to_vec()))
     }
 
-    /// Distance to the nearest bank row for each row of `queries` `(N, D)`.
+    /// Distance to the nearest bank row for each row of `queries` `(N, D)`. The search finds the row through
+    /// |q|² + |b|² − 2 q·b; the distance is then taken as |q − b| itself: the embeddings' norms are far larger
+    /// than the distances between neighbours, and the expanded form's rounding (1e-3 relative, depending on
+    /// the summation order) would make Loupe and an exported model disagree.
     fn nearest(&self, queries: &Tensor) -> Result<Vec<f32>> {
-        let values: Vec<f32> = queries.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
-        let (squared, _) = self.index.nearest_squared(&values, self.probes);
-        Ok(squared.into_iter().map(|d| d.max(0.0).sqrt()).collect())
+        let queries: Vec<f32> = queries.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let (_, nearest) = self.index.nearest_squared(&queries, self.probes);
+        let dim = self.rows.dim(1)?;
+        Ok(queries
+            .chunks_exact(dim)
+            .zip(nearest)
+            .map(|(query, row)| {
+                let row = &self.values[row as usize * dim..][..dim];
+                query.iter().zip(row).map(|(q, b)| (q - b) * (q - b)).sum::<f32>().sqrt()
+            })
+            .collect())
     }
 }
 
