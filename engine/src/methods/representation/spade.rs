@@ -165,7 +165,11 @@ impl AnomalyModel for Spade {
                 let distances = image_distances.get(b)?.gather(&references, 0)?;
                 let reference_rows = self.gallery.index_select(&references, 0)?.to_dtype(DType::F32)?;
                 let reference_rows = reference_rows.reshape(((), PATCH_CHANNELS))?;
-                let patch = squared_distances(&rows.get(b)?, &reference_rows)?.min(D::Minus1)?.sqrt()?;
+                // The nearest patch by the expanded form, the distance to it directly: near zero the expanded
+                // form's rounding, magnified by the square root, would make an export's map differ.
+                let image_rows = rows.get(b)?;
+                let nearest = squared_distances(&image_rows, &reference_rows)?.argmin(D::Minus1)?;
+                let patch = (image_rows - reference_rows.index_select(&nearest, 0)?)?.sqr()?.sum(1)?.sqrt()?;
                 let cells: Vec<f32> = patch.to_device(&Device::Cpu)?.to_vec1()?;
                 let map = ScoreMap::new(side, side, cells).resized(size, size).blurred(self.settings.blur_sigma);
                 let score = match self.settings.image_score {
@@ -222,8 +226,14 @@ impl AnomalyModel for Spade {
         let with_rows = graph.op("Add", &[&dots, &row_norms], vec![]);
         let squared = graph.op("Add", &[&with_rows, &reference_norms], vec![]);
         let squared = graph.op("Relu", &[&squared], vec![]);
-        let nearest_patch = graph.op("ReduceMin", &[&squared, &last], vec![attr_int("keepdims", 0)]);
-        let cells = graph.op("Sqrt", &[&nearest_patch], vec![]).with_shape(vec![images.shape[0], Some(positions)]);
+        // As `score_batch`: the nearest reference patch by the expanded form, the distance to it directly.
+        let nearest_patch = graph.op("ArgMin", &[&squared], vec![attr_int("axis", -1), attr_int("keepdims", 1)]);
+        let row_shape = graph.op("Shape", &[&rows], vec![]);
+        let nearest_patch = graph.op("Expand", &[&nearest_patch, &row_shape], vec![]);
+        let nearest_rows = graph.op("GatherElements", &[&references, &nearest_patch], vec![attr_int("axis", 1)]);
+        let difference = graph.op("Sub", &[&rows, &nearest_rows], vec![]);
+        let squared = graph.op("ReduceSumSquare", &[&difference, &last], vec![attr_int("keepdims", 0)]);
+        let cells = graph.op("Sqrt", &[&squared], vec![]).with_shape(vec![images.shape[0], Some(positions)]);
         let scores = layers::map_and_score(graph, &cells, side, self.image_size as usize, self.settings.blur_sigma);
         Ok(match self.settings.image_score {
             SpadeImageScore::Map => scores,
