@@ -155,7 +155,10 @@ impl AnomalyModel for Spade {
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let side = grid_size(self.image_size);
         let (rows, averages) = features(&self.backbone, images, side * side)?;
-        let image_distances = squared_distances(&averages, &self.averages)?.sqrt()?;
+        // Retrieval by the distances themselves (a few hundred gallery images): a near-tie among the nearest
+        // then orders the same in Loupe and in an export, which the expanded form's rounding did not ensure.
+        let image_distances =
+            averages.unsqueeze(1)?.broadcast_sub(&self.averages.unsqueeze(0)?)?.sqr()?.sum(D::Minus1)?.sqrt()?;
         let k = self.settings.neighbours.min(self.averages.dim(0)?);
         let nearest = image_distances.arg_sort_last_dim(true)?.narrow(1, 0, k)?.contiguous()?;
         let size = self.image_size as usize;
@@ -191,11 +194,12 @@ impl AnomalyModel for Spade {
         let averages = graph.op("ReduceMean", &[&rows, &positions_axis], vec![attr_int("keepdims", 0)]);
         // Retrieval: the distances to the gallery's averages, the `neighbours` nearest (ascending, as arg_sort).
         let count = self.averages.dim(0)?;
-        let gallery_averages: Vec<f32> = self.averages.to_device(&Device::Cpu)?.t()?.flatten_all()?.to_vec1()?;
-        let averages_t = graph.floats("gallery_averages_t", &[PATCH_CHANNELS, count], &gallery_averages);
-        let norms: Vec<f32> = self.averages.sqr()?.sum(1)?.to_device(&Device::Cpu)?.to_vec1()?;
-        let norms = graph.floats("gallery_average_norms", &[count], &norms);
-        let squared = layers::squared_distances(graph, &averages, &averages_t, &norms);
+        let gallery_averages: Vec<f32> = self.averages.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let gallery_averages = graph.floats("gallery_averages", &[count, PATCH_CHANNELS], &gallery_averages);
+        let averages = graph.op("Unsqueeze", &[&averages, &positions_axis], vec![]);
+        let differences = graph.op("Sub", &[&averages, &gallery_averages], vec![]);
+        let last = graph.ints("axis", &[1], &[-1]);
+        let squared = graph.op("ReduceSumSquare", &[&differences, &last], vec![attr_int("keepdims", 0)]);
         let image_distances = graph.op("Sqrt", &[&squared], vec![]);
         let k = self.settings.neighbours.min(count);
         let k_value = graph.ints("k", &[1], &[k as i64]);
