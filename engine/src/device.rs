@@ -28,14 +28,47 @@ impl DeviceChoice {
 
     pub fn open(self) -> Result<Device> {
         if !self.is_built() {
-            bail!("this build of Loupe has no {self} support: rebuild with `--features {self}`");
+            match self {
+                DeviceChoice::Cuda => bail!(
+                    "this Loupe is the CPU build: CUDA is in the separate `loupe-cuda` build \
+                     (`scripts/cuda_build.sh`, or `cargo build --release --features cuda`)"
+                ),
+                _ => bail!("this build of Loupe has no {self} support: rebuild with `--features {self}`"),
+            }
         }
         Ok(match self {
             DeviceChoice::Cpu => Device::Cpu,
-            DeviceChoice::Cuda => Device::new_cuda(0)?,
-            DeviceChoice::Metal => Device::new_metal(0)?,
+            DeviceChoice::Cuda => Device::new_cuda(0).map_err(|error| {
+                anyhow::anyhow!(
+                    "CUDA could not start on GPU 0 ({error:?}). Check that the NVIDIA driver is installed and sees \
+                     the card (`nvidia-smi`), or run on the processor with `--device cpu`"
+                )
+            })?,
+            DeviceChoice::Metal => Device::new_metal(0).map_err(|error| {
+                anyhow::anyhow!("Metal could not start ({error:?}); run on the processor with `--device cpu`")
+            })?,
         })
     }
+}
+
+/// Set by [`force_portable_ops`] or by `LOUPE_PORTABLE_OPS=1` in the environment.
+static PORTABLE_OPS_FORCED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether Loupe's hand-written CPU kernels (custom ops over host memory: depthwise and fused convolutions,
+/// im2col, SSIM, the PatchCore index…) run for tensors on `device`. Elsewhere the same maths runs as
+/// compositions of candle ops — the path GPUs take. Forcing that portable path on the CPU is how the test suite
+/// runs every branch a GPU would, on a machine without one.
+pub fn cpu_kernels_on(device: &Device) -> bool {
+    static FROM_ENVIRONMENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let from_environment =
+        *FROM_ENVIRONMENT.get_or_init(|| std::env::var("LOUPE_PORTABLE_OPS").is_ok_and(|v| v == "1"));
+    device.is_cpu() && !from_environment && !PORTABLE_OPS_FORCED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Runs the portable (GPU) compositions on the CPU too, for this process. For tests and diagnosis only: the CPU
+/// kernels are several times faster.
+pub fn force_portable_ops(on: bool) {
+    PORTABLE_OPS_FORCED.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// candle's CPU thread pool spins 25,000 times before parking; on a 2-core machine those spinning workers

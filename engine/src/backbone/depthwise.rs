@@ -2,8 +2,8 @@
 //!
 //! candle runs a grouped convolution as one convolution per group, which for a depthwise layer (one group per
 //! channel) is several times slower than a direct loop. On the CPU this is a custom op with a direct kernel over
-//! each channel plane; on other devices the same maths runs as candle tensor ops (pad + grouped conv2d), which is
-//! also the reference the kernel is tested against.
+//! each channel plane; on other devices the same maths runs as candle tensor ops (k² shifted multiply-adds), and
+//! both are tested against candle's grouped `conv2d`.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -25,21 +25,54 @@ pub struct DepthwiseConv {
 impl DepthwiseConv {
     /// `input` (B, C, H, W), `weight` (C, 1, k, k), `bias` (C).
     pub fn forward(&self, input: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        if input.device().is_cpu() {
+        if crate::device::cpu_kernels_on(input.device()) {
             input.contiguous()?.apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, self)
         } else {
             self.forward_portable(input, weight, bias)
         }
     }
 
-    /// The same computation from candle's own ops: used on GPUs and as the test reference.
+    /// The same computation from candle's own ops, used on GPUs: k² shifted multiply-adds over the whole
+    /// tensor. candle's grouped `conv2d` would be one convolution per channel — up to 1,152 kernel launches for
+    /// one layer, which left the GPU waiting on the host — while this is a fixed number of ops whatever the
+    /// channel count. A stride-2 input is first split into its s² phase planes, so every tap is a plain window.
     pub fn forward_portable(&self, input: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        let (_, channels, height, width) = input.dims4()?;
-        let (top, bottom) = same_padding(height, self.kernel, self.stride);
-        let (left, right) = same_padding(width, self.kernel, self.stride);
-        let padded = input.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
-        let out = padded.conv2d(weight, 0, self.stride, 1, channels)?;
-        let out = out.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?;
+        let (batch, channels, height, width) = input.dims4()?;
+        let (kernel, stride) = (self.kernel, self.stride);
+        let (out_h, out_w) = (height.div_ceil(stride), width.div_ceil(stride));
+        let (top, _) = same_padding(height, kernel, stride);
+        let (left, _) = same_padding(width, kernel, stride);
+        // Each phase plane holds out + (k − 1)/s rows: enough for every tap's window. That covers TF's own
+        // bottom padding, and the rows added beyond it are zeros no tap reads.
+        let reach = (kernel - 1) / stride;
+        let (phase_h, phase_w) = (out_h + reach, out_w + reach);
+        let padded = input.pad_with_zeros(2, top, stride * phase_h - top - height)?.pad_with_zeros(
+            3,
+            left,
+            stride * phase_w - left - width,
+        )?;
+        let phases: Vec<Vec<Tensor>> = if stride == 1 {
+            vec![vec![padded]]
+        } else {
+            let split = padded.reshape((batch, channels, phase_h, stride, phase_w, stride))?;
+            (0..stride)
+                .map(|py| {
+                    (0..stride)
+                        .map(|px| split.narrow(3, py, 1)?.narrow(5, px, 1)?.squeeze(5)?.squeeze(3)?.contiguous())
+                        .collect::<Result<_>>()
+                })
+                .collect::<Result<_>>()?
+        };
+        // (k·k, 1, C, 1, 1) → one (1, C, 1, 1) weight per tap.
+        let taps = weight.reshape((channels, kernel * kernel))?.t()?.reshape((kernel * kernel, 1, channels, 1, 1))?;
+        let mut out = bias.reshape((1, channels, 1, 1))?.broadcast_as((batch, channels, out_h, out_w))?.contiguous()?;
+        for dy in 0..kernel {
+            for dx in 0..kernel {
+                let plane = &phases[dy % stride][dx % stride];
+                let window = plane.narrow(2, dy / stride, out_h)?.narrow(3, dx / stride, out_w)?;
+                out = (out + window.broadcast_mul(&taps.get(dy * kernel + dx)?)?)?;
+            }
+        }
         if self.relu6 {
             out.clamp(0f32, 6f32)
         } else {
@@ -247,8 +280,23 @@ mod tests {
         assert_eq!(same_padding(32, 5, 1), (2, 2));
     }
 
+    /// The layer by its definition: TF "SAME" padding, then candle's grouped convolution, bias and ReLU6.
+    fn grouped_conv(op: &DepthwiseConv, input: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (_, channels, height, width) = input.dims4()?;
+        let (top, bottom) = same_padding(height, op.kernel, op.stride);
+        let (left, right) = same_padding(width, op.kernel, op.stride);
+        let padded = input.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
+        let out =
+            padded.conv2d(weight, 0, op.stride, 1, channels)?.broadcast_add(&bias.reshape((1, channels, 1, 1))?)?;
+        if op.relu6 {
+            out.clamp(0f32, 6f32)
+        } else {
+            Ok(out)
+        }
+    }
+
     #[test]
-    fn kernel_matches_portable_ops() -> Result<()> {
+    fn kernel_and_portable_ops_match_the_grouped_convolution() -> Result<()> {
         let device = Device::Cpu;
         for &(kernel, stride, size) in
             &[(3, 1, 9), (3, 2, 10), (5, 2, 11), (5, 1, 8), (3, 2, 7), (3, 2, 33), (5, 1, 20), (5, 2, 1)]
@@ -258,11 +306,15 @@ mod tests {
             let bias = Tensor::randn(0f32, 1.0, 3, &device)?;
             for relu6 in [false, true] {
                 let op = DepthwiseConv { kernel, stride, relu6 };
-                let fast = op.forward(&input, &weight, &bias)?;
-                let reference = op.forward_portable(&input, &weight, &bias)?;
-                assert_eq!(fast.dims(), reference.dims());
-                let diff = (fast - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                assert!(diff < 1e-5, "k{kernel} s{stride} n{size}: max diff {diff}");
+                let reference = grouped_conv(&op, &input, &weight, &bias)?;
+                for (path, out) in [
+                    ("kernel", input.apply_op3_no_bwd(&weight, &bias, &op)?),
+                    ("portable", op.forward_portable(&input, &weight, &bias)?),
+                ] {
+                    assert_eq!(out.dims(), reference.dims(), "{path}");
+                    let diff = (out - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(diff < 1e-5, "{path} k{kernel} s{stride} n{size}: max diff {diff}");
+                }
             }
         }
         Ok(())

@@ -129,7 +129,7 @@ impl PointwiseConv {
     fn new(conv: VarBuilder, bn: VarBuilder, in_channels: usize, out_channels: usize, relu6: bool) -> Result<Self> {
         let (weight, bias) = folded_conv(conv, bn, (out_channels, in_channels, 1, 1))?;
         let weight = weight.reshape((out_channels, in_channels))?;
-        let cpu_kernel = if weight.device().is_cpu() {
+        let cpu_kernel = if crate::device::cpu_kernels_on(weight.device()) {
             Some(PointwiseKernel {
                 weight: Arc::new(weight.flatten_all()?.to_vec1()?),
                 bias: Arc::new(bias.to_vec1()?),
@@ -244,7 +244,7 @@ pub const STEM_STRIDE: usize = 2;
 impl Stem {
     fn new(conv: VarBuilder, bn: VarBuilder) -> Result<Self> {
         let (weight, bias) = folded_conv(conv, bn, (32, 3, 3, 3))?;
-        let cpu_kernel = if weight.device().is_cpu() {
+        let cpu_kernel = if crate::device::cpu_kernels_on(weight.device()) {
             Some(PointwiseKernel {
                 // (out, in, ky, kx) flattens to (out, in·9) in the order Im2Col unfolds patches.
                 weight: Arc::new(weight.flatten_all()?.to_vec1()?),

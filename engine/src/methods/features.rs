@@ -68,7 +68,7 @@ pub fn plain_feature_rows(backbone: &Backbone, images: &Tensor) -> anyhow::Resul
 }
 
 fn feature_rows(backbone: &Backbone, images: &Tensor, local: bool) -> anyhow::Result<Tensor> {
-    if !backbone.device.is_cpu() {
+    if !crate::device::cpu_kernels_on(&backbone.device) {
         return Ok(patches_as_rows(&features_through_candle(backbone, images, local)?)?);
     }
     let maps = backbone.features(images)?;

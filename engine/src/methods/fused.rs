@@ -92,7 +92,7 @@ pub(crate) fn matmul_into(out: &mut [f32], a: Matrix, b: Matrix, accumulate: boo
 
 /// True where the fused CPU kernels apply.
 pub(crate) fn fused_on(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
+    crate::device::cpu_kernels_on(x.device()) && x.dtype() == candle_core::DType::F32
 }
 
 /// `leaky_relu(rows + bias)` for `rows: (N, C)`, `bias: (C)`, with `slope` below zero.

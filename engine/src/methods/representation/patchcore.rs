@@ -287,7 +287,7 @@ impl PatchCore {
         let memory_bank_t = memory_bank.t()?.contiguous()?;
         let bank_norms = memory_bank.sqr()?.sum_keepdim(1)?.t()?.contiguous()?;
         let rows = memory_bank.dims()[0];
-        let cpu_index = if memory_bank.device().is_cpu() {
+        let cpu_index = if crate::device::cpu_kernels_on(memory_bank.device()) {
             let bank: Vec<f32> = memory_bank.flatten_all()?.to_vec1()?;
             let indexed = settings.search == NearestSearch::Inverted
                 || (settings.search == NearestSearch::Auto && rows >= INDEX_MIN_BANK);
