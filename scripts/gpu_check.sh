@@ -27,7 +27,9 @@ summary="$out/summary.md"
 loupe() { "$bin" "$@" --weights "$weights"; }
 now() { date +%s.%N; }
 seconds_since() { echo "$(now) $1" | awk '{printf "%.1f", $1 - $2}'; }
-json_field() { "$python" -c "import json,sys; v=json.load(open(sys.argv[1])).get(sys.argv[2]); print('–' if v is None else (f'{v:.4f}' if isinstance(v,float) else v))" "$@"; }
+json_field() { # FILE KEY [DIGITS]
+  "$python" -c "import json,sys; v=json.load(open(sys.argv[1])).get(sys.argv[2]); print('–' if v is None else (f'{v:.{sys.argv[3]}f}' if isinstance(v,float) else v))" "$1" "$2" "${3:-4}" 2>/dev/null || echo –
+}
 
 {
   echo "# Loupe device check — $(date -u +%FT%TZ)"
@@ -46,11 +48,12 @@ json_field() { "$python" -c "import json,sys; v=json.load(open(sys.argv[1])).get
 
 backbone_line() { # the bench's own summary line for one batch size
   loupe bench backbone --device "$device" --batch "$1" --repeats 20 >"$out/logs/backbone-b$1.log" 2>&1
-  tail -1 "$out/logs/backbone-b$1.log"
+  tail -1 "$out/logs/backbone-b$1.log" | sed -E 's/.*median ([0-9.]+ ms).*\(([0-9.]+ images\/s)\).*/\1 (\2)/'
 }
 echo "| Loupe ($device) | $(backbone_line 1) | $(backbone_line 32) |" >>"$summary"
 "$python" "$here/torch_backbone.py" --device "$device" >"$out/logs/torch.log" 2>&1
-echo "| PyTorch + timm efficientnet_lite0 | $(grep '^batch 1:' "$out/logs/torch.log" | cut -d: -f2- || echo –) | $(grep '^batch 32:' "$out/logs/torch.log" | cut -d: -f2- || echo –) |" >>"$summary"
+torch_line() { grep "^batch $1:" "$out/logs/torch.log" | sed -E 's/^batch [0-9]+: median //' || echo –; }
+echo "| PyTorch + timm efficientnet_lite0 | $(torch_line 1) | $(torch_line 32) |" >>"$summary"
 grep -q '^batch' "$out/logs/torch.log" || echo "(PyTorch side: $(tail -1 "$out/logs/torch.log"))" >>"$summary"
 
 {
@@ -74,7 +77,9 @@ for method in $methods; do
       --device "$device" --weights "$weights" ${FIT_ARGS:-} >"$out/logs/$name-fit.log" 2>&1
     status=$?
     fit_s="$(seconds_since "$started")"
-    if [ $status -ne 0 ]; then
+    if grep -q "has no preset" "$out/logs/$name-fit.log"; then
+      continue # a method without that preset (e.g. PaDiM trains nothing: it has one setting)
+    elif [ $status -ne 0 ]; then
       why="failed ($status)"; [ $status -eq 124 ] && why="stopped at ${limit} s"
       echo "| $method | $preset | $fit_s | $why: \`$(tail -1 "$out/logs/$name-fit.log" | tr '|' '/' | cut -c1-120)\` | | | | | | |" >>"$summary"
       continue
@@ -86,10 +91,12 @@ for method in $methods; do
     loupe infer --model "$model" "$data/test" --device cpu --json >"$out/logs/$name-infer-cpu.jsonl" 2>/dev/null
     parity="$("$python" "$here/gpu_parity.py" "$out/logs/$name-infer-cpu.jsonl" "$out/logs/$name-infer-device.jsonl")"
     e1="$out/logs/$name-eval1.json" e32="$out/logs/$name-eval32.json"
-    echo "| $method | $preset | $fit_s | $(json_field "$e1" image_auroc) | $(json_field "$e1" pixel_auroc) | $(json_field "$e1" aupro) | $(json_field "$e1" test_images_per_s) | $(json_field "$e32" test_images_per_s) | $parity |" >>"$summary"
+    echo "| $method | $preset | $fit_s | $(json_field "$e1" image_auroc) | $(json_field "$e1" pixel_auroc) | $(json_field "$e1" aupro) | $(json_field "$e1" test_images_per_s 1) | $(json_field "$e32" test_images_per_s 1) | $parity |" >>"$summary"
     rm -f "$model" # the models stay on the device machine's disk only as long as they are compared
   done
 done
 echo >>"$summary"
-echo "Logs: \`$out/logs\`." >>"$summary"
+# Few files come back from a device machine: the logs travel as one archive.
+tar czf "$out/logs.tar.gz" -C "$out" logs && rm -rf "$out/logs" "$out/models"
+echo "Logs: \`logs.tar.gz\` beside this file." >>"$summary"
 cat "$summary"

@@ -32,9 +32,9 @@ for path in sorted(source.rglob("*")):
     image = Image.open(path)
     if relative.parts[0] == "ground_truth":  # masks stay lossless and binary
         image.convert("L").resize((256, 256), Image.NEAREST).save(out, optimize=True)
-    else:  # same name (masks are found by it), same format; JPEG at quality 95
+    else:  # same name (masks are found by it), same format; JPEG at quality 90
         image = image.convert("L" if image.mode == "L" else "RGB").resize((256, 256), Image.BILINEAR)
-        image.save(out, **({"quality": 95} if out.suffix.lower() in {".jpg", ".jpeg"} else {}))
+        image.save(out, **({"quality": 90} if out.suffix.lower() in {".jpg", ".jpeg"} else {}))
 EOF
 cat >"$pack/run.sh" <<'EOF'
 #!/usr/bin/env bash
