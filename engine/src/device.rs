@@ -40,14 +40,26 @@ impl DeviceChoice {
             DeviceChoice::Cpu => Device::Cpu,
             DeviceChoice::Cuda => Device::new_cuda(0).map_err(|error| {
                 anyhow::anyhow!(
-                    "CUDA could not start on GPU 0 ({error:?}). Check that the NVIDIA driver is installed and sees \
-                     the card (`nvidia-smi`), or run on the processor with `--device cpu`"
+                    "CUDA could not start on GPU 0 ({}). Check that the NVIDIA driver is installed and sees the \
+                     card (`nvidia-smi`), or run on the processor with `--device cpu`",
+                    without_backtrace(error)
                 )
             })?,
             DeviceChoice::Metal => Device::new_metal(0).map_err(|error| {
-                anyhow::anyhow!("Metal could not start ({error:?}); run on the processor with `--device cpu`")
+                anyhow::anyhow!(
+                    "Metal could not start ({}); run on the processor with `--device cpu`",
+                    without_backtrace(error)
+                )
             })?,
         })
+    }
+}
+
+/// candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set; a user's message needs only the cause.
+fn without_backtrace(error: candle_core::Error) -> candle_core::Error {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => *inner,
+        other => other,
     }
 }
 
