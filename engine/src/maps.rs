@@ -4,6 +4,11 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+/// How many of `len` values the top `fraction` is, rounded, at least one (the export's `TopK` takes the same count).
+pub fn top_count(len: usize, fraction: f32) -> usize {
+    ((len as f64 * fraction as f64).round() as usize).clamp(1, len.max(1))
+}
+
 /// A row-major score map; higher is more anomalous.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScoreMap {
@@ -20,6 +25,19 @@ impl ScoreMap {
 
     pub fn max(&self) -> f32 {
         self.data.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+    }
+
+    /// The mean of the map's largest values, `top_fraction` of them (at least one, so 0 gives the maximum):
+    /// an image score a defect of a few dozen pixels outweighs more than one hot pixel of a good part does.
+    pub fn top_mean(&self, top_fraction: f32) -> f32 {
+        let count = top_count(self.data.len(), top_fraction);
+        if count == 1 {
+            return self.max();
+        }
+        let mut values = self.data.clone();
+        let first = values.len() - count;
+        values.select_nth_unstable_by(first, f32::total_cmp);
+        values[first..].iter().sum::<f32>() / count as f32
     }
 
     /// Bilinear resize with half-pixel centres (PyTorch's `align_corners=False`).
@@ -144,6 +162,17 @@ pub fn reflect_index(i: isize, n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn top_mean_is_the_mean_of_the_largest_share() {
+        let map = ScoreMap::new(10, 10, (1..=100).rev().map(|v| v as f32).collect());
+        assert_eq!(map.top_mean(0.0), 100.0, "0 is the maximum");
+        assert_eq!(map.top_mean(0.03), 99.0, "the mean of 100, 99 and 98");
+        assert_eq!(map.top_mean(1.0), 50.5);
+        assert_eq!(top_count(100, 0.005), 1);
+        assert_eq!(top_count(100, 2.0), 100);
+    }
+
     use super::*;
 
     #[test]

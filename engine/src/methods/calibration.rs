@@ -7,7 +7,7 @@
 //! (the maximum). Scoring the z-score instead makes positions — and a flow's two levels — comparable.
 
 use crate::dataset::TrainingImages;
-use crate::methods::{images_to_tensor, outputs_from_cells, AnomalyOutput, FitContext};
+use crate::methods::{images_to_tensor, outputs_from_cells_scored, AnomalyOutput, FitContext};
 use crate::progress::check_cancelled;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -93,11 +93,23 @@ impl PositionCalibration {
     /// when this calibration has a level (as is when it is [`Self::none`]), resized to `size²` and blurred; the
     /// score is the map's maximum.
     pub fn outputs(&self, raw_maps: &[f32], grid: usize, size: usize, blur_sigma: f32) -> Vec<AnomalyOutput> {
+        self.outputs_scored(raw_maps, grid, size, blur_sigma, 0.0)
+    }
+
+    /// [`Self::outputs`] with the score the mean of the map's top `top_fraction` (0: the maximum).
+    pub fn outputs_scored(
+        &self,
+        raw_maps: &[f32],
+        grid: usize,
+        size: usize,
+        blur_sigma: f32,
+        top_fraction: f32,
+    ) -> Vec<AnomalyOutput> {
         let mut values = raw_maps.to_vec();
         if !self.levels.is_empty() {
             values.chunks_exact_mut(grid * grid).for_each(|map| self.calibrate(0, map));
         }
-        outputs_from_cells(&values, grid, size, blur_sigma)
+        outputs_from_cells_scored(&values, grid, size, blur_sigma, top_fraction)
     }
 
     pub fn state(&self) -> Result<Vec<(String, Tensor)>> {

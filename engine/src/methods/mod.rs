@@ -311,11 +311,23 @@ pub fn merge_settings(defaults: serde_json::Value, overrides: &serde_json::Value
 /// Outputs of images from their square grids of cell values (one `grid × grid` block per image, row-major,
 /// blocks after one another): each grid resized to `size²` and blurred is the map; its maximum is the score.
 pub fn outputs_from_cells(values: &[f32], grid: usize, size: usize, blur_sigma: f32) -> Vec<AnomalyOutput> {
+    outputs_from_cells_scored(values, grid, size, blur_sigma, 0.0)
+}
+
+/// [`outputs_from_cells`] with the image score the mean of the map's top `top_fraction` ([`ScoreMap::top_mean`];
+/// 0 is the maximum).
+pub fn outputs_from_cells_scored(
+    values: &[f32],
+    grid: usize,
+    size: usize,
+    blur_sigma: f32,
+    top_fraction: f32,
+) -> Vec<AnomalyOutput> {
     values
         .chunks_exact(grid * grid)
         .map(|cells| {
             let map = ScoreMap::new(grid, grid, cells.to_vec()).resized(size, size).blurred(blur_sigma);
-            AnomalyOutput { score: map.max(), map }
+            AnomalyOutput { score: map.top_mean(top_fraction), map }
         })
         .collect()
 }

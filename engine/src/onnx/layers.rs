@@ -499,11 +499,43 @@ pub fn calibrate(graph: &mut Graph, cells: &Value, calibration: &PositionCalibra
 /// [`crate::methods::outputs_from_cells`]: cells `(N, grid·grid)` upsampled to `size`, blurred; the score is
 /// the map's maximum.
 pub fn map_and_score(graph: &mut Graph, cells: &Value, grid: usize, size: usize, blur_sigma: f32) -> RecordedScores {
+    map_and_top_score(graph, cells, grid, size, blur_sigma, 0.0)
+}
+
+/// [`map_and_score`] with the score the mean of the map's top `top_fraction`, as `ScoreMap::top_mean`.
+pub fn map_and_top_score(
+    graph: &mut Graph,
+    cells: &Value,
+    grid: usize,
+    size: usize,
+    blur_sigma: f32,
+    top_fraction: f32,
+) -> RecordedScores {
     let grid_map = rows_as_map(graph, cells, grid, grid);
     let map = resize_bilinear(graph, &grid_map, size, size);
     let map = blur(graph, &map, blur_sigma);
-    let score = max_score(graph, &map);
+    let score = top_mean_score(graph, &map, size, top_fraction);
     RecordedScores { map, score }
+}
+
+/// `(N, 1, size, size)` → `(N)`: the mean of each map's `top_count(size², top_fraction)` largest values (the
+/// maximum when that is one).
+pub fn top_mean_score(graph: &mut Graph, map: &Value, size: usize, top_fraction: f32) -> Value {
+    let count = crate::maps::top_count(size * size, top_fraction);
+    if count == 1 {
+        return max_score(graph, map);
+    }
+    let flat = graph.ints("shape", &[2], &[0, (size * size) as i64]);
+    let rows = graph.op("Reshape", &[map, &flat], vec![]).with_shape(vec![map.shape[0], Some(size * size)]);
+    let k = graph.ints("k", &[1], &[count as i64]);
+    let largest = graph.op_outputs(
+        "TopK",
+        &[&rows, &k],
+        vec![attr_int("axis", 1), attr_int("largest", 1), attr_int("sorted", 0)],
+        2,
+    );
+    let axes = graph.ints("axes", &[1], &[1]);
+    graph.op("ReduceMean", &[&largest[0], &axes], vec![attr_int("keepdims", 0)]).with_shape(vec![map.shape[0]])
 }
 
 /// Cell maps `(N, side²)` of several grids, each resized to `size²` (bilinear) and averaged: `(N, 1, size, size)`.
