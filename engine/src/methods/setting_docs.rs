@@ -50,6 +50,16 @@ pub const COMMON: &[(&str, SettingDoc)] = &[
             false,
         ),
     ),
+    (
+        "image_score_top",
+        common(
+            "Image score: top share",
+            "",
+            "The image score is the mean of this share of the map's highest values (0: the map's maximum). A \
+             larger share favours defects of some extent over single hot pixels.",
+            false,
+        ),
+    ),
     ("epochs", TRAINING_EPOCHS),
     ("steps_per_epoch", common("Steps per epoch", "", "Optimisation steps counted as one epoch.", true)),
     (

@@ -52,6 +52,8 @@ pub const COMMON_RANGES: &[SettingRange] = &[
     SettingRange::new("seed", 0.0, u64::MAX as f64),
     // A kernel of 2·⌊4σ + 0.5⌋ + 1 = 257 taps at most; σ 4 is the default.
     SettingRange::new("blur_sigma", 0.0, 32.0),
+    // A share of the map's pixels; 0 is the maximum.
+    SettingRange::new("image_score_top", 0.0, 1.0),
 ];
 
 /// Refuses a key of `given` that the parsed settings do not have: a typo, or a setting of another method or

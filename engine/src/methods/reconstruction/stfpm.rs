@@ -45,10 +45,9 @@ method_info!(
     family: Family::Reconstruction,
     summary: "A student network learns the pretrained teacher's feature pyramid on good images; discrepancy map.",
     guide: "Wins on structured parts once trained long (the paper: 100 epochs; GPU). On 2 CPU cores, MTD (761 training images): fit 5 min 41 s for 20 epochs, 53 images/s, image AUROC 0.781.",
-    ranges: ["width": 1..=512, "image_score_top": 0..=1],
+    ranges: ["width": 1..=512],
     docs: [
         "width" => common("Student width", "channels", "Channels of the student's first stage; later stages double it (at most 4×).", false),
-        "image_score_top" => common("Image score: top share", "", "The image score is the mean of this share of the map's highest values (0: the map's maximum). A larger share favours defects of some extent over single hot pixels.", false),
     ],
     smoke: ({"epochs": 15, "batch_size": 4, "width": 16} at 96, floors [0.9, 0.85, 0.5]),
     presets: ["published": "the paper's training length, for a GPU" => StfpmSettings::published],
