@@ -5,8 +5,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// How many of `len` values the top `fraction` is, rounded, at least one (the export's `TopK` takes the same count).
-pub fn top_count(len: usize, fraction: f32) -> usize {
-    ((len as f64 * fraction as f64).round() as usize).clamp(1, len.max(1))
+pub fn top_count(len: usize, fraction: f64) -> usize {
+    ((len as f64 * fraction).round() as usize).clamp(1, len.max(1))
 }
 
 /// A row-major score map; higher is more anomalous.
@@ -29,7 +29,7 @@ impl ScoreMap {
 
     /// The mean of the map's largest values, `top_fraction` of them (at least one, so 0 gives the maximum):
     /// an image score a defect of a few dozen pixels outweighs more than one hot pixel of a good part does.
-    pub fn top_mean(&self, top_fraction: f32) -> f32 {
+    pub fn top_mean(&self, top_fraction: f64) -> f32 {
         let count = top_count(self.data.len(), top_fraction);
         if count == 1 {
             return self.max();

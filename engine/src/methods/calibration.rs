@@ -103,7 +103,7 @@ impl PositionCalibration {
         grid: usize,
         size: usize,
         blur_sigma: f32,
-        top_fraction: f32,
+        top_fraction: f64,
     ) -> Vec<AnomalyOutput> {
         let mut values = raw_maps.to_vec();
         if !self.levels.is_empty() {

@@ -321,7 +321,7 @@ pub fn outputs_from_cells_scored(
     grid: usize,
     size: usize,
     blur_sigma: f32,
-    top_fraction: f32,
+    top_fraction: f64,
 ) -> Vec<AnomalyOutput> {
     values
         .chunks_exact(grid * grid)

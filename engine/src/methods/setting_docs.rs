@@ -61,6 +61,16 @@ pub const COMMON: &[(&str, SettingDoc)] = &[
         ),
     ),
     ("epochs", TRAINING_EPOCHS),
+    (
+        "adam_beta1",
+        common(
+            "Optimiser momentum (β₁)",
+            "",
+            "How much of the previous steps' gradient direction AdamW keeps (0.9 usually; lower follows each \
+             batch more closely).",
+            true,
+        ),
+    ),
     ("steps_per_epoch", common("Steps per epoch", "", "Optimisation steps counted as one epoch.", true)),
     (
         "learning_rate",

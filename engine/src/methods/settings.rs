@@ -50,6 +50,8 @@ pub const COMMON_RANGES: &[SettingRange] = &[
     // A week; 0 means no budget.
     SettingRange::new("time_budget_seconds", 0.0, 604_800.0),
     SettingRange::new("seed", 0.0, u64::MAX as f64),
+    // β₁ = 1 would never move the running mean off zero.
+    SettingRange::new("adam_beta1", 0.0, 0.999),
     // A kernel of 2·⌊4σ + 0.5⌋ + 1 = 257 taps at most; σ 4 is the default.
     SettingRange::new("blur_sigma", 0.0, 32.0),
     // A share of the map's pixels; 0 is the maximum.

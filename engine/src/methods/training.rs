@@ -19,12 +19,27 @@ pub struct Schedule {
     /// Stop starting epochs after this many seconds and keep the best (0: train every epoch).
     pub time_budget_seconds: f64,
     pub seed: u64,
+    /// AdamW's β₁, the decay of its running mean of gradients. Files saved before it existed trained with 0.9.
+    #[serde(default = "adam_beta1_default")]
+    pub adam_beta1: f64,
+}
+
+const fn adam_beta1_default() -> f64 {
+    0.9
 }
 
 impl Schedule {
-    /// `epochs` at `learning_rate`, weight decay 1e-5, no time budget, seed 0: every method's default but those.
+    /// `epochs` at `learning_rate`, weight decay 1e-5, no time budget, seed 0, AdamW's usual β₁ = 0.9: every
+    /// method's default but those.
     pub const fn new(epochs: usize, learning_rate: f64) -> Self {
-        Self { epochs, learning_rate, weight_decay: 1e-5, time_budget_seconds: 0.0, seed: 0 }
+        Self {
+            epochs,
+            learning_rate,
+            weight_decay: 1e-5,
+            time_budget_seconds: 0.0,
+            seed: 0,
+            adam_beta1: adam_beta1_default(),
+        }
     }
 
     /// The same schedule with `epochs` and `learning_rate` (the presets' usual change).
@@ -39,6 +54,7 @@ impl Schedule {
             steps_per_epoch,
             learning_rate: self.learning_rate,
             weight_decay: self.weight_decay,
+            adam_beta1: self.adam_beta1,
             time_budget_seconds: self.time_budget_seconds,
             seed: self.seed,
         }
@@ -52,6 +68,7 @@ pub struct TrainingPlan {
     pub steps_per_epoch: usize,
     pub learning_rate: f64,
     pub weight_decay: f64,
+    pub adam_beta1: f64,
     /// Stop starting new epochs after this many seconds (0: no limit).
     pub time_budget_seconds: f64,
     /// Draws the networks' initial weights ([`seed_initial_weights`]).
@@ -83,11 +100,12 @@ fn restore(varmap: &VarMap, saved: &HashMap<String, Tensor>) -> Result<()> {
     Ok(())
 }
 
-/// The optimizer every trained method uses (β = 0.9, 0.999; ε = 1e-8).
-fn adamw(varmap: &VarMap, learning_rate: f64, weight_decay: f64) -> Result<candle_nn::AdamW> {
+/// The optimizer every trained method uses (β₁ from the schedule, 0.9 unless a method says otherwise; β₂ =
+/// 0.999; ε = 1e-8).
+fn adamw(varmap: &VarMap, learning_rate: f64, weight_decay: f64, beta1: f64) -> Result<candle_nn::AdamW> {
     Ok(candle_nn::AdamW::new(
         varmap.all_vars(),
-        candle_nn::ParamsAdamW { lr: learning_rate, weight_decay, ..Default::default() },
+        candle_nn::ParamsAdamW { lr: learning_rate, weight_decay, beta1, ..Default::default() },
     )?)
 }
 
@@ -115,7 +133,7 @@ pub struct StepTiming {
 /// Runs `warmup + steps` AdamW steps of `step` and returns the timings of the last `steps`, measured as the
 /// PyTorch reference measures them (forward + loss, backward, optimizer update with the loss read back).
 pub fn time_steps(step: &mut BenchStep, warmup: usize, steps: usize) -> Result<Vec<StepTiming>> {
-    let mut optimizer = adamw(&step.varmap, step.learning_rate, step.weight_decay)?;
+    let mut optimizer = adamw(&step.varmap, step.learning_rate, step.weight_decay, adam_beta1_default())?;
     let mut timings = Vec::with_capacity(steps);
     for index in 0..warmup + steps {
         let started = Instant::now();
@@ -157,7 +175,7 @@ pub fn train(
     mut loss: impl FnMut(usize, usize) -> Result<Tensor>,
 ) -> Result<TrainingRecord> {
     seed_initial_weights(varmap, plan.seed)?;
-    let mut optimizer = adamw(varmap, plan.learning_rate, plan.weight_decay)?;
+    let mut optimizer = adamw(varmap, plan.learning_rate, plan.weight_decay, plan.adam_beta1)?;
     let mut record = TrainingRecord::default();
     let mut best: Option<(f64, HashMap<String, Tensor>)> = None;
     let started = Instant::now();

@@ -509,7 +509,7 @@ pub fn map_and_top_score(
     grid: usize,
     size: usize,
     blur_sigma: f32,
-    top_fraction: f32,
+    top_fraction: f64,
 ) -> RecordedScores {
     let grid_map = rows_as_map(graph, cells, grid, grid);
     let map = resize_bilinear(graph, &grid_map, size, size);
@@ -520,7 +520,7 @@ pub fn map_and_top_score(
 
 /// `(N, 1, size, size)` → `(N)`: the mean of each map's `top_count(size², top_fraction)` largest values (the
 /// maximum when that is one).
-pub fn top_mean_score(graph: &mut Graph, map: &Value, size: usize, top_fraction: f32) -> Value {
+pub fn top_mean_score(graph: &mut Graph, map: &Value, size: usize, top_fraction: f64) -> Value {
     let count = crate::maps::top_count(size * size, top_fraction);
     if count == 1 {
         return max_score(graph, map);

@@ -83,7 +83,7 @@ pub struct DraemSettings {
     pub reconstructive_width: usize,
     /// Channels of the discriminative U-Net's first stage; later stages double it.
     pub discriminative_width: usize,
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
     pub steps_per_epoch: usize,

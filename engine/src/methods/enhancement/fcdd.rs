@@ -55,7 +55,7 @@ method_info!(
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct FcddSettings {
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
     pub steps_per_epoch: usize,

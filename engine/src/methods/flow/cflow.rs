@@ -56,7 +56,7 @@ pub struct CflowSettings {
     pub condition_dim: usize,
     /// α in exp(α·tanh(·)): bounds each block's scaling.
     pub clamp_alpha: f64,
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
     /// Feature vectors per level per optimisation step.

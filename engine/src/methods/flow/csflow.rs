@@ -77,7 +77,7 @@ pub struct CsFlowSettings {
     pub images_per_step: usize,
     pub image_score: CsFlowImageScore,
     pub blur_sigma: f32,
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
 }

@@ -61,7 +61,7 @@ pub struct DifferNetSettings {
     pub vectors_per_step: usize,
     /// Quarter turns (1 to 4) of each image that train and that are averaged in scoring.
     pub rotations: usize,
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
 }

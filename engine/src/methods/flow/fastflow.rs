@@ -60,7 +60,7 @@ pub struct FastflowSettings {
     /// Every block 3×3 — the paper's "3-3" variant, which it reports for ResNet-18 next to the alternating
     /// "3-1" one (used when false). On MTD (stride 16, 12 epochs) 3-3 scores 0.917 image AUROC, 3-1 0.896.
     pub conv3x3_only: bool,
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
     pub images_per_step: usize,

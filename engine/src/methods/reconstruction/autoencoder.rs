@@ -66,7 +66,7 @@ pub struct AutoencoderSettings {
     /// Channels of the first encoder stage; later stages double it (at most 4×).
     pub width: usize,
     pub latent_dim: usize,
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
     pub batch_size: usize,

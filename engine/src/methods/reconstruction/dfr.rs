@@ -58,7 +58,7 @@ pub struct DfrSettings {
     pub images_per_step: usize,
     /// Z-score the error map per position against the first training images'.
     pub calibrate: bool,
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
     pub blur_sigma: f32,

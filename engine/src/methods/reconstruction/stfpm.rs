@@ -58,7 +58,7 @@ method_info!(
 pub struct StfpmSettings {
     /// Channels of the student's first stage; later stages double it (at most 4×).
     pub width: usize,
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
     pub batch_size: usize,
@@ -66,7 +66,7 @@ pub struct StfpmSettings {
     /// The image score: the mean of the map's top fraction; 0 is its maximum, as files saved before this
     /// setting existed score (hence the field's own default).
     #[serde(default)]
-    pub image_score_top: f32,
+    pub image_score_top: f64,
 }
 
 impl Default for StfpmSettings {

@@ -104,7 +104,7 @@ pub struct PatchSvddSettings {
     /// `auto`: the inverted index from `INDEX_MIN_BANK` rows, else the exhaustive search.
     pub search: NearestSearch,
     pub search_probes: usize,
-    /// Epochs, learning rate, weight decay, time budget and seed: the schedule every trained method shares.
+    /// Epochs, learning rate, weight decay, time budget, seed and AdamW's β₁: the schedule every trained method shares.
     #[serde(flatten)]
     pub schedule: Schedule,
     pub blur_sigma: f32,
