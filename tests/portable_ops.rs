@@ -114,7 +114,9 @@ fn fit_and_score_portably(method: &'static MethodInfo, backbone: Arc<Backbone>) 
     let labels: Vec<bool> = benchmark.test.iter().map(|record| record.label.is_anomalous()).collect();
     assert_eq!(labels.len(), scores.len());
     let auroc = loupe_engine::metrics::auroc(&scores, &labels).unwrap();
-    assert!(auroc > 0.5, "{} on the portable path: image AUROC {auroc}", method.name);
+    // The floor the registry-wide synthetic test holds the CPU kernels to.
+    let floor = method.smoke.floors[0];
+    assert!(auroc > floor, "{} on the portable path: image AUROC {auroc}, floor {floor}", method.name);
     (dir, scores)
 }
 

@@ -162,6 +162,7 @@ pub fn reflect_index(i: isize, n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn top_mean_is_the_mean_of_the_largest_share() {
@@ -172,8 +173,6 @@ mod tests {
         assert_eq!(top_count(100, 0.005), 1);
         assert_eq!(top_count(100, 2.0), 100);
     }
-
-    use super::*;
 
     #[test]
     fn bilinear_matches_pytorch_half_pixel() {

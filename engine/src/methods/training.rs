@@ -361,6 +361,17 @@ impl ShuffledBatches {
 mod tests {
     use super::*;
 
+    /// A model file written before `adam_beta1` existed trained with AdamW's default 0.9 and must read as such.
+    #[test]
+    fn a_schedule_without_adam_beta1_reads_as_the_old_default() {
+        let old: Schedule = serde_json::from_value(serde_json::json!({
+            "epochs": 3, "learning_rate": 1e-3, "weight_decay": 1e-5, "time_budget_seconds": 0.0, "seed": 0
+        }))
+        .unwrap();
+        assert_eq!(old.adam_beta1, 0.9);
+        assert_eq!(old.plan(1).adam_beta1, 0.9);
+    }
+
     #[test]
     fn the_seed_fixes_every_randomly_drawn_weight_and_keeps_constants() {
         let build = |seed: u64| {

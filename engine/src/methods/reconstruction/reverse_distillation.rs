@@ -6,8 +6,9 @@
 //! convolution to a compact embedding at stride 32). A student decoder climbs back up — nearest ×2 upsampling
 //! and 3×3 convolutions — and must reproduce the teacher's maps at both strides from that embedding alone.
 //! Loss: 1 − cosine similarity per position (½|t̂ − ŝ|² of the unit vectors, as STFPM here), averaged over
-//! positions and levels; AdamW with the paper's β₁ = 0.5. The student only ever learned to rebuild normal features through the normal-only
-//! embedding, so where a defect changes the teacher's features the two disagree. Map: per level that
+//! positions and levels; AdamW with the paper's β₁ = 0.5. The student only ever learned to rebuild normal
+//! features through the normal-only embedding, so where a defect changes the teacher's features the two
+//! disagree. Map: per level that
 //! discrepancy, the coarser ones upsampled to the finest level's grid, summed (the paper sums), z-scored per
 //! position against the training images (`calibrate`, not in the paper), resized and blurred; score: the mean of
 //! its top 0.3 % (`image_score_top`, not in the paper; 0 is the paper's maximum).
@@ -282,7 +283,8 @@ impl AnomalyModel for ReverseDistillation {
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let maps = raw_maps(&self.backbone, &self.networks, &teacher_blocks(&self.settings), images)?;
         let (side, size) = (grid_side(self.image_size, &self.settings), self.image_size as usize);
-        Ok(self.calibration.outputs_scored(&maps, side, size, self.settings.blur_sigma, self.settings.image_score_top))
+        let (blur, top) = (self.settings.blur_sigma, self.settings.image_score_top);
+        Ok(self.calibration.outputs_scored(&maps, side, size, blur, top))
     }
 
     fn record_onnx(&self, graph: &mut Graph, images: &Value) -> Result<RecordedScores> {
@@ -327,7 +329,8 @@ impl AnomalyModel for ReverseDistillation {
             false => cells,
         };
         let size = self.image_size as usize;
-        Ok(layers::map_and_top_score(graph, &cells, side, size, self.settings.blur_sigma, self.settings.image_score_top))
+        let (blur, top) = (self.settings.blur_sigma, self.settings.image_score_top);
+        Ok(layers::map_and_top_score(graph, &cells, side, size, blur, top))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -340,6 +343,19 @@ impl AnomalyModel for ReverseDistillation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files saved before the top-share score and β₁ 0.5 keep scoring by the maximum (their threshold was chosen
+    /// on it) and read as trained with β₁ 0.9; the default now is both.
+    #[test]
+    fn settings_saved_before_the_score_and_beta_keep_their_meaning() {
+        let mut saved = serde_json::to_value(ReverseDistillationSettings::default()).unwrap();
+        saved.as_object_mut().unwrap().retain(|key, _| key != "image_score_top" && key != "adam_beta1");
+        let old: ReverseDistillationSettings = serde_json::from_value(saved).unwrap();
+        assert_eq!((old.image_score_top, old.schedule.adam_beta1), (0.0, 0.9));
+        let now = ReverseDistillationSettings::default();
+        assert_eq!((now.image_score_top, now.schedule.adam_beta1), (0.003, 0.5));
+        assert_eq!(ReverseDistillationSettings::published().schedule.adam_beta1, 0.5);
+    }
 
     #[test]
     fn the_student_rebuilds_every_teacher_level_at_its_size() {

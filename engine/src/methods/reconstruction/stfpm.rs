@@ -290,7 +290,8 @@ impl AnomalyModel for Stfpm {
     fn score_batch(&self, images: &Tensor) -> Result<Vec<AnomalyOutput>> {
         let maps = self.raw_maps(images)?;
         let (side, size) = (grid_side(self.image_size), self.image_size as usize);
-        Ok(self.calibration.outputs_scored(&maps, side, size, self.settings.blur_sigma, self.settings.image_score_top))
+        let (blur, top) = (self.settings.blur_sigma, self.settings.image_score_top);
+        Ok(self.calibration.outputs_scored(&maps, side, size, blur, top))
     }
 
     fn state(&self) -> Result<Vec<(String, Tensor)>> {
@@ -324,6 +325,7 @@ impl AnomalyModel for Stfpm {
             graph.op("Reshape", &[&product, &flat], vec![]).with_shape(vec![images.shape[0], Some(side * side)]);
         let cells = layers::calibrate(graph, &cells, &self.calibration, 0);
         let size = self.image_size as usize;
-        Ok(layers::map_and_top_score(graph, &cells, side, size, self.settings.blur_sigma, self.settings.image_score_top))
+        let (blur, top) = (self.settings.blur_sigma, self.settings.image_score_top);
+        Ok(layers::map_and_top_score(graph, &cells, side, size, blur, top))
     }
 }
