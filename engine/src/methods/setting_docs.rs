@@ -71,6 +71,16 @@ pub const COMMON: &[(&str, SettingDoc)] = &[
             true,
         ),
     ),
+    (
+        "final_learning_rate_share",
+        common(
+            "Final learning rate",
+            "",
+            "The learning rate falls along a half cosine to this share of itself by the last step (1: constant; \
+             a small share lets the last epochs settle).",
+            true,
+        ),
+    ),
     ("steps_per_epoch", common("Steps per epoch", "", "Optimisation steps counted as one epoch.", true)),
     (
         "learning_rate",

@@ -52,6 +52,8 @@ pub const COMMON_RANGES: &[SettingRange] = &[
     SettingRange::new("seed", 0.0, u64::MAX as f64),
     // β₁ = 1 would never move the running mean off zero.
     SettingRange::new("adam_beta1", 0.0, 0.999),
+    // A share of the learning rate: 0 decays to nothing, 1 keeps it constant.
+    SettingRange::new("final_learning_rate_share", 0.0, 1.0),
     // A kernel of 2·⌊4σ + 0.5⌋ + 1 = 257 taps at most; σ 4 is the default.
     SettingRange::new("blur_sigma", 0.0, 32.0),
     // A share of the map's pixels; 0 is the maximum.

@@ -22,10 +22,18 @@ pub struct Schedule {
     /// AdamW's β₁, the decay of its running mean of gradients. Files saved before it existed trained with 0.9.
     #[serde(default = "adam_beta1_default")]
     pub adam_beta1: f64,
+    /// The learning rate falls along a half cosine from `learning_rate` to this share of it at the last step
+    /// (1: constant, as files saved before it existed trained).
+    #[serde(default = "final_learning_rate_share_default")]
+    pub final_learning_rate_share: f64,
 }
 
 const fn adam_beta1_default() -> f64 {
     0.9
+}
+
+const fn final_learning_rate_share_default() -> f64 {
+    1.0
 }
 
 impl Schedule {
@@ -39,6 +47,7 @@ impl Schedule {
             time_budget_seconds: 0.0,
             seed: 0,
             adam_beta1: adam_beta1_default(),
+            final_learning_rate_share: final_learning_rate_share_default(),
         }
     }
 
@@ -55,6 +64,7 @@ impl Schedule {
             learning_rate: self.learning_rate,
             weight_decay: self.weight_decay,
             adam_beta1: self.adam_beta1,
+            final_learning_rate_share: self.final_learning_rate_share,
             time_budget_seconds: self.time_budget_seconds,
             seed: self.seed,
         }
@@ -69,10 +79,25 @@ pub struct TrainingPlan {
     pub learning_rate: f64,
     pub weight_decay: f64,
     pub adam_beta1: f64,
+    /// See [`Schedule::final_learning_rate_share`].
+    pub final_learning_rate_share: f64,
     /// Stop starting new epochs after this many seconds (0: no limit).
     pub time_budget_seconds: f64,
     /// Draws the networks' initial weights ([`seed_initial_weights`]).
     pub seed: u64,
+}
+
+impl TrainingPlan {
+    /// The learning rate of step `step` (counted over all epochs): a half cosine from `learning_rate` at the
+    /// first step to `learning_rate · final_learning_rate_share` at the last, the decay of SGDR / timm's cosine
+    /// scheduler without restarts. A time budget that stops early leaves the later, smaller rates unused.
+    pub fn learning_rate_at(&self, step: usize) -> f64 {
+        let last = (self.epochs * self.steps_per_epoch).saturating_sub(1).max(1);
+        let progress = (step.min(last) as f64) / last as f64;
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        let share = self.final_learning_rate_share;
+        self.learning_rate * (share + (1.0 - share) * cosine)
+    }
 }
 
 /// What happened during training.
@@ -188,6 +213,7 @@ pub fn train(
                 break 'epochs;
             }
             let value = loss(epoch, step)?;
+            optimizer.set_learning_rate(plan.learning_rate_at(epoch * plan.steps_per_epoch + step));
             optimizer.backward_step(&value)?;
             // Read back as F32 and widened here: Metal has no F64, so a device tensor never becomes one.
             let scalar = value.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
@@ -370,6 +396,19 @@ mod tests {
         .unwrap();
         assert_eq!(old.adam_beta1, 0.9);
         assert_eq!(old.plan(1).adam_beta1, 0.9);
+        assert_eq!(old.final_learning_rate_share, 1.0, "files saved before the decay trained at a constant rate");
+        assert!((0..3).all(|step| old.plan(1).learning_rate_at(step) == 1e-3));
+    }
+
+    #[test]
+    fn the_cosine_decay_runs_from_the_rate_to_its_share() {
+        let plan = Schedule { final_learning_rate_share: 0.1, ..Schedule::new(4, 1.0) }.plan(5);
+        let rates: Vec<f64> = (0..20).map(|step| plan.learning_rate_at(step)).collect();
+        assert_eq!(rates[0], 1.0);
+        assert!((rates[19] - 0.1).abs() < 1e-12, "{}", rates[19]);
+        assert!((rates[19 / 2] + rates[19 - 19 / 2] - 1.1).abs() < 0.02, "symmetric about the middle");
+        assert!(rates.windows(2).all(|pair| pair[1] < pair[0]), "falls at every step: {rates:?}");
+        assert_eq!(plan.learning_rate_at(100), rates[19], "past the end it stays at the floor");
     }
 
     #[test]
