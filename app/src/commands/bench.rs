@@ -82,7 +82,7 @@ pub enum BenchWhat {
     /// Time one trained method's training step (forward + loss, backward, AdamW) on a random batch, as the
     /// PyTorch reference script times its replica: warm-up steps, then the median, min and max of `--steps`.
     TrainStep {
-        /// autoencoder or stfpm.
+        /// autoencoder or stfpm (the replica's student: one convolution at 1/16, where the default has four).
         #[arg(long)]
         method: String,
         /// Images per step (default: the method's CPU default).

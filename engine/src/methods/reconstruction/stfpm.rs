@@ -16,7 +16,7 @@
 //! choice EfficientAD (Batzner et al. 2024) made for its student-teacher "patch description network".
 //! The teacher's stride-16 map sees about 340 px of the input; a student with one 3×3 convolution at 1/16 sees
 //! 87, and cannot predict what depends on the rest. Four convolutions there (`coarse_depth`; 16² positions, so
-//! ~20 % more per step) see 183 px, and validate higher (ARCHITECTURE.md, "Spending the 10-minute budget").
+//! ~20 % more multiply-adds per step) see 183 px, and validate higher (ARCHITECTURE.md, "Spending the 10-minute budget").
 
 use crate::methods::setting_docs::common;
 use crate::backbone::efficientnet_lite0::{
@@ -157,11 +157,13 @@ impl Student {
     }
 }
 
-/// The student's training step with the default settings on a random `(batch, side, side, 3)` batch, against
-/// random teacher maps (the frozen teacher's forward is not part of a step).
+/// The student's training step on a random `(batch, side, side, 3)` batch, against random teacher maps (the
+/// frozen teacher's forward is not part of a step). The student is the PyTorch replica's
+/// (`../shared/peer/torch_train_step.py`): the default's but for one convolution at 1/16 instead of
+/// `coarse_depth`, so that the two sides stay the same network.
 pub fn bench_step(batch: usize, side: usize, device: &Device) -> Result<BenchStep> {
     check_image_size(side as u32)?;
-    let settings = StfpmSettings::default();
+    let settings = StfpmSettings { coarse_depth: 1, ..StfpmSettings::default() };
     let varmap = VarMap::new();
     let student = Student::new(VarBuilder::from_varmap(&varmap, DType::F32, device), &settings)?;
     let input = Tensor::rand(0f32, 1f32, (batch, side, side, 3), device)?;
