@@ -338,8 +338,11 @@ fn bench_validate(model: &Path, data: &Path, seed: u64, draws: u64, engine: &Eng
     };
     // The good images score the same in every draw.
     let good_scores: Vec<f32> = planar.iter().map(&score).collect::<Result<_>>()?;
+    let last_seed = seed
+        .checked_add(draws - 1)
+        .ok_or_else(|| anyhow::anyhow!("--seed {seed} with --draws {draws} runs past the largest seed"))?;
     let mut aurocs = Vec::new();
-    for draw_seed in seed..seed + draws {
+    for draw_seed in seed..=last_seed {
         let mut rng = loupe_engine::rng::SplitMix64::new(draw_seed);
         let mut scores = Vec::new();
         let mut labels = Vec::new();
@@ -361,9 +364,8 @@ fn bench_validate(model: &Path, data: &Path, seed: u64, draws: u64, engine: &Eng
     if draws > 1 {
         let mean = aurocs.iter().sum::<f64>() / aurocs.len() as f64;
         println!(
-            "{}: mean validation image AUROC {mean:.4} over {draws} draws (seeds {seed}–{})",
-            model.display(),
-            seed + draws - 1
+            "{}: mean validation image AUROC {mean:.4} over {draws} draws (seeds {seed}–{last_seed})",
+            model.display()
         );
     }
     Ok(())

@@ -400,6 +400,29 @@ mod tests {
         assert!((0..3).all(|step| old.plan(1).learning_rate_at(step) == 1e-3));
     }
 
+    /// `train` applies the schedule's rate at every step: on a loss whose gradient is the same at every step,
+    /// AdamW moves a variable by about the rate each step, so the distance travelled is the sum of the rates —
+    /// half as far with a decay to 0 as at a constant rate.
+    #[test]
+    fn training_follows_the_decayed_rate() {
+        let travelled = |share: f64| {
+            let varmap = VarMap::new();
+            let x = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)
+                .get_with_hints(1, "x", candle_nn::Init::Const(0.0))
+                .unwrap();
+            let schedule = Schedule { final_learning_rate_share: share, weight_decay: 0.0, ..Schedule::new(4, 0.01) };
+            let plan = schedule.plan(5);
+            train(&varmap, &plan, &crate::progress::NoProgress, |_, _| Ok(x.sum_all()?)).unwrap();
+            let expected: f64 = (0..20).map(|step| plan.learning_rate_at(step)).sum();
+            (-x.to_vec1::<f32>().unwrap()[0] as f64, expected)
+        };
+        let (constant, constant_expected) = travelled(1.0);
+        let (decayed, decayed_expected) = travelled(0.0);
+        assert!((constant - constant_expected).abs() < 1e-3 * constant_expected, "{constant} vs {constant_expected}");
+        assert!((decayed - decayed_expected).abs() < 1e-3 * decayed_expected, "{decayed} vs {decayed_expected}");
+        assert!(decayed < 0.6 * constant, "the decay must slow the steps: {decayed} vs {constant}");
+    }
+
     #[test]
     fn the_cosine_decay_runs_from_the_rate_to_its_share() {
         let plan = Schedule { final_learning_rate_share: 0.1, ..Schedule::new(4, 1.0) }.plan(5);
